@@ -1,0 +1,235 @@
+"""Run configuration: dataclass defaults < YAML files < command-line ``key=value`` overrides.
+
+Every script has a dataclass config here and calls ``parse_args(ConfigClass, argv)``:
+
+    python train_source_networks.py experiments/experts.yaml dataset=mnist seeds=[0,1] lr=1e-3
+
+Arguments ending in ``.yaml``/``.yml`` are YAML files applied in order; ``key=value`` pairs are
+applied after them. Nested keys use dots (``tasks.my_task.classes=[0,2]``); values are parsed as
+YAML (lists as ``[a,b]``) and then coerced to the field's declared type, so ``lr=1`` is a float.
+Unknown keys are errors that suggest the nearest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+# The paper's seed list (DESIGN.md section 3); expert, generator and gate of seed i belong together.
+PAPER_SEEDS = [770597, 600522, 416719, 306890, 201746, 156886, 929271, 247945, 5028, 436287]
+
+DATA_DIR_ENV = "MOE_DATA_DIR"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+@dataclass
+class TaskSpec:
+    """An expert's training task: a source dataset and the subset of its classes it learns.
+
+    The expert's local label j is ``classes[j]`` of the source dataset; ``classes: null`` means all.
+    """
+
+    source: str
+    classes: list[int] | None = None
+
+
+def default_tasks() -> dict[str, TaskSpec]:
+    return {
+        "mnist": TaskSpec("mnist"),
+        "first5_mnist": TaskSpec("mnist", [0, 1, 2, 3, 4]),
+        "last5_mnist": TaskSpec("mnist", [5, 6, 7, 8, 9]),
+        "fashion_mnist": TaskSpec("fashion_mnist"),
+        "cifar10": TaskSpec("cifar10"),
+    }
+
+
+def default_data_dir() -> str:
+    return os.environ.get(DATA_DIR_ENV, "./data")
+
+
+@dataclass
+class TrainConfig:
+    """Expert training (train_source_networks.py); defaults are the paper's (DESIGN.md section 3)."""
+
+    dataset: str = "mnist"  # a key of `tasks`
+    arch: str = "lenet5"
+    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int | None = None  # None: the source dataset's paper default (512 MNIST, 128 CIFAR)
+    train_limit: int | None = None  # use only the first N training images (smoke runs, tests)
+    test_limit: int | None = None
+    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
+    data_dir: str = field(default_factory=default_data_dir)
+    ckpt_dir: str = "checkpoints"
+    results_dir: str = "results"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    deterministic: bool = False
+    force: bool = False  # retrain seeds whose checkpoint already exists
+
+
+C = TypeVar("C")
+
+
+def parse_args(cls: type[C], argv: list[str] | None = None) -> C:
+    """Build a ``cls`` config from YAML files and ``key=value`` arguments (see module docstring)."""
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = cls()
+    for arg in argv:
+        if "=" in arg:
+            key, _, text = arg.partition("=")
+            try:
+                value = yaml.safe_load(text) if text else ""
+            except yaml.YAMLError as err:
+                raise ConfigError(f"cannot parse the value of {key!r}: {text!r} ({err})") from None
+            cfg = apply_overrides(cfg, _nest(key.strip(), value))
+        elif arg.endswith((".yaml", ".yml")):
+            cfg = apply_overrides(cfg, load_yaml(arg))
+        else:
+            raise ConfigError(f"argument {arg!r} is neither key=value nor a .yaml file")
+    return cfg
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def apply_overrides(cfg: C, overrides: dict[str, Any]) -> C:
+    """Return a copy of dataclass ``cfg`` with ``overrides`` (a nested mapping) applied and coerced."""
+    return _merge_dataclass(cfg, overrides, prefix="")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cfg: Any) -> str:
+    """The resolved config as YAML text, for printing and for saving beside a run's outputs."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save(cfg: Any, path: str | os.PathLike) -> None:
+    from common import atomic_write_text
+
+    atomic_write_text(path, describe(cfg))
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def _merge_dataclass(obj: Any, overrides: dict, prefix: str) -> Any:
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} expects a mapping, got {overrides!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    changes = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix + key, key, list(fields)))
+        current = getattr(obj, key)
+        changes[key] = _coerce(value, hints[key], prefix + key, current)
+    return dataclasses.replace(obj, **changes)
+
+
+def _unknown_key_message(full_key: str, key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown config key {full_key!r}{hint} (valid keys: {', '.join(choices)})"
+
+
+def _coerce(value: Any, tp: Any, key: str, current: Any = None) -> Any:
+    """Convert a YAML-parsed ``value`` to type ``tp``; raise ConfigError naming ``key`` if impossible."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, current)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        base = current if dataclasses.is_dataclass(current) else _construct(tp, value, key)
+        return _merge_dataclass(base, value, key + ".")
+    if origin is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} expects a mapping, got {value!r}")
+        merged = dict(current) if isinstance(current, dict) else {}
+        for k, v in value.items():
+            merged[str(k)] = _coerce(v, args[1], f"{key}.{k}", merged.get(str(k)))
+        return merged
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} expects a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} expects a number, got {value!r}") from None
+        if tp is int:
+            if not number.is_integer():
+                raise ConfigError(f"{key} expects an integer, got {value!r}")
+            return int(number)
+        return number
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} expects a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+def _construct(tp: type, value: Any, key: str) -> Any:
+    """A fresh dataclass instance for a new dict entry; required fields must be present."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} expects a mapping, got {value!r}")
+    required = [
+        f.name for f in dataclasses.fields(tp)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in value]
+    if missing:
+        raise ConfigError(f"{key} needs the key(s) {', '.join(missing)}")
+    hints = typing.get_type_hints(tp)
+    return tp(**{name: _coerce(value[name], hints[name], f"{key}.{name}") for name in required})
+
+
+def print_config(cfg: Any) -> None:
+    print(describe(cfg), end="", flush=True)

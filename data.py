@@ -1,0 +1,308 @@
+"""Datasets as uint8 tensors: MNIST, Fashion-MNIST and CIFAR-10 from a data root in torchvision's layout.
+
+Images come back as uint8 ``[N, C, 32, 32]`` (MNIST-style sets padded 28 -> 32, as ``Pad(2)``), labels
+as int64. A decoded copy is cached under ``DATA_ROOT/.moe_cache`` so later loads skip the parsing,
+and in memory for the life of the process.
+
+Make a data root ready with ``python data.py DATA_ROOT``: files already there are used; otherwise the
+offline mirror (``$MOE_DATA_MIRROR`` or ``../shared/data/prepare_data.py``) lays them out, or
+torchvision downloads them when a network is there.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import DATA_DIR_ENV, TaskSpec
+
+MIRROR_ENV = "MOE_DATA_MIRROR"
+DEFAULT_MIRROR = Path(__file__).resolve().parent.parent / "shared" / "data" / "prepare_data.py"
+LUMINANCE = (0.299, 0.587, 0.114)
+
+
+class DataError(RuntimeError):
+    """Dataset files are missing or damaged; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A source dataset: where it lives, its channels, normalisation and paper batch size."""
+
+    folder: str
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    batch_size: int
+    num_classes: int = 10
+
+
+SOURCES = {
+    "mnist": Source("MNIST", 1, (0.1307,), (0.3081,), 512),
+    "fashion_mnist": Source("FashionMNIST", 1, (0.2860,), (0.3530,), 512),
+    "cifar10": Source("cifar-10-batches-py", 3, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), 128),
+}
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """What an expert expects: channel count and the normalisation of its training data."""
+
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, source: str) -> "InputFormat":
+        s = get_source(source)
+        return cls(s.channels, s.mean, s.std)
+
+    def as_dict(self) -> dict:
+        return {"channels": self.channels, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputFormat":
+        return cls(int(d["channels"]), tuple(d["mean"]), tuple(d["std"]))
+
+
+@dataclass
+class TaskData:
+    """A task's split: uint8 images, local labels (index into ``classes``), and the source classes."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[int]
+    source: str
+
+
+def get_source(name: str) -> Source:
+    if name not in SOURCES:
+        raise DataError(f"unknown dataset {name!r}; choices: {', '.join(SOURCES)}")
+    return SOURCES[name]
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    return Path(data_dir or os.environ.get(DATA_DIR_ENV, "./data")).expanduser()
+
+
+# ---------------------------------------------------------------- loading
+
+def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None,
+                download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of one split of a source dataset (uint8 ``[N,C,32,32]``, int64 ``[N]``)."""
+    if split not in ("train", "test"):
+        raise DataError(f"unknown split {split!r}; choices: train, test")
+    get_source(name)
+    return _load_cached(name, split, str(data_root(data_dir).resolve()), download)
+
+
+def load_task(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = None,
+              limit: int | None = None, download: bool = True) -> TaskData:
+    """The images of ``task.classes`` (all classes when None) with local labels 0..len(classes)-1."""
+    images, labels = load_source(task.source, split, data_dir, download)
+    n_classes = get_source(task.source).num_classes
+    classes = list(range(n_classes)) if task.classes is None else list(task.classes)
+    bad = [c for c in classes if not 0 <= c < n_classes]
+    if bad or len(set(classes)) != len(classes) or not classes:
+        raise DataError(f"task classes {classes} must be distinct ids in 0..{n_classes - 1} of {task.source}")
+    images, labels = class_subset(images, labels, classes)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return TaskData(images, labels, classes, task.source)
+
+
+def class_subset(images: torch.Tensor, labels: torch.Tensor,
+                 classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the samples of ``classes`` (in dataset order) and relabel class ``classes[j]`` as ``j``."""
+    local = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long)
+    local[torch.tensor(classes, dtype=torch.long)] = torch.arange(len(classes))
+    mapped = local[labels]
+    keep = mapped >= 0
+    return images[keep], mapped[keep]
+
+
+@lru_cache(maxsize=None)
+def _load_cached(name: str, split: str, root: str, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    root_path = Path(root)
+    source = SOURCES[name]
+    files = _source_files(name, split, root_path)
+    if not all(f.exists() for f in files):
+        _fetch(name, root_path, files, download)
+        files = _source_files(name, split, root_path)
+    signature = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    cache = root_path / ".moe_cache" / f"{name}_{split}.pt"
+    if cache.is_file():
+        try:
+            cached = torch.load(cache, weights_only=True)
+            if cached.get("signature") == signature:
+                return cached["images"], cached["labels"]
+        except Exception:  # a damaged cache is rebuilt from the source files
+            pass
+    if source.folder == "cifar-10-batches-py":
+        images, labels = _read_cifar(files)
+    else:
+        images, labels = _read_idx(files)
+    try:
+        from common import atomic_torch_save
+
+        atomic_torch_save({"signature": signature, "images": images, "labels": labels}, cache)
+    except OSError:  # a read-only data root just goes without the disk cache
+        pass
+    return images, labels
+
+
+def _source_files(name: str, split: str, root: Path) -> list[Path]:
+    source = SOURCES[name]
+    if source.folder == "cifar-10-batches-py":
+        return [root / source.folder / f for f in CIFAR_FILES[split]]
+    raw = root / source.folder / "raw"
+    return [raw / f if (raw / f).exists() else raw / f"{f}.gz" for f in IDX_FILES[split]]
+
+
+def _fetch(name: str, root: Path, files: list[Path], download: bool) -> None:
+    missing = next(f for f in files if not f.exists())
+    if download:
+        try:
+            _torchvision_download(name, root)
+            return
+        except Exception as err:  # no network, or a mirror refused: explain below
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            reason = f"downloading with torchvision failed ({type(err).__name__}: {first_line})"
+    else:
+        reason = "downloading is turned off"
+    raise DataError(
+        f"{name} is missing: {missing} does not exist and {reason}. Provide the files in torchvision's "
+        f"layout under {root}: offline, run `python data.py {root}` (it uses the mirror "
+        f"{os.environ.get(MIRROR_ENV, DEFAULT_MIRROR)}), or point {DATA_DIR_ENV} / data_dir= at a "
+        f"folder that has them.")
+
+
+def _torchvision_download(name: str, root: Path) -> None:
+    import torchvision.datasets as tvd
+
+    dataset = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
+    for train in (True, False):
+        dataset(str(root), train=train, download=True)
+
+
+def _open_maybe_gz(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path} is damaged ({err}); delete it and run `python data.py {_root_of(path)}`") from None
+
+
+def _root_of(path: Path) -> Path:
+    return path.parent.parent.parent if path.parent.name == "raw" else path.parent.parent
+
+
+def _read_idx(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    image_file, label_file = files
+    images = _parse_idx(image_file, _open_maybe_gz(image_file), magic=2051, ndim=3)
+    labels = _parse_idx(label_file, _open_maybe_gz(label_file), magic=2049, ndim=1)
+    if len(images) != len(labels):
+        raise DataError(f"{image_file} holds {len(images)} images but {label_file} {len(labels)} labels; "
+                        f"delete both and run `python data.py {_root_of(image_file)}`")
+    padded = np.zeros((len(images), 1, 32, 32), dtype=np.uint8)
+    padded[:, 0, 2:30, 2:30] = images  # Pad(2): 28x28 -> 32x32, as the paper's transform
+    return torch.from_numpy(padded), torch.from_numpy(labels.astype(np.int64))
+
+
+def _parse_idx(path: Path, raw: bytes, magic: int, ndim: int) -> np.ndarray:
+    header = 4 + 4 * ndim
+    fix = f"delete it and run `python data.py {_root_of(path)}`"
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
+        raise DataError(f"{path} is not an IDX file of the expected kind (bad magic number); {fix}")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(f"{path} is truncated or corrupt ({len(raw)} bytes, expected {expected}); {fix}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_cifar(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for path in files:
+        fix = f"delete it and run `python data.py {path.parent.parent}`"
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            # the official pickles have bytes keys, the offline rebuild str keys
+            batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+            data = np.asarray(batch["data"], dtype=np.uint8)
+            batch_labels = np.asarray(batch["labels"], dtype=np.int64)
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, AttributeError) as err:
+            raise DataError(f"{path} is not a readable CIFAR-10 batch ({type(err).__name__}); {fix}") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
+            raise DataError(f"{path} has data of shape {data.shape} for {len(batch_labels)} labels; {fix}")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(batch_labels)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+# ---------------------------------------------------------------- input formats
+
+def to_unit(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 images to float pixels in [0, 1] (on ``device``)."""
+    return images.to(device).float().div_(255.0)
+
+
+def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey <-> RGB on [0,1] pixels: grey repeats to three channels; RGB becomes luminance."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1)
+    if x.shape[1] == 3 and channels == 1:
+        weights = torch.tensor(LUMINANCE, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * weights).sum(dim=1, keepdim=True)
+    raise ValueError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+
+
+def normalise(x: torch.Tensor, fmt: InputFormat) -> torch.Tensor:
+    mean = torch.tensor(fmt.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(fmt.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def prepare_input(x: torch.Tensor, fmt: InputFormat) -> torch.Tensor:
+    """[0,1] images of any domain -> what an expert of format ``fmt`` takes."""
+    return normalise(convert_channels(x, fmt.channels), fmt)
+
+
+# ---------------------------------------------------------------- getting the files
+
+def ensure_data(root: str | os.PathLike, sources: list[str] | None = None) -> None:
+    """Make ``root`` hold ``sources`` (default: all): keep what is there, else mirror, else download."""
+    root = data_root(root)
+    for name in sources or list(SOURCES):
+        files = [f for split in ("train", "test") for f in _source_files(name, split, root)]
+        if all(f.exists() for f in files):
+            continue
+        mirror = Path(os.environ.get(MIRROR_ENV, DEFAULT_MIRROR))
+        if mirror.is_file():
+            print(f"laying out the offline datasets with {mirror} -> {root}", flush=True)
+            subprocess.run([sys.executable, str(mirror), str(root)], check=True)
+        else:
+            _torchvision_download(name, root)
+        if not all(f.exists() for f in files):
+            _fetch(name, root, files, download=False)
+
+
+if __name__ == "__main__":
+    ensure_data(sys.argv[1] if len(sys.argv) > 1 else data_root())
+    print(f"data ready under {data_root(sys.argv[1] if len(sys.argv) > 1 else None)}")

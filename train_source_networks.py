@@ -1,0 +1,142 @@
+"""Train the experts: one classifier per (task, arch, seed), with the paper's hyperparameters by default.
+
+    python train_source_networks.py dataset=mnist arch=lenet5 seeds=[0,1] epochs=2 data_dir=DATA
+
+The training set lives on the device as one normalised float tensor and batches are sliced from a
+seeded permutation, so an epoch does no per-image Python work. Each seed's checkpoint is written
+atomically to ``ckpt_dir``; a rerun skips seeds whose checkpoint exists (``force=true`` retrains).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import config
+from archs import build_model
+from common import (CheckpointError, cli, derive_seed, make_generator, mean_std, print_summary, progress,
+                    read_checkpoint, resolve_device, save_checkpoint, seed_everything, write_rows)
+from data import InputFormat, get_source, load_task, prepare_input, to_unit
+
+# The settings that decide what a checkpoint holds; a rerun with other values must not reuse it.
+TRAINING_KEYS = ("arch", "epochs", "lr", "momentum", "weight_decay", "batch_size", "train_limit")
+
+
+def expert_path(ckpt_dir: str | Path, task: str, arch: str, seed: int) -> Path:
+    return Path(ckpt_dir) / "experts" / f"{task}_{arch}_seed{seed}.pt"
+
+
+def expert_command(task: str, arch: str, seed: int) -> str:
+    """The command that creates an expert checkpoint, for error messages elsewhere."""
+    return f"python train_source_networks.py dataset={task} arch={arch} seeds=[{seed}]"
+
+
+def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, epochs: int,
+                     lr: float, momentum: float, weight_decay: float, batch_size: int, seed: int,
+                     desc: str = "epochs") -> list[float]:
+    """SGD with cross-entropy on pre-normalised ``inputs``; returns the mean training loss per epoch."""
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    order = make_generator(seed, "cpu")
+    losses = []
+    model.train()
+    for _ in progress(range(epochs), desc=desc, leave=False):
+        perm = torch.randperm(len(inputs), generator=order).to(inputs.device)
+        total = torch.zeros((), device=inputs.device)
+        for start in range(0, len(inputs), batch_size):
+            batch = perm[start:start + batch_size]
+            loss = F.cross_entropy(model(inputs[batch]), labels[batch])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.detach() * len(batch)
+        losses.append(total.item() / len(inputs))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 4096) -> float:
+    model.eval()
+    correct = sum((model(inputs[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
+                  for i in range(0, len(inputs), batch_size))
+    return correct / max(len(inputs), 1)
+
+
+def training_settings(cfg: config.TrainConfig) -> dict:
+    task = cfg.tasks[cfg.dataset]
+    settings = {key: getattr(cfg, key) for key in TRAINING_KEYS}
+    settings["batch_size"] = cfg.batch_size or get_source(task.source).batch_size
+    settings["task"] = {"name": cfg.dataset, "source": task.source, "classes": task.classes}
+    return settings
+
+
+def reuse_checkpoint(path: Path, settings: dict, force: bool) -> dict | None:
+    """The stored result row when ``path`` already holds this exact training run, else None."""
+    if force or not path.exists():
+        return None
+    ckpt = read_checkpoint(path)
+    stored = ckpt.get("meta", {}).get("settings")
+    if stored != settings:
+        changed = sorted(k for k in settings if stored is None or stored.get(k) != settings[k])
+        raise CheckpointError(
+            f"{path} was trained with other settings ({', '.join(changed)} differ); pass force=true to "
+            f"retrain it, or ckpt_dir=... to keep both")
+    return ckpt["meta"]["row"]
+
+
+def train_expert(cfg: config.TrainConfig, seed: int, train, test, device: torch.device) -> dict:
+    settings = training_settings(cfg)
+    path = expert_path(cfg.ckpt_dir, cfg.dataset, cfg.arch, seed)
+    row = reuse_checkpoint(path, settings, cfg.force)
+    if row is not None:
+        return {**row, "resumed": True}
+    fmt = InputFormat.of(train.source)
+    arch_kwargs = {"in_channels": fmt.channels, "num_classes": len(train.classes)}
+    seed_everything(derive_seed(seed, cfg.dataset, cfg.arch, "init"), cfg.deterministic)
+    model = build_model(cfg.arch, **arch_kwargs).to(device)
+    start = time.perf_counter()
+    losses = train_classifier(
+        model, prepare_input(to_unit(train.images, device), fmt), train.labels.to(device),
+        epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        batch_size=settings["batch_size"], seed=derive_seed(seed, cfg.dataset, "order"),
+        desc=f"seed {seed}")
+    train_time = time.perf_counter() - start
+    test_acc = accuracy(model, prepare_input(to_unit(test.images, device), fmt), test.labels.to(device))
+    row = {"task": cfg.dataset, "arch": cfg.arch, "seed": seed, "test_acc": test_acc,
+           "final_train_loss": losses[-1] if losses else None, "train_time_s": train_time,
+           "device": str(device), "checkpoint": str(path), "resumed": False}
+    meta = {"task": settings["task"], "classes": train.classes, "input_format": fmt.as_dict(),
+            "settings": settings, "train_losses": losses, "row": row}
+    save_checkpoint(path, model, cfg.arch, arch_kwargs, config.to_dict(cfg), meta)
+    return row
+
+
+def main(cfg: config.TrainConfig) -> dict:
+    if cfg.dataset not in cfg.tasks:
+        raise config.ConfigError(f"unknown dataset {cfg.dataset!r}; choices: {', '.join(cfg.tasks)} "
+                                 f"(define more under `tasks` in a YAML file)")
+    build_model(cfg.arch)  # fail on an unknown arch before loading any data
+    config.print_config(cfg)
+    device = resolve_device(cfg.device)
+    task = cfg.tasks[cfg.dataset]
+    train = load_task(task, "train", cfg.data_dir, cfg.train_limit)
+    test = load_task(task, "test", cfg.data_dir, cfg.test_limit)
+    rows = [train_expert(cfg, seed, train, test, device)
+            for seed in progress(cfg.seeds, desc=f"{cfg.dataset} {cfg.arch} seeds")]
+    stem = Path(cfg.results_dir) / "experts" / f"{cfg.dataset}_{cfg.arch}"
+    outputs = write_rows(stem, [{**row, "config": config.to_dict(cfg)} for row in rows])
+    outputs["config"] = str(stem.with_suffix(".config.yaml"))
+    config.save(cfg, outputs["config"])
+    mean, std = mean_std(r["test_acc"] for r in rows)
+    summary = {"task": cfg.dataset, "arch": cfg.arch, "test_acc": {r["seed"]: r["test_acc"] for r in rows},
+               "mean": mean, "std": std, "trained": sum(not r["resumed"] for r in rows),
+               "resumed": sum(r["resumed"] for r in rows), "outputs": outputs}
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    cli(main, config.TrainConfig)
