@@ -143,7 +143,8 @@ def write_rows(stem: str | os.PathLike, rows: list[dict]) -> dict[str, str]:
     stem = Path(stem)
     jsonl = stem.with_suffix(".jsonl")
     atomic_write_text(jsonl, "".join(json.dumps(r, default=str) + "\n" for r in rows))
-    flat = [_flatten(r) for r in rows]
+    # the config stays one JSON column in the CSV rather than dozens of flattened ones
+    flat = [_flatten({k: json.dumps(v) if k == "config" else v for k, v in r.items()}) for r in rows]
     columns = list(dict.fromkeys(k for r in flat for k in r))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)

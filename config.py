@@ -54,6 +54,31 @@ def default_tasks() -> dict[str, TaskSpec]:
     }
 
 
+@dataclass
+class ExpertSpec:
+    """One expert of a problem: the task it was trained on and its architecture."""
+
+    task: str
+    arch: str = "lenet5"
+
+
+@dataclass
+class ProblemSpec:
+    """A benchmark: its experts, in order. Expert k's local class j gets the next free global id, so
+    ``disjoint_mnist`` labels are the digits and ``mnist_cifar10`` puts CIFAR-10 at 10..19."""
+
+    experts: list[ExpertSpec]
+
+
+def default_problems() -> dict[str, ProblemSpec]:
+    return {
+        "disjoint_mnist": ProblemSpec([ExpertSpec("first5_mnist"), ExpertSpec("last5_mnist")]),
+        "mnist_cifar10": ProblemSpec([ExpertSpec("mnist"), ExpertSpec("cifar10")]),
+        "mnist_fashion_cifar10": ProblemSpec(
+            [ExpertSpec("mnist"), ExpertSpec("fashion_mnist"), ExpertSpec("cifar10")]),
+    }
+
+
 def default_data_dir() -> str:
     return os.environ.get(DATA_DIR_ENV, "./data")
 
@@ -79,6 +104,31 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     deterministic: bool = False
     force: bool = False  # retrain seeds whose checkpoint already exists
+
+
+# The rules that need only each expert's logits on the test set, in the paper's table order.
+LOGIT_RULES = ["naive", "std_lower", "std_higher", "ratio", "overall_ratio", "thirdQ", "thirdQ_original",
+               "max_softmax", "energy", "neg_entropy", "max_logit", "oracle"]
+
+
+@dataclass
+class MergeConfig:
+    """Evaluation of combination rules (merge.py)."""
+
+    problem: str = "disjoint_mnist"  # a key of `problems`
+    name: str = ""  # names the results files; empty: the problem's name
+    strategies: list[Any] = field(default_factory=lambda: list(LOGIT_RULES))  # names or {name: ..., param: ...}
+    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
+    test_limit: int | None = None  # per expert's test subset, for smoke runs
+    batch_size: int = 4096  # evaluation batch
+    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
+    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
+    data_dir: str = field(default_factory=default_data_dir)
+    ckpt_dir: str = "checkpoints"
+    results_dir: str = "results"
+    device: str = "auto"
+    deterministic: bool = False
+    force: bool = False  # recompute rows already stored for a seed
 
 
 C = TypeVar("C")
@@ -150,7 +200,7 @@ def _merge_dataclass(obj: Any, overrides: dict, prefix: str) -> Any:
         if key not in fields:
             raise ConfigError(_unknown_key_message(prefix + key, key, list(fields)))
         current = getattr(obj, key)
-        changes[key] = _coerce(value, hints[key], prefix + key, current)
+        changes[key] = coerce(value, hints[key], prefix + key, current)
     return dataclasses.replace(obj, **changes)
 
 
@@ -160,7 +210,7 @@ def _unknown_key_message(full_key: str, key: str, choices: list[str]) -> str:
     return f"unknown config key {full_key!r}{hint} (valid keys: {', '.join(choices)})"
 
 
-def _coerce(value: Any, tp: Any, key: str, current: Any = None) -> Any:
+def coerce(value: Any, tp: Any, key: str, current: Any = None) -> Any:
     """Convert a YAML-parsed ``value`` to type ``tp``; raise ConfigError naming ``key`` if impossible."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -170,7 +220,7 @@ def _coerce(value: Any, tp: Any, key: str, current: Any = None) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, key, current)
+                return coerce(value, arg, key, current)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
@@ -183,13 +233,13 @@ def _coerce(value: Any, tp: Any, key: str, current: Any = None) -> Any:
         return _merge_dataclass(base, value, key + ".")
     if origin is list:
         items = value if isinstance(value, (list, tuple)) else [value]
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} expects a mapping, got {value!r}")
         merged = dict(current) if isinstance(current, dict) else {}
         for k, v in value.items():
-            merged[str(k)] = _coerce(v, args[1], f"{key}.{k}", merged.get(str(k)))
+            merged[str(k)] = coerce(v, args[1], f"{key}.{k}", merged.get(str(k)))
         return merged
     if tp is bool:
         if isinstance(value, bool):
@@ -228,7 +278,7 @@ def _construct(tp: type, value: Any, key: str) -> Any:
     if missing:
         raise ConfigError(f"{key} needs the key(s) {', '.join(missing)}")
     hints = typing.get_type_hints(tp)
-    return tp(**{name: _coerce(value[name], hints[name], f"{key}.{name}") for name in required})
+    return tp(**{name: coerce(value[name], hints[name], f"{key}.{name}") for name in required})
 
 
 def print_config(cfg: Any) -> None:

@@ -29,9 +29,10 @@ def expert_path(ckpt_dir: str | Path, task: str, arch: str, seed: int) -> Path:
     return Path(ckpt_dir) / "experts" / f"{task}_{arch}_seed{seed}.pt"
 
 
-def expert_command(task: str, arch: str, seed: int) -> str:
-    """The command that creates an expert checkpoint, for error messages elsewhere."""
-    return f"python train_source_networks.py dataset={task} arch={arch} seeds=[{seed}]"
+def expert_command(task: str, arch: str, seeds: int | list[int]) -> str:
+    """The command that creates expert checkpoints, for error messages elsewhere."""
+    seeds = [seeds] if isinstance(seeds, int) else seeds
+    return f"python train_source_networks.py dataset={task} arch={arch} seeds=[{','.join(map(str, seeds))}]"
 
 
 def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, epochs: int,

@@ -1,0 +1,146 @@
+"""Evaluate combination rules on a problem, for every configured seed.
+
+    python merge.py problem=disjoint_mnist strategies=[naive,std_lower,energy,oracle] seeds=[0,1,2] data_dir=DATA
+
+Each seed's experts run once on the combined test set; every logit rule reads those logits, and
+each multi-pass setting runs the experts on its augmented copies once for both of its combiners.
+Rows (one per strategy and seed, plus the experts' own accuracies) go to
+``results/merge/NAME.{jsonl,csv}`` with the config, and a Markdown report to ``NAME.md``. Rows of a
+seed are kept in ``results/merge/NAME/seedS.jsonl``, so a rerun computes only what is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import config
+from augments import TTA_SETTINGS, apply_augment
+from common import (CheckpointError, atomic_write_text, cli, derive_seed, make_generator, mean_std,
+                    print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
+from problems import Problem, build_problem, expert_logits
+from report import merge_report
+from strategies import Decision, MergeInputs, StrategyCall, parse_strategies
+
+
+def score(decision: Decision, problem: Problem, labels: torch.Tensor, domain: torch.Tensor) -> dict:
+    """Accuracy overall and per domain, routing accuracy and routing counts of one decision."""
+    correct = decision.pred.cpu() == labels
+    chosen = decision.expert.cpu()
+    counts = torch.bincount(chosen.clamp(min=0), minlength=len(problem.tasks))
+    return {
+        "acc": correct.float().mean().item(),
+        "acc_per_domain": {t: correct[domain == k].float().mean().item() for k, t in enumerate(problem.tasks)},
+        "routing_acc": (chosen == domain).float().mean().item(),
+        "routing_counts": {t: int(counts[k]) for k, t in enumerate(problem.tasks)},
+        "fallbacks": 0 if decision.fallback is None else int(decision.fallback.sum()),
+    }
+
+
+def fingerprint(problem: Problem, cfg: config.MergeConfig, seed: int) -> str:
+    """Identifies what a seed's rows were computed from: problem, test subset and expert weights."""
+    experts = [read_checkpoint(p)["meta"].get("row") for p in problem.expert_paths(cfg.ckpt_dir, seed)]
+    spec = {"problem": config.to_dict(cfg.problems[cfg.problem]), "test_limit": cfg.test_limit,
+            "tasks": {t: config.to_dict(cfg.tasks[t]) for t in problem.tasks}, "experts": experts}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pass_runner(problem: Problem, models, formats, device, seed: int, batch_size: int):
+    """``run_passes(setting)``: the experts' logits on the original and each augmented copy.
+
+    Each setting draws from its own generator, so results do not depend on which rules run first."""
+    def run_passes(setting: str) -> list[list[torch.Tensor]]:
+        generator = make_generator(derive_seed(seed, problem.name, "tta", setting), device)
+        passes = [expert_logits(problem, models, formats, device, batch_size)]
+        for name, params in TTA_SETTINGS[setting]:
+            augment = lambda x, name=name, params=params: apply_augment(name, x, generator, **params)  # noqa: E731
+            passes.append(expert_logits(problem, models, formats, device, batch_size, augment))
+        return passes
+    return run_passes
+
+
+def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[StrategyCall], seed: int,
+                  device: torch.device, cache_path: Path) -> list[dict]:
+    key = fingerprint(problem, cfg, seed)
+    cached = {} if cfg.force else {r["strategy"]: r for r in read_rows(cache_path) if r["fingerprint"] == key}
+    wanted = [f"expert:{t}" for t in problem.tasks] + [c.label for c in calls]
+    if all(label in cached for label in wanted):
+        return [cached[label] for label in wanted]
+
+    models, formats = problem.load_experts(cfg.ckpt_dir, seed, device)
+    labels, domain = problem.labels, problem.domain
+    start = time.perf_counter()
+    logits = expert_logits(problem, models, formats, device, cfg.batch_size)
+    logits_time = time.perf_counter() - start
+    base = {"problem": cfg.problem, "name": cfg.name or cfg.problem, "seed": seed, "fingerprint": key,
+            "device": str(device), "n": len(labels)}
+    rows = {}
+    for k, task in enumerate(problem.tasks):
+        own = domain == k
+        local_correct = problem.label_maps[k][logits[k][own.to(device)].argmax(1).cpu()] == labels[own]
+        rows[f"expert:{task}"] = {**base, "kind": "expert", "strategy": f"expert:{task}",
+                                  "acc": local_correct.float().mean().item()}
+
+    inputs = MergeInputs(logits, problem.label_maps, domain.to(device),
+                         run_passes=pass_runner(problem, models, formats, device, seed, cfg.batch_size))
+    pass_times: dict[str, float] = {}
+    for call in calls:
+        if call.label in cached:
+            rows[call.label] = cached[call.label]
+            continue
+        setting = call.param("setting")
+        if setting is not None and setting not in pass_times:  # expert passes, timed apart from the rule
+            start = time.perf_counter()
+            inputs.passes(setting)
+            pass_times[setting] = time.perf_counter() - start
+        start = time.perf_counter()
+        decision = call(inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rule_time = time.perf_counter() - start
+        rows[call.label] = {**base, "kind": "strategy", "strategy": call.label, "rule": call.name,
+                            "params": call.params, **score(decision, problem, labels, domain),
+                            "time_s": rule_time,
+                            "expert_time_s": logits_time + pass_times.get(setting, 0.0)}
+    result = [rows[label] for label in wanted]
+    atomic_write_text(cache_path, "".join(json.dumps(r) + "\n" for r in result))
+    return result
+
+
+def main(cfg: config.MergeConfig) -> dict:
+    if cfg.problem not in cfg.problems:
+        raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
+    calls = parse_strategies(cfg.strategies)
+    if "oracle" not in [c.label for c in calls]:  # the bound goes beside every table
+        calls.append(parse_strategies(["oracle"])[0])
+    config.print_config(cfg)
+    device = resolve_device(cfg.device)
+    problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)
+    missing = problem.missing_experts(cfg.ckpt_dir, cfg.seeds)
+    if missing:
+        raise CheckpointError("expert checkpoints are missing under "
+                              f"{cfg.ckpt_dir}; create them with:\n  " + "\n  ".join(missing))
+    name = cfg.name or cfg.problem
+    out = Path(cfg.results_dir) / "merge"
+    rows = []
+    for seed in progress(cfg.seeds, desc=f"{name} seeds"):
+        rows += evaluate_seed(cfg, problem, calls, seed, device, out / name / f"seed{seed}.jsonl")
+    outputs = write_rows(out / name, [{**r, "config": config.to_dict(cfg)} for r in rows])
+    outputs["report"] = str(out / f"{name}.md")
+    atomic_write_text(outputs["report"], merge_report(rows, title=f"{name} ({cfg.problem})"))
+    outputs["config"] = str(out / f"{name}.config.yaml")
+    config.save(cfg, outputs["config"])
+    accuracy = {}
+    for call in calls:
+        mean, std = mean_std(r["acc"] for r in rows if r["strategy"] == call.label)
+        accuracy[call.label] = {"mean": mean, "std": std}
+    summary = {"problem": cfg.problem, "name": name, "seeds": cfg.seeds, "acc": accuracy, "outputs": outputs}
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    cli(main, config.MergeConfig)

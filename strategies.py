@@ -1,0 +1,268 @@
+"""Merge strategies: rules that turn the experts' outputs into one prediction over the global classes.
+
+A strategy is a function ``fn(inputs: MergeInputs, *, param=default, ...) -> Decision`` registered by
+name with ``@register``; its keyword-only parameters, with their annotations and defaults, are the
+typed parameters a config may set. ``parse_strategies`` checks names and parameters when the config
+loads, before any work. Every rule is vectorised over the batch and runs wherever its tensors are.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from augments import TTA_SETTINGS
+from config import ConfigError, coerce
+
+
+@dataclass
+class Decision:
+    """A rule's output: the predicted global class and the expert it trusted, per sample."""
+
+    pred: Tensor  # [N] global class ids
+    expert: Tensor  # [N] index of the chosen expert
+    fallback: Tensor | None = None  # [N] bool: the rule could not decide and fell back to naive
+
+
+@dataclass
+class MergeInputs:
+    """What a rule may read. ``passes(setting)`` runs the experts on augmented copies (cached)."""
+
+    logits: list[Tensor]  # expert k's logits on the combined test set, [N, K_k]
+    label_maps: list[Tensor]  # expert k's local class j -> global id
+    domain: Tensor | None = None  # true expert of each sample: only the oracle may read it
+    run_passes: Callable[[str], list[list[Tensor]]] | None = None
+    _passes: dict[str, list[list[Tensor]]] = field(default_factory=dict, repr=False)
+
+    def passes(self, setting: str) -> list[list[Tensor]]:
+        """Logits per pass (pass 0 = the original images) per expert, for a TTA setting."""
+        if self.run_passes is None:
+            raise RuntimeError("this evaluation cannot run experts on augmented images")
+        if setting not in self._passes:
+            self._passes[setting] = self.run_passes(setting)
+        return self._passes[setting]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    fn: Callable[..., Decision]
+    params: dict[str, tuple[Any, Any]]  # name -> (type, default)
+    summary: str
+
+
+@dataclass(frozen=True)
+class StrategyCall:
+    """A strategy with its parameters, as a config asked for it."""
+
+    name: str
+    params: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.name}({args})" if args else self.name
+
+    def param(self, key: str) -> Any:
+        """The value of parameter ``key``: as given, else the strategy's default (None if it has none)."""
+        default = REGISTRY[self.name].params.get(key, (None, None))[1]
+        return self.params.get(key, default)
+
+    def __call__(self, inputs: MergeInputs) -> Decision:
+        return REGISTRY[self.name].fn(inputs, **self.params)
+
+
+REGISTRY: dict[str, Strategy] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Decision]], Callable[..., Decision]]:
+    def wrap(fn: Callable[..., Decision]) -> Callable[..., Decision]:
+        hints = typing.get_type_hints(fn)
+        params = {p.name: (hints[p.name], p.default) for p in inspect.signature(fn).parameters.values()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        REGISTRY[name] = Strategy(name, fn, params, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+    return wrap
+
+
+def parse_strategies(entries: list[Any]) -> list[StrategyCall]:
+    """Config entries (a name, or a mapping with ``name`` and parameters) -> validated calls."""
+    calls = []
+    for entry in entries:
+        if isinstance(entry, str):
+            name, given = entry, {}
+        elif isinstance(entry, dict) and "name" in entry:
+            name, given = entry["name"], {k: v for k, v in entry.items() if k != "name"}
+        else:
+            raise ConfigError(f"strategy entry {entry!r} must be a name or a mapping with a `name` key")
+        if name not in REGISTRY:
+            close = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown strategy {name!r}{hint} (choices: {', '.join(REGISTRY)})")
+        calls.append(StrategyCall(name, _check_params(REGISTRY[name], given)))
+    labels = [c.label for c in calls]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ConfigError(f"strategies listed twice: {', '.join(duplicates)}")
+    return calls
+
+
+def _check_params(strategy: Strategy, given: dict[str, Any]) -> dict[str, Any]:
+    params = {}
+    for key, value in given.items():
+        if key not in strategy.params:
+            valid = ", ".join(strategy.params) or "none"
+            raise ConfigError(f"strategy {strategy.name!r} has no parameter {key!r} (parameters: {valid})")
+        tp, _ = strategy.params[key]
+        if typing.get_origin(tp) is Literal:
+            if value not in typing.get_args(tp):
+                raise ConfigError(f"strategy {strategy.name!r}: {key}={value!r} is not one of "
+                                  f"{', '.join(map(str, typing.get_args(tp)))}")
+            params[key] = value
+        else:
+            params[key] = coerce(value, tp, f"{strategy.name}.{key}")
+    return params
+
+
+# ---------------------------------------------------------------- building blocks
+
+def column_owners(label_maps: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """For the concatenated logit vector: the global class and the expert of each column."""
+    classes = torch.cat(list(label_maps))
+    experts = torch.cat([torch.full((len(m),), k, dtype=torch.long) for k, m in enumerate(label_maps)])
+    return classes, experts
+
+
+def concat_argmax(scores: Tensor, label_maps: list[Tensor]) -> Decision:
+    """Argmax over a concatenated score vector ``[N, sum K_k]``: its column names class and expert."""
+    classes, experts = column_owners(label_maps)
+    column = scores.argmax(dim=1).cpu()
+    return Decision(classes[column], experts[column])
+
+
+def choose(inputs: MergeInputs, expert: Tensor) -> Decision:
+    """Trust expert ``expert[i]`` for sample i: predict the global class of its argmax."""
+    expert = expert.cpu()
+    preds = torch.stack([m[o.argmax(dim=1).cpu()] for o, m in zip(inputs.logits, inputs.label_maps)])
+    return Decision(preds.gather(0, expert.unsqueeze(0)).squeeze(0), expert)
+
+
+def choose_by_score(inputs: MergeInputs, score: Callable[[Tensor], Tensor], higher: bool = True) -> Decision:
+    """Trust, per sample, the expert whose ``score(logits)`` is highest (or lowest)."""
+    scores = torch.stack([score(o) for o in inputs.logits], dim=1)
+    return choose(inputs, scores.argmax(dim=1) if higher else scores.argmin(dim=1))
+
+
+# ---------------------------------------------------------------- logit statistics (the paper's)
+
+@register("naive")
+def naive(inputs: MergeInputs) -> Decision:
+    """Argmax over the concatenated logits of all experts (the paper's best rule without a gate)."""
+    return concat_argmax(torch.cat(inputs.logits, dim=1), inputs.label_maps)
+
+
+@register("std_lower")
+def std_lower(inputs: MergeInputs) -> Decision:
+    """Trust the expert whose logits have the lower standard deviation (the original's rule)."""
+    return choose_by_score(inputs, lambda o: o.std(dim=1), higher=False)
+
+
+@register("std_higher")
+def std_higher(inputs: MergeInputs) -> Decision:
+    """Trust the expert whose logits have the higher standard deviation."""
+    return choose_by_score(inputs, lambda o: o.std(dim=1), higher=True)
+
+
+@register("ratio")
+def ratio(inputs: MergeInputs) -> Decision:
+    """Each expert's logits divided by their own sum, then naive (unstable: sums near 0 or negative)."""
+    return concat_argmax(torch.cat([o / o.sum(dim=1, keepdim=True) for o in inputs.logits], dim=1),
+                         inputs.label_maps)
+
+
+@register("overall_ratio")
+def overall_ratio(inputs: MergeInputs) -> Decision:
+    """The concatenated logits divided by their sum, then argmax (unstable: a negative sum flips it)."""
+    concat = torch.cat(inputs.logits, dim=1)
+    return concat_argmax(concat / concat.sum(dim=1, keepdim=True), inputs.label_maps)
+
+
+@register("thirdQ")
+def third_quartile(inputs: MergeInputs) -> Decision:
+    """Trust the expert with the larger gap between its top logit and its logits' third quartile."""
+    return choose_by_score(inputs, lambda o: o.max(dim=1).values - torch.quantile(o, 0.75, dim=1))
+
+
+@register("thirdQ_original")
+def third_quartile_original(inputs: MergeInputs) -> Decision:
+    """What the original thirdQ computed (a percent/fraction mix-up): the gap max - min."""
+    return choose_by_score(inputs, lambda o: o.max(dim=1).values - o.min(dim=1).values)
+
+
+# ---------------------------------------------------------------- out-of-distribution scores
+
+@register("max_softmax")
+def max_softmax(inputs: MergeInputs) -> Decision:
+    """Trust the expert with the highest maximum softmax probability."""
+    return choose_by_score(inputs, lambda o: o.softmax(dim=1).max(dim=1).values)
+
+
+@register("energy")
+def energy(inputs: MergeInputs) -> Decision:
+    """Trust the expert with the lowest free energy, i.e. the highest logsumexp of its logits."""
+    return choose_by_score(inputs, lambda o: o.logsumexp(dim=1))
+
+
+@register("neg_entropy")
+def neg_entropy(inputs: MergeInputs) -> Decision:
+    """Trust the expert whose softmax has the lowest entropy."""
+    return choose_by_score(inputs, lambda o: (o.softmax(dim=1) * o.log_softmax(dim=1)).sum(dim=1))
+
+
+@register("max_logit")
+def max_logit(inputs: MergeInputs) -> Decision:
+    """Trust the expert with the highest top logit (the same decision as naive, by construction)."""
+    return choose_by_score(inputs, lambda o: o.max(dim=1).values)
+
+
+# ---------------------------------------------------------------- bound
+
+@register("oracle")
+def oracle(inputs: MergeInputs) -> Decision:
+    """The true domain picks the expert: the upper bound of every routing rule."""
+    if inputs.domain is None:
+        raise RuntimeError("the oracle needs the true domain of each sample")
+    return choose(inputs, inputs.domain)
+
+
+# ---------------------------------------------------------------- multi-pass test-time augmentation
+
+Setting = Literal[tuple(TTA_SETTINGS)]  # type: ignore[valid-type]
+
+
+@register("tta_mean")
+def tta_mean(inputs: MergeInputs, *, setting: Setting = "gaussian_1") -> Decision:
+    """Average the concatenated logits over the original and augmented passes, then argmax."""
+    passes = inputs.passes(setting)
+    mean = torch.stack([torch.cat(p, dim=1) for p in passes]).mean(dim=0)
+    return concat_argmax(mean, inputs.label_maps)
+
+
+@register("tta_voting")
+def tta_voting(inputs: MergeInputs, *, setting: Setting = "gaussian_1") -> Decision:
+    """Majority vote of each pass's naive prediction; a tie goes to the tied class voted first
+    (the original pass votes first), so the result is deterministic."""
+    decisions = [concat_argmax(torch.cat(p, dim=1), inputs.label_maps) for p in inputs.passes(setting)]
+    votes = torch.stack([d.pred for d in decisions], dim=1)  # [N, P]
+    experts = torch.stack([d.expert for d in decisions], dim=1)
+    num_classes = int(torch.cat(list(inputs.label_maps)).max()) + 1
+    counts = torch.zeros(len(votes), num_classes, dtype=torch.long).scatter_add_(
+        1, votes, torch.ones_like(votes))
+    is_top = counts.gather(1, votes) == counts.max(dim=1, keepdim=True).values
+    first = is_top.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximal index
+    return Decision(votes.gather(1, first).squeeze(1), experts.gather(1, first).squeeze(1))
