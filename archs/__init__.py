@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from archs.gates import PAN, AgnosticPAN
+from archs.generator import Discriminator, Generator
 from archs.lenet import LeNet5
 from archs.resnet import ResNet18
 
@@ -17,13 +19,21 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "lenet5_half": lambda in_channels=1, num_classes=10: LeNet5(in_channels, num_classes, half=True),
     "resnet18": lambda in_channels=3, num_classes=10: ResNet18(in_channels, num_classes),
 }
+# Gates and generators are built through the same registry, with their own arguments.
+AUX_ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "pan": PAN,
+    "agnostic_pan": AgnosticPAN,
+    "generator": Generator,
+    "discriminator": Discriminator,
+}
 
 
 def build_model(name: str, **kwargs: int) -> nn.Module:
     """Build a registered architecture; unknown names fail with the list of choices."""
-    if name not in ARCHS:
-        raise ValueError(f"unknown arch {name!r}; choices: {', '.join(ARCHS)}")
+    table = {**ARCHS, **AUX_ARCHS}
+    if name not in table:
+        raise ValueError(f"unknown arch {name!r}; choices: {', '.join(table)}")
     try:
-        return ARCHS[name](**kwargs)
+        return table[name](**kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments for arch {name!r}: {err}") from None
