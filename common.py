@@ -126,6 +126,20 @@ def load_model(path: str | os.PathLike, expect_arch: str | None = None, hint: st
     return model.to(device).eval(), ckpt
 
 
+def reuse_checkpoint(path: Path, settings: dict, force: bool) -> dict | None:
+    """The stored result row when ``path`` already holds this exact training run, else None."""
+    if force or not path.exists():
+        return None
+    ckpt = read_checkpoint(path)
+    stored = ckpt.get("meta", {}).get("settings")
+    if stored != settings:
+        changed = sorted(k for k in settings if stored is None or stored.get(k) != settings[k])
+        raise CheckpointError(
+            f"{path} was trained with other settings ({', '.join(changed)} differ); pass force=true to "
+            f"retrain it, or ckpt_dir=... to keep both")
+    return ckpt["meta"]["row"]
+
+
 def _plain(obj: Any) -> Any:
     """Keep only the plain types that ``weights_only`` loading accepts."""
     if isinstance(obj, dict):
@@ -144,7 +158,7 @@ def _plain(obj: Any) -> Any:
 def write_rows(stem: str | os.PathLike, rows: list[dict]) -> dict[str, str]:
     """Write ``rows`` as ``stem.jsonl`` (full, nested) and ``stem.csv`` (flattened); atomic, returns paths."""
     stem = Path(stem)
-    jsonl = stem.with_suffix(".jsonl")
+    jsonl = stem.with_name(stem.name + ".jsonl")  # not with_suffix: names may hold dots
     atomic_write_text(jsonl, "".join(json.dumps(r, default=str) + "\n" for r in rows))
     # the config stays one JSON column in the CSV rather than dozens of flattened ones
     flat = [_flatten({k: json.dumps(v) if k == "config" else v for k, v in r.items()}) for r in rows]
@@ -153,7 +167,7 @@ def write_rows(stem: str | os.PathLike, rows: list[dict]) -> dict[str, str]:
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(flat)
-    csv_path = stem.with_suffix(".csv")
+    csv_path = stem.with_name(stem.name + ".csv")
     atomic_write_text(csv_path, buffer.getvalue())
     return {"jsonl": str(jsonl), "csv": str(csv_path)}
 

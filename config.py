@@ -131,6 +131,32 @@ class MergeConfig:
     force: bool = False  # recompute rows already stored for a seed
 
 
+@dataclass
+class GanConfig:
+    """Data-free generators (train_gan.py): one per expert of `problem` per seed, trained against that
+    expert with the DAFL loss. Defaults are the original settings (the `paper` profile, for a GPU)."""
+
+    problem: str = "disjoint_mnist"
+    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
+    epochs: int = 200
+    iters_per_epoch: int = 120
+    batch_size: int = 512
+    lr: float = 0.2  # Adam
+    latent_dim: int = 100
+    width: int = 128  # channels of the generator's first conv block (the original's 128)
+    oh_weight: float = 1.0  # one-hot cross-entropy against the expert's own argmax
+    ie_weight: float = 10.0  # information entropy of the batch-mean softmax (class balance)
+    a_weight: float = 0.1  # reward for large mean absolute feature activation
+    eval_samples: int = 4096  # samples scored for the quality figures
+    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
+    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
+    ckpt_dir: str = "checkpoints"
+    results_dir: str = "results"
+    device: str = "auto"
+    deterministic: bool = False
+    force: bool = False
+
+
 C = TypeVar("C")
 
 
@@ -244,12 +270,16 @@ def coerce(value: Any, tp: Any, key: str, current: Any = None) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key} expects true or false, got {value!r}")
     if tp in (int, float):
         if isinstance(value, bool):
             raise ConfigError(f"{key} expects a number, got {value!r}")
+        if tp is int and isinstance(value, int):
+            return value  # exact, also beyond float precision
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -260,7 +290,7 @@ def coerce(value: Any, tp: Any, key: str, current: Any = None) -> Any:
             return int(number)
         return number
     if tp is str:
-        if isinstance(value, (dict, list)):
+        if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{key} expects a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported config type {tp}")

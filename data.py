@@ -15,6 +15,7 @@ import os
 import pickle
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -125,7 +126,8 @@ def load_task(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = N
 def class_subset(images: torch.Tensor, labels: torch.Tensor,
                  classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the samples of ``classes`` (in dataset order) and relabel class ``classes[j]`` as ``j``."""
-    local = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long)
+    size = max(int(labels.max()) + 1 if len(labels) else 0, max(classes) + 1)
+    local = torch.full((size,), -1, dtype=torch.long)
     local[torch.tensor(classes, dtype=torch.long)] = torch.arange(len(classes))
     mapped = local[labels]
     keep = mapped >= 0
@@ -140,7 +142,7 @@ def _load_cached(name: str, split: str, root: str, download: bool) -> tuple[torc
     if not all(f.exists() for f in files):
         _fetch(name, root_path, files, download)
         files = _source_files(name, split, root_path)
-    signature = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    signature = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     cache = root_path / ".moe_cache" / f"{name}_{split}.pt"
     if cache.is_file():
         try:
@@ -202,7 +204,7 @@ def _open_maybe_gz(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path} is damaged ({err}); delete it and run `python data.py {_root_of(path)}`") from None
 
 
@@ -245,7 +247,7 @@ def _read_cifar(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
             batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
             data = np.asarray(batch["data"], dtype=np.uint8)
             batch_labels = np.asarray(batch["labels"], dtype=np.int64)
-        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, AttributeError) as err:
+        except Exception as err:  # unpickling damaged bytes can raise almost anything
             raise DataError(f"{path} is not a readable CIFAR-10 batch ({type(err).__name__}); {fix}") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
             raise DataError(f"{path} has data of shape {data.shape} for {len(batch_labels)} labels; {fix}")

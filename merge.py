@@ -106,7 +106,8 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
                             "time_s": rule_time,
                             "expert_time_s": logits_time + pass_times.get(setting, 0.0)}
     result = [rows[label] for label in wanted]
-    atomic_write_text(cache_path, "".join(json.dumps(r) + "\n" for r in result))
+    kept = {**cached, **rows}  # rows cached for strategies not asked for this time stay cached
+    atomic_write_text(cache_path, "".join(json.dumps(r) + "\n" for r in kept.values()))
     return result
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from archs import ARCHS
 from common import CheckpointError, load_model
 from config import ConfigError, ProblemSpec, TaskSpec
 from data import InputFormat, load_task, prepare_input, to_unit
@@ -35,6 +36,7 @@ class Problem:
     label_maps: list[torch.Tensor]  # expert k's local class j -> global id label_maps[k][j]
     domains: list[Domain]
     num_classes: int
+    specs: dict[str, TaskSpec]  # the experts' tasks as the config defines them
 
     @property
     def labels(self) -> torch.Tensor:
@@ -63,8 +65,11 @@ class Problem:
         for task, arch, path in zip(self.tasks, self.archs, self.expert_paths(ckpt_dir, seed)):
             model, ckpt = load_model(path, expect_arch=arch, hint=expert_command(task, arch, seed),
                                      device=device)
-            if ckpt["meta"]["task"]["name"] != task:
-                raise CheckpointError(f"{path} holds an expert of task {ckpt['meta']['task']['name']!r}")
+            trained = ckpt["meta"]["task"]
+            wanted = {"name": task, "source": self.specs[task].source, "classes": self.specs[task].classes}
+            if trained != wanted:
+                raise CheckpointError(f"{path} holds an expert of {trained}, but the config defines {wanted}; "
+                                      f"retrain it: {expert_command(task, arch, seed)} force=true")
             models.append(model)
             formats.append(InputFormat.from_dict(ckpt["meta"]["input_format"]))
         return models, formats
@@ -76,6 +81,9 @@ def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data
     unknown = [e.task for e in spec.experts if e.task not in tasks]
     if unknown:
         raise ConfigError(f"problem {name!r} names unknown task(s) {unknown}; choices: {', '.join(tasks)}")
+    bad_archs = [e.arch for e in spec.experts if e.arch not in ARCHS]
+    if bad_archs:
+        raise ConfigError(f"problem {name!r} names unknown arch(s) {bad_archs}; choices: {', '.join(ARCHS)}")
     if len(spec.experts) < 2:
         raise ConfigError(f"problem {name!r} needs at least two experts")
     owners: dict[tuple[str, int], int] = {}
@@ -93,7 +101,7 @@ def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data
         label_maps.append(label_map)
         domains.append(Domain(test.images, label_map[test.labels], k))
     return Problem(name, [e.task for e in spec.experts], [e.arch for e in spec.experts], label_maps,
-                   domains, next_id)
+                   domains, next_id, {e.task: tasks[e.task] for e in spec.experts})
 
 
 @torch.no_grad()

@@ -104,7 +104,9 @@ def parse_strategies(entries: list[Any]) -> list[StrategyCall]:
             close = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown strategy {name!r}{hint} (choices: {', '.join(REGISTRY)})")
-        calls.append(StrategyCall(name, _check_params(REGISTRY[name], given)))
+        defaults = {k: default for k, (_, default) in REGISTRY[name].params.items()}
+        # defaults filled in, so `tta_mean` and `{name: tta_mean, setting: <default>}` are one strategy
+        calls.append(StrategyCall(name, {**defaults, **_check_params(REGISTRY[name], given)}))
     labels = [c.label for c in calls]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:

@@ -16,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import config
-from archs import build_model
-from common import (CheckpointError, cli, derive_seed, make_generator, mean_std, print_summary, progress,
-                    read_checkpoint, resolve_device, save_checkpoint, seed_everything, write_rows)
+from archs import ARCHS, build_model
+from common import (cli, derive_seed, load_model, make_generator, mean_std, print_summary, progress,
+                    resolve_device, reuse_checkpoint, save_checkpoint, seed_everything, write_rows)
 from data import InputFormat, get_source, load_task, prepare_input, to_unit
 
 # The settings that decide what a checkpoint holds; a rerun with other values must not reuse it.
@@ -74,27 +74,17 @@ def training_settings(cfg: config.TrainConfig) -> dict:
     return settings
 
 
-def reuse_checkpoint(path: Path, settings: dict, force: bool) -> dict | None:
-    """The stored result row when ``path`` already holds this exact training run, else None."""
-    if force or not path.exists():
-        return None
-    ckpt = read_checkpoint(path)
-    stored = ckpt.get("meta", {}).get("settings")
-    if stored != settings:
-        changed = sorted(k for k in settings if stored is None or stored.get(k) != settings[k])
-        raise CheckpointError(
-            f"{path} was trained with other settings ({', '.join(changed)} differ); pass force=true to "
-            f"retrain it, or ckpt_dir=... to keep both")
-    return ckpt["meta"]["row"]
-
-
 def train_expert(cfg: config.TrainConfig, seed: int, train, test, device: torch.device) -> dict:
     settings = training_settings(cfg)
     path = expert_path(cfg.ckpt_dir, cfg.dataset, cfg.arch, seed)
+    fmt = InputFormat.of(train.source)
     row = reuse_checkpoint(path, settings, cfg.force)
     if row is not None:
+        if row["test_limit"] != cfg.test_limit:  # the stored accuracy was measured on another test subset
+            model = load_model(path, expect_arch=cfg.arch, device=device)[0]
+            row = {**row, "test_limit": cfg.test_limit, "test_acc": accuracy(
+                model, prepare_input(to_unit(test.images, device), fmt), test.labels.to(device))}
         return {**row, "resumed": True}
-    fmt = InputFormat.of(train.source)
     arch_kwargs = {"in_channels": fmt.channels, "num_classes": len(train.classes)}
     seed_everything(derive_seed(seed, cfg.dataset, cfg.arch, "init"), cfg.deterministic)
     model = build_model(cfg.arch, **arch_kwargs).to(device)
@@ -106,7 +96,7 @@ def train_expert(cfg: config.TrainConfig, seed: int, train, test, device: torch.
         desc=f"seed {seed}")
     train_time = time.perf_counter() - start
     test_acc = accuracy(model, prepare_input(to_unit(test.images, device), fmt), test.labels.to(device))
-    row = {"task": cfg.dataset, "arch": cfg.arch, "seed": seed, "test_acc": test_acc,
+    row = {"task": cfg.dataset, "arch": cfg.arch, "seed": seed, "test_acc": test_acc, "test_limit": cfg.test_limit,
            "final_train_loss": losses[-1] if losses else None, "train_time_s": train_time,
            "device": str(device), "checkpoint": str(path), "resumed": False}
     meta = {"task": settings["task"], "classes": train.classes, "input_format": fmt.as_dict(),
@@ -119,7 +109,8 @@ def main(cfg: config.TrainConfig) -> dict:
     if cfg.dataset not in cfg.tasks:
         raise config.ConfigError(f"unknown dataset {cfg.dataset!r}; choices: {', '.join(cfg.tasks)} "
                                  f"(define more under `tasks` in a YAML file)")
-    build_model(cfg.arch)  # fail on an unknown arch before loading any data
+    if cfg.arch not in ARCHS:
+        raise config.ConfigError(f"unknown arch {cfg.arch!r}; choices: {', '.join(ARCHS)}")
     config.print_config(cfg)
     device = resolve_device(cfg.device)
     task = cfg.tasks[cfg.dataset]
@@ -129,10 +120,10 @@ def main(cfg: config.TrainConfig) -> dict:
             for seed in progress(cfg.seeds, desc=f"{cfg.dataset} {cfg.arch} seeds")]
     stem = Path(cfg.results_dir) / "experts" / f"{cfg.dataset}_{cfg.arch}"
     outputs = write_rows(stem, [{**row, "config": config.to_dict(cfg)} for row in rows])
-    outputs["config"] = str(stem.with_suffix(".config.yaml"))
+    outputs["config"] = str(stem.with_name(stem.name + ".config.yaml"))
     config.save(cfg, outputs["config"])
     mean, std = mean_std(r["test_acc"] for r in rows)
-    summary = {"task": cfg.dataset, "arch": cfg.arch, "test_acc": {r["seed"]: r["test_acc"] for r in rows},
+    summary = {"task": cfg.dataset, "arch": cfg.arch, "test_acc": {str(r["seed"]): r["test_acc"] for r in rows},
                "mean": mean, "std": std, "trained": sum(not r["resumed"] for r in rows),
                "resumed": sum(r["resumed"] for r in rows), "outputs": outputs}
     print_summary(summary)

@@ -1,0 +1,245 @@
+"""config.py: dataclass defaults < YAML files < command-line key=value, with type coercion and clear errors."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+import config
+from config import ConfigError, TaskSpec, TrainConfig, describe, parse_args, save, to_dict
+
+# DESIGN.md section 3: the original seed list.
+DESIGN_SEEDS = [770597, 600522, 416719, 306890, 201746, 156886, 929271, 247945, 5028, 436287]
+
+
+# ---------------------------------------------------------------- defaults
+
+def test_defaults_are_the_papers():
+    cfg = parse_args(TrainConfig, [])
+    assert cfg.seeds == DESIGN_SEEDS
+    assert cfg.lr == 0.01 and isinstance(cfg.lr, float)
+    assert cfg.momentum == 0.9
+    assert cfg.weight_decay == 0.0
+    assert cfg.epochs == 10
+    assert cfg.batch_size is None  # the source's paper default (512 MNIST / 128 CIFAR)
+    assert cfg.dataset == "mnist" and cfg.arch == "lenet5"
+    assert cfg.device == "auto" and cfg.deterministic is False and cfg.force is False
+    assert cfg.tasks["first5_mnist"] == TaskSpec("mnist", [0, 1, 2, 3, 4])
+    assert cfg.tasks["last5_mnist"] == TaskSpec("mnist", [5, 6, 7, 8, 9])
+    assert cfg.tasks["mnist"] == TaskSpec("mnist", None)
+    assert cfg.tasks["cifar10"] == TaskSpec("cifar10", None)
+    assert cfg == TrainConfig()
+
+
+def test_default_data_dir_follows_env(monkeypatch):
+    monkeypatch.setenv(config.DATA_DIR_ENV, "/somewhere/data")
+    assert parse_args(TrainConfig, []).data_dir == "/somewhere/data"
+    monkeypatch.delenv(config.DATA_DIR_ENV)
+    assert parse_args(TrainConfig, []).data_dir == "./data"
+
+
+def test_defaults_are_not_shared_between_configs():
+    a = parse_args(TrainConfig, ["tasks.mnist.classes=[1,2]"])
+    a.seeds.append(1)
+    a.tasks["extra"] = TaskSpec("mnist")
+    b = TrainConfig()
+    assert b.seeds == DESIGN_SEEDS
+    assert "extra" not in b.tasks
+    assert b.tasks["mnist"].classes is None
+
+
+# ---------------------------------------------------------------- coercion
+
+@pytest.mark.parametrize("arg, key, expected, type_", [
+    ("lr=1", "lr", 1.0, float),
+    ("lr=1e-3", "lr", 0.001, float),  # YAML 1.1 reads 1e-3 as a string; it must still become a float
+    ("lr=0.5", "lr", 0.5, float),
+    ("epochs=2", "epochs", 2, int),
+    ("epochs=2.0", "epochs", 2, int),
+    ("seeds=[0,1]", "seeds", [0, 1], list),
+    ("seeds=7", "seeds", [7], list),
+    ("deterministic=true", "deterministic", True, bool),
+    ("deterministic=false", "deterministic", False, bool),
+    ("batch_size=null", "batch_size", None, type(None)),
+    ("batch_size=64", "batch_size", 64, int),
+    ("arch=resnet18", "arch", "resnet18", str),
+    ("ckpt_dir=123", "ckpt_dir", "123", str),
+])
+def test_key_value_coercion(arg, key, expected, type_):
+    value = getattr(parse_args(TrainConfig, [arg]), key)
+    assert value == expected
+    assert type(value) is type_
+    if isinstance(value, list):
+        assert all(type(v) is int for v in value)
+
+
+def test_bool_accepts_one():
+    assert parse_args(TrainConfig, ["deterministic=1"]).deterministic is True
+
+
+def test_large_int_keeps_precision():
+    assert parse_args(TrainConfig, ["seeds=[9007199254740993]"]).seeds == [9007199254740993]
+
+
+# ---------------------------------------------------------------- YAML then command line
+
+def test_yaml_then_command_line(tmp_path):
+    first = tmp_path / "a.yaml"
+    first.write_text("lr: 0.5\nepochs: 3\nseeds: [4, 5]\narch: lenet5_half\n")
+    second = tmp_path / "b.yml"
+    second.write_text("epochs: 4\n")
+    cfg = parse_args(TrainConfig, [str(first), "lr=0.1", str(second)])
+    assert cfg.lr == 0.1  # command line beats the YAML
+    assert cfg.epochs == 4  # files apply in order
+    assert cfg.seeds == [4, 5]
+    assert cfg.arch == "lenet5_half"
+    assert cfg.momentum == 0.9  # untouched default
+    # a key=value before a file is overridden by that file
+    assert parse_args(TrainConfig, ["epochs=9", str(second)]).epochs == 4
+
+
+def test_yaml_values_are_coerced(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1\nbatch_size: '32'\ntasks:\n  pair: {source: mnist, classes: [3, 7]}\n")
+    cfg = parse_args(TrainConfig, [str(path)])
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.batch_size == 32
+    assert cfg.tasks["pair"] == TaskSpec("mnist", [3, 7])
+    assert cfg.tasks["mnist"] == TaskSpec("mnist")  # defaults kept beside the new task
+
+
+def test_empty_yaml_changes_nothing(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert parse_args(TrainConfig, [str(path)]) == TrainConfig()
+
+
+# ---------------------------------------------------------------- nested keys
+
+def test_new_task_from_dotted_keys():
+    cfg = parse_args(TrainConfig, ["tasks.my_task.source=mnist", "tasks.my_task.classes=[0,2]"])
+    assert cfg.tasks["my_task"] == TaskSpec("mnist", [0, 2])
+    assert isinstance(cfg.tasks["my_task"], TaskSpec)
+    assert set(TrainConfig().tasks) < set(cfg.tasks)
+
+
+def test_existing_task_is_modified_in_place():
+    cfg = parse_args(TrainConfig, ["tasks.mnist.classes=[1,2]"])
+    assert cfg.tasks["mnist"] == TaskSpec("mnist", [1, 2])
+    assert cfg.tasks["first5_mnist"] == TaskSpec("mnist", [0, 1, 2, 3, 4])
+    cfg = parse_args(TrainConfig, ["tasks.first5_mnist.source=fashion_mnist"])
+    assert cfg.tasks["first5_mnist"] == TaskSpec("fashion_mnist", [0, 1, 2, 3, 4])
+
+
+def test_task_classes_null_means_all():
+    cfg = parse_args(TrainConfig, ["tasks.first5_mnist.classes=null"])
+    assert cfg.tasks["first5_mnist"].classes is None
+
+
+# ---------------------------------------------------------------- errors
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, ["datset=mnist"])
+    message = str(err.value)
+    assert "'datset'" in message
+    assert "did you mean 'dataset'" in message
+
+
+def test_unknown_key_without_close_match_lists_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, ["zzzzzz=1"])
+    assert "did you mean" not in str(err.value)
+    assert "dataset" in str(err.value) and "seeds" in str(err.value)
+
+
+def test_unknown_nested_key():
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, ["tasks.mnist.clases=[1]"])
+    assert "tasks.mnist.clases" in str(err.value)
+    assert "did you mean 'classes'" in str(err.value)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochz: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        parse_args(TrainConfig, [str(path)])
+
+
+@pytest.mark.parametrize("arg, words", [
+    ("epochs=abc", ["epochs", "number", "abc"]),
+    ("epochs=1.5", ["epochs", "integer", "1.5"]),
+    ("lr=[1,2]", ["lr"]),
+    ("seeds=[1,x]", ["seeds[1]", "x"]),
+    ("deterministic=maybe", ["deterministic", "true or false"]),
+    ("tasks=3", ["tasks", "mapping"]),
+    ("tasks.mnist.classes=[a]", ["tasks.mnist.classes[0]"]),
+    ("arch=[a,b]", ["arch", "string"]),
+    ("epochs=true", ["epochs", "number"]),
+])
+def test_wrong_types_name_the_key(arg, words):
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, [arg])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_new_task_needs_a_source():
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, ["tasks.my_task.classes=[0,2]"])
+    assert "tasks.my_task" in str(err.value) and "source" in str(err.value)
+
+
+def test_missing_yaml_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, [str(missing)])
+    assert str(missing) in str(err.value) and "does not exist" in str(err.value)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_args(TrainConfig, [str(path)])
+
+
+def test_argument_that_is_not_key_value():
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, ["mnist"])
+    assert "'mnist'" in str(err.value) and "key=value" in str(err.value)
+
+
+def test_unparsable_value():
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, ["seeds=[1,2"])
+    assert "seeds" in str(err.value)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# ---------------------------------------------------------------- describe / save
+
+def test_describe_is_the_resolved_config_as_yaml():
+    cfg = parse_args(TrainConfig, ["lr=0.2", "tasks.pair.source=mnist", "tasks.pair.classes=[3,7]"])
+    loaded = yaml.safe_load(describe(cfg))
+    assert loaded == to_dict(cfg)
+    assert loaded["lr"] == 0.2
+    assert loaded["tasks"]["pair"] == {"source": "mnist", "classes": [3, 7]}
+
+
+def test_save_round_trip(tmp_path):
+    cfg = parse_args(TrainConfig, ["lr=1e-3", "epochs=3", "seeds=[0,1]", "batch_size=null", "deterministic=true",
+                                   "tasks.pair.source=mnist", "tasks.pair.classes=[3,7]",
+                                   "tasks.mnist.classes=[1,2]", "dataset=pair", "data_dir=/x/y"])
+    path = tmp_path / "sub" / "run.config.yaml"
+    save(cfg, path)
+    assert path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == ["run.config.yaml"]  # no temp file left behind
+    again = parse_args(TrainConfig, [str(path)])
+    assert again == cfg
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)

@@ -1,0 +1,308 @@
+"""merge.py end to end: tiny experts trained on a fake data root, rows, report, determinism, resume, errors."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import merge
+import problems
+import strategies
+import train_source_networks
+from common import CheckpointError, read_rows
+from config import ConfigError, MergeConfig, TrainConfig, load_yaml, parse_args, to_dict
+from test_problems import make_data_root
+
+SEEDS = [1, 2]
+TASKS = ["first5_mnist", "last5_mnist"]
+STRATEGIES = "[naive,energy,{name: tta_mean, setting: flips},{name: tta_voting, setting: flips}]"
+LABELS = ["naive", "energy", "tta_mean(setting=flips)", "tta_voting(setting=flips)", "oracle"]
+TIME_KEYS = ("time_s", "expert_time_s")
+
+
+class Forbidden(AssertionError):
+    """Raised by a patched function that the code under test must not call."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models train ~30x slower with 2 intra-op threads on a busy 2-core machine; one thread is plenty."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A fake data root and first5/last5 experts for SEEDS trained on it (once for the module)."""
+    base = tmp_path_factory.mktemp("merge")
+    root, ckpt = base / "data", base / "ckpt"
+    # 64 test digits: 34 of 0-4 and 30 of 5-9, so weighted and plain means differ
+    arrays = make_data_root(root, n_train=200, n_test=64, n_cifar=0)
+    for task in TASKS:  # a few SGD steps: experts well above chance but not perfect
+        train_source_networks.main(parse_args(TrainConfig, [
+            f"dataset={task}", f"seeds={SEEDS}", "epochs=2", "batch_size=16", "lr=0.02", "device=cpu",
+            f"data_dir={root}", f"ckpt_dir={ckpt}", f"results_dir={base / 'train_results'}"]))
+    digits = arrays["mnist"]["test"][1]
+    yield {"root": root, "ckpt": ckpt, "n": [int((digits < 5).sum()), int((digits >= 5).sum())]}
+    data._load_cached.cache_clear()
+
+
+def merge_cfg(env, results_dir, *extra: str, strategies: str = STRATEGIES, seeds=SEEDS) -> MergeConfig:
+    return parse_args(MergeConfig, [
+        "problem=disjoint_mnist", f"strategies={strategies}", f"seeds={seeds}", f"data_dir={env['root']}",
+        f"ckpt_dir={env['ckpt']}", f"results_dir={results_dir}", "device=cpu", *extra])
+
+
+def without_times(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIME_KEYS and k != "config"}
+
+
+def by_label(rows: list[dict], seed: int) -> dict[str, dict]:
+    return {r["strategy"]: r for r in rows if r["seed"] == seed}
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_merge_end_to_end(env, tmp_path, capsys):
+    cfg = merge_cfg(env, tmp_path)
+    summary = merge.main(cfg)
+    out = capsys.readouterr().out
+
+    # the summary, and the last printed line is that summary as JSON
+    assert set(summary) == {"problem", "name", "seeds", "acc", "outputs"}
+    assert summary["problem"] == summary["name"] == "disjoint_mnist" and summary["seeds"] == SEEDS
+    assert list(summary["acc"]) == LABELS  # oracle added automatically, last
+    assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
+    outputs = summary["outputs"]
+    base = tmp_path / "merge" / "disjoint_mnist"
+    assert outputs == {"jsonl": f"{base}.jsonl", "csv": f"{base}.csv", "report": f"{base}.md",
+                       "config": f"{base}.config.yaml"}
+    assert all(Path(p).is_file() for p in outputs.values())
+    assert load_yaml(outputs["config"]) == json.loads(json.dumps(to_dict(cfg)))
+
+    # rows: experts then strategies, per seed, each carrying the config
+    rows = read_rows(outputs["jsonl"])
+    expected_order = [f"expert:{t}" for t in TASKS] + LABELS
+    assert [(r["seed"], r["strategy"]) for r in rows] == [(s, label) for s in SEEDS for label in expected_order]
+    config_dict = json.loads(json.dumps(to_dict(cfg)))
+    assert all(r["config"] == config_dict for r in rows)
+    with open(outputs["csv"], newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert all(json.loads(r["config"]) == config_dict for r in csv_rows)
+    assert [r["strategy"] for r in csv_rows] == [r["strategy"] for r in rows]
+    assert "routing_counts.first5_mnist" in csv_rows[0] and "acc_per_domain.last5_mnist" in csv_rows[0]
+
+    n0, n1 = env["n"]
+    n = n0 + n1
+    assert n0 != n1
+    expert_accs = [r["acc"] for r in rows if r["kind"] == "expert"]
+    assert len(set(expert_accs)) > 1 and 0 < min(expert_accs)  # the weighted-mean checks below can fail
+    for seed in SEEDS:
+        group = by_label(rows, seed)
+        experts = [group[f"expert:{t}"] for t in TASKS]
+        # the experts' own accuracy is the one the trainer measured on the same test images
+        for task, row in zip(TASKS, experts):
+            assert row["kind"] == "expert"
+            trained = torch.load(train_source_networks.expert_path(env["ckpt"], task, "lenet5", seed),
+                                 weights_only=True)["meta"]["row"]["test_acc"]
+            assert row["acc"] == pytest.approx(trained, abs=1e-6)
+        for label in LABELS:
+            row = group[label]
+            assert row["kind"] == "strategy" and row["n"] == n and row["seed"] == seed
+            assert row["rule"] == label.split("(")[0]
+            assert sum(row["routing_counts"].values()) == n
+            assert list(row["routing_counts"]) == list(row["acc_per_domain"]) == TASKS
+            weighted = (n0 * row["acc_per_domain"]["first5_mnist"] + n1 * row["acc_per_domain"]["last5_mnist"]) / n
+            assert row["acc"] == pytest.approx(weighted, abs=1e-6)
+            assert 0 <= row["routing_acc"] <= 1 and row["time_s"] >= 0 and row["fallbacks"] == 0
+        assert group["tta_mean(setting=flips)"]["params"] == {"setting": "flips"}
+        oracle = group["oracle"]
+        assert oracle["routing_acc"] == 1.0
+        assert oracle["routing_counts"] == {"first5_mnist": n0, "last5_mnist": n1}
+        assert oracle["acc_per_domain"] == pytest.approx({t: r["acc"] for t, r in zip(TASKS, experts)}, abs=1e-6)
+        # DESIGN.md section 4: disjoint MNIST oracle = (n1 acc1 + n2 acc2) / (n1 + n2)
+        assert oracle["acc"] == pytest.approx((n0 * experts[0]["acc"] + n1 * experts[1]["acc"]) / n, abs=1e-6)
+        # a wrong route is a wrong answer, and a right route gives the oracle's answer
+        assert group["naive"]["acc"] <= oracle["acc"] + 1e-9
+    for label in LABELS:
+        accs = [by_label(rows, s)[label]["acc"] for s in SEEDS]
+        assert summary["acc"][label]["mean"] == pytest.approx(np.mean(accs))
+        assert summary["acc"][label]["std"] == pytest.approx(np.std(accs, ddof=1))
+
+    report = Path(outputs["report"]).read_text()
+    assert report.startswith("### disjoint_mnist (disjoint_mnist)")
+    assert "oracle (bound)" in report
+    assert all(f"| {label} |" in report for label in LABELS[:-1])
+    assert "first5_mnist" in report and "last5_mnist" in report
+
+    # per-seed caches
+    for seed in SEEDS:
+        cached = read_rows(base / f"seed{seed}.jsonl")
+        assert [r["strategy"] for r in cached] == expected_order
+
+
+def test_tta_rows_are_deterministic(env, tmp_path):
+    strategies_ = "[{name: tta_voting, setting: gaussian_1},{name: tta_mean, setting: gaussian_1}]"
+    first = read_rows(merge.main(merge_cfg(env, tmp_path, "force=true", strategies=strategies_,
+                                           seeds=[1]))["outputs"]["jsonl"])
+    again = read_rows(merge.main(merge_cfg(env, tmp_path, "force=true", strategies=strategies_,
+                                           seeds=[1]))["outputs"]["jsonl"])
+    assert [without_times(r) for r in first] == [without_times(r) for r in again]
+    # a setting's noise does not depend on which rules ran before it
+    reordered = "[naive,{name: tta_mean, setting: gaussian_1},{name: tta_voting, setting: flips}]"
+    other = read_rows(merge.main(merge_cfg(env, tmp_path / "other", strategies=reordered,
+                                           seeds=[1]))["outputs"]["jsonl"])
+    label = "tta_mean(setting=gaussian_1)"
+    assert without_times(by_label(other, 1)[label]) == without_times(by_label(first, 1)[label])
+
+
+def test_rerun_reads_the_cache_and_computes_only_what_is_new(env, tmp_path, monkeypatch):
+    first = read_rows(merge.main(merge_cfg(env, tmp_path))["outputs"]["jsonl"])
+
+    def forbidden(*args, **kwargs):
+        raise Forbidden("the rerun should have read its rows from the cache")
+
+    # 1. the same config again: no expert is loaded or run, the rows are the stored ones
+    with monkeypatch.context() as patch:
+        patch.setattr(problems.Problem, "load_experts", forbidden)
+        patch.setattr(problems, "expert_logits", forbidden)
+        patch.setattr(merge, "expert_logits", forbidden)
+        again = read_rows(merge.main(merge_cfg(env, tmp_path))["outputs"]["jsonl"])
+    assert [{k: v for k, v in r.items() if k != "config"} for r in again] == \
+           [{k: v for k, v in r.items() if k != "config"} for r in first]  # time_s too: not recomputed
+
+    # 2. one more strategy: only it is computed, from one pass of the experts per seed
+    called, logit_runs = [], []
+    original_call, original_logits = strategies.StrategyCall.__call__, merge.expert_logits
+
+    def recording_call(self, inputs):
+        called.append(self.label)
+        return original_call(self, inputs)
+
+    def counting_logits(*args, **kwargs):
+        logit_runs.append(kwargs.get("augment", args[5] if len(args) > 5 else None))
+        return original_logits(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(strategies.StrategyCall, "__call__", recording_call)
+        patch.setattr(merge, "expert_logits", counting_logits)
+        more = STRATEGIES[:-1] + ",std_lower]"
+        extended = read_rows(merge.main(merge_cfg(env, tmp_path, strategies=more))["outputs"]["jsonl"])
+    assert called == ["std_lower"] * len(SEEDS)
+    assert logit_runs == [None] * len(SEEDS)
+    for seed in SEEDS:
+        old, new = by_label(first, seed), by_label(extended, seed)
+        assert list(new) == [f"expert:{t}" for t in TASKS] + LABELS[:-1] + ["std_lower", "oracle"]
+        for label in LABELS:
+            assert {k: v for k, v in new[label].items() if k != "config"} == \
+                   {k: v for k, v in old[label].items() if k != "config"}
+
+    # 3. another test subset is another fingerprint: the cache must not be used
+    with monkeypatch.context() as patch:
+        patch.setattr(problems.Problem, "load_experts", forbidden)
+        with pytest.raises(Forbidden):
+            merge.main(merge_cfg(env, tmp_path, "test_limit=5"))
+
+
+# ---------------------------------------------------------------- errors before any work
+
+def forbid_evaluation(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise Forbidden("no evaluation may start")
+
+    monkeypatch.setattr(problems.Problem, "load_experts", forbidden)
+    monkeypatch.setattr(merge, "expert_logits", forbidden)
+    monkeypatch.setattr(merge, "evaluate_seed", forbidden)
+
+
+def test_missing_checkpoints_name_the_command(env, tmp_path, monkeypatch):
+    forbid_evaluation(monkeypatch)
+    empty = tmp_path / "empty_ckpt"
+    with pytest.raises(CheckpointError) as err:
+        merge.main(merge_cfg(env, tmp_path / "results", f"ckpt_dir={empty}"))
+    message = str(err.value)
+    assert str(empty) in message
+    for task in TASKS:
+        assert f"python train_source_networks.py dataset={task} arch=lenet5 seeds=[1,2]" in message
+    assert not (tmp_path / "results").exists()
+
+    # only what is missing is named
+    partial = tmp_path / "partial_ckpt"
+    (partial / "experts").mkdir(parents=True)
+    for task, seed in (("first5_mnist", 1), ("first5_mnist", 2), ("last5_mnist", 1)):
+        source = train_source_networks.expert_path(env["ckpt"], task, "lenet5", seed)
+        shutil.copy(source, partial / "experts" / source.name)
+    with pytest.raises(CheckpointError) as err:
+        merge.main(merge_cfg(env, tmp_path / "results", f"ckpt_dir={partial}"))
+    message = str(err.value)
+    assert "python train_source_networks.py dataset=last5_mnist arch=lenet5 seeds=[2]" in message
+    assert "dataset=first5_mnist" not in message
+
+
+def test_unknown_problem_lists_choices(env, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        merge.main(merge_cfg(env, tmp_path, "problem=disjoint_mnst"))
+    message = str(err.value)
+    assert "disjoint_mnst" in message and "choices" in message
+    assert all(name in message for name in MergeConfig().problems)
+
+
+@pytest.mark.parametrize("bad", ["[naive,nave]", "[{name: tta_mean, setting: flip}]", "[naive,naive]"])
+def test_bad_strategies_fail_before_loading_data(tmp_path, monkeypatch, bad):
+    def forbidden(*args, **kwargs):
+        raise Forbidden("no data may be loaded")
+
+    monkeypatch.setattr(merge, "build_problem", forbidden)
+    cfg = parse_args(MergeConfig, [f"strategies={bad}", f"data_dir={tmp_path / 'does_not_exist'}",
+                                   f"ckpt_dir={tmp_path / 'ckpt'}", f"results_dir={tmp_path / 'results'}",
+                                   "device=cpu"])
+    with pytest.raises(ConfigError):
+        merge.main(cfg)
+    assert not (tmp_path / "results").exists()
+
+
+# ---------------------------------------------------------------- real data
+
+def test_real_data_small_slice(data_dir, tmp_path):
+    """first5/last5 experts trained for one epoch on 2,000 real images each, merged on 500 + 500 test images."""
+    ckpt, results = tmp_path / "ckpt", tmp_path / "results"
+    for task in TASKS:
+        train_source_networks.main(parse_args(TrainConfig, [
+            f"dataset={task}", "seeds=[0]", "epochs=1", "train_limit=2000", "test_limit=500",
+            "batch_size=128", "device=cpu", f"data_dir={data_dir}", f"ckpt_dir={ckpt}", f"results_dir={results}"]))
+    summary = merge.main(parse_args(MergeConfig, [
+        "problem=disjoint_mnist", "strategies=[naive]", "seeds=[0]", "test_limit=500", "device=cpu",
+        f"data_dir={data_dir}", f"ckpt_dir={ckpt}", f"results_dir={results}"]))
+    assert list(summary["acc"]) == ["naive", "oracle"]
+    rows = by_label(read_rows(summary["outputs"]["jsonl"]), 0)
+    assert rows["oracle"]["n"] == 1000
+    assert rows["oracle"]["routing_counts"] == {"first5_mnist": 500, "last5_mnist": 500}
+    for task in TASKS:
+        assert rows[f"expert:{task}"]["acc"] > 0.2  # above chance (5 classes) after one short epoch
+    assert rows["oracle"]["acc"] == pytest.approx(
+        (rows["expert:first5_mnist"]["acc"] + rows["expert:last5_mnist"]["acc"]) / 2, abs=1e-6)
+    assert rows["oracle"]["acc"] >= rows["naive"]["acc"]
+    assert rows["naive"]["acc"] > 0.1  # better than guessing among 10 classes
+
+
+# ---------------------------------------------------------------- known bugs (strict: they fail loudly once fixed)
+
+def test_a_name_with_a_dot_keeps_it(env, tmp_path):
+    summary = merge.main(merge_cfg(env, tmp_path, "name=lr0.01", strategies="[naive]", seeds=[1]))
+    assert summary["outputs"]["jsonl"].endswith("lr0.01.jsonl")
+    assert summary["outputs"]["csv"].endswith("lr0.01.csv")
+
+
+def test_an_expert_of_other_classes_is_refused(env, tmp_path):
+    with pytest.raises(CheckpointError):
+        merge.main(merge_cfg(env, tmp_path, "tasks.first5_mnist.classes=[4,3,2,1,0]", strategies="[naive]",
+                             seeds=[1]))
