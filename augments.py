@@ -31,14 +31,11 @@ def sharpen(x: Tensor, generator: torch.Generator, alpha: float = 0.5) -> Tensor
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"sharpen: alpha must be in [0, 1], got {alpha}")
-    channels = x.shape[1]
-    # (1-a)*I + a*E == I + a*(E - I): convolving only the difference term keeps alpha=0 exact,
-    # even where the convolution runs in reduced precision (TF32 on CUDA).
-    delta = torch.full((3, 3), -1.0, dtype=x.dtype, device=x.device)
-    delta[1, 1] = 8.0
-    weight = delta.expand(channels, 1, 3, 3).contiguous()
+    # (1-a)*I + a*E == I + a*(E - I), and E - I (8 in the centre, -1 around) is 9*x minus the 3x3 box
+    # sum: a box filter (avg_pool2d) is exact, keeps alpha=0 exact, and is several times faster on
+    # CPU than a depthwise convolution.
     padded = nnf.pad(x, (1, 1, 1, 1), mode="reflect")
-    detail = nnf.conv2d(padded, weight, groups=channels)
+    detail = 9.0 * (x - nnf.avg_pool2d(padded, kernel_size=3, stride=1))
     return (x + alpha * detail).clamp(0.0, 1.0)
 
 
@@ -58,12 +55,13 @@ def gaussian(x: Tensor, generator: torch.Generator, std: float = 1.0) -> Tensor:
 def poisson(x: Tensor, generator: torch.Generator, rate: float = 0.5) -> Tensor:
     """Add clamp(Poisson(rate), 0, 1) per pixel, without clamping the result (as the original).
 
-    Poisson samples are integers, so each pixel gets +1 with probability 1 - exp(-rate), else 0.
+    Poisson samples are integers, so each pixel gets +1 with probability 1 - exp(-rate), else 0;
+    drawing that Bernoulli directly is the same distribution and much cheaper than torch.poisson.
     """
     if rate < 0:
         raise ValueError(f"poisson: rate must be >= 0, got {rate}")
-    rates = torch.full_like(x, rate)
-    return x + torch.poisson(rates, generator=generator).clamp(0.0, 1.0)
+    uniform = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return x + (uniform < -math.expm1(-rate)).to(x.dtype)
 
 
 def hflip(x: Tensor, generator: torch.Generator) -> Tensor:

@@ -120,7 +120,7 @@ class MergeConfig:
     strategies: list[Any] = field(default_factory=lambda: list(LOGIT_RULES))  # names or {name: ..., param: ...}
     seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
     test_limit: int | None = None  # per expert's test subset, for smoke runs
-    batch_size: int = 4096  # evaluation batch
+    batch_size: int = 512  # evaluation batch (larger batches run slower on CPU: activations leave the cache)
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
     data_dir: str = field(default_factory=default_data_dir)

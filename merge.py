@@ -48,13 +48,14 @@ def fingerprint(problem: Problem, cfg: config.MergeConfig, seed: int) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def pass_runner(problem: Problem, models, formats, device, seed: int, batch_size: int):
-    """``run_passes(setting)``: the experts' logits on the original and each augmented copy.
+def pass_runner(problem: Problem, models, formats, logits: list[torch.Tensor], device, seed: int,
+                batch_size: int):
+    """``run_passes(setting)``: the experts' logits on the original (``logits``) and each augmented copy.
 
     Each setting draws from its own generator, so results do not depend on which rules run first."""
     def run_passes(setting: str) -> list[list[torch.Tensor]]:
         generator = make_generator(derive_seed(seed, problem.name, "tta", setting), device)
-        passes = [expert_logits(problem, models, formats, device, batch_size)]
+        passes = [logits]
         for name, params in TTA_SETTINGS[setting]:
             augment = lambda x, name=name, params=params: apply_augment(name, x, generator, **params)  # noqa: E731
             passes.append(expert_logits(problem, models, formats, device, batch_size, augment))
@@ -85,7 +86,7 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
                                   "acc": local_correct.float().mean().item()}
 
     inputs = MergeInputs(logits, problem.label_maps, domain.to(device),
-                         run_passes=pass_runner(problem, models, formats, device, seed, cfg.batch_size))
+                         run_passes=pass_runner(problem, models, formats, logits, device, seed, cfg.batch_size))
     pass_times: dict[str, float] = {}
     for call in calls:
         if call.label in cached:

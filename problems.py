@@ -70,7 +70,7 @@ class Problem:
             if trained != wanted:
                 raise CheckpointError(f"{path} holds an expert of {trained}, but the config defines {wanted}; "
                                       f"retrain it: {expert_command(task, arch, seed)} force=true")
-            models.append(model)
+            models.append(model.to(memory_format=torch.channels_last))
             formats.append(InputFormat.from_dict(ckpt["meta"]["input_format"]))
         return models, formats
 
@@ -106,7 +106,7 @@ def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data
 
 @torch.no_grad()
 def expert_logits(problem: Problem, models: list[nn.Module], formats: list[InputFormat],
-                  device: torch.device, batch_size: int = 4096, augment=None) -> list[torch.Tensor]:
+                  device: torch.device, batch_size: int = 512, augment=None) -> list[torch.Tensor]:
     """Every expert's logits on the combined test set, ``[N, K_k]`` each, in ``problem.labels`` order.
 
     ``augment(x01) -> x01`` (optional) is applied once per [0,1] batch before the batch is shown to
@@ -119,5 +119,7 @@ def expert_logits(problem: Problem, models: list[nn.Module], formats: list[Input
             if augment is not None:
                 x = augment(x)
             for k, (model, fmt) in enumerate(zip(models, formats)):
-                outputs[k].append(model(prepare_input(x, fmt)).float())
+                # channels-last runs LeNet's convolutions and pooling about a quarter faster on CPU
+                inputs = prepare_input(x, fmt).contiguous(memory_format=torch.channels_last)
+                outputs[k].append(model(inputs).float())
     return [torch.cat(chunks) for chunks in outputs]
