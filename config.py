@@ -157,6 +157,35 @@ class GanConfig:
     force: bool = False
 
 
+@dataclass
+class PanConfig:
+    """Gating networks (train_pan.py): per expert of `problem`, per seed, gate type and data regime.
+    Training defaults are the paper's (SGD lr 0.01, momentum 0.9, 10 epochs, batch 512)."""
+
+    problem: str = "disjoint_mnist"
+    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
+    gate_types: list[str] = field(default_factory=lambda: ["feature", "logits", "agnostic_logits",
+                                                           "agnostic_feature", "universal"])
+    regimes: list[str] = field(default_factory=lambda: ["real", "synthetic", "noise"])
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 512
+    balance_classes: bool = True  # weight the loss so in- and out-of-domain count alike
+    synthetic_samples: int = 12000  # images drawn from each expert's generator
+    noise_samples: int = 12000  # uniform-noise images (negatives of the data-free regimes)
+    train_limit: int | None = None  # `real` regime: first N training images of each expert's task
+    test_limit: int | None = None
+    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
+    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
+    data_dir: str = field(default_factory=default_data_dir)
+    ckpt_dir: str = "checkpoints"
+    results_dir: str = "results"
+    device: str = "auto"
+    deterministic: bool = False
+    force: bool = False
+
+
 C = TypeVar("C")
 
 

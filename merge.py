@@ -19,9 +19,10 @@ import torch
 
 import config
 from augments import TTA_SETTINGS, apply_augment
-from common import (CheckpointError, atomic_write_text, cli, derive_seed, make_generator, mean_std,
+from common import (CheckpointError, atomic_write_text, cli, derive_seed, load_model, make_generator, mean_std,
                     print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
-from problems import Problem, build_problem, expert_logits
+from gating import gate_command, gate_inputs, gate_path, in_domain_probability
+from problems import Problem, build_problem, expert_activations, expert_logits
 from report import merge_report
 from strategies import Decision, MergeInputs, StrategyCall, parse_strategies
 
@@ -63,10 +64,39 @@ def pass_runner(problem: Problem, models, formats, logits: list[torch.Tensor], d
     return run_passes
 
 
+def gate_files(cfg: config.MergeConfig, problem: Problem, call: StrategyCall, seed: int) -> list[Path]:
+    """The gate checkpoints a gating strategy reads for ``seed`` (none for other strategies)."""
+    if call.param("regime") is None:
+        return []
+    source = call.param("gates_from") or problem.name
+    return list(dict.fromkeys(gate_path(cfg.ckpt_dir, source, call.param("regime"), call.param("gate"), t, a, seed)
+                              for t, a in zip(problem.tasks, problem.archs)))
+
+
+def gate_runner(cfg: config.MergeConfig, problem: Problem, activations, seed: int, device: torch.device):
+    """``run_gates(gate, regime, gates_from)``: every expert's gate probability on the test set."""
+    def run_gates(gate_type: str, regime: str, gates_from: str) -> torch.Tensor:
+        source = gates_from or problem.name
+        columns = []
+        for (task, arch), (logits, features) in zip(zip(problem.tasks, problem.archs), activations):
+            path = gate_path(cfg.ckpt_dir, source, regime, gate_type, task, arch, seed)
+            gate = load_model(path, hint=gate_command(source, regime, gate_type, seed), device=device)[0]
+            columns.append(in_domain_probability(gate, gate_inputs(gate_type, logits, features)))
+        return torch.stack(columns, dim=1)
+    return run_gates
+
+
+def inputs_key(paths: list[Path]) -> list:
+    """Identifies the gate files a row was computed from, so retrained gates invalidate it."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.exists()]
+
+
 def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[StrategyCall], seed: int,
                   device: torch.device, cache_path: Path) -> list[dict]:
     key = fingerprint(problem, cfg, seed)
-    cached = {} if cfg.force else {r["strategy"]: r for r in read_rows(cache_path) if r["fingerprint"] == key}
+    gate_keys = {c.label: inputs_key(gate_files(cfg, problem, c, seed)) for c in calls}
+    cached = {} if cfg.force else {r["strategy"]: r for r in read_rows(cache_path) if r["fingerprint"] == key
+                                   and r.get("gates", []) == gate_keys.get(r["strategy"], [])}
     wanted = [f"expert:{t}" for t in problem.tasks] + [c.label for c in calls]
     if all(label in cached for label in wanted):
         return [cached[label] for label in wanted]
@@ -74,7 +104,8 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
     models, formats = problem.load_experts(cfg.ckpt_dir, seed, device)
     labels, domain = problem.labels, problem.domain
     start = time.perf_counter()
-    logits = expert_logits(problem, models, formats, device, cfg.batch_size)
+    activations = expert_activations(problem, models, formats, device, cfg.batch_size)
+    logits = [lo for lo, _ in activations]
     logits_time = time.perf_counter() - start
     base = {"problem": cfg.problem, "name": cfg.name or cfg.problem, "seed": seed, "fingerprint": key,
             "device": str(device), "n": len(labels)}
@@ -86,7 +117,8 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
                                   "acc": local_correct.float().mean().item()}
 
     inputs = MergeInputs(logits, problem.label_maps, domain.to(device),
-                         run_passes=pass_runner(problem, models, formats, logits, device, seed, cfg.batch_size))
+                         run_passes=pass_runner(problem, models, formats, logits, device, seed, cfg.batch_size),
+                         run_gates=gate_runner(cfg, problem, activations, seed, device))
     pass_times: dict[str, float] = {}
     for call in calls:
         if call.label in cached:
@@ -103,7 +135,8 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
             torch.cuda.synchronize()
         rule_time = time.perf_counter() - start
         rows[call.label] = {**base, "kind": "strategy", "strategy": call.label, "rule": call.name,
-                            "params": call.params, **score(decision, problem, labels, domain),
+                            "params": call.params, "gates": gate_keys[call.label],
+                            **score(decision, problem, labels, domain),
                             "time_s": rule_time,
                             "expert_time_s": logits_time + pass_times.get(setting, 0.0)}
     result = [rows[label] for label in wanted]
@@ -122,9 +155,11 @@ def main(cfg: config.MergeConfig) -> dict:
     device = resolve_device(cfg.device)
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)
     missing = problem.missing_experts(cfg.ckpt_dir, cfg.seeds)
+    missing += [gate_command(c.param("gates_from") or cfg.problem, c.param("regime"), c.param("gate"), seed)
+                for seed in cfg.seeds for c in calls for p in gate_files(cfg, problem, c, seed) if not p.exists()]
     if missing:
-        raise CheckpointError("expert checkpoints are missing under "
-                              f"{cfg.ckpt_dir}; create them with:\n  " + "\n  ".join(missing))
+        raise CheckpointError("checkpoints are missing under "
+                              f"{cfg.ckpt_dir}; create them with:\n  " + "\n  ".join(dict.fromkeys(missing)))
     name = cfg.name or cfg.problem
     out = Path(cfg.results_dir) / "merge"
     rows = []

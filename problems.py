@@ -112,14 +112,37 @@ def expert_logits(problem: Problem, models: list[nn.Module], formats: list[Input
     ``augment(x01) -> x01`` (optional) is applied once per [0,1] batch before the batch is shown to
     the experts, so all experts see the same augmented image in their own input format.
     """
-    outputs: list[list[torch.Tensor]] = [[] for _ in models]
-    for domain in problem.domains:
-        for start in range(0, len(domain.images), batch_size):
-            x = to_unit(domain.images[start:start + batch_size], device)
-            if augment is not None:
-                x = augment(x)
-            for k, (model, fmt) in enumerate(zip(models, formats)):
-                # channels-last runs LeNet's convolutions and pooling about a quarter faster on CPU
-                inputs = prepare_input(x, fmt).contiguous(memory_format=torch.channels_last)
-                outputs[k].append(model(inputs).float())
-    return [torch.cat(chunks) for chunks in outputs]
+    batches = (to_unit(d.images[i:i + batch_size], device) for d in problem.domains
+               for i in range(0, len(d.images), batch_size))
+    if augment is not None:
+        batches = (augment(x) for x in batches)
+    return [logits for logits, _ in run_experts(models, formats, batches)]
+
+
+@torch.no_grad()
+def expert_activations(problem: Problem, models: list[nn.Module], formats: list[InputFormat],
+                       device: torch.device, batch_size: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every expert's ``(logits, features)`` on the combined test set."""
+    batches = (to_unit(d.images[i:i + batch_size], device) for d in problem.domains
+               for i in range(0, len(d.images), batch_size))
+    return run_experts(models, formats, batches, features=True)
+
+
+@torch.no_grad()
+def run_experts(models: list[nn.Module], formats: list[InputFormat], batches,
+                features: bool = False) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Show each [0,1] batch (any channel count) to every expert in its own input format;
+    returns per expert ``(logits, features or None)`` over all batches."""
+    logits: list[list[torch.Tensor]] = [[] for _ in models]
+    feats: list[list[torch.Tensor]] = [[] for _ in models]
+    for x in batches:
+        for k, (model, fmt) in enumerate(zip(models, formats)):
+            # channels-last runs LeNet's convolutions about a quarter faster on CPU
+            inputs = prepare_input(x, fmt).contiguous(memory_format=torch.channels_last)
+            if features:
+                out, feat = model(inputs, return_features=True)
+                feats[k].append(feat.float())
+            else:
+                out = model(inputs)
+            logits[k].append(out.float())
+    return [(torch.cat(lo), torch.cat(fe) if features else None) for lo, fe in zip(logits, feats)]

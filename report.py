@@ -1,12 +1,12 @@
 """Markdown tables from result rows: mean +- std over seeds, with the experts and the oracle beside.
 
-    python report.py results/merge/disjoint_mnist.jsonl [more.jsonl ...]
+    python report.py [--out tables.md] results/merge/disjoint_mnist.jsonl [more.jsonl ...]
 """
 from __future__ import annotations
 
 import sys
 
-from common import mean_std, read_rows
+from common import atomic_write_text, mean_std, read_rows
 
 
 def pct(values: list[float]) -> str:
@@ -41,11 +41,31 @@ def merge_report(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def experts_report(rows: list[dict]) -> str:
+    """One line per (task, arch): test accuracy on the task's own test set, mean ± std over seeds."""
+    lines = ["| task | arch | seeds | test accuracy (%) | device |", "|---|---|---|---|---|"]
+    for task, arch in dict.fromkeys((r["task"], r["arch"]) for r in rows):
+        group = [r for r in rows if (r["task"], r["arch"]) == (task, arch)]
+        devices = ", ".join(sorted({r["device"] for r in group}))
+        lines.append(f"| {task} | {arch} | {len(group)} | {pct([r['test_acc'] for r in group])} | {devices} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(paths: list[str]) -> str:
-    text = "\n".join(merge_report(read_rows(p), title=p) for p in paths)
+    """Markdown for result files: merge rows become strategy tables, expert rows one expert table."""
+    merge_files = [p for p in paths if any("kind" in r for r in read_rows(p))]
+    expert_rows = [r for p in paths if p not in merge_files for r in read_rows(p)]
+    parts = [merge_report(read_rows(p), title=p) for p in merge_files]
+    if expert_rows:
+        parts.insert(0, experts_report(expert_rows))
+    text = "\n".join(parts)
     print(text)
     return text
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    if args[:1] == ["--out"]:
+        atomic_write_text(args[1], main(args[2:]) + "\n")
+    else:
+        main(args)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from augments import TTA_SETTINGS
 from config import ConfigError, coerce
+from gating import GATE_TYPES, REGIMES
 
 
 @dataclass
@@ -37,7 +38,9 @@ class MergeInputs:
     label_maps: list[Tensor]  # expert k's local class j -> global id
     domain: Tensor | None = None  # true expert of each sample: only the oracle may read it
     run_passes: Callable[[str], list[list[Tensor]]] | None = None
+    run_gates: Callable[[str, str, str], Tensor] | None = None
     _passes: dict[str, list[list[Tensor]]] = field(default_factory=dict, repr=False)
+    _gates: dict[tuple[str, str, str], Tensor] = field(default_factory=dict, repr=False)
 
     def passes(self, setting: str) -> list[list[Tensor]]:
         """Logits per pass (pass 0 = the original images) per expert, for a TTA setting."""
@@ -46,6 +49,15 @@ class MergeInputs:
         if setting not in self._passes:
             self._passes[setting] = self.run_passes(setting)
         return self._passes[setting]
+
+    def gates(self, gate: str, regime: str, gates_from: str = "") -> Tensor:
+        """``[N, experts]``: each expert's gate's probability that the sample is its own (cached)."""
+        if self.run_gates is None:
+            raise RuntimeError("this evaluation has no gating networks")
+        key = (gate, regime, gates_from)
+        if key not in self._gates:
+            self._gates[key] = self.run_gates(*key)
+        return self._gates[key]
 
 
 @dataclass(frozen=True)
@@ -268,3 +280,38 @@ def tta_voting(inputs: MergeInputs, *, setting: Setting = "gaussian_1") -> Decis
     is_top = counts.gather(1, votes) == counts.max(dim=1, keepdim=True).values
     first = is_top.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximal index
     return Decision(votes.gather(1, first).squeeze(1), experts.gather(1, first).squeeze(1))
+
+
+# ---------------------------------------------------------------- gating networks
+
+GateType = Literal[GATE_TYPES]  # type: ignore[valid-type]
+Regime = Literal[REGIMES]  # type: ignore[valid-type]
+
+
+@register("gate_hard")
+def gate_hard(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
+              gates_from: str = "") -> Decision:
+    """The paper's rule: if exactly one gate says yes (p > 0.5), trust its expert; otherwise naive.
+    ``gates_from`` names the problem whose gates to use (empty: the problem evaluated)."""
+    says_yes = inputs.gates(gate, regime, gates_from) > 0.5
+    single = (says_yes.sum(dim=1) == 1).cpu()
+    routed = choose(inputs, says_yes.int().argmax(dim=1))
+    fallback = naive(inputs)
+    return Decision(torch.where(single, routed.pred, fallback.pred),
+                    torch.where(single, routed.expert, fallback.expert), fallback=~single)
+
+
+@register("gate_confident")
+def gate_confident(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
+                   gates_from: str = "") -> Decision:
+    """Trust the expert whose gate is most confident that the sample is its own."""
+    return choose(inputs, inputs.gates(gate, regime, gates_from).argmax(dim=1))
+
+
+@register("gate_soft")
+def gate_soft(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
+              gates_from: str = "") -> Decision:
+    """Mixture: each expert's softmax weighted by its gate's probability, argmax over all classes."""
+    weights = inputs.gates(gate, regime, gates_from)
+    mixture = torch.cat([weights[:, k:k + 1] * o.softmax(dim=1) for k, o in enumerate(inputs.logits)], dim=1)
+    return concat_argmax(mixture, inputs.label_maps)

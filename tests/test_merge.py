@@ -176,29 +176,31 @@ def test_rerun_reads_the_cache_and_computes_only_what_is_new(env, tmp_path, monk
         patch.setattr(problems.Problem, "load_experts", forbidden)
         patch.setattr(problems, "expert_logits", forbidden)
         patch.setattr(merge, "expert_logits", forbidden)
+        patch.setattr(merge, "expert_activations", forbidden)
         again = read_rows(merge.main(merge_cfg(env, tmp_path))["outputs"]["jsonl"])
     assert [{k: v for k, v in r.items() if k != "config"} for r in again] == \
            [{k: v for k, v in r.items() if k != "config"} for r in first]  # time_s too: not recomputed
 
     # 2. one more strategy: only it is computed, from one pass of the experts per seed
-    called, logit_runs = [], []
-    original_call, original_logits = strategies.StrategyCall.__call__, merge.expert_logits
+    called, activation_runs = [], []
+    original_call, original_activations = strategies.StrategyCall.__call__, merge.expert_activations
 
     def recording_call(self, inputs):
         called.append(self.label)
         return original_call(self, inputs)
 
-    def counting_logits(*args, **kwargs):
-        logit_runs.append(kwargs.get("augment", args[5] if len(args) > 5 else None))
-        return original_logits(*args, **kwargs)
+    def counting_activations(*args, **kwargs):
+        activation_runs.append(1)
+        return original_activations(*args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(strategies.StrategyCall, "__call__", recording_call)
-        patch.setattr(merge, "expert_logits", counting_logits)
+        patch.setattr(merge, "expert_activations", counting_activations)
+        patch.setattr(merge, "expert_logits", forbidden)  # no augmented pass is needed
         more = STRATEGIES[:-1] + ",std_lower]"
         extended = read_rows(merge.main(merge_cfg(env, tmp_path, strategies=more))["outputs"]["jsonl"])
     assert called == ["std_lower"] * len(SEEDS)
-    assert logit_runs == [None] * len(SEEDS)
+    assert activation_runs == [1] * len(SEEDS)
     for seed in SEEDS:
         old, new = by_label(first, seed), by_label(extended, seed)
         assert list(new) == [f"expert:{t}" for t in TASKS] + LABELS[:-1] + ["std_lower", "oracle"]
@@ -221,6 +223,7 @@ def forbid_evaluation(monkeypatch):
 
     monkeypatch.setattr(problems.Problem, "load_experts", forbidden)
     monkeypatch.setattr(merge, "expert_logits", forbidden)
+    monkeypatch.setattr(merge, "expert_activations", forbidden)
     monkeypatch.setattr(merge, "evaluate_seed", forbidden)
 
 

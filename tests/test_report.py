@@ -87,3 +87,16 @@ def test_report_main_on_jsonl_files(tmp_path, capsys):
     one = merge_report(read_rows(other), title=other)
     assert both == text + "\n" + one
     assert "1 seed(s)" in one and "| naive | 90.00 ± 0.00 | 95.00 ± 0.00 | 85.00 ± 0.00 |" in one
+
+
+def test_experts_report_golden(tmp_path):
+    rows = [{"task": "mnist", "arch": "lenet5", "seed": s, "test_acc": a, "device": "cpu"}
+            for s, a in ((1, 0.98), (2, 0.99))]
+    rows.append({"task": "cifar10", "arch": "lenet5", "seed": 1, "test_acc": 0.6, "device": "cuda"})
+    assert report.experts_report(rows) == (
+        "| task | arch | seeds | test accuracy (%) | device |\n"
+        "|---|---|---|---|---|\n"
+        "| mnist | lenet5 | 2 | 98.50 ± 0.71 | cpu |\n"
+        "| cifar10 | lenet5 | 1 | 60.00 ± 0.00 | cuda |\n")
+    path = write_rows(tmp_path / "experts", rows)["jsonl"]
+    assert report.main([path]).startswith("| task | arch |")

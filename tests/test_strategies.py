@@ -34,11 +34,15 @@ def random_inputs(sizes=(3, 4), n=50, seed=0, num_passes=3, device="cpu") -> Mer
     logits = [(3 * torch.randn(n, k, generator=g)).to(device) for k in sizes]
     domain = torch.randint(0, len(sizes), (n,), generator=g).to(device)
     noise = [[torch.randn(n, k, generator=g).to(device) for k in sizes] for _ in range(num_passes - 1)]
+    gate_probs = torch.rand(n, len(sizes), generator=g).to(device)
 
     def run_passes(setting):
         return [logits] + [[o + e for o, e in zip(logits, eps)] for eps in noise]
 
-    return MergeInputs(logits, consecutive_maps(sizes), domain, run_passes=run_passes)
+    def run_gates(gate, regime, gates_from):
+        return gate_probs
+
+    return MergeInputs(logits, consecutive_maps(sizes), domain, run_passes=run_passes, run_gates=run_gates)
 
 
 def split_rows(rows, sizes) -> list[torch.Tensor]:
@@ -457,3 +461,51 @@ def test_register_adds_a_rule_that_parse_and_call_accept(monkeypatch):
     decision = call(random_inputs((3, 4), n=5))
     assert decision.expert.tolist() == [1] * 5
     assert all(3 <= p <= 6 for p in decision.pred.tolist())
+
+
+# ---------------------------------------------------------------- gating rules on hand-made gate outputs
+
+def gated_inputs(gate_rows) -> MergeInputs:
+    """Two experts (2 and 3 classes) with fixed logits and the given gate probabilities [N, 2]."""
+    e0 = [[5.0, 0.0]] * len(gate_rows)  # naive always picks expert 0's class 0 (global 0)
+    e1 = [[0.0, 1.0, 0.0]] * len(gate_rows)  # expert 1 would say its class 1 (global 3)
+    inputs = hand_inputs(e0, e1)
+    probs = torch.tensor(gate_rows)
+    inputs.run_gates = lambda gate, regime, gates_from: probs
+    return inputs
+
+
+def test_gate_hard_routes_when_exactly_one_gate_says_yes():
+    inputs = gated_inputs([[0.2, 0.9], [0.9, 0.2], [0.9, 0.8], [0.1, 0.3]])
+    decision = run("gate_hard", inputs)
+    assert_decision(decision, [3, 0, 0, 0], [1, 0, 0, 0])  # rows 3 and 4 fall back to naive
+    assert decision.fallback.tolist() == [False, False, True, True]
+
+
+def test_gate_confident_picks_the_most_confident_gate():
+    inputs = gated_inputs([[0.2, 0.9], [0.9, 0.2], [0.9, 0.95], [0.1, 0.3]])
+    assert_decision(run("gate_confident", inputs), [3, 0, 3, 3], [1, 0, 1, 1])
+
+
+def test_gate_soft_weights_each_softmax_by_its_gate():
+    inputs = gated_inputs([[0.5, 0.5], [0.01, 0.99]])
+    # row 1: 0.5*softmax([5,0])[0] = 0.497 beats 0.5*softmax([0,1,0])[1] = 0.288; row 2: expert 1 wins
+    assert_decision(run("gate_soft", inputs), [0, 3], [0, 1])
+
+
+def test_gates_are_computed_once_per_gate_and_regime():
+    calls = []
+    inputs = gated_inputs([[0.2, 0.9]])
+    probs = inputs.run_gates(None, None, None)
+    inputs.run_gates = lambda *key: calls.append(key) or probs
+    for name in ("gate_hard", "gate_confident", "gate_soft"):
+        run(name, inputs, gate="logits", regime="real")
+    run("gate_hard", inputs, gate="logits", regime="synthetic")
+    assert calls == [("logits", "real", ""), ("logits", "synthetic", "")]
+
+
+def test_gate_parameters_are_checked():
+    with pytest.raises(ConfigError, match="synthetic"):
+        parse_strategies([{"name": "gate_hard", "regime": "fake"}])
+    with pytest.raises(ConfigError, match="universal"):
+        parse_strategies([{"name": "gate_soft", "gate": "features"}])

@@ -1,0 +1,72 @@
+"""What a gate reads, and where gates live: the inputs of each gate type and the gate checkpoints.
+
+Gate types (DESIGN.md section 4): ``feature`` (the expert's feature vector), ``logits``,
+``agnostic_logits`` and ``agnostic_feature`` (mean, std and max of those vectors), and
+``universal``: statistics of the softmax that do not depend on the expert's architecture, width or
+number of classes, so one gate can serve any expert.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+GATE_TYPES = ("feature", "logits", "agnostic_logits", "agnostic_feature", "universal")
+REGIMES = ("real", "synthetic", "noise")
+UNIVERSAL_STATS = ("max_prob", "entropy_over_log_k", "top2_margin")
+
+
+def vector_stats(v: torch.Tensor) -> torch.Tensor:
+    """Mean, std and max of each row: a 3-number summary of any vector."""
+    return torch.stack([v.mean(dim=1), v.std(dim=1), v.max(dim=1).values], dim=1)
+
+
+def softmax_stats(logits: torch.Tensor) -> torch.Tensor:
+    """Max probability, entropy / log K and the top-1 minus top-2 probability: in [0, 1] for any K."""
+    probs = logits.softmax(dim=1)
+    top2 = probs.topk(2, dim=1).values
+    entropy = -(probs * logits.log_softmax(dim=1)).sum(dim=1) / math.log(probs.shape[1])
+    return torch.stack([top2[:, 0], entropy, top2[:, 0] - top2[:, 1]], dim=1)
+
+
+def gate_inputs(gate_type: str, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The vector a gate of ``gate_type`` reads from one expert's logits and features."""
+    if gate_type == "feature":
+        return features
+    if gate_type == "logits":
+        return logits
+    if gate_type == "agnostic_logits":
+        return vector_stats(logits)
+    if gate_type == "agnostic_feature":
+        return vector_stats(features)
+    if gate_type == "universal":
+        return softmax_stats(logits)
+    raise ValueError(f"unknown gate type {gate_type!r}; choices: {', '.join(GATE_TYPES)}")
+
+
+def gate_arch(gate_type: str, in_features: int) -> tuple[str, dict]:
+    """PAN for the full vectors, AgnosticPAN for the few statistics."""
+    if gate_type in ("feature", "logits"):
+        return "pan", {"in_features": in_features}
+    return "agnostic_pan", {"in_features": in_features}
+
+
+def gate_path(ckpt_dir: str | Path, problem: str, regime: str, gate_type: str, task: str, arch: str,
+              seed: int) -> Path:
+    """Per-expert gates are trained within a problem (their negatives are its other experts); the
+    universal gate is one per problem, regime and seed, shared by all experts."""
+    name = f"seed{seed}.pt" if gate_type == "universal" else f"{task}_{arch}_seed{seed}.pt"
+    return Path(ckpt_dir) / "gates" / problem / regime / gate_type / name
+
+
+def gate_command(problem: str, regime: str, gate_type: str, seed: int) -> str:
+    return f"python train_pan.py problem={problem} regimes=[{regime}] gate_types=[{gate_type}] seeds=[{seed}]"
+
+
+@torch.no_grad()
+def in_domain_probability(gate: nn.Module, inputs: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    """The gate's probability that each input belongs to its expert (class 1 of its two outputs)."""
+    return torch.cat([gate(inputs[i:i + batch_size]).softmax(dim=1)[:, 1]
+                      for i in range(0, len(inputs), batch_size)])
