@@ -172,6 +172,7 @@ class PanConfig:
     momentum: float = 0.9
     batch_size: int = 512
     balance_classes: bool = True  # weight the loss so in- and out-of-domain count alike
+    standardise_inputs: bool = True  # z-score gate inputs with their training mean and std
     synthetic_samples: int = 12000  # images drawn from each expert's generator
     noise_samples: int = 12000  # uniform-noise images (negatives of the data-free regimes)
     train_limit: int | None = None  # `real` regime: first N training images of each expert's task

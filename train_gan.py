@@ -112,6 +112,14 @@ def png_grid(images: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def other_seed_expert(ckpt_dir: str | Path, task: str, arch: str, seed: int) -> Path | None:
+    """An expert of the same task and arch but another seed, to check that samples carry the class
+    this expert gives them rather than exploiting its particular weights (evaluation only)."""
+    mine = expert_path(ckpt_dir, task, arch, seed)
+    others = sorted(p for p in mine.parent.glob(f"{task}_{arch}_seed*.pt") if p != mine)
+    return others[0] if others else None
+
+
 def settings_of(cfg: config.GanConfig, expert_row: dict) -> dict:
     keys = ("epochs", "iters_per_epoch", "batch_size", "lr", "latent_dim", "width", "oh_weight",
             "ie_weight", "a_weight", "eval_samples")
@@ -132,13 +140,13 @@ def train_one(cfg: config.GanConfig, task: str, arch: str, seed: int, device: to
     generator, log = train_generator(expert, fmt, cfg, seed, device, desc=f"{task} seed {seed}")
     train_time = time.perf_counter() - start
     images = sample_images(generator, fmt, cfg.eval_samples, derive_seed(seed, task, "fixed noise"), device)
-    other_seeds = [s for s in cfg.seeds if s != seed and expert_path(cfg.ckpt_dir, task, arch, s).exists()]
-    other = load_model(expert_path(cfg.ckpt_dir, task, arch, other_seeds[0]), device=device)[0] if other_seeds else None
+    other_path = other_seed_expert(cfg.ckpt_dir, task, arch, seed)
+    other = load_model(other_path, device=device)[0] if other_path else None
     quality = sample_quality(expert, fmt, images, other)
     grid = Path(cfg.results_dir) / "gan" / f"{task}_{arch}_seed{seed}.png"
     atomic_write_bytes(grid, png_grid(images[:GRID_SAMPLES]))
     row = {"task": task, "arch": arch, "seed": seed, "expert_checkpoint": str(expert_path(cfg.ckpt_dir, task, arch, seed)),
-           **quality, "other_seed": other_seeds[0] if other_seeds else None, "final_loss": log[-1] if log else None,
+           **quality, "other_expert": str(other_path) if other_path else None, "final_loss": log[-1] if log else None,
            "train_time_s": train_time, "device": str(device), "grid": str(grid), "checkpoint": str(path),
            "resumed": False}
     meta = {"task": task, "expert_arch": arch, "input_format": fmt.as_dict(), "settings": settings,

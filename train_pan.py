@@ -106,7 +106,7 @@ def membership(gate, gate_type: str, test_acts, domain: torch.Tensor, k: int) ->
 
 
 def settings_of(cfg: config.PanConfig, regime: str, gate_type: str, upstream: list[dict]) -> dict:
-    keys = ("epochs", "lr", "momentum", "batch_size", "balance_classes")
+    keys = ("epochs", "lr", "momentum", "batch_size", "balance_classes", "standardise_inputs")
     data_keys = ("train_limit",) if regime == "real" else ("synthetic_samples", "noise_samples")
     return {**{k: getattr(cfg, k) for k in keys + data_keys}, "regime": regime, "gate_type": gate_type,
             "upstream": upstream}
@@ -117,6 +117,8 @@ def train_gate(cfg: config.PanConfig, gate_type: str, inputs: torch.Tensor, targ
     arch, kwargs = gate_arch(gate_type, inputs.shape[1])
     seed_everything(seed, cfg.deterministic)
     gate = build_model(arch, **kwargs).to(inputs.device)
+    if cfg.standardise_inputs:
+        gate.fit_standardisation(inputs)
     counts = torch.bincount(targets, minlength=2).float().clamp(min=1)
     weight = (counts.sum() / (2 * counts)) if cfg.balance_classes else None
     losses = train_classifier(gate, inputs, targets, epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,

@@ -1,29 +1,44 @@
-"""Gating networks (PANs): binary classifiers reading one expert's activations (DESIGN.md section 4)."""
+"""Gating networks (PANs): binary classifiers reading one expert's activations (DESIGN.md section 4).
+
+Both keep the per-dimension mean and std of their training inputs as buffers and standardise with
+them: raw feature vectors span very different scales across experts and dimensions, and plain SGD
+at the paper's learning rate trains slowly on unscaled inputs. Defaults (0 and 1) leave inputs as
+they are.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
 
-class PAN(nn.Module):
+class _Standardised(nn.Module):
+    def __init__(self, in_features: int, net: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("input_mean", torch.zeros(in_features))
+        self.register_buffer("input_std", torch.ones(in_features))
+        self.net = net
+
+    def fit_standardisation(self, inputs: torch.Tensor) -> None:
+        """Set the buffers from the training inputs (std floored so constant dimensions stay finite)."""
+        self.input_mean.copy_(inputs.mean(dim=0))
+        self.input_std.copy_(inputs.std(dim=0).clamp(min=1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.input_mean) / self.input_std)
+
+
+class PAN(_Standardised):
     """Pattern attribution network: Linear(in, 80) ReLU Linear(80, 60) ReLU Linear(60, 2)."""
 
     def __init__(self, in_features: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_features, 80), nn.ReLU(), nn.Linear(80, 60), nn.ReLU(),
-                                 nn.Linear(60, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        super().__init__(in_features, nn.Sequential(
+            nn.Linear(in_features, 80), nn.ReLU(), nn.Linear(80, 60), nn.ReLU(), nn.Linear(60, 2)))
 
 
-class AgnosticPAN(nn.Module):
+class AgnosticPAN(_Standardised):
     """A PAN over a few architecture-free statistics: Linear(in, 80) ReLU 50 ReLU 20 ReLU Linear(20, 2)."""
 
     def __init__(self, in_features: int = 3) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_features, 80), nn.ReLU(), nn.Linear(80, 50), nn.ReLU(),
-                                 nn.Linear(50, 20), nn.ReLU(), nn.Linear(20, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        super().__init__(in_features, nn.Sequential(
+            nn.Linear(in_features, 80), nn.ReLU(), nn.Linear(80, 50), nn.ReLU(),
+            nn.Linear(50, 20), nn.ReLU(), nn.Linear(20, 2)))
