@@ -77,7 +77,7 @@ class StrategyCall:
 
     @property
     def label(self) -> str:
-        args = ",".join(f"{k}={v}" for k, v in self.params.items())
+        args = ",".join(f"{k}={v}" for k, v in self.params.items() if v != "")  # "" means "not set"
         return f"{self.name}({args})" if args else self.name
 
     def param(self, key: str) -> Any:
