@@ -146,8 +146,10 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int
     for gate_type, experts, path in jobs:
         settings = settings_of(cfg, regime, gate_type, upstream)
         stored = reuse_checkpoint(path, settings, cfg.force)
-        if stored is not None:
-            rows += [{**r, "resumed": True} for r in stored]
+        if stored is not None:  # membership is re-measured: the test subset may differ from the stored one
+            gate = load_model(path, device=device)[0]
+            rows += [{**r, **membership(gate, gate_type, test_acts, problem.domain, problem.tasks.index(r["expert"])),
+                      "resumed": True} for r in stored]
             continue
         if acts is None:
             sets = real_sets(cfg, problem) if regime == "real" else generated_sets(cfg, problem, seed, device)

@@ -19,9 +19,17 @@ class _Standardised(nn.Module):
         self.net = net
 
     def fit_standardisation(self, inputs: torch.Tensor) -> None:
-        """Set the buffers from the training inputs (std floored so constant dimensions stay finite)."""
+        """Set the buffers from the training inputs.
+
+        A unit silent in training (a ReLU feature that never fired on generated images) has std 0;
+        dividing by a tiny std would let that one unit decide the gate wherever it fires at test
+        time, so every std is floored at a tenth of the mean std across dimensions.
+        """
+        std = inputs.std(dim=0)
+        scale = std.mean()
+        floor = 0.1 * scale if scale > 0 else torch.ones((), device=std.device)
         self.input_mean.copy_(inputs.mean(dim=0))
-        self.input_std.copy_(inputs.std(dim=0).clamp(min=1e-6))
+        self.input_std.copy_(std.clamp(min=floor))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.input_mean) / self.input_std)

@@ -1,0 +1,440 @@
+"""train_pan.py end to end on tiny experts and generators (fake data root), and merge.py's gate rules on them.
+
+DESIGN.md section 4: "Gating networks", "The data question" (regimes real, synthetic, noise; the
+data-free ones read no real training image) and "Universal gate" (one gate per problem, regime and seed).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import data
+import merge
+import problems
+import train_gan
+import train_pan
+from common import CheckpointError, load_model, read_rows
+from config import ConfigError, MergeConfig, PanConfig, parse_args
+from gating import GATE_TYPES, REGIMES, gate_inputs, gate_path
+from strategies import parse_strategies
+from test_gan import ARCH, SEEDS, TASKS, Forbidden, copy_experts, gan_cfg, mtimes, train_experts
+
+SYNTHETIC = 64  # synthetic_samples: images drawn from each expert's generator
+NOISE = 48  # noise_samples
+TRAIN_LIMIT = 60  # real regime: first 60 training images of each task
+TEST_LIMIT = 32  # 32 test digits of 0-4 and all 30 of 5-9: the two domains differ in size
+PAN_PROFILE = ["epochs=2", f"synthetic_samples={SYNTHETIC}", f"noise_samples={NOISE}",
+               f"train_limit={TRAIN_LIMIT}", f"test_limit={TEST_LIMIT}"]
+E = len(TASKS)
+CPU = torch.device("cpu")
+GATE_STRATEGIES = ("[{name: gate_hard, gate: feature, regime: synthetic},"
+                   "{name: gate_confident, gate: logits, regime: noise},"
+                   "{name: gate_soft, gate: agnostic_logits, regime: synthetic},"
+                   "{name: gate_hard, gate: universal, regime: synthetic, gates_from: disjoint_mnist}]")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def listed(values) -> str:
+    return "[" + ",".join(map(str, values)) + "]"
+
+
+def pan_cfg(env, ckpt: Path, results: Path, *extra: str, seeds=SEEDS, regimes=REGIMES,
+            gate_types=GATE_TYPES) -> PanConfig:
+    return parse_args(PanConfig, [
+        "problem=disjoint_mnist", f"seeds={listed(seeds)}", f"regimes={listed(regimes)}",
+        f"gate_types={listed(gate_types)}", *PAN_PROFILE, "device=cpu", f"data_dir={env['root']}",
+        f"ckpt_dir={ckpt}", f"results_dir={results}", *extra])
+
+
+def merge_cfg(env, ckpt: Path, results: Path, strategies: str, *extra: str, seeds=SEEDS) -> MergeConfig:
+    return parse_args(MergeConfig, [
+        "problem=disjoint_mnist", f"strategies={strategies}", f"seeds={listed(seeds)}", f"test_limit={TEST_LIMIT}",
+        "device=cpu", f"data_dir={env['root']}", f"ckpt_dir={ckpt}", f"results_dir={results}", *extra])
+
+
+def all_gate_files(ckpt: Path, regimes=REGIMES, gate_types=GATE_TYPES, seeds=SEEDS) -> list[Path]:
+    """Every gate checkpoint train_pan should write: per (regime, type, expert), one universal per regime."""
+    return list(dict.fromkeys(gate_path(ckpt, "disjoint_mnist", r, t, task, ARCH, s)
+                              for s in seeds for r in regimes for t in gate_types for task in TASKS))
+
+
+def without(row: dict, *keys: str) -> dict:
+    return {k: v for k, v in row.items() if k not in keys}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Tiny experts and generators for SEEDS (once for the module)."""
+    env = train_experts(tmp_path_factory.mktemp("pan"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        train_gan.main(gan_cfg(env["ckpt"], env["base"] / "gan_results"))
+    labels = env["arrays"]["mnist"]["train"][1]
+    # training images per task in the real regime
+    env["n_train"] = [min(TRAIN_LIMIT, int((labels < 5).sum())), min(TRAIN_LIMIT, int((labels >= 5).sum()))]
+    test = env["arrays"]["mnist"]["test"][1]
+    env["n_test"] = [min(TEST_LIMIT, int((test < 5).sum())), min(TEST_LIMIT, int((test >= 5).sum()))]
+    yield env
+    data._load_cached.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def pan_run(env):
+    """train_pan.main once: every regime and gate type, both seeds, into the module's checkpoints."""
+    results = env["base"] / "pan_results"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = train_pan.main(pan_cfg(env, env["ckpt"], results))
+    return {"summary": summary, "out": out.getvalue(), "results": results,
+            "rows": read_rows(summary["outputs"]["jsonl"])}
+
+
+@pytest.fixture(scope="module")
+def test_activations(env, pan_run):
+    """Per seed: the problem and every expert's (logits, features) on the combined test set."""
+    cfg = pan_cfg(env, env["ckpt"], env["base"] / "unused")
+    problem = problems.build_problem("disjoint_mnist", cfg.problems["disjoint_mnist"], cfg.tasks, str(env["root"]),
+                                     TEST_LIMIT)
+    acts = {}
+    for seed in SEEDS:
+        models, formats = problem.load_experts(env["ckpt"], seed, CPU)
+        acts[seed] = problems.expert_activations(problem, models, formats, CPU)
+    return problem, acts
+
+
+def gate_probabilities(path: Path, gate_type: str, activations) -> torch.Tensor:
+    """[N]: the gate's probability of 'mine' for each test sample, computed here from the checkpoint."""
+    gate, _ = load_model(path)
+    with torch.no_grad():
+        return gate(gate_inputs(gate_type, *activations)).softmax(dim=1)[:, 1]
+
+
+# ---------------------------------------------------------------- train_pan.main end to end
+
+def test_gates_rows_and_summary(env, pan_run, test_activations):
+    summary, rows, ckpt = pan_run["summary"], pan_run["rows"], env["ckpt"]
+    problem, acts = test_activations
+    n_rows = len(SEEDS) * len(REGIMES) * len(GATE_TYPES) * E
+    assert summary["problem"] == "disjoint_mnist" and summary["seeds"] == SEEDS
+    assert summary["trained"] == n_rows and summary["resumed"] == 0
+    assert json.loads(pan_run["out"].strip().splitlines()[-1]) == json.loads(json.dumps(summary))
+    stem = pan_run["results"] / "gates" / "disjoint_mnist"
+    assert summary["outputs"] == {"jsonl": f"{stem}.jsonl", "csv": f"{stem}.csv", "config": f"{stem}.config.yaml"}
+
+    # exactly the expected checkpoints: one per (regime, type, expert, seed), one universal per (regime, seed)
+    expected = all_gate_files(ckpt)
+    assert len(expected) == len(SEEDS) * len(REGIMES) * ((len(GATE_TYPES) - 1) * E + 1)
+    assert sorted(map(str, (ckpt / "gates").rglob("*.pt"))) == sorted(map(str, expected))
+
+    assert len(rows) == n_rows
+    assert {(r["seed"], r["regime"], r["gate_type"], r["expert"]) for r in rows} == \
+           {(s, reg, t, task) for s in SEEDS for reg in REGIMES for t in GATE_TYPES for task in TASKS}
+    n_in = dict(zip(TASKS, env["n_test"]))
+    assert torch.bincount(problem.domain).tolist() == env["n_test"] and env["n_test"][0] != env["n_test"][1]
+    for row in rows:
+        task, gate_type = row["expert"], row["gate_type"]
+        path = gate_path(ckpt, "disjoint_mnist", row["regime"], gate_type, task, ARCH, row["seed"])
+        assert row["checkpoint"] == str(path) and row["arch"] == ARCH and row["resumed"] is False
+        stored = torch.load(path, weights_only=True)
+        meta = stored["meta"]
+        assert (meta["problem"], meta["regime"], meta["gate_type"]) == ("disjoint_mnist", row["regime"], gate_type)
+        assert meta["experts"] == (TASKS if gate_type == "universal" else [task])
+        in_features = {"feature": 120, "logits": 5}.get(gate_type, 3)
+        assert stored["arch"] == ("pan" if gate_type in ("feature", "logits") else "agnostic_pan")
+        assert stored["arch_kwargs"] == {"in_features": in_features}
+        assert not torch.equal(stored["state_dict"]["input_std"], torch.ones(in_features))  # standardised
+
+        # membership on the real combined test set, recomputed here from the checkpoint
+        for key in ("membership_acc", "true_positive_rate", "true_negative_rate"):
+            assert 0 <= row[key] <= 1
+        k = TASKS.index(task)
+        says_in = gate_probabilities(path, gate_type, acts[row["seed"]][k]) > 0.5
+        is_in = problem.domain == k
+        assert row["membership_acc"] == pytest.approx((says_in == is_in).float().mean().item(), abs=1e-6)
+        assert row["true_positive_rate"] == pytest.approx(says_in[is_in].float().mean().item(), abs=1e-6)
+        assert row["true_negative_rate"] == pytest.approx((~says_in[~is_in]).float().mean().item(), abs=1e-6)
+        n_out = len(is_in) - n_in[task]
+        assert row["membership_acc"] == pytest.approx(
+            (n_in[task] * row["true_positive_rate"] + n_out * row["true_negative_rate"]) / len(is_in), abs=1e-6)
+
+    # one universal gate serves every expert of its regime and seed
+    for seed in SEEDS:
+        for regime in REGIMES:
+            universal = {r["checkpoint"] for r in rows if r["gate_type"] == "universal"
+                         and r["regime"] == regime and r["seed"] == seed}
+            assert universal == {str(gate_path(ckpt, "disjoint_mnist", regime, "universal", "", "", seed))}
+    assert set(summary["membership_acc"]) == {f"{r}/{t}" for r in REGIMES for t in GATE_TYPES}
+    for key, value in summary["membership_acc"].items():
+        group = [r["membership_acc"] for r in rows if f"{r['regime']}/{r['gate_type']}" == key]
+        assert value == pytest.approx(sum(group) / len(group))
+
+
+def expected_counts(regime: str, gate_type: str, task: str, n_train: list[int]) -> tuple[int, int]:
+    """(positives, negatives) of a gate's training set, by DESIGN.md's definition of each regime."""
+    def per_expert(k: int) -> tuple[int, int]:
+        if regime == "real":  # real images of every expert; positives are expert k's
+            return n_train[k], sum(n_train) - n_train[k]
+        if regime == "synthetic":  # own generator vs the other generators and noise
+            return SYNTHETIC, (E - 1) * SYNTHETIC + NOISE
+        return SYNTHETIC, NOISE  # noise: own generator vs noise only
+
+    experts = range(E) if gate_type == "universal" else [TASKS.index(task)]  # universal pools all experts
+    return sum(per_expert(k)[0] for k in experts), sum(per_expert(k)[1] for k in experts)
+
+
+def test_training_counts_follow_the_regime(env, pan_run):
+    assert env["n_train"] == [TRAIN_LIMIT, TRAIN_LIMIT]  # train_limit bites: each task has 100 images
+    for row in pan_run["rows"]:
+        positives, negatives = expected_counts(row["regime"], row["gate_type"], row["expert"], env["n_train"])
+        assert (row["train_positives"], row["train_negatives"]) == (positives, negatives), row["checkpoint"]
+    # spot values, so the helper above cannot drift with the code
+    by_key = {(r["regime"], r["gate_type"], r["expert"]): r for r in pan_run["rows"] if r["seed"] == SEEDS[0]}
+    assert by_key[("synthetic", "feature", "first5_mnist")]["train_negatives"] == 64 + 48
+    assert by_key[("noise", "logits", "last5_mnist")]["train_negatives"] == 48
+    assert by_key[("synthetic", "universal", "first5_mnist")]["train_positives"] == 2 * 64
+    assert by_key[("real", "universal", "last5_mnist")]["train_negatives"] == 2 * 60
+
+
+def test_data_free_regimes_read_no_training_data(env, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    copy_experts(env["ckpt"], ckpt, [(t, s) for t in TASKS for s in SEEDS])
+    shutil.copytree(env["ckpt"] / "generators", ckpt / "generators")
+    splits = []
+
+    def guarded(real):
+        def load(*args, **kwargs):
+            split = kwargs["split"] if "split" in kwargs else args[1]
+            splits.append(split)
+            if split != "test":
+                raise Forbidden(f"a data-free regime loaded the {split!r} split")
+            return real(*args, **kwargs)
+        return load
+
+    for module, name in ((data, "load_source"), (data, "load_task"), (data, "_load_cached"),
+                         (train_pan, "load_task"), (problems, "load_task")):
+        monkeypatch.setattr(module, name, guarded(getattr(module, name)))
+    summary = train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=["synthetic", "noise"]))
+    assert summary["trained"] == len(SEEDS) * 2 * len(GATE_TYPES) * E
+    assert "test" in splits and set(splits) == {"test"}  # the test split, for evaluation only
+    assert len(all_gate_files(ckpt, regimes=["synthetic", "noise"])) == len(list((ckpt / "gates").rglob("*.pt")))
+
+    # the guard does catch a training-set read
+    with pytest.raises(Forbidden):
+        train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=["real"], gate_types=["logits"]))
+
+
+def test_rerun_trains_nothing_and_touches_no_gate(env, pan_run, monkeypatch):
+    files = all_gate_files(env["ckpt"])
+    before = mtimes(files)
+
+    def forbidden(*args, **kwargs):
+        raise Forbidden("a rerun must not build training data or train")
+
+    for name in ("train_gate", "generated_sets", "real_sets", "activations_on"):
+        monkeypatch.setattr(train_pan, name, forbidden)
+    summary = train_pan.main(pan_cfg(env, env["ckpt"], pan_run["results"]))
+    assert summary["trained"] == 0 and summary["resumed"] == len(pan_run["rows"])
+    assert mtimes(files) == before
+    again = read_rows(summary["outputs"]["jsonl"])
+    assert [without(r, "resumed", "config") for r in again] == [without(r, "resumed", "config")
+                                                                 for r in pan_run["rows"]]
+    assert all(r["resumed"] is True for r in again)
+    assert summary["membership_acc"] == pytest.approx(pan_run["summary"]["membership_acc"])
+
+
+def test_force_retrains_and_other_settings_need_it(env, pan_run, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(env["ckpt"], ckpt)
+    files = all_gate_files(ckpt)
+    retrained = all_gate_files(ckpt, regimes=["synthetic"], gate_types=["feature", "universal"], seeds=[1])
+    before = mtimes(files)
+
+    # other settings without force=true: refused before any training
+    def forbidden(*args, **kwargs):
+        raise Forbidden("nothing may be trained before the conflict is reported")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_pan, "train_gate", forbidden)
+        with pytest.raises(CheckpointError) as err:
+            train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", "epochs=3", regimes=["synthetic"],
+                                   gate_types=["feature"], seeds=[1]))
+    assert "force=true" in str(err.value) and "epochs" in str(err.value)
+    assert mtimes(files) == before
+
+    trained = []
+    original = train_pan.train_gate
+
+    def counting(cfg, gate_type, inputs, targets, seed, desc):
+        trained.append(gate_type)
+        return original(cfg, gate_type, inputs, targets, seed, desc)
+
+    monkeypatch.setattr(train_pan, "train_gate", counting)
+    summary = train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", "force=true", regimes=["synthetic"],
+                                     gate_types=["feature", "universal"], seeds=[1]))
+    assert sorted(trained) == ["feature"] * E + ["universal"]
+    assert summary["trained"] == 2 * E and summary["resumed"] == 0
+    after = mtimes(files)
+    assert {p for p in before if before[p] != after[p]} == set(map(str, retrained))
+
+
+def test_missing_generators_name_the_gan_command(env, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    copy_experts(env["ckpt"], ckpt, [(t, s) for t in TASKS for s in SEEDS])
+
+    def forbidden(*args, **kwargs):
+        raise Forbidden("nothing may be trained")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_pan, "train_gate", forbidden)
+        for regimes in (["synthetic"], ["noise"], ["real", "noise"]):
+            with pytest.raises(CheckpointError) as err:
+                train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=regimes))
+            message = str(err.value)
+            for seed in SEEDS:
+                assert f"python train_gan.py problem=disjoint_mnist seeds=[{seed}]" in message
+        assert not (tmp_path / "results").exists() and not (ckpt / "gates").exists()
+
+        # only the missing seed is named
+        (ckpt / "generators").mkdir()
+        for task in TASKS:
+            shutil.copy(train_gan.generator_path(env["ckpt"], task, ARCH, 1), ckpt / "generators")
+        with pytest.raises(CheckpointError) as err:
+            train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=["synthetic"]))
+        assert "python train_gan.py problem=disjoint_mnist seeds=[2]" in str(err.value)
+        assert "seeds=[1]" not in str(err.value)
+
+    # the real regime needs no generator
+    shutil.rmtree(ckpt / "generators")
+    summary = train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=["real"], gate_types=["logits"],
+                                     seeds=[2]))
+    assert summary["trained"] == E
+
+
+def test_missing_experts_name_the_training_command(env, tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        train_pan.main(pan_cfg(env, tmp_path / "empty", tmp_path / "results", regimes=["real"]))
+    for task in TASKS:
+        assert f"python train_source_networks.py dataset={task} arch={ARCH} seeds=[1,2]" in str(err.value)
+
+
+@pytest.mark.parametrize("key,bad", [("gate_types", "[feature,universl]"), ("regimes", "[synthetic,synthetc]")])
+def test_unknown_gate_type_or_regime_is_a_config_error(env, tmp_path, monkeypatch, key, bad):
+    def forbidden(*args, **kwargs):
+        raise Forbidden("no data may be loaded")
+
+    monkeypatch.setattr(train_pan, "build_problem", forbidden)
+    with pytest.raises(ConfigError) as err:
+        train_pan.main(pan_cfg(env, env["ckpt"], tmp_path / "results", f"{key}={bad}"))
+    message = str(err.value)
+    assert bad.strip("[]").split(",")[1] in message
+    assert all(choice in message for choice in (GATE_TYPES if key == "gate_types" else REGIMES))
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_rerun_on_another_test_subset_measures_membership_again(env, pan_run, tmp_path):
+    cfg = pan_cfg(env, env["ckpt"], tmp_path / "results", "test_limit=null", regimes=["synthetic"],
+                  gate_types=["logits", "feature"], seeds=[1])
+    rows = read_rows(train_pan.main(cfg)["outputs"]["jsonl"])
+    problem = problems.build_problem("disjoint_mnist", cfg.problems["disjoint_mnist"], cfg.tasks,
+                                     str(env["root"]))  # the whole test set this time
+    models, formats = problem.load_experts(env["ckpt"], 1, CPU)
+    acts = problems.expert_activations(problem, models, formats, CPU)
+    measured = []
+    for row in rows:
+        k = TASKS.index(row["expert"])
+        says_in = gate_probabilities(Path(row["checkpoint"]), row["gate_type"], acts[k]) > 0.5
+        measured.append((says_in == (problem.domain == k)).float().mean().item())
+    assert [r["membership_acc"] for r in rows] == pytest.approx(measured, abs=1e-6)
+
+
+# ---------------------------------------------------------------- merge.py with gate rules
+
+def test_merge_with_gate_strategies(env, pan_run, test_activations, tmp_path):
+    problem, acts = test_activations
+    ckpt = env["ckpt"]
+    summary = merge.main(merge_cfg(env, ckpt, tmp_path, GATE_STRATEGIES))
+    calls = parse_strategies(yaml.safe_load(GATE_STRATEGIES))
+    labels = [c.label for c in calls]
+    assert list(summary["acc"]) == labels + ["oracle"]
+    rows = read_rows(summary["outputs"]["jsonl"])
+    n = len(problem.labels)
+    column_expert = torch.cat([torch.full((len(m),), k) for k, m in enumerate(problem.label_maps)])
+    column_class = torch.cat(problem.label_maps)
+    for seed in SEEDS:
+        by_label = {r["strategy"]: r for r in rows if r["seed"] == seed}
+        logits = [lo for lo, _ in acts[seed]]
+        own_pred = torch.stack([m[o.argmax(dim=1)] for o, m in zip(logits, problem.label_maps)], dim=1)
+        naive_column = torch.cat(logits, dim=1).argmax(dim=1)
+        for call in calls:
+            row = by_label[call.label]
+            gate_type, regime = call.param("gate"), call.param("regime")
+            source = call.param("gates_from") or "disjoint_mnist"
+            paths = [gate_path(ckpt, source, regime, gate_type, t, ARCH, seed) for t in TASKS]
+            probs = torch.stack([gate_probabilities(p, gate_type, a) for p, a in zip(paths, acts[seed])], dim=1)
+            # the rule, recomputed here from the gate checkpoints
+            fallbacks = 0
+            if call.name == "gate_hard":
+                says_yes = probs > 0.5
+                single = says_yes.sum(dim=1) == 1
+                expert = torch.where(single, says_yes.int().argmax(dim=1), column_expert[naive_column])
+                pred = torch.where(single, own_pred.gather(1, expert.unsqueeze(1)).squeeze(1),
+                                   column_class[naive_column])
+                fallbacks = int((~single).sum())
+            elif call.name == "gate_confident":
+                expert = probs.argmax(dim=1)
+                pred = own_pred.gather(1, expert.unsqueeze(1)).squeeze(1)
+            else:  # gate_soft
+                mixture = torch.cat([probs[:, k:k + 1] * o.softmax(dim=1) for k, o in enumerate(logits)], dim=1)
+                column = mixture.argmax(dim=1)
+                expert, pred = column_expert[column], column_class[column]
+            assert isinstance(row["fallbacks"], int) and row["fallbacks"] == fallbacks
+            counts = torch.bincount(expert, minlength=E).tolist()
+            assert row["routing_counts"] == dict(zip(TASKS, counts)) and sum(counts) == n
+            assert row["acc"] == pytest.approx((pred == problem.labels).float().mean().item(), abs=1e-6)
+            assert row["routing_acc"] == pytest.approx((expert == problem.domain).float().mean().item(), abs=1e-6)
+            # the row names the gate files it read: one per expert, the universal gate once
+            read = [g[0] for g in row["gates"]]
+            assert read == list(dict.fromkeys(map(str, paths)))
+            assert len(read) == (1 if gate_type == "universal" else E)
+        assert by_label["oracle"]["fallbacks"] == 0
+
+
+def test_merge_names_the_missing_gates_before_any_evaluation(env, pan_run, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    copy_experts(env["ckpt"], ckpt, [(t, s) for t in TASKS for s in SEEDS])
+    shutil.copytree(env["ckpt"] / "gates" / "disjoint_mnist" / "synthetic",
+                    ckpt / "gates" / "disjoint_mnist" / "synthetic")
+
+    def forbidden(*args, **kwargs):
+        raise Forbidden("no evaluation may start")
+
+    monkeypatch.setattr(problems.Problem, "load_experts", forbidden)
+    monkeypatch.setattr(merge, "expert_activations", forbidden)
+    monkeypatch.setattr(merge, "evaluate_seed", forbidden)
+    strategies = ("[{name: gate_hard, gate: feature, regime: synthetic},"
+                  "{name: gate_soft, gate: feature, regime: real},"
+                  "{name: gate_confident, gate: universal, regime: synthetic, gates_from: mnist_cifar10}]")
+    with pytest.raises(CheckpointError) as err:
+        merge.main(merge_cfg(env, ckpt, tmp_path / "results", strategies))
+    message = str(err.value)
+    for seed in SEEDS:
+        assert (f"python train_pan.py problem=disjoint_mnist regimes=[real] gate_types=[feature] "
+                f"seeds=[{seed}]") in message
+        assert (f"python train_pan.py problem=mnist_cifar10 regimes=[synthetic] gate_types=[universal] "
+                f"seeds=[{seed}]") in message
+    assert "regimes=[synthetic] gate_types=[feature]" not in message  # those gates are there
+    assert "train_source_networks" not in message
+    assert not (tmp_path / "results").exists()
