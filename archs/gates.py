@@ -23,10 +23,10 @@ class _Standardised(nn.Module):
 
         A unit silent in training (a ReLU feature that never fired on generated images) has std 0;
         dividing by a tiny std would let that one unit decide the gate wherever it fires at test
-        time, so every std is floored at a tenth of the mean std across dimensions.
+        time, so every std is floored at a tenth of the median std across dimensions.
         """
         std = inputs.std(dim=0)
-        scale = std.mean()
+        scale = std.median()
         floor = 0.1 * scale if scale > 0 else torch.ones((), device=std.device)
         self.input_mean.copy_(inputs.mean(dim=0))
         self.input_std.copy_(std.clamp(min=floor))

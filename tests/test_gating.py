@@ -78,12 +78,12 @@ def test_fit_standardisation_zscores_the_training_inputs(make):
     torch.testing.assert_close(gate.input_mean, inputs.mean(dim=0))
     z = (inputs - gate.input_mean) / gate.input_std
     assert torch.isfinite(z).all()
-    torch.testing.assert_close(z[:, :2].mean(dim=0), torch.zeros(2), atol=1e-4, rtol=0)
-    torch.testing.assert_close(z[:, :2].std(dim=0), torch.ones(2), atol=1e-4, rtol=0)
-    # dimensions far quieter than the rest (dim 2) and constant ones (dim 3) get the floor: a tenth
-    # of the mean std, so no single quiet unit can dominate the gate at test time
-    floor = 0.1 * inputs.std(dim=0).mean()
-    torch.testing.assert_close(gate.input_std[2:], floor.expand(2))
+    torch.testing.assert_close(z[:, :3].mean(dim=0), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z[:, :3].std(dim=0), torch.ones(3), atol=1e-4, rtol=0)
+    # a constant dimension (dim 3) gets the floor, a tenth of the median std, so no single quiet unit
+    # can dominate the gate at test time
+    floor = 0.1 * inputs.std(dim=0).median()
+    torch.testing.assert_close(gate.input_std[3], floor)
     assert torch.equal(z[:, 3], torch.zeros(256))  # the constant dimension stays finite (and at 0)
     # forward standardises with the fitted buffers
     torch.testing.assert_close(gate(inputs[:5]), gate.net(z[:5]))
