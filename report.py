@@ -51,11 +51,44 @@ def experts_report(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def generators_report(rows: list[dict]) -> str:
+    """Data-free quality of the generators per expert: class balance of the expert's predictions on
+    samples (1 = uniform), its mean confidence, and another seed's agreement with its labels."""
+    lines = ["| expert | seeds | class balance | mean confidence | other seed agrees | train time (s) |",
+             "|---|---|---|---|---|---|"]
+    for task, arch in dict.fromkeys((r["task"], r["arch"]) for r in rows):
+        group = [r for r in rows if (r["task"], r["arch"]) == (task, arch)]
+        agree = [r["cross_seed_agreement"] for r in group if r["cross_seed_agreement"] is not None]
+        lines.append(f"| {task} ({arch}) | {len(group)} | {pct([r['balance'] for r in group])} | "
+                     f"{pct([r['mean_confidence'] for r in group])} | {pct(agree) if agree else 'n/a'} | "
+                     f"{mean_std(r['train_time_s'] for r in group)[0]:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def gates_report(rows: list[dict]) -> str:
+    """Membership accuracy of the gates on the real combined test set, per regime, type and expert."""
+    experts = list(dict.fromkeys(r["expert"] for r in rows))
+    lines = ["| regime | gate type | " + " | ".join(f"{e} in/out acc" for e in experts) + " |",
+             "|---|---|" + "---|" * len(experts)]
+    for regime, gate_type in dict.fromkeys((r["regime"], r["gate_type"]) for r in rows):
+        cells = [pct([r["membership_acc"] for r in rows if (r["regime"], r["gate_type"], r["expert"])
+                      == (regime, gate_type, e)]) for e in experts]
+        lines.append(f"| {regime} | {gate_type} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(paths: list[str]) -> str:
-    """Markdown for result files: merge rows become strategy tables, expert rows one expert table."""
-    merge_files = [p for p in paths if any("kind" in r for r in read_rows(p))]
-    expert_rows = [r for p in paths if p not in merge_files for r in read_rows(p)]
-    parts = [merge_report(read_rows(p), title=p) for p in merge_files]
+    """Markdown for result files, by the kind of rows each holds."""
+    parts = []
+    for path in paths:
+        rows = read_rows(path)
+        if any("kind" in r for r in rows):
+            parts.append(merge_report(rows, title=path))
+        elif any("membership_acc" in r for r in rows):
+            parts.append(gates_report(rows))
+        elif any("balance" in r for r in rows):
+            parts.append(generators_report(rows))
+    expert_rows = [r for p in paths for r in read_rows(p) if "test_acc" in r]
     if expert_rows:
         parts.insert(0, experts_report(expert_rows))
     text = "\n".join(parts)

@@ -100,3 +100,20 @@ def test_experts_report_golden(tmp_path):
         "| cifar10 | lenet5 | 1 | 60.00 ± 0.00 | cuda |\n")
     path = write_rows(tmp_path / "experts", rows)["jsonl"]
     assert report.main([path]).startswith("| task | arch |")
+
+
+def test_generators_and_gates_reports_golden(tmp_path):
+    gan_rows = [{"task": "mnist", "arch": "lenet5", "seed": s, "balance": b, "mean_confidence": 0.8,
+                 "cross_seed_agreement": a, "train_time_s": 10.0} for s, b, a in ((1, 0.9, 0.5), (2, 1.0, None))]
+    assert report.generators_report(gan_rows) == (
+        "| expert | seeds | class balance | mean confidence | other seed agrees | train time (s) |\n"
+        "|---|---|---|---|---|---|\n"
+        "| mnist (lenet5) | 2 | 95.00 ± 7.07 | 80.00 ± 0.00 | 50.00 ± 0.00 | 10 |\n")
+    gate_rows = [{"regime": "real", "gate_type": "feature", "expert": e, "seed": s, "membership_acc": a}
+                 for e, s, a in (("a", 1, 0.9), ("a", 2, 0.8), ("b", 1, 0.7), ("b", 2, 0.7))]
+    assert report.gates_report(gate_rows) == (
+        "| regime | gate type | a in/out acc | b in/out acc |\n"
+        "|---|---|---|---|\n"
+        "| real | feature | 85.00 ± 7.07 | 70.00 ± 0.00 |\n")
+    paths = [write_rows(tmp_path / name, rows)["jsonl"] for name, rows in (("g", gan_rows), ("p", gate_rows))]
+    assert report.main(paths) == report.generators_report(gan_rows) + "\n" + report.gates_report(gate_rows)
