@@ -29,6 +29,11 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 DATA_DIR_ENV = "MOE_DATA_DIR"
+
+
+class Forbidden(AssertionError):
+    """Raised by a patched function that the code under test must not call."""
+
 NO_DATA_REASON = "no data root configured: set MOE_DATA_DIR or run `make data`"
 
 

@@ -23,6 +23,7 @@ from archs.generator import Generator
 from common import CheckpointError, load_model, make_generator, read_rows
 from config import ConfigError, GanConfig, TrainConfig, parse_args
 from data import InputFormat, prepare_input
+from conftest import Forbidden
 from test_problems import make_data_root
 
 SEEDS = [1, 2]
@@ -33,16 +34,6 @@ GAN_PROFILE = ["epochs=2", "iters_per_epoch=3", "batch_size=16", "width=8", "eva
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class Forbidden(AssertionError):
-    """Raised by a patched function that the code under test must not call."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- helpers shared with test_pan.py

@@ -20,12 +20,6 @@ from common import load_model, save_checkpoint
 from gating import GATE_TYPES, gate_arch, gate_command, gate_inputs, gate_path, softmax_stats, vector_stats
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:

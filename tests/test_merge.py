@@ -17,6 +17,7 @@ import strategies
 import train_source_networks
 from common import CheckpointError, read_rows
 from config import ConfigError, MergeConfig, TrainConfig, load_yaml, parse_args, to_dict
+from conftest import Forbidden
 from test_problems import make_data_root
 
 SEEDS = [1, 2]
@@ -26,17 +27,6 @@ LABELS = ["naive", "energy", "tta_mean(setting=flips)", "tta_voting(setting=flip
 TIME_KEYS = ("time_s", "expert_time_s")
 
 
-class Forbidden(AssertionError):
-    """Raised by a patched function that the code under test must not call."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models train ~30x slower with 2 intra-op threads on a busy 2-core machine; one thread is plenty."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

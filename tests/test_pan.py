@@ -40,12 +40,6 @@ GATE_STRATEGIES = ("[{name: gate_hard, gate: feature, regime: synthetic},"
                    "{name: gate_hard, gate: universal, regime: synthetic, gates_from: disjoint_mnist}]")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def listed(values) -> str:
