@@ -104,6 +104,12 @@ def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data
                    domains, next_id, {e.task: tasks[e.task] for e in spec.experts})
 
 
+def test_batches(problem: Problem, device: torch.device, batch_size: int):
+    """The combined test set as [0,1] batches in ``problem.labels`` order, each in its native channels."""
+    return (to_unit(d.images[i:i + batch_size], device) for d in problem.domains
+            for i in range(0, len(d.images), batch_size))
+
+
 @torch.no_grad()
 def expert_logits(problem: Problem, models: list[nn.Module], formats: list[InputFormat],
                   device: torch.device, batch_size: int = 512, augment=None) -> list[torch.Tensor]:
@@ -112,8 +118,7 @@ def expert_logits(problem: Problem, models: list[nn.Module], formats: list[Input
     ``augment(x01) -> x01`` (optional) is applied once per [0,1] batch before the batch is shown to
     the experts, so all experts see the same augmented image in their own input format.
     """
-    batches = (to_unit(d.images[i:i + batch_size], device) for d in problem.domains
-               for i in range(0, len(d.images), batch_size))
+    batches = test_batches(problem, device, batch_size)
     if augment is not None:
         batches = (augment(x) for x in batches)
     return [logits for logits, _ in run_experts(models, formats, batches)]
@@ -123,8 +128,7 @@ def expert_logits(problem: Problem, models: list[nn.Module], formats: list[Input
 def expert_activations(problem: Problem, models: list[nn.Module], formats: list[InputFormat],
                        device: torch.device, batch_size: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every expert's ``(logits, features)`` on the combined test set."""
-    batches = (to_unit(d.images[i:i + batch_size], device) for d in problem.domains
-               for i in range(0, len(d.images), batch_size))
+    batches = test_batches(problem, device, batch_size)
     return run_experts(models, formats, batches, features=True)
 
 
