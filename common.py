@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -126,17 +127,23 @@ def load_model(path: str | os.PathLike, expect_arch: str | None = None, hint: st
     return model.to(device).eval(), ckpt
 
 
-def reuse_checkpoint(path: Path, settings: dict, force: bool) -> dict | None:
-    """The stored result row when ``path`` already holds this exact training run, else None."""
+def reuse_checkpoint(path: Path, settings: dict, force: bool, replace_stale: bool = False) -> dict | None:
+    """The stored result row when ``path`` already holds this exact training run, else None.
+
+    A checkpoint made with other settings (or from other upstream checkpoints) is an error, so a
+    changed config never silently overwrites work, unless ``replace_stale``: then it is retrained
+    (the pipeline's choice after an upstream stage was redone)."""
     if force or not path.exists():
         return None
     ckpt = read_checkpoint(path)
     stored = ckpt.get("meta", {}).get("settings")
     if stored != settings:
+        if replace_stale:
+            return None
         changed = sorted(k for k in settings if stored is None or stored.get(k) != settings[k])
         raise CheckpointError(
-            f"{path} was trained with other settings ({', '.join(changed)} differ); pass force=true to "
-            f"retrain it, or ckpt_dir=... to keep both")
+            f"{path} was trained with other settings ({', '.join(changed)} differ); pass force=true or "
+            f"replace_stale=true to retrain it, or ckpt_dir=... to keep both")
     return ckpt["meta"]["row"]
 
 
@@ -202,20 +209,36 @@ def print_summary(summary: dict) -> None:
 
 # ---------------------------------------------------------------- progress
 
-def progress(iterable: Iterable[T], **kwargs: Any) -> Iterator[T]:
-    """A tqdm bar, silent in CI and when stderr is not a terminal."""
-    quiet = bool(os.environ.get("CI")) or not sys.stderr.isatty()
-    return iter(tqdm(iterable, disable=quiet, dynamic_ncols=True, **kwargs))
+_inner_bars_hidden = False
+
+
+def progress(iterable: Iterable[T], outer: bool = False, **kwargs: Any) -> tqdm:
+    """A tqdm bar, silent in CI, when stderr is not a terminal, and (unless ``outer``) inside
+    ``hidden_inner_progress()``, where a driver shows one bar of its own."""
+    quiet = bool(os.environ.get("CI")) or not sys.stderr.isatty() or (_inner_bars_hidden and not outer)
+    return tqdm(iterable, disable=quiet, dynamic_ncols=True, **kwargs)
+
+
+@contextmanager
+def hidden_inner_progress() -> Iterator[None]:
+    """Silence the stage scripts' own bars while a driver runs them."""
+    global _inner_bars_hidden
+    previous, _inner_bars_hidden = _inner_bars_hidden, True
+    try:
+        yield
+    finally:
+        _inner_bars_hidden = previous
 
 
 # ---------------------------------------------------------------- command line
 
-def cli(main: Callable[[Any], dict], config_class: type) -> None:
-    """Run a script's ``main`` on the command-line config; known user errors exit with one clear line."""
+def cli(main: Callable[[Any], dict], config_class: type, load: Callable[[], Any] | None = None) -> None:
+    """Run a script's ``main`` on the command-line config (``load()`` builds it, if given); known user
+    errors exit with one clear line."""
     from config import ConfigError, parse_args
     from data import DataError
 
     try:
-        main(parse_args(config_class))
+        main(load() if load else parse_args(config_class))
     except (ConfigError, DataError, CheckpointError) as err:
         sys.exit(f"error: {err}")

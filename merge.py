@@ -92,14 +92,15 @@ def inputs_key(paths: list[Path]) -> list:
 
 
 def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[StrategyCall], seed: int,
-                  device: torch.device, cache_path: Path) -> list[dict]:
+                  device: torch.device, cache_path: Path) -> tuple[list[dict], bool]:
+    """The rows of one seed, and whether any had to be computed (False: all came from the cache)."""
     key = fingerprint(problem, cfg, seed)
     gate_keys = {c.label: inputs_key(gate_files(cfg, problem, c, seed)) for c in calls}
     cached = {} if cfg.force else {r["strategy"]: r for r in read_rows(cache_path) if r["fingerprint"] == key
                                    and r.get("gates", []) == gate_keys.get(r["strategy"], [])}
     wanted = [f"expert:{t}" for t in problem.tasks] + [c.label for c in calls]
     if all(label in cached for label in wanted):
-        return [cached[label] for label in wanted]
+        return [cached[label] for label in wanted], False
 
     models, formats = problem.load_experts(cfg.ckpt_dir, seed, device)
     labels, domain = problem.labels, problem.domain
@@ -142,7 +143,7 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
     result = [rows[label] for label in wanted]
     kept = {**cached, **rows}  # rows cached for strategies not asked for this time stay cached
     atomic_write_text(cache_path, "".join(json.dumps(r) + "\n" for r in kept.values()))
-    return result
+    return result, True
 
 
 def main(cfg: config.MergeConfig) -> dict:
@@ -162,9 +163,11 @@ def main(cfg: config.MergeConfig) -> dict:
                               f"{cfg.ckpt_dir}; create them with:\n  " + "\n  ".join(dict.fromkeys(missing)))
     name = cfg.name or cfg.problem
     out = Path(cfg.results_dir) / "merge"
-    rows = []
+    rows, computed = [], 0
     for seed in progress(cfg.seeds, desc=f"{name} seeds"):
-        rows += evaluate_seed(cfg, problem, calls, seed, device, out / name / f"seed{seed}.jsonl")
+        seed_rows, was_computed = evaluate_seed(cfg, problem, calls, seed, device, out / name / f"seed{seed}.jsonl")
+        rows += seed_rows
+        computed += was_computed
     outputs = write_rows(out / name, [{**r, "config": config.to_dict(cfg)} for r in rows])
     outputs["report"] = str(out / f"{name}.md")
     atomic_write_text(outputs["report"], merge_report(rows, title=f"{name} ({cfg.problem})"))
@@ -174,7 +177,8 @@ def main(cfg: config.MergeConfig) -> dict:
     for call in calls:
         mean, std = mean_std(r["acc"] for r in rows if r["strategy"] == call.label)
         accuracy[call.label] = {"mean": mean, "std": std}
-    summary = {"problem": cfg.problem, "name": name, "seeds": cfg.seeds, "acc": accuracy, "outputs": outputs}
+    summary = {"problem": cfg.problem, "name": name, "seeds": cfg.seeds, "acc": accuracy, "outputs": outputs,
+               "computed": computed, "resumed": len(cfg.seeds) - computed}
     print_summary(summary)
     return summary
 

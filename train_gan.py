@@ -131,7 +131,7 @@ def train_one(cfg: config.GanConfig, task: str, arch: str, seed: int, device: to
     expert, ckpt = load_model(expert_path(cfg.ckpt_dir, task, arch, seed), expect_arch=arch,
                               hint=expert_command(task, arch, seed), device=device)
     settings = settings_of(cfg, ckpt["meta"]["row"])
-    row = reuse_checkpoint(path, settings, cfg.force)
+    row = reuse_checkpoint(path, settings, cfg.force, cfg.replace_stale)
     if row is not None:
         return {**row, "resumed": True}
     fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])

@@ -15,6 +15,7 @@ Every gate's membership accuracy is measured on the real combined test set.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +129,9 @@ def train_gate(cfg: config.PanConfig, gate_type: str, inputs: torch.Tensor, targ
 
 
 def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int, models, formats,
-                 test_acts, device) -> list[dict]:
-    """All gates of one regime and seed; image sets and activations are built only if a gate is missing."""
+                 test_activations, device) -> list[dict]:
+    """All gates of one regime and seed; image sets and activations are built only if a gate is missing.
+    ``test_activations()`` gives the experts' activations on the real combined test set (computed on demand)."""
     upstream = [read_checkpoint(p)["meta"]["row"] for p in problem.expert_paths(cfg.ckpt_dir, seed)]
     if regime != "real":
         upstream += [read_checkpoint(generator_path(cfg.ckpt_dir, t, a, seed))["meta"]["row"]
@@ -145,11 +147,14 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int
     rows, acts, sets = [], None, None
     for gate_type, experts, path in jobs:
         settings = settings_of(cfg, regime, gate_type, upstream)
-        stored = reuse_checkpoint(path, settings, cfg.force)
-        if stored is not None:  # membership is re-measured: the test subset may differ from the stored one
-            gate = load_model(path, device=device)[0]
-            rows += [{**r, **membership(gate, gate_type, test_acts, problem.domain, problem.tasks.index(r["expert"])),
-                      "resumed": True} for r in stored]
+        stored = reuse_checkpoint(path, settings, cfg.force, cfg.replace_stale)
+        if stored is not None:
+            if any(r.get("test_limit", "unknown") != cfg.test_limit for r in stored):  # measured on another subset
+                gate = load_model(path, device=device)[0]
+                stored = [{**r, **membership(gate, gate_type, test_activations(), problem.domain,
+                                             problem.tasks.index(r["expert"])), "test_limit": cfg.test_limit}
+                          for r in stored]
+            rows += [{**r, "resumed": True} for r in stored]
             continue
         if acts is None:
             sets = real_sets(cfg, problem) if regime == "real" else generated_sets(cfg, problem, seed, device)
@@ -163,9 +168,9 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int
         base = {"problem": problem.name, "regime": regime, "gate_type": gate_type, "seed": seed,
                 "train_positives": int(counts[1]), "train_negatives": int(counts[0]),
                 "final_loss": losses[-1] if losses else None, "train_time_s": train_time,
-                "checkpoint": str(path), "device": str(device), "resumed": False}
+                "checkpoint": str(path), "device": str(device), "test_limit": cfg.test_limit, "resumed": False}
         gate_rows = [{**base, "expert": problem.tasks[k], "arch": problem.archs[k],
-                      **membership(gate, gate_type, test_acts, problem.domain, k)} for k in experts]
+                      **membership(gate, gate_type, test_activations(), problem.domain, k)} for k in experts]
         meta = {"problem": problem.name, "regime": regime, "gate_type": gate_type,
                 "experts": [problem.tasks[k] for k in experts], "settings": settings, "row": gate_rows}
         save_checkpoint(path, gate, arch, kwargs, config.to_dict(cfg), meta)
@@ -192,9 +197,9 @@ def main(cfg: config.PanConfig) -> dict:
     rows = []
     for seed in progress(cfg.seeds, desc=f"{cfg.problem} gates"):
         models, formats = problem.load_experts(cfg.ckpt_dir, seed, device)
-        test_acts = expert_activations(problem, models, formats, device)
+        test_activations = functools.cache(lambda: expert_activations(problem, models, formats, device))
         for regime in cfg.regimes:
-            rows += train_regime(cfg, problem, regime, seed, models, formats, test_acts, device)
+            rows += train_regime(cfg, problem, regime, seed, models, formats, test_activations, device)
     stem = Path(cfg.results_dir) / "gates" / cfg.problem
     outputs = write_rows(stem, [{**r, "config": config.to_dict(cfg)} for r in rows])
     outputs["config"] = str(stem.with_name(stem.name + ".config.yaml"))

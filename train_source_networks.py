@@ -81,7 +81,7 @@ def train_expert(cfg: config.TrainConfig, seed: int, train, test, device: torch.
     settings = training_settings(cfg)
     path = expert_path(cfg.ckpt_dir, cfg.dataset, cfg.arch, seed)
     fmt = InputFormat.of(train.source)
-    row = reuse_checkpoint(path, settings, cfg.force)
+    row = reuse_checkpoint(path, settings, cfg.force, cfg.replace_stale)
     if row is not None:
         if row["test_limit"] != cfg.test_limit:  # the stored accuracy was measured on another test subset
             model = load_model(path, expect_arch=cfg.arch, device=device)[0]

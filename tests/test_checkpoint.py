@@ -228,3 +228,16 @@ def test_mean_std():
     assert mean_std([0.25]) == (0.25, 0.0)
     mean, std = mean_std(iter([1.0, 2.0, 3.0]))
     assert mean == pytest.approx(2.0) and std == pytest.approx(1.0)  # sample std (ddof=1)
+
+
+def test_reuse_checkpoint_returns_the_row_stops_on_other_settings_or_retrains_if_asked(tmp_path):
+    from common import CheckpointError, reuse_checkpoint
+
+    path = tmp_path / "model.pt"
+    assert reuse_checkpoint(path, {"epochs": 2}, force=False) is None  # nothing there yet
+    save_checkpoint(path, torch.nn.Linear(2, 2), "linear", {}, {}, {"settings": {"epochs": 2}, "row": {"acc": 0.5}})
+    assert reuse_checkpoint(path, {"epochs": 2}, force=False) == {"acc": 0.5}
+    assert reuse_checkpoint(path, {"epochs": 2}, force=True) is None
+    with pytest.raises(CheckpointError, match=r"other settings \(epochs differ\).*replace_stale=true"):
+        reuse_checkpoint(path, {"epochs": 3}, force=False)
+    assert reuse_checkpoint(path, {"epochs": 3}, force=False, replace_stale=True) is None

@@ -67,7 +67,8 @@ def test_merge_end_to_end(env, tmp_path, capsys):
     out = capsys.readouterr().out
 
     # the summary, and the last printed line is that summary as JSON
-    assert set(summary) == {"problem", "name", "seeds", "acc", "outputs"}
+    assert set(summary) == {"problem", "name", "seeds", "acc", "outputs", "computed", "resumed"}
+    assert summary["computed"] == len(SEEDS) and summary["resumed"] == 0
     assert summary["problem"] == summary["name"] == "disjoint_mnist" and summary["seeds"] == SEEDS
     assert list(summary["acc"]) == LABELS  # oracle added automatically, last
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
@@ -167,7 +168,9 @@ def test_rerun_reads_the_cache_and_computes_only_what_is_new(env, tmp_path, monk
         patch.setattr(problems, "expert_logits", forbidden)
         patch.setattr(merge, "expert_logits", forbidden)
         patch.setattr(merge, "expert_activations", forbidden)
-        again = read_rows(merge.main(merge_cfg(env, tmp_path))["outputs"]["jsonl"])
+        again_summary = merge.main(merge_cfg(env, tmp_path))
+        again = read_rows(again_summary["outputs"]["jsonl"])
+    assert again_summary["computed"] == 0 and again_summary["resumed"] == len(again_summary["seeds"])
     assert [{k: v for k, v in r.items() if k != "config"} for r in again] == \
            [{k: v for k, v in r.items() if k != "config"} for r in first]  # time_s too: not recomputed
 
