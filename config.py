@@ -51,6 +51,8 @@ def default_tasks() -> dict[str, TaskSpec]:
         "last5_mnist": TaskSpec("mnist", [5, 6, 7, 8, 9]),
         "fashion_mnist": TaskSpec("fashion_mnist"),
         "cifar10": TaskSpec("cifar10"),
+        # MNIST as five 2-class tasks, for the five-expert scaling problem
+        **{f"mnist_{a}{a + 1}": TaskSpec("mnist", [a, a + 1]) for a in range(0, 10, 2)},
     }
 
 
@@ -76,6 +78,9 @@ def default_problems() -> dict[str, ProblemSpec]:
         "mnist_cifar10": ProblemSpec([ExpertSpec("mnist"), ExpertSpec("cifar10")]),
         "mnist_fashion_cifar10": ProblemSpec(
             [ExpertSpec("mnist"), ExpertSpec("fashion_mnist"), ExpertSpec("cifar10")]),
+        "five_mnist": ProblemSpec([ExpertSpec(f"mnist_{a}{a + 1}") for a in range(0, 10, 2)]),
+        # LeNet5-half experts (channels 3/8/60): an architecture the universal gate never saw
+        "mnist_cifar10_half": ProblemSpec([ExpertSpec("mnist", "lenet5_half"), ExpertSpec("cifar10", "lenet5_half")]),
     }
 
 
@@ -104,6 +109,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     deterministic: bool = False
     force: bool = False  # retrain seeds whose checkpoint already exists
+    replace_stale: bool = False  # retrain a checkpoint made with other settings instead of stopping
 
 
 # The rules that need only each expert's logits on the test set, in the paper's table order.
@@ -155,6 +161,7 @@ class GanConfig:
     device: str = "auto"
     deterministic: bool = False
     force: bool = False
+    replace_stale: bool = False  # retrain a checkpoint made with other settings or upstream checkpoints
 
 
 @dataclass
@@ -185,6 +192,34 @@ class PanConfig:
     device: str = "auto"
     deterministic: bool = False
     force: bool = False
+    replace_stale: bool = False  # retrain a checkpoint made with other settings or upstream checkpoints
+
+
+@dataclass
+class ReproduceConfig:
+    """The whole pipeline (experiments/reproduce.py): experts -> generators -> gates -> merges -> report.
+
+    ``profile`` names ``experiments/profiles/PROFILE.yaml``, which fills the other keys; ``key=value``
+    arguments override it. Stage arguments are exactly what the stage script takes on its command
+    line (YAML files and ``key=value``), so the batch script runs the same steps."""
+
+    profile: str = "quick"
+    seeds: list[int] = field(default_factory=lambda: PAPER_SEEDS[:2])
+    experts: list[str] = field(default_factory=list)  # arguments of every train_source_networks.py step
+    gan: list[str] = field(default_factory=list)  # ... of every train_gan.py step
+    pan: list[str] = field(default_factory=list)  # ... of every train_pan.py step
+    merge: list[str] = field(default_factory=list)  # ... of every merge.py step
+    problems: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # name -> {gan: [...], pan: [...]}
+    tables: dict[str, list[str]] = field(default_factory=dict)  # experiments/NAME.yaml -> extra merge arguments
+    scaling: dict[str, list[str]] = field(default_factory=dict)  # series name -> problems, fewest experts first
+    only_problems: list[str] = field(default_factory=list)  # run just these problems (and tables using only them)
+    data_dir: str = field(default_factory=default_data_dir)
+    ckpt_dir: str = "checkpoints/quick"
+    results_dir: str = "results/quick"
+    device: str = "auto"
+    force: bool = False  # redo every step's work, ignoring finished checkpoints and cached rows
+    report_only: bool = False  # rebuild the report from the results already written
+    write_script: bool = False  # write experiments/reproduce_PROFILE.sh (the stages as shell commands) and stop
 
 
 C = TypeVar("C")

@@ -77,6 +77,201 @@ def gates_report(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- the reproduction report
+
+# The paper's logit statistics; max_logit is the naive rule written as a score, so it sits here.
+LOGIT_STATISTICS = {"naive", "std_lower", "std_higher", "ratio", "overall_ratio", "thirdQ", "thirdQ_original",
+                    "max_logit"}
+OOD_SCORES = {"max_softmax", "energy", "neg_entropy"}
+REGIME_NAMES = {"real": "real data", "synthetic": "data-free", "noise": "noise negatives"}
+FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "multi-pass mean", "multi-pass voting",
+            "gates, real data", "gates, data-free", "gates, noise negatives",
+            "universal gate, real data", "universal gate, data-free",
+            "universal gate, real data, unseen experts", "universal gate, data-free, unseen experts"]
+
+
+def family(row: dict) -> str | None:
+    """The family of rules a strategy row belongs to (None for rules outside every family)."""
+    rule, params = row["rule"], row.get("params", {})
+    if rule == "oracle":
+        return "oracle (bound)"
+    if rule in LOGIT_STATISTICS:
+        return "logit statistics"
+    if rule in OOD_SCORES:
+        return "OOD scores"
+    if rule in ("tta_mean", "tta_voting"):
+        return "multi-pass " + rule.removeprefix("tta_")
+    if rule.startswith("gate_"):
+        regime = REGIME_NAMES[params["regime"]]
+        if params["gate"] != "universal" or params["regime"] == "noise":
+            return f"gates, {regime}"
+        seen = (params.get("gates_from") or row["problem"]) == row["problem"]
+        return f"universal gate, {regime}" + ("" if seen else ", unseen experts")
+    return None
+
+
+def strategy_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    """Strategy rows by label, one per seed: a rule that several tables ran (naive) counts once."""
+    by_label: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r.get("kind") == "strategy":
+            by_label.setdefault(r["strategy"], {}).setdefault(r["seed"], r)
+    return {label: list(per_seed.values()) for label, per_seed in by_label.items()}
+
+
+def best_of_families(rows: list[dict]) -> list[dict]:
+    """For one problem's rows: the best strategy (highest mean accuracy) of each family present."""
+    best: dict[str, dict] = {}
+    for label, group in strategy_rows(rows).items():
+        name = family(group[0])
+        if name is None:
+            continue
+        mean, std = mean_std(r["acc"] for r in group)
+        if name not in best or mean > best[name]["mean"]:
+            best[name] = {"problem": group[0]["problem"], "family": name, "best": label, "mean": mean,
+                          "std": std, "seeds": len(group), "n": group[0].get("n")}
+    return [best[name] for name in FAMILIES if name in best]
+
+
+def families_table(best: list[dict]) -> str:
+    lines = ["| family | best rule | accuracy (%) | seeds | test images |", "|---|---|---|---|---|"]
+    lines += [f"| {b['family']} | {b['best']} | {100 * b['mean']:.2f} ± {100 * b['std']:.2f} | {b['seeds']} | "
+              f"{b['n']} |" for b in best]
+    return "\n".join(lines) + "\n"
+
+
+SCALING_COLUMNS = {"oracle": "oracle (bound)", "naive": "naive", "best OOD score": "OOD scores",
+                   "best data-free gate": "gates, data-free", "universal gate, data-free": "universal gate, data-free",
+                   "universal gate, data-free, unseen": "universal gate, data-free, unseen experts"}
+
+
+def scaling_rows(series: dict[str, list[str]], rows_by_problem: dict[str, list[dict]],
+                 experts_per_problem: dict[str, int]) -> list[dict]:
+    """How the best rule of each column's family does as a series of problems adds experts."""
+    out = []
+    for name, problems in series.items():
+        for problem in problems:
+            rows = rows_by_problem.get(problem, [])
+            best = {b["family"]: b for b in best_of_families(rows)}
+            naive = strategy_rows(rows).get("naive")
+            if naive:
+                best["naive"] = {"best": "naive", **dict(zip(("mean", "std"), mean_std(r["acc"] for r in naive)))}
+            out.append({"series": name, "problem": problem, "experts": experts_per_problem.get(problem),
+                        **{column: best.get(fam) for column, fam in SCALING_COLUMNS.items()}})
+    return out
+
+
+def scaling_table(rows: list[dict]) -> str:
+    header = ["series", "problem", "experts", *SCALING_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [f"{100 * r[c]['mean']:.2f} ± {100 * r[c]['std']:.2f}" if r[c] else "not run"
+                 for c in SCALING_COLUMNS]
+        lines.append("| " + " | ".join([r["series"], r["problem"], str(r["experts"] or "n/a"), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pivot(rows: list[dict], key, column, columns: list[str], key_names: list[str]) -> list[str]:
+    groups = [g for g in strategy_rows(rows).values() if column(g[0]) in columns]
+    keys = list(dict.fromkeys(key(g[0]) for g in groups))
+    lines = ["| " + " | ".join(key_names + columns) + " |", "|" + "---|" * (len(key_names) + len(columns))]
+    for k in keys:
+        cells = []
+        for c in columns:
+            group = next((g for g in groups if key(g[0]) == k and column(g[0]) == c), None)
+            cells.append(pct([r["acc"] for r in group]) if group else "")
+        lines.append("| " + " | ".join([*k, *cells]) + " |")
+    return lines
+
+
+def _baselines(rows: list[dict]) -> str:
+    groups = strategy_rows(rows)
+    parts = [f"{label} {pct([r['acc'] for r in groups[label]])}" for label in ("oracle", "naive", "energy")
+             if label in groups]
+    return "Baselines: " + "; ".join(parts) + "." if parts else ""
+
+
+def multipass_table(rows: list[dict], title: str) -> str:
+    """The paper's multi-pass table: one line per test-time augmentation setting, mean and voting side by side."""
+    seeds = len({r["seed"] for r in rows})
+    lines = [f"### {title}", "", f"{seeds} seed(s); accuracy in % as mean ± std over seeds. {_baselines(rows)}".rstrip(),
+             ""]
+    lines += _pivot(rows, key=lambda r: (r["params"]["setting"],), column=lambda r: r["rule"],
+                    columns=["tta_mean", "tta_voting"], key_names=["setting"])
+    return "\n".join(lines) + "\n"
+
+
+def gates_table(rows: list[dict], title: str) -> str:
+    """Gates by data regime and gate type (rows) and routing rule (columns)."""
+    seeds = len({r["seed"] for r in rows})
+    lines = [f"### {title}", "", f"{seeds} seed(s); accuracy in % as mean ± std over seeds. {_baselines(rows)}".rstrip(),
+             ""]
+    lines += _pivot(rows, key=lambda r: (r["params"]["regime"], r["params"]["gate"],
+                                         r["params"].get("gates_from") or "this problem"),
+                    column=lambda r: r["rule"], columns=["gate_hard", "gate_confident", "gate_soft"],
+                    key_names=["regime", "gate type", "gates trained on"])
+    return "\n".join(lines) + "\n"
+
+
+def table_report(name: str, rows: list[dict]) -> str:
+    """A merge table in the paper's layout for its kind (named by the experiment file's prefix)."""
+    title = f"{name} ({rows[0]['problem']})" if rows else name
+    if name.startswith("multipass_"):
+        return multipass_table(rows, title)
+    if name.startswith("gates_"):
+        return gates_table(rows, title)
+    return merge_report(rows, title)
+
+
+def timings_table(timings: list[dict]) -> str:
+    """Wall time per stage and in total; steps that reused finished work are counted apart."""
+    stages = list(dict.fromkeys(t["stage"] for t in timings))
+    lines = ["| stage | steps | reused earlier work | wall time (s) |", "|---|---|---|---|"]
+    for stage in stages:
+        group = [t for t in timings if t["stage"] == stage]
+        lines.append(f"| {stage} | {len(group)} | {sum(t['reused'] for t in group)} | "
+                     f"{sum(t['wall_s'] for t in group):.1f} |")
+    lines.append(f"| total | {len(timings)} | {sum(t['reused'] for t in timings)} | "
+                 f"{sum(t['wall_s'] for t in timings):.1f} |")
+    devices = ", ".join(sorted({t["device"] for t in timings}))
+    return "\n".join(lines) + f"\n\nDevice: {devices}.\n"
+
+
+def reproduction_report(header: str, tables: dict[str, list[dict]], series: dict[str, list[str]],
+                        experts_per_problem: dict[str, int], experts: list[dict], generators: list[dict],
+                        gates: dict[str, list[dict]], timings: list[dict], figures: dict[str, str]) -> str:
+    """The whole report of one pipeline run, from its result rows (pure: no file is read)."""
+    rows_by_problem: dict[str, list[dict]] = {}
+    for rows in tables.values():
+        for r in rows:
+            rows_by_problem.setdefault(r["problem"], []).append(r)
+    parts = [header, "## Best rule of each family", "",
+             "Accuracy on the combined test set, best rule of each family by mean over seeds.", ""]
+    for problem, rows in rows_by_problem.items():
+        parts += [f"### {problem}", "", families_table(best_of_families(rows))]
+    if "families" in figures:
+        parts += [f"![accuracy by family]({figures['families']})", ""]
+    if series:
+        parts += ["## Scaling with the number of experts", "",
+                  "Best rule of each family as a series of problems adds experts (mean ± std in %).", "",
+                  scaling_table(scaling_rows(series, rows_by_problem, experts_per_problem))]
+    if experts:
+        parts += ["## Experts", "", experts_report(experts)]
+    if generators:
+        parts += ["## Data-free generators", "", generators_report(generators)]
+        if "gan_samples" in figures:
+            parts += [f"![generator samples]({figures['gan_samples']})", ""]
+    if gates:
+        parts += ["## Gate membership accuracy on the real combined test set", ""]
+        for problem, rows in gates.items():
+            parts += [f"### {problem}", "", gates_report(rows)]
+    parts += ["## Tables", ""]
+    parts += [table_report(name, rows) for name, rows in tables.items() if rows]
+    if timings:
+        parts += ["## Wall time", "", timings_table(timings)]
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
 def main(paths: list[str]) -> str:
     """Markdown for result files, by the kind of rows each holds."""
     parts = []

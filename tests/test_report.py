@@ -1,6 +1,8 @@
 """report.py: the Markdown table of merge rows (golden output) and the command line on .jsonl files."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import report
 from common import read_rows, write_rows
 from report import merge_report, pct
@@ -117,3 +119,75 @@ def test_generators_and_gates_reports_golden(tmp_path):
         "| real | feature | 85.00 ± 7.07 | 70.00 ± 0.00 |\n")
     paths = [write_rows(tmp_path / name, rows)["jsonl"] for name, rows in (("g", gan_rows), ("p", gate_rows))]
     assert report.main(paths) == report.generators_report(gan_rows) + "\n" + report.gates_report(gate_rows)
+
+
+# ---------------------------------------------------------------- the reproduction report
+
+def rule_row(problem, seed, rule, acc, **params):
+    label = rule + (f"({','.join(f'{k}={v}' for k, v in params.items() if v != '')})" if params else "")
+    return {"problem": problem, "seed": seed, "kind": "strategy", "strategy": label, "rule": rule,
+            "params": params, "acc": acc, "acc_per_domain": {"a": acc, "b": acc}, "routing_acc": acc,
+            "time_s": 0.001, "n": 100 if rule.startswith("tta_") else 1000}
+
+
+def problem_tables(problem: str, shift: float) -> dict[str, list[dict]]:
+    """Rows of a logit, a multi-pass, a gates and a universal table over two seeds."""
+    logit, multipass, gates, universal = [], [], [], []
+    for seed, noise in ((1, 0.01), (2, -0.01)):
+        def acc(value):
+            return round(value - shift + noise, 4)
+        naive = rule_row(problem, seed, "naive", acc(0.90))
+        logit += [naive, rule_row(problem, seed, "std_lower", acc(0.10)), rule_row(problem, seed, "energy", acc(0.91)),
+                  rule_row(problem, seed, "max_softmax", acc(0.89)), rule_row(problem, seed, "oracle", acc(0.99))]
+        multipass += [naive] + [rule_row(problem, seed, rule, acc(value), setting=setting)
+                                for rule, setting, value in (("tta_mean", "flips", 0.80), ("tta_voting", "flips", 0.85),
+                                                             ("tta_mean", "gaussian_1", 0.88))]
+        for regime, base in (("real", 0.97), ("synthetic", 0.92), ("noise", 0.70)):
+            for gate in ("feature", "universal"):
+                gates += [rule_row(problem, seed, rule, acc(base - 0.01 * i), gate=gate, regime=regime, gates_from="")
+                          for i, rule in enumerate(("gate_hard", "gate_confident", "gate_soft"))]
+        universal += [naive, rule_row(problem, seed, "gate_hard", acc(0.88), gate="universal", regime="synthetic",
+                                      gates_from="other_problem")]
+    return {f"logit_rules_{problem}": logit, f"multipass_{problem}": multipass, f"gates_{problem}": gates,
+            f"universal_{problem}": universal}
+
+
+def test_reproduction_report_golden():
+    tables = {**problem_tables("two", 0.0), **problem_tables("five", 0.05)}
+    experts = [{"task": "mnist", "arch": "lenet5", "seed": s, "test_acc": a, "device": "cpu"}
+               for s, a in ((1, 0.98), (2, 0.99))]
+    generators = [{"task": "mnist", "arch": "lenet5", "seed": s, "balance": 0.9, "mean_confidence": 0.8,
+                   "cross_seed_agreement": 0.5, "train_time_s": 10.0} for s in (1, 2)]
+    gates = {"two": [{"regime": "real", "gate_type": "feature", "expert": "a", "seed": s, "membership_acc": 0.9}
+                     for s in (1, 2)]}
+    timings = [{"stage": stage, "step": "x", "seed": s, "wall_s": wall, "reused": reused, "device": "cpu"}
+               for stage, s, wall, reused in (("experts", 1, 10.0, False), ("experts", 2, 12.5, False),
+                                              ("merge", 1, 3.0, True), ("merge", 2, 1.25, False))]
+    text = report.reproduction_report(
+        "# Report\n", tables, {"series": ["two", "five", "missing"]}, {"two": 2, "five": 5}, experts, generators,
+        gates, timings, {"families": "figures/families.png", "gan_samples": "figures/gan_samples.png"})
+    golden = Path(__file__).parent / "golden" / "reproduction_report.md"
+    assert text == golden.read_text()
+
+
+def test_families_classify_every_kind_of_rule():
+    def fam(rule, problem="p", **params):
+        return report.family({"rule": rule, "problem": problem, "params": params})
+
+    assert fam("oracle") == "oracle (bound)"
+    assert fam("max_logit") == fam("naive") == fam("thirdQ_original") == "logit statistics"
+    assert fam("energy") == "OOD scores"
+    assert fam("tta_voting", setting="flips") == "multi-pass voting"
+    assert fam("gate_soft", gate="logits", regime="synthetic", gates_from="") == "gates, data-free"
+    assert fam("gate_hard", gate="universal", regime="noise", gates_from="") == "gates, noise negatives"
+    assert fam("gate_hard", gate="universal", regime="real", gates_from="p") == "universal gate, real data"
+    assert fam("gate_hard", gate="universal", regime="synthetic", gates_from="q") == (
+        "universal gate, data-free, unseen experts")
+    assert fam("something_new") is None
+
+
+def test_best_of_a_family_is_the_highest_mean_and_counts_a_rule_once():
+    rows = [rule_row("p", s, rule, acc) for s in (1, 2) for rule, acc in (("naive", 0.9), ("ratio", 0.5))]
+    rows += rows[:2]  # the same seed's naive row from a second table
+    best = report.best_of_families(rows)
+    assert [(b["family"], b["best"], b["seeds"]) for b in best] == [("logit statistics", "naive", 2)]

@@ -1,0 +1,280 @@
+"""Reproduce the paper with one command: experts -> generators -> gates -> every merge table -> report.
+
+    python experiments/reproduce.py                  # the quick profile (2 CPU cores, minutes)
+    python experiments/reproduce.py profile=paper    # 10 seeds at the paper's budgets, for a GPU
+    python experiments/reproduce.py profile=cpu only_problems=[disjoint_mnist]
+
+A profile (``experiments/profiles/NAME.yaml``) lists the seeds, each stage script's arguments, the
+problems and the merge tables. Every step calls a stage script's ``main`` in-process, one seed at a
+time under a single progress bar, then once more over all seeds to write the stage's result files
+(cheap: every seed is finished by then). The stage scripts skip finished checkpoints and cached
+rows, so a rerun after an interruption redoes only what is missing, and retrain what a redone
+upstream step made stale. Run from the repository root. ``write_script=true`` writes
+``experiments/reproduce_PROFILE.sh``: the same steps as shell commands, for running stages by hand.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import config  # noqa: E402
+from common import (CheckpointError, atomic_write_text, cli, hidden_inner_progress, print_summary, progress, read_rows,  # noqa: E402
+                    resolve_device, write_rows)
+from data import DataError  # noqa: E402
+from report import best_of_families, reproduction_report, scaling_rows  # noqa: E402
+from strategies import parse_strategies  # noqa: E402
+
+PROFILES = REPO / "experiments" / "profiles"
+# stage -> (script module, its config class); the order is the pipeline's
+STAGES = {"experts": ("train_source_networks", config.TrainConfig), "generators": ("train_gan", config.GanConfig),
+          "gates": ("train_pan", config.PanConfig), "merge": ("merge", config.MergeConfig)}
+PROBLEM_STAGE_KEYS = {"gan": "generators", "pan": "gates"}
+
+
+@dataclass
+class Step:
+    """One call of a stage script: its stage, what it works on, and its arguments (seeds come later)."""
+
+    stage: str
+    label: str
+    args: list[str]
+
+    @property
+    def script(self) -> str:
+        return STAGES[self.stage][0] + ".py"
+
+
+def load_config(argv: list[str] | None = None) -> config.ReproduceConfig:
+    """``profile=NAME`` (default quick) loads experiments/profiles/NAME.yaml; other arguments override it."""
+    argv = sys.argv[1:] if argv is None else argv
+    name = config.parse_args(config.ReproduceConfig, [a for a in argv if a.startswith("profile=")]).profile
+    path = PROFILES / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        raise config.ConfigError(f"unknown profile {name!r}; choices: {choices}")
+    return config.parse_args(config.ReproduceConfig, [str(path), *argv])
+
+
+def plan(cfg: config.ReproduceConfig) -> list[Step]:
+    """The steps of a profile in pipeline order; every step's arguments are parsed here, so a bad
+    argument stops the run before any work."""
+    known = config.parse_args(config.MergeConfig, cfg.merge).problems
+    problems = [p for p in cfg.problems if not cfg.only_problems or p in cfg.only_problems]
+    unknown = [p for p in [*cfg.problems, *cfg.only_problems] if p not in known]
+    if unknown:
+        raise config.ConfigError(f"unknown problem(s) {unknown}; choices: {', '.join(known)}")
+    for problem, extra in cfg.problems.items():
+        bad = [k for k in extra if k not in PROBLEM_STAGE_KEYS]
+        if bad:
+            raise config.ConfigError(f"problems.{problem}: unknown key(s) {bad}; choices: {', '.join(PROBLEM_STAGE_KEYS)}")
+    experts = dict.fromkeys((e.task, e.arch) for p in problems for e in known[p].experts)
+    steps = [Step("experts", f"{task} {arch}", [*cfg.experts, f"dataset={task}", f"arch={arch}"])
+             for task, arch in experts]
+    for key, stage in PROBLEM_STAGE_KEYS.items():
+        steps += [Step(stage, p, [*getattr(cfg, key), *cfg.problems[p].get(key, []), f"problem={p}"]) for p in problems]
+    for table, extra in cfg.tables.items():
+        args = [*cfg.merge, f"experiments/{table}.yaml", *extra]
+        table_cfg = parse_step(Step("merge", table, args), cfg.seeds)
+        needs = {table_cfg.problem} | {c.param("gates_from") for c in parse_strategies(table_cfg.strategies)} - {None, ""}
+        if needs <= set(problems):
+            steps.append(Step("merge", table, args))
+        elif not cfg.only_problems:
+            raise config.ConfigError(f"table {table} needs problem(s) {sorted(needs - set(problems))}; add them "
+                                     f"under `problems`")
+    for step in steps:
+        parse_step(step, cfg.seeds)
+    return steps
+
+
+def shared_args(cfg: config.ReproduceConfig, stage: str, seeds: list[int], force: bool) -> list[str]:
+    """The arguments every step gets from the pipeline: seeds and where things live."""
+    args = [f"seeds=[{','.join(map(str, seeds))}]", f"ckpt_dir={cfg.ckpt_dir}", f"results_dir={cfg.results_dir}"]
+    if stage != "merge":  # a redone upstream step makes downstream checkpoints stale: retrain them
+        args.append("replace_stale=true")
+    return args + (["force=true"] if force else [])
+
+
+def parse_step(step: Step, seeds: list[int], extra: list[str] = ()):
+    with _in_repo():
+        return config.parse_args(STAGES[step.stage][1], [*step.args, f"seeds={seeds}", *extra])
+
+
+@contextlib.contextmanager
+def _in_repo():
+    """Stage arguments name experiment files relative to the repository root."""
+    import os
+
+    previous = os.getcwd()
+    os.chdir(REPO)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def run_step(step: Step, cfg: config.ReproduceConfig, seeds: list[int], force: bool) -> dict:
+    module = importlib.import_module(STAGES[step.stage][0])
+    local = [f"device={cfg.device}"]
+    if "data_dir" in {f.name for f in dataclasses.fields(STAGES[step.stage][1])}:  # generators read no data
+        local.append(f"data_dir={cfg.data_dir}")
+    stage_cfg = parse_step(step, seeds, [*shared_args(cfg, step.stage, seeds, force), *local])
+    try:
+        return module.main(stage_cfg)
+    except (config.ConfigError, CheckpointError, DataError) as err:
+        raise type(err)(f"{step.stage} step {step.label!r}: {err}") from None
+
+
+def script_path(profile: str) -> Path:
+    return REPO / "experiments" / f"reproduce_{profile}.sh"
+
+
+def render_script(cfg: config.ReproduceConfig, steps: list[Step]) -> str:
+    """The profile's steps as shell commands (all seeds at once), then the report."""
+    lines = ["#!/usr/bin/env bash",
+             f"# The {cfg.profile} profile, stage by stage. Generated by",
+             f"#   python experiments/reproduce.py profile={cfg.profile} write_script=true",
+             "# from experiments/profiles/" + f"{cfg.profile}.yaml; do not edit. Run from the repository root;",
+             "# the data root is $MOE_DATA_DIR (default ./data), the device cuda when available.",
+             "set -euo pipefail",
+             'PY="${PYTHON:-python}"']
+    for step in steps:
+        args = [*step.args, *shared_args(cfg, step.stage, cfg.seeds, force=False)]
+        lines.append(" ".join(['"$PY"', step.script, *map(shlex.quote, args)]))
+    lines.append(f'"$PY" experiments/reproduce.py profile={cfg.profile} report_only=true')
+    return "\n".join(lines) + "\n"
+
+
+def timing_row(step: Step, seed: int, wall_s: float, summary: dict, device: str) -> dict:
+    # a step that found all its work finished "reused" it; its time is not the time the work took
+    reused = summary.get("trained", summary.get("computed", 0)) == 0
+    return {"stage": step.stage, "step": step.label, "seed": seed, "wall_s": wall_s, "reused": reused, "device": device}
+
+
+def keep_work_timings(previous: list[dict], current: list[dict]) -> list[dict]:
+    """This run's timings, except that a step which only reused finished work keeps the time its
+    work took in an earlier run, so the table reports the cost of the work, not of the check."""
+    earlier = {(t["stage"], t["step"], t["seed"]): t for t in previous if not t["reused"]}
+    return [earlier.get((t["stage"], t["step"], t["seed"]), t) if t["reused"] else t for t in current]
+
+
+def run_pipeline(cfg: config.ReproduceConfig, steps: list[Step], log_path: Path) -> list[dict]:
+    """Every step for every seed under one bar, then each step over all seeds to write its results."""
+    device = str(resolve_device(cfg.device))
+    timings = []
+    units = [(step, seed) for step in steps for seed in cfg.seeds]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log, hidden_inner_progress():
+        bar = progress(units, outer=True, desc="reproduce", unit="step")
+        for step, seed in bar:
+            bar.set_postfix_str(f"{step.stage}: {step.label}, seed {seed}")
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(log):
+                summary = run_step(step, cfg, [seed], cfg.force)
+            timings.append(timing_row(step, seed, time.perf_counter() - start, summary, device))
+        for step in progress(steps, outer=True, desc="results files", unit="step"):
+            with contextlib.redirect_stdout(log):
+                run_step(step, cfg, cfg.seeds, force=False)
+    return timings
+
+
+def build_report(cfg: config.ReproduceConfig, steps: list[Step]) -> dict:
+    """results/PROFILE/report.md (+ CSV summaries and PNG figures) from the rows the stages wrote."""
+    results = Path(cfg.results_dir)
+    known = config.parse_args(config.MergeConfig, cfg.merge).problems
+    problems = list(dict.fromkeys(s.label for s in steps if s.stage == "gates"))
+    experts_rows = [r for s in steps if s.stage == "experts"
+                    for r in read_rows(results / "experts" / f"{s.label.replace(' ', '_')}.jsonl")]
+    generator_rows = list({(r["task"], r["arch"], r["seed"]): r for p in problems
+                           for r in read_rows(results / "gan" / f"{p}.jsonl")}.values())
+    gates = {p: read_rows(results / "gates" / f"{p}.jsonl") for p in problems}
+    tables = {s.label: read_rows(results / "merge" / f"{s.label}.jsonl") for s in steps if s.stage == "merge"}
+    timings = read_rows(results / "timings.jsonl")
+    series = {name: [p for p in members if p in problems] for name, members in cfg.scaling.items()}
+    series = {name: members for name, members in series.items() if len(members) > 1}
+    experts_per_problem = {p: len(known[p].experts) for p in problems}
+
+    rows_by_problem: dict[str, list[dict]] = {}
+    for rows in tables.values():
+        for r in rows:
+            rows_by_problem.setdefault(r["problem"], []).append(r)
+    best = {p: best_of_families(rows) for p, rows in rows_by_problem.items()}
+    outputs = write_rows(results / "families", [b for rows in best.values() for b in rows])
+    scaling = scaling_rows(series, rows_by_problem, experts_per_problem)
+    if scaling:
+        outputs["scaling"] = write_rows(results / "scaling", [
+            {k: v if not isinstance(v, dict) else {"best": v["best"], "mean": v["mean"], "std": v["std"]}
+             for k, v in r.items()} for r in scaling])["csv"]
+    figures = draw_figures(results, best, generator_rows)
+    outputs["figures"] = figures
+    header = "\n".join([
+        f"# Reproduction report: profile `{cfg.profile}`", "",
+        f"Written by `python experiments/reproduce.py profile={cfg.profile}`; seeds {cfg.seeds}; "
+        f"result rows beside this file. Figures: {'PNG files in figures/' if figures else 'not drawn (' + NO_FIGURES + ')'}.",
+        ""])
+    text = reproduction_report(header, tables, series, experts_per_problem, experts_rows, generator_rows, gates,
+                               timings, figures)
+    outputs["report"] = str(results / "report.md")
+    atomic_write_text(outputs["report"], text)
+    return outputs
+
+
+NO_FIGURES = "matplotlib is not installed"
+
+
+def draw_figures(results: Path, best: dict[str, list[dict]], generator_rows: list[dict]) -> dict[str, str]:
+    try:
+        import figures
+        figures._pyplot()
+    except ImportError:
+        return {}
+    drawn = {}
+    if best:
+        figures.family_bars(best, results / "figures" / "families.png")
+        drawn["families"] = "figures/families.png"
+    first_seed = {}
+    for r in generator_rows:
+        first_seed.setdefault((r["task"], r["arch"]), r)
+    grids = [(f"{task} ({arch}), seed {r['seed']}", results / "gan" / Path(r["grid"]).name)
+             for (task, arch), r in first_seed.items()]
+    grids = [(title, path) for title, path in grids if path.is_file()]
+    if grids:
+        figures.sample_grid_figure(grids, results / "figures" / "gan_samples.png")
+        drawn["gan_samples"] = "figures/gan_samples.png"
+    return drawn
+
+
+def main(cfg: config.ReproduceConfig) -> dict:
+    steps = plan(cfg)
+    if cfg.write_script:
+        path = script_path(cfg.profile)
+        atomic_write_text(path, render_script(cfg, steps))
+        path.chmod(0o755)
+        print_summary({"profile": cfg.profile, "script": str(path)})
+        return {"script": str(path)}
+    config.print_config(cfg)
+    results = Path(cfg.results_dir)
+    start = time.perf_counter()
+    if not cfg.report_only:
+        timings = run_pipeline(cfg, steps, results / "logs" / "reproduce.log")
+        write_rows(results / "timings", keep_work_timings(read_rows(results / "timings.jsonl"), timings))
+    outputs = build_report(cfg, steps)
+    config.save(cfg, results / "reproduce.config.yaml")
+    print(f"report: {outputs['report']} (tables, CSV and figures under {results}/)")
+    summary = {"profile": cfg.profile, "seeds": cfg.seeds, "steps": len(steps),
+               "wall_s": time.perf_counter() - start, "outputs": outputs}
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    cli(main, config.ReproduceConfig, load=load_config)

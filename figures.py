@@ -1,0 +1,68 @@
+"""PNG figures for the reproduction report: accuracy by strategy family, and generator samples.
+
+matplotlib is imported on first use, so the rest of the project runs where it is not installed
+(the report then goes without figures and says so).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from common import atomic_write_bytes
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def family_bars(best_by_problem: dict[str, list[dict]], path: str | Path) -> None:
+    """One panel per problem: the best rule of each family as a bar (mean, std over seeds as error
+    bars), the oracle as a dashed line."""
+    plt = _pyplot()
+    problems = list(best_by_problem)
+    heights = [len([b for b in best if b["family"] != "oracle (bound)"]) for best in best_by_problem.values()]
+    fig, axes = plt.subplots(len(problems), 1, figsize=(7, 0.9 + 0.32 * sum(heights) + 0.6 * len(problems)),
+                             gridspec_kw={"height_ratios": [max(h, 1) for h in heights]}, squeeze=False)
+    for ax, problem in zip(axes[:, 0], problems):
+        bars = [b for b in best_by_problem[problem] if b["family"] != "oracle (bound)"]
+        oracle = next((b for b in best_by_problem[problem] if b["family"] == "oracle (bound)"), None)
+        positions = range(len(bars))
+        ax.barh(positions, [100 * b["mean"] for b in bars], xerr=[100 * b["std"] for b in bars],
+                color="tab:blue", alpha=0.8, capsize=3)
+        ax.set_yticks(list(positions), [b["family"] for b in bars])
+        ax.invert_yaxis()
+        if oracle is not None:
+            ax.axvline(100 * oracle["mean"], color="black", linestyle="--", label=f"oracle {100 * oracle['mean']:.1f}")
+            ax.legend(loc="lower right", fontsize=8)
+        low = min([100 * b["mean"] for b in bars] + [100.0])
+        ax.set_xlim(max(0.0, low - 10), 100)
+        ax.set_title(problem, fontsize=10)
+    axes[-1, 0].set_xlabel("accuracy on the combined test set (%), best rule of each family")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def sample_grid_figure(grids: list[tuple[str, str | Path]], path: str | Path) -> None:
+    """The generators' sample grids (PNG files) side by side, each titled by its expert."""
+    plt = _pyplot()
+    columns = min(len(grids), 4)
+    rows = -(-len(grids) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (title, grid) in zip(axes.ravel(), grids):
+        ax.imshow(plt.imread(grid))
+        ax.set_title(title, fontsize=9)
+    _save(fig, path)
+    plt.close(fig)
