@@ -131,10 +131,15 @@ def train_one(cfg: config.GanConfig, task: str, arch: str, seed: int, device: to
     expert, ckpt = load_model(expert_path(cfg.ckpt_dir, task, arch, seed), expect_arch=arch,
                               hint=expert_command(task, arch, seed), device=device)
     settings = settings_of(cfg, ckpt["meta"]["row"])
+    fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
+    grid = Path(cfg.results_dir) / "gan" / f"{task}_{arch}_seed{seed}.png"
     row = reuse_checkpoint(path, settings, cfg.force, cfg.replace_stale)
     if row is not None:
-        return {**row, "resumed": True}
-    fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
+        if not grid.is_file():  # results moved or deleted: draw the same samples again from the checkpoint
+            generator = load_model(path, expect_arch="generator", device=device)[0]
+            images = sample_images(generator, fmt, cfg.eval_samples, derive_seed(seed, task, "fixed noise"), device)
+            atomic_write_bytes(grid, png_grid(images[:GRID_SAMPLES]))
+        return {**row, "grid": str(grid), "resumed": True}
     seed_everything(derive_seed(seed, task, arch, "generator"), cfg.deterministic)
     start = time.perf_counter()
     generator, log = train_generator(expert, fmt, cfg, seed, device, desc=f"{task} seed {seed}")
@@ -143,7 +148,6 @@ def train_one(cfg: config.GanConfig, task: str, arch: str, seed: int, device: to
     other_path = other_seed_expert(cfg.ckpt_dir, task, arch, seed)
     other = load_model(other_path, device=device)[0] if other_path else None
     quality = sample_quality(expert, fmt, images, other)
-    grid = Path(cfg.results_dir) / "gan" / f"{task}_{arch}_seed{seed}.png"
     atomic_write_bytes(grid, png_grid(images[:GRID_SAMPLES]))
     row = {"task": task, "arch": arch, "seed": seed, "expert_checkpoint": str(expert_path(cfg.ckpt_dir, task, arch, seed)),
            **quality, "other_expert": str(other_path) if other_path else None, "final_loss": log[-1] if log else None,

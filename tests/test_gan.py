@@ -326,6 +326,20 @@ def test_rerun_trains_nothing_and_touches_no_file(env, gan_run, monkeypatch):
     assert all(r["resumed"] is True for r in again)
 
 
+def test_resume_into_new_results_redraws_the_same_grids_without_training(env, gan_run, tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise Forbidden("a resumed generator must not train")
+
+    monkeypatch.setattr(train_gan, "train_generator", forbidden)
+    moved = tmp_path / "moved_results"
+    summary = train_gan.main(gan_cfg(env["ckpt"], moved))
+    assert summary["trained"] == 0
+    for row in read_rows(summary["outputs"]["jsonl"]):
+        grid = moved / "gan" / f"{row['task']}_{ARCH}_seed{row['seed']}.png"
+        assert row["grid"] == str(grid)
+        assert grid.read_bytes() == (gan_run["results"] / "gan" / grid.name).read_bytes()
+
+
 def test_other_settings_do_not_reuse_a_generator(env, gan_run, monkeypatch):
     ckpt = env["ckpt"]
     files = [generator_file(ckpt, t, s) for t in TASKS for s in SEEDS]
