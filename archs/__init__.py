@@ -5,19 +5,22 @@ the feature vector that feature-reading gates consume (DESIGN.md section 3).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch.nn as nn
 
 from archs.gates import PAN, AgnosticPAN
 from archs.generator import Discriminator, Generator
 from archs.lenet import LeNet5
+from archs.mlp import MLP
 from archs.resnet import ResNet18
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": lambda in_channels=1, num_classes=10: LeNet5(in_channels, num_classes),
     "lenet5_half": lambda in_channels=1, num_classes=10: LeNet5(in_channels, num_classes, half=True),
     "resnet18": lambda in_channels=3, num_classes=10: ResNet18(in_channels, num_classes),
+    # widths, bias, img_size and crop pass through (archs/mlp.py); fusion builds MLPs of any widths.
+    "mlp": lambda in_channels=1, num_classes=10, **kw: MLP(in_channels, num_classes, **kw),
 }
 # Gates and generators are built through the same registry, with their own arguments.
 AUX_ARCHS: dict[str, Callable[..., nn.Module]] = {
@@ -28,8 +31,10 @@ AUX_ARCHS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, **kwargs: int) -> nn.Module:
-    """Build a registered architecture; unknown names fail with the list of choices."""
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered architecture; keyword arguments pass through (mostly ints, MLP widths a list).
+
+    Unknown names fail with the list of choices."""
     table = {**ARCHS, **AUX_ARCHS}
     if name not in table:
         raise ValueError(f"unknown arch {name!r}; choices: {', '.join(table)}")

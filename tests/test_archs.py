@@ -10,7 +10,7 @@ import archs
 from archs import ARCHS, build_model
 
 # DESIGN.md section 3; an arch missing here still gets every generic check below.
-FEATURE_DIMS = {"lenet5": 120, "lenet5_half": 60, "resnet18": 512}
+FEATURE_DIMS = {"lenet5": 120, "lenet5_half": 60, "resnet18": 512, "mlp": 256}
 BATCH = 2
 
 
@@ -49,7 +49,9 @@ def test_logits_features_and_backward(name, in_channels):
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_defaults_build(name):
     model = build_model(name)
-    channels = model.state_dict()[next(k for k in model.state_dict() if k.endswith("weight"))].shape[1]
+    # an MLP's first weight has one column per pixel, so it says its channels itself
+    channels = getattr(model, "in_channels", None) or \
+        model.state_dict()[next(k for k in model.state_dict() if k.endswith("weight"))].shape[1]
     with torch.no_grad():
         assert model.eval()(batch(channels)).shape == (BATCH, 10)
 
@@ -96,6 +98,13 @@ def test_resnet18_layers():
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
     assert len([c for c in convs if c[2] == (3, 3)]) == 17  # stem + 8 blocks x 2
     assert linears == [(512, 7)]
+
+
+def test_mlp_layers():
+    convs, linears = layer_shapes(build_model("mlp"))
+    assert convs == [] and linears == [(784, 256), (256, 10)]  # 32x32 padded MNIST, cropped back to 28x28
+    _, linears = layer_shapes(build_model("mlp", in_channels=3, num_classes=5, widths=[400, 200], crop=0))
+    assert linears == [(3 * 32 * 32, 400), (400, 200), (200, 5)]
 
 
 def test_unknown_arch_lists_choices():

@@ -1,0 +1,27 @@
+"""Weight-space fusion of MLPs (DESIGN.md section 8): parents in, one new MLP out; the parents are never changed.
+
+- ``vanilla_avg``: parameter-wise mean of identical architectures (``transport.py``).
+- ``otfusion`` (Singh & Jaggi 2020): align every parent's neurons to an anchor's with exact optimal
+  transport, layer by layer, then average (``transport.py``).
+- ``clafusion`` (Nguyen et al. 2022): parents of different depths; align their hidden layers by
+  dynamic programming, insert identity layers into the shallower one, then ``otfusion``
+  (``cross_layer.py``).
+- Neuron interpolation (Luenam et al. 2025): ``hungarian_fusion`` (HF, two parents), ``kf_linear``
+  and ``kf_gradient`` (KF, any number), with uniform or conductance importance (``interpolation.py``).
+- Ensembles of the parents' outputs, the baseline fusion has to beat (``ensemble.py``).
+
+Parents are ``archs.mlp.MLP``s reading the same inputs and predicting the same classes; a "level" is
+one Linear layer (hidden layers, then the output layer), and neurons are compared through their
+pre-activations (before the ReLU), rows = samples.
+"""
+from fusion.cross_layer import align_layers, clafusion, finetune, insert_identity_layers, layer_cost_matrix, linear_cka
+from fusion.ensemble import class_share_weights, ensemble_softmax
+from fusion.interpolation import (conductance_importance, hungarian_fusion, kf_gradient, kf_linear,
+                                  uniform_importance)
+from fusion.transport import otfusion, vanilla_avg
+
+__all__ = [
+    "align_layers", "class_share_weights", "clafusion", "conductance_importance", "ensemble_softmax", "finetune",
+    "hungarian_fusion", "insert_identity_layers", "kf_gradient", "kf_linear", "layer_cost_matrix", "linear_cka",
+    "otfusion", "uniform_importance", "vanilla_avg",
+]
