@@ -83,7 +83,7 @@ def train_expert(cfg: config.TrainConfig, seed: int, train, test, device: torch.
     fmt = InputFormat.of(train.source)
     row = reuse_checkpoint(path, settings, cfg.force, cfg.replace_stale)
     if row is not None:
-        if row["test_limit"] != cfg.test_limit:  # the stored accuracy was measured on another test subset
+        if row.get("test_limit", "unknown") != cfg.test_limit:  # accuracy measured on another test subset
             model = load_model(path, expect_arch=cfg.arch, device=device)[0]
             row = {**row, "test_limit": cfg.test_limit, "test_acc": accuracy(
                 model, prepare_input(to_unit(test.images, device), fmt), test.labels.to(device))}
