@@ -35,13 +35,28 @@ class ConfigError(ValueError):
 
 @dataclass
 class TaskSpec:
-    """An expert's training task: a source dataset and the subset of its classes it learns.
+    """An expert's training task: a source dataset, the subset of its classes it learns, and optionally
+    one part of a split of its training set (the parents of weight-space fusion, DESIGN.md section 8).
 
     The expert's local label j is ``classes[j]`` of the source dataset; ``classes: null`` means all.
+    ``split`` cuts the task's *training* set into ``parts`` disjoint parts and keeps part ``part``
+    (test sets stay whole, so every part is scored on the same test set; data.split_parts does it):
+
+    - ``full``: no split (``parts``, ``part``, ``alpha`` and ``split_seed`` keep their defaults).
+    - ``dirichlet``: non-IID; each class is shared out by proportions drawn from Dirichlet(``alpha``),
+      one concentration per part (``null``: linspace(1, 5, parts)), seeded by ``split_seed``.
+    - ``shard``: the classes are dealt into ``parts`` contiguous groups; a part keeps its group's samples.
+
+    Every part keeps the task's whole label space, so each parent has a head over all its classes.
     """
 
     source: str
     classes: list[int] | None = None
+    split: str = "full"  # full, dirichlet or shard (data.SPLITS)
+    parts: int = 1
+    part: int = 0
+    alpha: list[float] | None = None
+    split_seed: int = 0
 
 
 def default_tasks() -> dict[str, TaskSpec]:
@@ -94,6 +109,9 @@ class TrainConfig:
 
     dataset: str = "mnist"  # a key of `tasks`
     arch: str = "lenet5"
+    # extra arguments of the arch beside in_channels and num_classes, e.g. {widths: [400, 200], bias: false}
+    # for arch=mlp; they are part of the checkpoint's settings and name (train_source_networks.arch_tag)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
     epochs: int = 10
     lr: float = 0.01

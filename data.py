@@ -2,7 +2,8 @@
 
 Images come back as uint8 ``[N, C, 32, 32]`` (MNIST-style sets padded 28 -> 32, as ``Pad(2)``), labels
 as int64. A decoded copy is cached under ``DATA_ROOT/.moe_cache`` so later loads skip the parsing,
-and in memory for the life of the process.
+and in memory for the life of the process. A task may keep just one part of a split of its training
+set (``split_parts``: per-class Dirichlet shares or class shards), as the parents of weight-space fusion do.
 
 Make a data root ready with ``python data.py DATA_ROOT``: files already there are used; otherwise the
 offline mirror (``$MOE_DATA_MIRROR`` or ``../shared/data/prepare_data.py``) lays them out, or
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import DATA_DIR_ENV, TaskSpec
+from common import derive_seed
+from config import DATA_DIR_ENV, ConfigError, TaskSpec
 
 MIRROR_ENV = "MOE_DATA_MIRROR"
 DEFAULT_MIRROR = Path(__file__).resolve().parent.parent / "shared" / "data" / "prepare_data.py"
@@ -54,6 +56,7 @@ SOURCES = {
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+SPLITS = ("full", "dirichlet", "shard")  # ways a task's training set is cut into parts (TaskSpec.split)
 
 
 @dataclass(frozen=True)
@@ -110,17 +113,30 @@ def load_source(name: str, split: str, data_dir: str | os.PathLike | None = None
 
 def load_task(task: TaskSpec, split: str, data_dir: str | os.PathLike | None = None,
               limit: int | None = None, download: bool = True) -> TaskData:
-    """The images of ``task.classes`` (all classes when None) with local labels 0..len(classes)-1."""
-    images, labels = load_source(task.source, split, data_dir, download)
+    """The images of ``task.classes`` (all classes when None) with local labels 0..len(classes)-1.
+
+    On the training split a task with ``task.split`` other than ``full`` keeps only its part (see
+    ``split_parts``); the test split stays whole, so every part is scored on the same test set.
+    ``limit`` then keeps the first N images, so a smoke run's images all belong to its part."""
+    classes = task_classes(task)
+    check_split(task)
+    images, labels = class_subset(*load_source(task.source, split, data_dir, download), classes)
+    if split == "train" and task.split != "full":
+        keep = split_parts(task, labels)[task.part]
+        images, labels = images[keep], labels[keep]
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return TaskData(images, labels, classes, task.source)
+
+
+def task_classes(task: TaskSpec) -> list[int]:
+    """The source classes a task learns, in local-label order; checked against its source."""
     n_classes = get_source(task.source).num_classes
     classes = list(range(n_classes)) if task.classes is None else list(task.classes)
     bad = [c for c in classes if not 0 <= c < n_classes]
     if bad or len(set(classes)) != len(classes) or not classes:
         raise DataError(f"task classes {classes} must be distinct ids in 0..{n_classes - 1} of {task.source}")
-    images, labels = class_subset(images, labels, classes)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return TaskData(images, labels, classes, task.source)
+    return classes
 
 
 def class_subset(images: torch.Tensor, labels: torch.Tensor,
@@ -254,6 +270,99 @@ def _read_cifar(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(batch_labels)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+# ---------------------------------------------------------------- splits into parts (fusion parents)
+
+def check_split(task: TaskSpec, name: str = "") -> None:
+    """Raise ConfigError, naming task ``name``, when the split fields of ``task`` do not fit together.
+
+    Fields a split kind does not use must keep their defaults: a value that would be silently ignored
+    is a mistake in the config."""
+    where = f"task {name!r}" if name else f"a task of {task.source}"
+    if task.split not in SPLITS:
+        raise ConfigError(f"{where}: unknown split {task.split!r}; choices: {', '.join(SPLITS)}")
+    if task.split == "full":
+        if (task.parts, task.part, task.alpha, task.split_seed) != (1, 0, None, 0):
+            raise ConfigError(f"{where}: parts, part, alpha and split_seed apply only to split: dirichlet "
+                              f"or shard (this task has split: full)")
+        return
+    if task.parts < 1:
+        raise ConfigError(f"{where}: parts must be at least 1, got {task.parts}")
+    if not 0 <= task.part < task.parts:
+        raise ConfigError(f"{where}: part {task.part} is out of range for parts={task.parts} "
+                          f"(choose 0..{task.parts - 1})")
+    if task.split == "dirichlet" and task.alpha is not None:
+        if len(task.alpha) != task.parts:
+            raise ConfigError(f"{where}: alpha has {len(task.alpha)} values but parts={task.parts}; give one "
+                              f"concentration per part, or alpha: null for linspace(1, 5, parts)")
+        if not all(a > 0 for a in task.alpha):
+            raise ConfigError(f"{where}: alpha values must be positive, got {task.alpha}")
+    if task.split == "shard":
+        if task.alpha is not None or task.split_seed != 0:
+            raise ConfigError(f"{where}: alpha and split_seed apply only to split: dirichlet (shard deals "
+                              f"the classes into contiguous groups, without randomness)")
+        n_classes = len(task_classes(task))
+        if task.parts > n_classes:
+            raise ConfigError(f"{where}: cannot shard {n_classes} classes into parts={task.parts} "
+                              f"(some parts would get no class)")
+
+
+def split_alpha(task: TaskSpec) -> list[float]:
+    """The Dirichlet concentration per part: ``task.alpha``, or linspace(1, 5, parts) when it is None."""
+    if task.alpha is not None:
+        return [float(a) for a in task.alpha]
+    return np.linspace(1.0, 5.0, task.parts).tolist()
+
+
+def split_parts(task: TaskSpec, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Cut a task's training set into ``task.parts`` disjoint parts that together hold every sample.
+
+    ``labels`` are the task's local training labels (as ``load_task`` makes them, before any limit);
+    returns one ascending index tensor into them per part.
+
+    - ``dirichlet``: for each class c, proportions p_c ~ Dirichlet(alpha) over the parts and a
+      permutation of c's samples are drawn from a generator seeded by (source, split_seed, c), and the
+      permuted samples go to the parts in consecutive chunks of those proportions. The seed names
+      the source class, so a class is shared out alike whichever subset of classes a task keeps.
+    - ``shard``: the classes are dealt into contiguous groups (``np.array_split``); part k keeps the
+      samples of group k.
+    - ``full``: one part, everything.
+    """
+    check_split(task)
+    classes = task_classes(task)
+    if task.split == "full":
+        return [torch.arange(len(labels))]
+    if task.split == "shard":
+        groups = np.array_split(np.arange(len(classes)), task.parts)
+        return [torch.nonzero(torch.isin(labels, torch.from_numpy(g))).flatten() for g in groups]
+    alpha = split_alpha(task)
+    chunks: list[list[np.ndarray]] = [[] for _ in range(task.parts)]
+    for j, c in enumerate(classes):
+        members = torch.nonzero(labels == j).flatten().numpy()
+        rng = np.random.default_rng(derive_seed(task.source, task.split_seed, c))
+        shares = rng.dirichlet(alpha)
+        members = members[rng.permutation(len(members))]
+        # cumulative cut points, so rounding never loses or repeats a sample
+        bounds = np.round(np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for k, chunk in enumerate(np.split(members, bounds)):
+            chunks[k].append(chunk)
+    return [torch.from_numpy(np.sort(np.concatenate(part))) for part in chunks]
+
+
+def task_identity(name: str, task: TaskSpec) -> dict:
+    """What an expert checkpoint records as its task (``meta["task"]``), compared when it is loaded.
+
+    A task without a split keeps the identity checkpoints have always stored, so they stay valid;
+    a split adds the fields that decide which samples the part holds (alpha resolved)."""
+    check_split(task, name)
+    identity = {"name": name, "source": task.source, "classes": task.classes}
+    if task.split == "full":
+        return identity
+    identity.update(split=task.split, parts=task.parts, part=task.part)
+    if task.split == "dirichlet":
+        identity.update(alpha=split_alpha(task), split_seed=task.split_seed)
+    return identity
 
 
 # ---------------------------------------------------------------- input formats

@@ -41,11 +41,18 @@ def score(decision: Decision, problem: Problem, labels: torch.Tensor, domain: to
     }
 
 
+def task_key(spec: config.TaskSpec) -> dict:
+    """A task as the fingerprint sees it; a whole-data task keeps its pre-split form, so rows cached
+    before tasks could be split stay valid."""
+    fields = config.to_dict(spec)
+    return fields if spec.split != "full" else {"source": spec.source, "classes": spec.classes}
+
+
 def fingerprint(problem: Problem, cfg: config.MergeConfig, seed: int) -> str:
     """Identifies what a seed's rows were computed from: problem, test subset and expert weights."""
     experts = [read_checkpoint(p)["meta"].get("row") for p in problem.expert_paths(cfg.ckpt_dir, seed)]
     spec = {"problem": config.to_dict(cfg.problems[cfg.problem]), "test_limit": cfg.test_limit,
-            "tasks": {t: config.to_dict(cfg.tasks[t]) for t in problem.tasks}, "experts": experts}
+            "tasks": {t: task_key(cfg.tasks[t]) for t in problem.tasks}, "experts": experts}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 from archs import ARCHS
 from common import CheckpointError, load_model
 from config import ConfigError, ProblemSpec, TaskSpec
-from data import InputFormat, load_task, prepare_input, to_unit
+from data import InputFormat, load_task, prepare_input, task_identity, to_unit
 from train_source_networks import expert_command, expert_path
 
 
@@ -66,7 +66,7 @@ class Problem:
             model, ckpt = load_model(path, expect_arch=arch, hint=expert_command(task, arch, seed),
                                      device=device)
             trained = ckpt["meta"]["task"]
-            wanted = {"name": task, "source": self.specs[task].source, "classes": self.specs[task].classes}
+            wanted = task_identity(task, self.specs[task])
             if trained != wanted:
                 raise CheckpointError(f"{path} holds an expert of {trained}, but the config defines {wanted}; "
                                       f"retrain it: {expert_command(task, arch, seed)} force=true")

@@ -137,6 +137,33 @@ def test_task_classes_null_means_all():
     assert cfg.tasks["first5_mnist"].classes is None
 
 
+def test_tasks_default_to_no_split():
+    assert TaskSpec("mnist") == TaskSpec("mnist", None, "full", 1, 0, None, 0)
+
+
+def test_split_task_from_yaml(tmp_path):
+    path = tmp_path / "parents.yaml"
+    path.write_text("tasks:\n  p: {source: mnist, split: dirichlet, parts: 2, part: 1, alpha: [1, 3]}\n"
+                    "  s: {source: mnist, classes: [0, 1, 2], split: shard, parts: 3}\n")
+    cfg = parse_args(TrainConfig, [str(path), "tasks.p.split_seed=4"])
+    assert cfg.tasks["p"] == TaskSpec("mnist", None, "dirichlet", 2, 1, [1.0, 3.0], 4)
+    assert cfg.tasks["s"] == TaskSpec("mnist", [0, 1, 2], "shard", 3, 0, None, 0)
+
+
+def test_arch_kwargs_are_a_mapping_of_plain_values():
+    assert TrainConfig().arch_kwargs == {}
+    cfg = parse_args(TrainConfig, ["arch=mlp", "arch_kwargs={widths: [400, 200, 100], bias: false}"])
+    assert cfg.arch_kwargs == {"widths": [400, 200, 100], "bias": False}
+    # like every mapping, a later value merges into the earlier one key by key
+    again = parse_args(TrainConfig, ["arch_kwargs={widths: [400], bias: false}", "arch_kwargs.widths=[8, 4]"])
+    assert again.arch_kwargs == {"widths": [8, 4], "bias": False}
+    cfg.arch_kwargs["widths"].append(1)
+    assert TrainConfig().arch_kwargs == {}
+    with pytest.raises(ConfigError) as err:
+        parse_args(TrainConfig, ["arch_kwargs=[400]"])
+    assert "arch_kwargs" in str(err.value) and "mapping" in str(err.value)
+
+
 # ---------------------------------------------------------------- errors
 
 def test_unknown_key_suggests_nearest():
@@ -229,13 +256,16 @@ def test_describe_is_the_resolved_config_as_yaml():
     loaded = yaml.safe_load(describe(cfg))
     assert loaded == to_dict(cfg)
     assert loaded["lr"] == 0.2
-    assert loaded["tasks"]["pair"] == {"source": "mnist", "classes": [3, 7]}
+    assert loaded["tasks"]["pair"] == {"source": "mnist", "classes": [3, 7], "split": "full", "parts": 1, "part": 0,
+                                       "alpha": None, "split_seed": 0}
 
 
 def test_save_round_trip(tmp_path):
     cfg = parse_args(TrainConfig, ["lr=1e-3", "epochs=3", "seeds=[0,1]", "batch_size=null", "deterministic=true",
                                    "tasks.pair.source=mnist", "tasks.pair.classes=[3,7]",
-                                   "tasks.mnist.classes=[1,2]", "dataset=pair", "data_dir=/x/y"])
+                                   "tasks.mnist.classes=[1,2]", "dataset=pair", "data_dir=/x/y",
+                                   "tasks.part.source=mnist", "tasks.part.split=shard", "tasks.part.parts=2",
+                                   "arch=mlp", "arch_kwargs={widths: [4], bias: false}"])
     path = tmp_path / "sub" / "run.config.yaml"
     save(cfg, path)
     assert path.is_file()

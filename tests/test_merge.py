@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import config
 import merge
 import problems
 import strategies
@@ -302,3 +303,10 @@ def test_an_expert_of_other_classes_is_refused(env, tmp_path):
     with pytest.raises(CheckpointError):
         merge.main(merge_cfg(env, tmp_path, "tasks.first5_mnist.classes=[4,3,2,1,0]", strategies="[naive]",
                              seeds=[1]))
+
+
+def test_task_key_keeps_whole_data_tasks_in_their_pre_split_form():
+    whole = config.TaskSpec("mnist", [0, 1])
+    assert merge.task_key(whole) == {"source": "mnist", "classes": [0, 1]}  # as rows cached before splits
+    part = config.TaskSpec("mnist", None, split="shard", parts=2, part=1)
+    assert merge.task_key(part)["split"] == "shard" and merge.task_key(part)["part"] == 1

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import train_source_networks as tsn
-from common import CheckpointError, load_model, read_rows
-from config import ConfigError, TrainConfig, parse_args
+from archs import build_model
+from archs.mlp import MLP
+from common import CheckpointError, load_model, read_rows, save_checkpoint
+from config import ConfigError, TaskSpec, TrainConfig, parse_args
 from data import InputFormat, load_task, prepare_input, to_unit
 
 SUMMARY_KEYS = {"task", "arch", "test_acc", "mean", "std", "trained", "resumed", "outputs"}
@@ -162,6 +164,119 @@ def test_resumed_accuracy_follows_test_limit(squares, tmp_path):
     with torch.no_grad():
         acc = (model(prepare_input(to_unit(test.images), InputFormat.of("mnist"))).argmax(1) == test.labels)
     assert again["test_acc"]["1"] == pytest.approx(acc.float().mean().item())
+
+
+# ---------------------------------------------------------------- fusion parents: MLPs with arch_kwargs, split tasks
+
+MLP_KWARGS = {"widths": [24, 12], "bias": False}
+DIR_PART1 = ["tasks.dir2_p1.source=mnist", "tasks.dir2_p1.split=dirichlet", "tasks.dir2_p1.parts=2",
+             "tasks.dir2_p1.part=1", "dataset=dir2_p1"]
+
+
+def test_mlp_parent_of_a_dirichlet_part_trains_and_reloads(squares, tmp_path):
+    summary = train(squares, tmp_path, *DIR_PART1, "arch=mlp", "arch_kwargs={widths: [24, 12], bias: false}",
+                    "seeds=[1]")
+    assert summary["trained"] == 1 and summary["arch"] == "mlp"
+    path = tsn.expert_path(tmp_path / "ckpt", "dir2_p1", "mlp", 1, MLP_KWARGS)
+    assert path.is_file() and path.name.startswith("dir2_p1_mlp-") and path.name.endswith("_seed1.pt")
+    assert path != tsn.expert_path(tmp_path / "ckpt", "dir2_p1", "mlp", 1)
+    model, ckpt = load_model(path, expect_arch="mlp")
+    assert isinstance(model, MLP) and model.widths == [24, 12] and model.layers[0].bias is None
+    assert ckpt["arch_kwargs"] == {"in_channels": 1, "num_classes": 10, **MLP_KWARGS}
+    assert ckpt["meta"]["settings"]["arch_kwargs"] == MLP_KWARGS
+    assert ckpt["meta"]["task"] == ckpt["meta"]["settings"]["task"] == {
+        "name": "dir2_p1", "source": "mnist", "classes": None, "split": "dirichlet", "parts": 2, "part": 1,
+        "alpha": [1.0, 5.0], "split_seed": 0}
+    # trained on its part only, scored on the whole test set
+    part = load_task(TaskSpec("mnist", split="dirichlet", parts=2, part=1), "train", squares.root, download=False)
+    row = read_rows(summary["outputs"]["jsonl"])[0]
+    assert row["class_counts"] == torch.bincount(part.labels, minlength=10).tolist()
+    assert 0 < sum(row["class_counts"]) < 200 and row["arch_kwargs"] == MLP_KWARGS
+    assert ckpt["meta"]["row"]["class_counts"] == row["class_counts"]
+    assert Path(summary["outputs"]["jsonl"]).name == f"dir2_p1_{tsn.arch_tag('mlp', MLP_KWARGS)}.jsonl"
+    test = load_task(TaskSpec("mnist"), "test", squares.root, download=False)
+    with torch.no_grad():
+        predictions = model(prepare_input(to_unit(test.images), InputFormat.of("mnist"))).argmax(1)
+    assert (predictions == test.labels).float().mean().item() == pytest.approx(summary["test_acc"]["1"])
+    # a rerun reuses it; another shape on the same part gets its own file rather than a clash
+    again = train(squares, tmp_path, *DIR_PART1, "arch=mlp", "arch_kwargs={widths: [24, 12], bias: false}",
+                  "seeds=[1]")
+    assert again["resumed"] == 1 and again["trained"] == 0
+    other = train(squares, tmp_path, *DIR_PART1, "arch=mlp", "arch_kwargs={widths: [16]}", "seeds=[1]")
+    assert other["trained"] == 1
+    assert tsn.expert_path(tmp_path / "ckpt", "dir2_p1", "mlp", 1, {"widths": [16]}).is_file()
+
+
+def test_a_task_name_reused_for_another_part_is_not_silently_reused(squares, tmp_path):
+    train(squares, tmp_path, *DIR_PART1, "arch=mlp", "arch_kwargs={widths: [8]}", "seeds=[1]", "epochs=1")
+    with pytest.raises(CheckpointError) as err:
+        train(squares, tmp_path, *DIR_PART1, "tasks.dir2_p1.part=0", "arch=mlp", "arch_kwargs={widths: [8]}",
+              "seeds=[1]", "epochs=1")
+    assert "task" in str(err.value) and "force=true" in str(err.value)
+
+
+def test_shard_parents_see_disjoint_classes_with_full_heads(squares, tmp_path):
+    counts = []
+    for part in (0, 1):
+        summary = train(squares, tmp_path, "tasks.s.source=mnist", "tasks.s.split=shard", "tasks.s.parts=2",
+                        f"tasks.s.part={part}", "dataset=s", "arch=mlp", "arch_kwargs={widths: [8]}",
+                        "seeds=[1]", "epochs=1", ckpt=f"ckpt{part}", results=f"results{part}")
+        counts.append(read_rows(summary["outputs"]["jsonl"])[0]["class_counts"])
+        _, ckpt = load_model(tsn.expert_path(tmp_path / f"ckpt{part}", "s", "mlp", 1, {"widths": [8]}))
+        assert ckpt["arch_kwargs"]["num_classes"] == 10
+    assert counts[0][5:] == [0] * 5 and counts[1][:5] == [0] * 5
+    full = torch.bincount(load_task(TaskSpec("mnist"), "train", squares.root, download=False).labels, minlength=10)
+    assert [a + b for a, b in zip(*counts)] == full.tolist()
+
+
+def test_checkpoint_saved_before_arch_kwargs_and_splits_is_reused(squares, tmp_path):
+    """A checkpoint as the trainer wrote it before arch_kwargs and splits existed keeps its path and is reused."""
+    path = tmp_path / "ckpt" / "experts" / "mnist_lenet5_seed1.pt"
+    assert tsn.expert_path(tmp_path / "ckpt", "mnist", "lenet5", 1) == path
+    old_settings = {"arch": "lenet5", "epochs": 2, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0,
+                    "batch_size": 20, "train_limit": None,
+                    "task": {"name": "mnist", "source": "mnist", "classes": None}}
+    old_row = {"task": "mnist", "arch": "lenet5", "seed": 1, "test_acc": 0.25, "test_limit": None,
+               "final_train_loss": 1.0, "train_time_s": 1.0, "device": "cpu", "checkpoint": str(path),
+               "resumed": False}
+    save_checkpoint(path, build_model("lenet5", in_channels=1, num_classes=10), "lenet5",
+                    {"in_channels": 1, "num_classes": 10}, {"dataset": "mnist"},
+                    {"task": old_settings["task"], "classes": list(range(10)),
+                     "input_format": InputFormat.of("mnist").as_dict(), "settings": old_settings,
+                     "train_losses": [1.0, 1.0], "row": old_row})
+    stamp = path.stat().st_mtime_ns
+    summary = train(squares, tmp_path, "seeds=[1]")
+    assert summary["resumed"] == 1 and summary["trained"] == 0 and summary["test_acc"]["1"] == 0.25
+    assert path.stat().st_mtime_ns == stamp
+    row = read_rows(summary["outputs"]["jsonl"])[0]
+    full = load_task(TaskSpec("mnist"), "train", squares.root, download=False)
+    assert row["class_counts"] == torch.bincount(full.labels, minlength=10).tolist() and row["arch_kwargs"] == {}
+    assert tsn.training_settings(parse_args(TrainConfig, ["epochs=2", "lr=0.05", "batch_size=20"])) == old_settings
+
+
+@pytest.mark.parametrize("arch, kwargs, words", [
+    ("lenet5", "{widths: [8]}", ["'lenet5'", "widths"]),
+    ("mlp", "{num_classes: 3}", ["may not set num_classes"]),
+    ("mlp", "{widths: []}", ["at least one hidden layer"]),
+])
+def test_bad_arch_kwargs_fail_before_loading_data(tmp_path, arch, kwargs, words):
+    cfg = parse_args(TrainConfig, [f"arch={arch}", f"arch_kwargs={kwargs}", f"data_dir={tmp_path / 'no_data'}",
+                                   f"ckpt_dir={tmp_path / 'c'}", "device=cpu"])
+    with pytest.raises(ConfigError) as err:  # not a DataError: the data root is empty
+        tsn.main(cfg)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_expert_command_carries_arch_kwargs():
+    assert tsn.expert_command("mnist", "lenet5", [1, 2]) == \
+        "python train_source_networks.py dataset=mnist arch=lenet5 seeds=[1,2]"
+    command = tsn.expert_command("p", "mlp", 3, MLP_KWARGS)
+    kwargs_arg = command.split("arch_kwargs=")[1].split("' ")[0].strip("'")
+    assert parse_args(TrainConfig, [f"arch_kwargs={kwargs_arg}"]).arch_kwargs == MLP_KWARGS
+    assert tsn.arch_tag("mlp", {}) == "mlp"
+    assert tsn.arch_tag("mlp", {"bias": False, "widths": [24, 12]}) == tsn.arch_tag("mlp", MLP_KWARGS)
+    assert tsn.arch_tag("mlp", {"widths": [24, 13], "bias": False}) != tsn.arch_tag("mlp", MLP_KWARGS)
 
 
 # ---------------------------------------------------------------- real data (skipped without a data root)
