@@ -73,18 +73,25 @@ def default_tasks() -> dict[str, TaskSpec]:
 
 @dataclass
 class ExpertSpec:
-    """One expert of a problem: the task it was trained on and its architecture."""
+    """One expert of a problem: the task it was trained on, its architecture and the arch's extra
+    arguments (``TrainConfig.arch_kwargs``, e.g. an MLP's widths; they are part of the checkpoint's name)."""
 
     task: str
     arch: str = "lenet5"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ProblemSpec:
     """A benchmark: its experts, in order. Expert k's local class j gets the next free global id, so
-    ``disjoint_mnist`` labels are the digits and ``mnist_cifar10`` puts CIFAR-10 at 10..19."""
+    ``disjoint_mnist`` labels are the digits and ``mnist_cifar10`` puts CIFAR-10 at 10..19.
+
+    ``shared_labels: true`` makes a problem of fusion parents instead (DESIGN.md section 8): every
+    expert predicts the same classes of the same source, the combined test set is that task's test
+    set once, and the global labels are the experts' own (problems.build_problem says more)."""
 
     experts: list[ExpertSpec]
+    shared_labels: bool = False
 
 
 def default_problems() -> dict[str, ProblemSpec]:
@@ -143,8 +150,11 @@ class MergeConfig:
     name: str = ""  # names the results files; empty: the problem's name
     strategies: list[Any] = field(default_factory=lambda: list(LOGIT_RULES))  # names or {name: ..., param: ...}
     seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
-    test_limit: int | None = None  # per expert's test subset, for smoke runs
+    test_limit: int | None = None  # per expert's test subset (shared labels: of the one test set), for smoke runs
     batch_size: int = 512  # evaluation batch (larger batches run slower on CPU: activations leave the cache)
+    # real training images (from the union of the parents' training sets) that weight-space fusion rules read
+    # to align or fit neurons; shared_labels problems only
+    fusion_samples: int = 400
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
     data_dir: str = field(default_factory=default_data_dir)

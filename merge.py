@@ -4,39 +4,51 @@
 
 Each seed's experts run once on the combined test set; every logit rule reads those logits, and
 each multi-pass setting runs the experts on its augmented copies once for both of its combiners.
+On a problem with shared labels (fusion parents) the weight-space fusion rules build one network
+from the experts, reading ``fusion_samples`` real training images drawn from the union of the
+parents' training sets; their rows record that count (``fusion_samples``, 0 for rules that read
+weights only), any fine-tuning data, and the time to fuse apart from evaluation (``fuse_time_s``).
 Rows (one per strategy and seed, plus the experts' own accuracies) go to
 ``results/merge/NAME.{jsonl,csv}`` with the config, and a Markdown report to ``NAME.md``. Rows of a
 seed are kept in ``results/merge/NAME/seedS.jsonl``, so a rerun computes only what is missing.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 import config
 from augments import TTA_SETTINGS, apply_augment
 from common import (CheckpointError, atomic_write_text, cli, derive_seed, load_model, make_generator, mean_std,
                     print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
+from data import InputFormat, load_task, prepare_input, to_unit
 from gating import gate_command, gate_inputs, gate_path, in_domain_probability
-from problems import Problem, build_problem, expert_activations, expert_logits
+from problems import Problem, build_problem, expert_activations, expert_logits, test_batches
 from report import merge_report
-from strategies import Decision, MergeInputs, StrategyCall, parse_strategies
+from strategies import (NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs, StrategyCall, check_fusion,
+                        parse_strategies)
 
 
 def score(decision: Decision, problem: Problem, labels: torch.Tensor, domain: torch.Tensor) -> dict:
-    """Accuracy overall and per domain, routing accuracy and routing counts of one decision."""
+    """Accuracy overall and per domain, routing accuracy and routing counts of one decision.
+
+    A rule that routes no sample (a fused network answers them all) has no routing accuracy: it is
+    None (null in JSON, empty in CSV), and its routing counts are 0."""
     correct = decision.pred.cpu() == labels
     chosen = decision.expert.cpu()
-    counts = torch.bincount(chosen.clamp(min=0), minlength=len(problem.tasks))
+    routed = chosen != NO_EXPERT
+    counts = torch.bincount(chosen[routed], minlength=len(problem.tasks))
     return {
         "acc": correct.float().mean().item(),
-        "acc_per_domain": {t: correct[domain == k].float().mean().item() for k, t in enumerate(problem.tasks)},
-        "routing_acc": (chosen == domain).float().mean().item(),
-        "routing_counts": {t: int(counts[k]) for k, t in enumerate(problem.tasks)},
+        "acc_per_domain": {t: correct[domain == k].float().mean().item() for k, t in enumerate(problem.names)},
+        "routing_acc": (chosen == domain).float().mean().item() if routed.any() else None,
+        "routing_counts": {t: int(counts[k]) for k, t in enumerate(problem.names)},
         "fallbacks": 0 if decision.fallback is None else int(decision.fallback.sum()),
     }
 
@@ -48,11 +60,22 @@ def task_key(spec: config.TaskSpec) -> dict:
     return fields if spec.split != "full" else {"source": spec.source, "classes": spec.classes}
 
 
+def problem_key(spec: config.ProblemSpec) -> dict:
+    """A problem as the fingerprint sees it: fields added later appear only when they differ from their
+    defaults, so rows cached before they existed stay valid."""
+    experts = [{"task": e.task, "arch": e.arch, **({"arch_kwargs": e.arch_kwargs} if e.arch_kwargs else {})}
+               for e in spec.experts]
+    return {"experts": experts, **({"shared_labels": True} if spec.shared_labels else {})}
+
+
 def fingerprint(problem: Problem, cfg: config.MergeConfig, seed: int) -> str:
-    """Identifies what a seed's rows were computed from: problem, test subset and expert weights."""
+    """Identifies what a seed's rows were computed from: problem, test subset and expert weights (and,
+    with shared labels, the number of fusion samples)."""
     experts = [read_checkpoint(p)["meta"].get("row") for p in problem.expert_paths(cfg.ckpt_dir, seed)]
-    spec = {"problem": config.to_dict(cfg.problems[cfg.problem]), "test_limit": cfg.test_limit,
+    spec = {"problem": problem_key(cfg.problems[cfg.problem]), "test_limit": cfg.test_limit,
             "tasks": {t: task_key(cfg.tasks[t]) for t in problem.tasks}, "experts": experts}
+    if problem.shared_labels:
+        spec["fusion_samples"] = cfg.fusion_samples
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -93,6 +116,36 @@ def gate_runner(cfg: config.MergeConfig, problem: Problem, activations, seed: in
     return run_gates
 
 
+def build_fusion_inputs(cfg: config.MergeConfig, problem: Problem, models: list[nn.Module],
+                        formats: list[InputFormat], class_counts: torch.Tensor, seed: int,
+                        device: torch.device) -> FusionInputs:
+    """What the fusion rules read: the parents, ``cfg.fusion_samples`` real training images and a predictor.
+
+    The samples are drawn, with a generator seeded by the seed and the problem, from the union of the
+    parents' training sets, each loaded as the trainer loaded it (its part of a split, its
+    ``train_limit``); parents trained on one set share it. All parents of a shared-labels problem
+    learn one source, so they read one input format."""
+    fmt = formats[0]
+    parts = dict.fromkeys(zip(problem.tasks, problem.train_limits(cfg.ckpt_dir, seed)))
+    sets = [load_task(problem.specs[task], "train", cfg.data_dir, limit) for task, limit in parts]
+    images, labels = torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets])
+    generator = make_generator(derive_seed(seed, problem.name, "fusion samples"))
+    chosen = torch.randperm(len(images), generator=generator)[:cfg.fusion_samples]
+
+    @torch.no_grad()
+    def predict(network) -> torch.Tensor:
+        # shared labels: an expert's local class is the global class
+        scores = [network(prepare_input(x, fmt)) for x in test_batches(problem, device, cfg.batch_size)]
+        return torch.cat(scores).argmax(dim=1).cpu()
+
+    @functools.cache
+    def training_data() -> tuple[torch.Tensor, torch.Tensor]:
+        return prepare_input(to_unit(images, device), fmt), labels.to(device)
+
+    return FusionInputs(list(models), prepare_input(to_unit(images[chosen], device), fmt),
+                        class_counts, predict, training_data, seed=derive_seed(seed, problem.name, "fusion"))
+
+
 def inputs_key(paths: list[Path]) -> list:
     """Identifies the gate files a row was computed from, so retrained gates invalidate it."""
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.exists()]
@@ -105,12 +158,14 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
     gate_keys = {c.label: inputs_key(gate_files(cfg, problem, c, seed)) for c in calls}
     cached = {} if cfg.force else {r["strategy"]: r for r in read_rows(cache_path) if r["fingerprint"] == key
                                    and r.get("gates", []) == gate_keys.get(r["strategy"], [])}
-    wanted = [f"expert:{t}" for t in problem.tasks] + [c.label for c in calls]
+    wanted = [f"expert:{t}" for t in problem.names] + [c.label for c in calls]
     if all(label in cached for label in wanted):
         return [cached[label] for label in wanted], False
 
     models, formats = problem.load_experts(cfg.ckpt_dir, seed, device)
-    labels, domain = problem.labels, problem.domain
+    labels = problem.labels
+    class_counts = problem.class_counts(cfg.ckpt_dir, seed, cfg.data_dir) if problem.shared_labels else None
+    domain = problem.owner_domain(class_counts) if problem.shared_labels else problem.domain
     start = time.perf_counter()
     activations = expert_activations(problem, models, formats, device, cfg.batch_size)
     logits = [lo for lo, _ in activations]
@@ -118,10 +173,11 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
     base = {"problem": cfg.problem, "name": cfg.name or cfg.problem, "seed": seed, "fingerprint": key,
             "device": str(device), "n": len(labels)}
     rows = {}
-    for k, task in enumerate(problem.tasks):
-        own = domain == k
+    for k, name in enumerate(problem.names):
+        # an expert's own test set: its part of the combined one, or all of it when labels are shared
+        own = torch.ones_like(domain, dtype=torch.bool) if problem.shared_labels else domain == k
         local_correct = problem.label_maps[k][logits[k][own.to(device)].argmax(1).cpu()] == labels[own]
-        rows[f"expert:{task}"] = {**base, "kind": "expert", "strategy": f"expert:{task}",
+        rows[f"expert:{name}"] = {**base, "kind": "expert", "strategy": f"expert:{name}",
                                   "acc": local_correct.float().mean().item()}
 
     inputs = MergeInputs(logits, problem.label_maps, domain.to(device),
@@ -137,6 +193,8 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
             start = time.perf_counter()
             inputs.passes(setting)
             pass_times[setting] = time.perf_counter() - start
+        if REGISTRY[call.name].fusion is not None and inputs.fusion is None:  # built once, for the first fusion rule
+            inputs.fusion = build_fusion_inputs(cfg, problem, models, formats, class_counts, seed, device)
         start = time.perf_counter()
         decision = call(inputs)
         if device.type == "cuda":
@@ -144,7 +202,7 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
         rule_time = time.perf_counter() - start
         rows[call.label] = {**base, "kind": "strategy", "strategy": call.label, "rule": call.name,
                             "params": call.params, "gates": gate_keys[call.label],
-                            **score(decision, problem, labels, domain),
+                            **score(decision, problem, labels, domain), **decision.row,
                             "time_s": rule_time,
                             "expert_time_s": logits_time + pass_times.get(setting, 0.0)}
     result = [rows[label] for label in wanted]
@@ -159,6 +217,10 @@ def main(cfg: config.MergeConfig) -> dict:
     calls = parse_strategies(cfg.strategies)
     if "oracle" not in [c.label for c in calls]:  # the bound goes beside every table
         calls.append(parse_strategies(["oracle"])[0])
+    for call in calls:
+        check_fusion(call, cfg.problem, cfg.problems[cfg.problem])
+    if cfg.fusion_samples < 1 and any(REGISTRY[c.name].fusion for c in calls):
+        raise config.ConfigError(f"fusion_samples must be at least 1, got {cfg.fusion_samples}")
     config.print_config(cfg)
     device = resolve_device(cfg.device)
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)

@@ -3,9 +3,16 @@
 The combined test set is the concatenation of every expert's own test subset. Each part keeps its
 native channels (grey or RGB) so augmentations act on the image as it is, and is converted to each
 expert's input format only when shown to that expert.
+
+A problem with ``shared_labels`` holds fusion parents instead (DESIGN.md section 8): every expert
+learns the same classes of the same source, so the combined test set is that task's test set once
+and the global labels are the experts' own. Each test sample still gets a "domain" (read only by the
+oracle and by routing accuracy): the expert whose training data holds the most samples of its class
+(``Problem.owner_domain``); for sharded parents that is the parent that owns the class.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +20,10 @@ import torch
 import torch.nn as nn
 
 from archs import ARCHS
-from common import CheckpointError, load_model
+from common import CheckpointError, load_model, read_checkpoint
 from config import ConfigError, ProblemSpec, TaskSpec
-from data import InputFormat, load_task, prepare_input, task_identity, to_unit
-from train_source_networks import expert_command, expert_path
+from data import InputFormat, load_task, prepare_input, task_classes, task_identity, to_unit
+from train_source_networks import arch_tag, expert_command, expert_path
 
 
 @dataclass
@@ -25,7 +32,7 @@ class Domain:
 
     images: torch.Tensor  # uint8 [N, C, 32, 32], native channels
     labels: torch.Tensor  # global ids
-    expert: int
+    expert: int  # -1 with shared labels: the expert is decided per sample (Problem.owner_domain)
 
 
 @dataclass
@@ -37,6 +44,20 @@ class Problem:
     domains: list[Domain]
     num_classes: int
     specs: dict[str, TaskSpec]  # the experts' tasks as the config defines them
+    arch_kwargs: list[dict] | None = None  # per expert (ExpertSpec.arch_kwargs); None: none has any
+    shared_labels: bool = False
+
+    def __post_init__(self) -> None:
+        if self.arch_kwargs is None:
+            self.arch_kwargs = [{} for _ in self.tasks]
+
+    @property
+    def names(self) -> list[str]:
+        """Each expert's name in rows and tables: its task; experts of one task (fusion parents of other
+        shapes, or one checkpoint twice) add their arch tag, then, if still alike, their position."""
+        names = [t if self.tasks.count(t) == 1 else f"{t}_{arch_tag(a, kw)}"
+                 for t, a, kw in zip(self.tasks, self.archs, self.arch_kwargs)]
+        return [n if names.count(n) == 1 else f"{n}#{k}" for k, n in enumerate(names)]
 
     @property
     def labels(self) -> torch.Tensor:
@@ -44,40 +65,73 @@ class Problem:
 
     @property
     def domain(self) -> torch.Tensor:
-        """Index of the expert each combined test sample belongs to."""
+        """Index of the expert each combined test sample belongs to (problems without shared labels)."""
+        if self.shared_labels:
+            raise ValueError(f"problem {self.name!r} has shared labels: a sample's domain is the expert with the "
+                             f"most training data of its class, given by owner_domain(class_counts)")
         return torch.cat([torch.full((len(d.labels),), d.expert, dtype=torch.long) for d in self.domains])
 
+    def owner_domain(self, class_counts: torch.Tensor) -> torch.Tensor:
+        """Shared labels: each test sample's domain is the expert whose training data holds the most
+        samples of its class (``class_counts[k][c]``: expert k's training images of class c); ties go to
+        the lowest index. For sharded parents that is the parent owning the class."""
+        return class_counts.argmax(dim=0)[self.labels]  # argmax returns the first maximal index
+
     def expert_paths(self, ckpt_dir: str | Path, seed: int) -> list[Path]:
-        return [expert_path(ckpt_dir, t, a, seed) for t, a in zip(self.tasks, self.archs)]
+        return [expert_path(ckpt_dir, t, a, seed, kw) for t, a, kw in zip(self.tasks, self.archs, self.arch_kwargs)]
 
     def missing_experts(self, ckpt_dir: str | Path, seeds: list[int]) -> list[str]:
-        """Commands that create the expert checkpoints not yet on disk, one per (task, arch)."""
-        missing: dict[tuple[str, str], list[int]] = {}
+        """Commands that create the expert checkpoints not yet on disk, one per (task, arch, arch_kwargs)."""
+        missing: dict[tuple[str, str, str], list[int]] = {}
         for seed in seeds:
-            for task, arch, path in zip(self.tasks, self.archs, self.expert_paths(ckpt_dir, seed)):
-                if not path.exists():
-                    missing.setdefault((task, arch), []).append(seed)
-        return [expert_command(task, arch, seeds) for (task, arch), seeds in missing.items()]
+            for task, arch, kwargs, path in zip(self.tasks, self.archs, self.arch_kwargs,
+                                                self.expert_paths(ckpt_dir, seed)):
+                if path.exists():
+                    continue
+                seeds_missing = missing.setdefault((task, arch, json.dumps(kwargs, sort_keys=True)), [])
+                if seed not in seeds_missing:  # one checkpoint may serve two experts
+                    seeds_missing.append(seed)
+        return [expert_command(task, arch, seeds, json.loads(kwargs))
+                for (task, arch, kwargs), seeds in missing.items()]
 
     def load_experts(self, ckpt_dir: str | Path, seed: int,
                      device: torch.device) -> tuple[list[nn.Module], list[InputFormat]]:
         models, formats = [], []
-        for task, arch, path in zip(self.tasks, self.archs, self.expert_paths(ckpt_dir, seed)):
-            model, ckpt = load_model(path, expect_arch=arch, hint=expert_command(task, arch, seed),
-                                     device=device)
+        for task, arch, kwargs, path in zip(self.tasks, self.archs, self.arch_kwargs,
+                                            self.expert_paths(ckpt_dir, seed)):
+            hint = expert_command(task, arch, seed, kwargs)
+            model, ckpt = load_model(path, expect_arch=arch, hint=hint, device=device)
             trained = ckpt["meta"]["task"]
             wanted = task_identity(task, self.specs[task])
             if trained != wanted:
                 raise CheckpointError(f"{path} holds an expert of {trained}, but the config defines {wanted}; "
-                                      f"retrain it: {expert_command(task, arch, seed)} force=true")
+                                      f"retrain it: {hint} force=true")
             models.append(model.to(memory_format=torch.channels_last))
             formats.append(InputFormat.from_dict(ckpt["meta"]["input_format"]))
         return models, formats
 
+    def train_limits(self, ckpt_dir: str | Path, seed: int) -> list[int | None]:
+        """The ``train_limit`` each expert was trained with, so its training set can be loaded as the trainer did."""
+        return [read_checkpoint(p)["meta"]["settings"]["train_limit"] for p in self.expert_paths(ckpt_dir, seed)]
+
+    def class_counts(self, ckpt_dir: str | Path, seed: int, data_dir: str) -> torch.Tensor:
+        """``[experts, classes]``: the training images of each class every expert learnt from, as its
+        checkpoint's row records them (checkpoints older than that record get their training set counted)."""
+        counts = []
+        for task, path in zip(self.tasks, self.expert_paths(ckpt_dir, seed)):
+            meta = read_checkpoint(path)["meta"]
+            stored = meta["row"].get("class_counts")
+            if stored is None:
+                train = load_task(self.specs[task], "train", data_dir, meta["settings"]["train_limit"])
+                stored = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
+            counts.append(stored)
+        return torch.tensor(counts, dtype=torch.long)
+
 
 def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data_dir: str,
                   test_limit: int | None = None) -> Problem:
-    """Load the combined test set of problem ``name``; tasks must exist and not share classes."""
+    """Load the combined test set of problem ``name``; tasks must exist and not share classes (or, with
+    ``spec.shared_labels``, all learn the same classes of one source)."""
     unknown = [e.task for e in spec.experts if e.task not in tasks]
     if unknown:
         raise ConfigError(f"problem {name!r} names unknown task(s) {unknown}; choices: {', '.join(tasks)}")
@@ -86,6 +140,11 @@ def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data
         raise ConfigError(f"problem {name!r} names unknown arch(s) {bad_archs}; choices: {', '.join(ARCHS)}")
     if len(spec.experts) < 2:
         raise ConfigError(f"problem {name!r} needs at least two experts")
+    expert_fields = dict(tasks=[e.task for e in spec.experts], archs=[e.arch for e in spec.experts],
+                         specs={e.task: tasks[e.task] for e in spec.experts},
+                         arch_kwargs=[dict(e.arch_kwargs) for e in spec.experts], shared_labels=spec.shared_labels)
+    if spec.shared_labels:
+        return _shared_label_problem(name, spec, tasks, data_dir, test_limit, expert_fields)
     owners: dict[tuple[str, int], int] = {}
     label_maps, domains, next_id = [], [], 0
     for k, expert in enumerate(spec.experts):
@@ -95,13 +154,27 @@ def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data
             if owner != k:
                 raise ConfigError(f"problem {name!r}: class {c} of {test.source} belongs to both "
                                   f"{spec.experts[owner].task} and {expert.task}; a routing problem "
-                                  f"needs experts with disjoint classes")
+                                  f"needs experts with disjoint classes (fusion parents that share their "
+                                  f"classes need shared_labels: true)")
         label_map = torch.arange(next_id, next_id + len(test.classes))
         next_id += len(test.classes)
         label_maps.append(label_map)
         domains.append(Domain(test.images, label_map[test.labels], k))
-    return Problem(name, [e.task for e in spec.experts], [e.arch for e in spec.experts], label_maps,
-                   domains, next_id, {e.task: tasks[e.task] for e in spec.experts})
+    return Problem(name, label_maps=label_maps, domains=domains, num_classes=next_id, **expert_fields)
+
+
+def _shared_label_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data_dir: str,
+                          test_limit: int | None, expert_fields: dict) -> Problem:
+    """The test set of the experts' common task, once, with every expert's labels as the global ones."""
+    spaces = {e.task: (tasks[e.task].source, task_classes(tasks[e.task])) for e in spec.experts}
+    if len({(source, tuple(classes)) for source, classes in spaces.values()}) > 1:
+        listed = "; ".join(f"{t}: {source} classes {classes}" for t, (source, classes) in spaces.items())
+        raise ConfigError(f"problem {name!r} has shared_labels: true, so every expert must learn the same classes "
+                          f"of the same source, in the same order; its tasks differ ({listed})")
+    test = load_task(tasks[spec.experts[0].task], "test", data_dir, test_limit)
+    label_maps = [torch.arange(len(test.classes)) for _ in spec.experts]
+    return Problem(name, label_maps=label_maps, domains=[Domain(test.images, test.labels, -1)],
+                   num_classes=len(test.classes), **expert_fields)
 
 
 def test_batches(problem: Problem, device: torch.device, batch_size: int):

@@ -15,6 +15,11 @@ def pct(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def routing_cell(values: list[float | None]) -> str:
+    """Routing accuracy over seeds; a rule that routes nothing (weight-space fusion, ensembles) has none."""
+    return "n/a" if None in values else pct(values)
+
+
 def merge_report(rows: list[dict], title: str) -> str:
     """One table of strategies (oracle first) and a line of the experts' own accuracies."""
     experts = [r for r in rows if r.get("kind") == "expert"]
@@ -35,7 +40,7 @@ def merge_report(rows: list[dict], title: str) -> str:
         name = f"{label} (bound)" if label == "oracle" else label
         cells = [name, pct([r["acc"] for r in group]),
                  *[pct([r["acc_per_domain"][d] for r in group]) for d in domains],
-                 pct([r["routing_acc"] for r in group]),
+                 routing_cell([r["routing_acc"] for r in group]),
                  f"{1000 * mean_std(r['time_s'] for r in group)[0]:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

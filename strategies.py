@@ -4,21 +4,32 @@ A strategy is a function ``fn(inputs: MergeInputs, *, param=default, ...) -> Dec
 name with ``@register``; its keyword-only parameters, with their annotations and defaults, are the
 typed parameters a config may set. ``parse_strategies`` checks names and parameters when the config
 loads, before any work. Every rule is vectorised over the batch and runs wherever its tensors are.
+
+Routing rules trust one expert per sample. Weight-space fusion rules (DESIGN.md section 8) instead
+build one network from the parents of a problem with shared labels and let it answer every sample
+(``Decision.expert`` is -1); they read ``MergeInputs.fusion`` and are registered with the
+``FusionNeeds`` that ``check_fusion`` tests against a problem before any work.
 """
 from __future__ import annotations
 
 import difflib
 import inspect
+import time
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from augments import TTA_SETTINGS
-from config import ConfigError, coerce
+from config import ConfigError, ProblemSpec, coerce
+from fusion import (class_share_weights, clafusion, conductance_importance, ensemble_softmax, finetune,
+                    hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg)
 from gating import GATE_TYPES, REGIMES
+
+NO_EXPERT = -1  # Decision.expert of a sample no single expert answered (a fused network or an ensemble did)
 
 
 @dataclass
@@ -26,8 +37,22 @@ class Decision:
     """A rule's output: the predicted global class and the expert it trusted, per sample."""
 
     pred: Tensor  # [N] global class ids
-    expert: Tensor  # [N] index of the chosen expert
+    expert: Tensor  # [N] index of the chosen expert, or NO_EXPERT
     fallback: Tensor | None = None  # [N] bool: the rule could not decide and fell back to naive
+    row: dict[str, Any] = field(default_factory=dict)  # extra fields for the result row (fusion: data use, times)
+
+
+@dataclass
+class FusionInputs:
+    """What fusion rules read beside the logits, on a problem with shared labels (merge.py builds it
+    only when a fusion rule runs)."""
+
+    parents: list[nn.Module]  # the experts, in eval mode; rules never change them
+    samples: Tensor  # real training images from the union of the parents' training sets, in their input format
+    class_counts: Tensor  # [parents, classes] training images of each class every parent learnt from
+    predict: Callable[[Callable[[Tensor], Tensor]], Tensor]  # a network's global predictions on the test set
+    training_data: Callable[[], tuple[Tensor, Tensor]]  # the union of the parents' training sets (prepared), labels
+    seed: int = 0  # seeds a rule's own randomness (k-means seeding, fine-tuning order)
 
 
 @dataclass
@@ -39,6 +64,7 @@ class MergeInputs:
     domain: Tensor | None = None  # true expert of each sample: only the oracle may read it
     run_passes: Callable[[str], list[list[Tensor]]] | None = None
     run_gates: Callable[[str, str, str], Tensor] | None = None
+    fusion: FusionInputs | None = None  # problems with shared labels, for the fusion rules
     _passes: dict[str, list[list[Tensor]]] = field(default_factory=dict, repr=False)
     _gates: dict[tuple[str, str, str], Tensor] = field(default_factory=dict, repr=False)
 
@@ -61,11 +87,20 @@ class MergeInputs:
 
 
 @dataclass(frozen=True)
+class FusionNeeds:
+    """What a rule reading ``MergeInputs.fusion`` needs of its problem, beside shared labels."""
+
+    mlp: bool = True  # it fuses weights, so every expert must be an MLP (archs/mlp.py)
+    parents: int | None = None  # it fuses exactly this many experts (None: any number)
+
+
+@dataclass(frozen=True)
 class Strategy:
     name: str
     fn: Callable[..., Decision]
     params: dict[str, tuple[Any, Any]]  # name -> (type, default)
     summary: str
+    fusion: FusionNeeds | None = None  # set for the rules that read MergeInputs.fusion
 
 
 @dataclass(frozen=True)
@@ -92,14 +127,32 @@ class StrategyCall:
 REGISTRY: dict[str, Strategy] = {}
 
 
-def register(name: str) -> Callable[[Callable[..., Decision]], Callable[..., Decision]]:
+def register(name: str,
+             fusion: FusionNeeds | None = None) -> Callable[[Callable[..., Decision]], Callable[..., Decision]]:
     def wrap(fn: Callable[..., Decision]) -> Callable[..., Decision]:
         hints = typing.get_type_hints(fn)
         params = {p.name: (hints[p.name], p.default) for p in inspect.signature(fn).parameters.values()
                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        REGISTRY[name] = Strategy(name, fn, params, (fn.__doc__ or "").strip().splitlines()[0])
+        REGISTRY[name] = Strategy(name, fn, params, (fn.__doc__ or "").strip().splitlines()[0], fusion)
         return fn
     return wrap
+
+
+def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
+    """Raise ConfigError when fusion rule ``call`` cannot run on problem ``problem`` (nothing for other rules)."""
+    needs = REGISTRY[call.name].fusion
+    if needs is None:
+        return
+    if not spec.shared_labels:
+        raise ConfigError(f"strategy {call.name!r} combines experts that share one label space: it needs a problem "
+                          f"with shared_labels: true (fusion parents), and {problem!r} is a routing problem")
+    archs = [e.arch for e in spec.experts]
+    if needs.mlp and any(a != "mlp" for a in archs):
+        raise ConfigError(f"strategy {call.name!r} fuses weights and needs MLP experts (arch: mlp), but problem "
+                          f"{problem!r} has experts of arch {archs}; ensemble and ensemble_weighted take any arch")
+    if needs.parents is not None and len(archs) != needs.parents:
+        raise ConfigError(f"strategy {call.name!r} fuses exactly {needs.parents} experts, but problem {problem!r} "
+                          f"has {len(archs)}")
 
 
 def parse_strategies(entries: list[Any]) -> list[StrategyCall]:
@@ -315,3 +368,112 @@ def gate_soft(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime
     weights = inputs.gates(gate, regime, gates_from)
     mixture = torch.cat([weights[:, k:k + 1] * o.softmax(dim=1) for k, o in enumerate(inputs.logits)], dim=1)
     return concat_argmax(mixture, inputs.label_maps)
+
+
+# ---------------------------------------------------------------- weight-space fusion (one network, no routing)
+
+Importance = Literal["uniform", "conductance"]
+
+
+def fusion_inputs(inputs: MergeInputs, rule: str) -> FusionInputs:
+    if inputs.fusion is None:
+        raise RuntimeError(f"{rule} combines experts that share one label space: it needs a problem with "
+                           f"shared_labels: true (fusion parents)")
+    return inputs.fusion
+
+
+def network_decision(fusion: FusionInputs, make: Callable[[], Callable[[Tensor], Tensor]], samples_used: int,
+                     **row: Any) -> Decision:
+    """Build a network with ``make()`` (timed as ``fuse_time_s``, apart from its evaluation) and let it
+    answer every test sample. ``samples_used``: how many fusion samples (real training images) it read."""
+    start = time.perf_counter()
+    network = make()
+    if torch.cuda.is_available():  # fine-tuning may have queued GPU work
+        torch.cuda.synchronize()
+    fuse_time = time.perf_counter() - start
+    pred = fusion.predict(network)
+    return Decision(pred, torch.full_like(pred, NO_EXPERT),
+                    row={"fusion_samples": samples_used, "fuse_time_s": fuse_time, **row})
+
+
+def importance_scores(parents: list[nn.Module], samples: Tensor, importance: str) -> list[list[Tensor]] | None:
+    """Per parent and level, each neuron's importance: None (uniform) or its conductance on ``samples``."""
+    if importance == "uniform":
+        return None
+    return [[conductance_importance(p, samples, level) for level in range(len(p.layers))] for p in parents]
+
+
+@register("vanilla_avg", fusion=FusionNeeds())
+def vanilla_avg_rule(inputs: MergeInputs) -> Decision:
+    """Fuse the parents into their parameter-wise mean (identical widths, neurons not aligned)."""
+    fusion = fusion_inputs(inputs, "vanilla_avg")
+    return network_decision(fusion, lambda: vanilla_avg(fusion.parents), samples_used=0)
+
+
+@register("otfusion", fusion=FusionNeeds())
+def otfusion_rule(inputs: MergeInputs, *, cost: Literal["weight", "activation"] = "weight") -> Decision:
+    """OTFusion: align the parents' neurons to the first parent's by exact optimal transport, then average."""
+    fusion = fusion_inputs(inputs, "otfusion")
+    return network_decision(fusion, lambda: otfusion(fusion.parents, fusion.samples, cost=cost),
+                            samples_used=len(fusion.samples) if cost == "activation" else 0)
+
+
+@register("hf", fusion=FusionNeeds(parents=2))
+def hf_rule(inputs: MergeInputs) -> Decision:
+    """Neuron-interpolation fusion HF: Hungarian matching of two parents' neurons, each level fitted to the pairs."""
+    fusion = fusion_inputs(inputs, "hf")
+    return network_decision(fusion, lambda: hungarian_fusion(fusion.parents, fusion.samples),
+                            samples_used=len(fusion.samples))
+
+
+@register("kf_linear", fusion=FusionNeeds())
+def kf_linear_rule(inputs: MergeInputs, *, importance: Importance = "uniform") -> Decision:
+    """Neuron-interpolation fusion KF-linear: k-means groups of all parents' neurons, levels fitted by least squares."""
+    fusion = fusion_inputs(inputs, "kf_linear")
+    return network_decision(fusion, lambda: kf_linear(
+        fusion.parents, fusion.samples, importance_scores(fusion.parents, fusion.samples, importance),
+        seed=fusion.seed), samples_used=len(fusion.samples))
+
+
+@register("kf_gradient", fusion=FusionNeeds())
+def kf_gradient_rule(inputs: MergeInputs, *, importance: Importance = "uniform") -> Decision:
+    """Neuron-interpolation fusion KF-gradient: KF-linear's groups, each level then refined by Adam."""
+    fusion = fusion_inputs(inputs, "kf_gradient")
+    return network_decision(fusion, lambda: kf_gradient(
+        fusion.parents, fusion.samples, importance_scores(fusion.parents, fusion.samples, importance),
+        seed=fusion.seed), samples_used=len(fusion.samples))
+
+
+@register("clafusion", fusion=FusionNeeds(parents=2))
+def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0) -> Decision:
+    """CLAFusion: align the hidden layers of two parents of any depths, then OTFusion; optionally fine-tune.
+
+    Fine-tuning trains the fused network for ``finetune_epochs`` epochs on the union of the parents'
+    training sets (real data; the row records how many images)."""
+    if finetune_epochs < 0:
+        raise ValueError(f"clafusion: finetune_epochs must be 0 or more, got {finetune_epochs}")
+    fusion = fusion_inputs(inputs, "clafusion")
+
+    def make() -> nn.Module:
+        fused = clafusion(fusion.parents, fusion.samples)
+        return finetune(fused, *fusion.training_data(), epochs=finetune_epochs, seed=fusion.seed) \
+            if finetune_epochs else fused
+
+    # the training data is loaded here, before make() runs, so loading it is not counted as fusing
+    return network_decision(fusion, make, samples_used=len(fusion.samples), finetune_epochs=finetune_epochs,
+                            finetune_images=len(fusion.training_data()[0]) if finetune_epochs else 0)
+
+
+@register("ensemble", fusion=FusionNeeds(mlp=False))
+def ensemble_rule(inputs: MergeInputs) -> Decision:
+    """Output-space baseline: the mean of the parents' softmax outputs (any architecture)."""
+    fusion = fusion_inputs(inputs, "ensemble")
+    return network_decision(fusion, lambda: lambda x: ensemble_softmax(fusion.parents, x), samples_used=0)
+
+
+@register("ensemble_weighted", fusion=FusionNeeds(mlp=False))
+def ensemble_weighted_rule(inputs: MergeInputs) -> Decision:
+    """The parents' softmax outputs, each class weighted by the parent's share of that class's training data."""
+    fusion = fusion_inputs(inputs, "ensemble_weighted")
+    weights = class_share_weights(fusion.class_counts)
+    return network_decision(fusion, lambda: lambda x: ensemble_softmax(fusion.parents, x, weights), samples_used=0)

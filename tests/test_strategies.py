@@ -1,12 +1,17 @@
 """strategies.py: every registered rule's contract, hand-made logits with known answers, TTA combiners, parsing."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import strategies
+from archs.mlp import MLP
 from config import LOGIT_RULES, ConfigError, MergeConfig, parse_args
-from strategies import REGISTRY, Decision, MergeInputs, StrategyCall, parse_strategies
+from strategies import NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs, StrategyCall, parse_strategies
+
+IMG = 4  # the synthetic fusion parents read 1 x 4 x 4 images
 
 
 # ---------------------------------------------------------------- helpers
@@ -20,19 +25,23 @@ def consecutive_maps(sizes) -> list[torch.Tensor]:
     return maps
 
 
-def owner_of_class(label_maps) -> torch.Tensor:
-    """Global class id -> index of the expert that owns it."""
-    owners = torch.full((int(torch.cat(label_maps).max()) + 1,), -1, dtype=torch.long)
-    for k, m in enumerate(label_maps):
-        owners[m] = k
-    return owners
+def random_inputs(sizes=(3, 4), n=50, seed=0, num_passes=3, device="cpu", shared=False) -> MergeInputs:
+    """Random logits, a random domain, and ``run_passes`` returning the logits plus perturbed copies.
 
-
-def random_inputs(sizes=(3, 4), n=50, seed=0, num_passes=3, device="cpu") -> MergeInputs:
-    """Random logits, a random domain, and ``run_passes`` returning the logits plus perturbed copies."""
+    ``shared=True`` makes a problem of fusion parents instead (all ``sizes`` equal): tiny random MLPs
+    over one label space, whose logits on random test images are the experts' logits, with the
+    ``FusionInputs`` merge.py would build (random class counts decide the domain, as they do there)."""
+    if shared:
+        return shared_inputs(len(sizes), sizes[0], n, seed, num_passes, device)
     g = torch.Generator().manual_seed(seed)
     logits = [(3 * torch.randn(n, k, generator=g)).to(device) for k in sizes]
     domain = torch.randint(0, len(sizes), (n,), generator=g).to(device)
+    return with_runners(logits, consecutive_maps(sizes), domain, num_passes, g, device)
+
+
+def with_runners(logits, label_maps, domain, num_passes, g, device, fusion=None) -> MergeInputs:
+    """MergeInputs whose ``run_passes`` gives the logits plus perturbed copies, ``run_gates`` random probabilities."""
+    n, sizes = len(logits[0]), [o.shape[1] for o in logits]
     noise = [[torch.randn(n, k, generator=g).to(device) for k in sizes] for _ in range(num_passes - 1)]
     gate_probs = torch.rand(n, len(sizes), generator=g).to(device)
 
@@ -42,7 +51,43 @@ def random_inputs(sizes=(3, 4), n=50, seed=0, num_passes=3, device="cpu") -> Mer
     def run_gates(gate, regime, gates_from):
         return gate_probs
 
-    return MergeInputs(logits, consecutive_maps(sizes), domain, run_passes=run_passes, run_gates=run_gates)
+    return MergeInputs(logits, label_maps, domain, run_passes=run_passes, run_gates=run_gates, fusion=fusion)
+
+
+def shared_inputs(parents: int, classes: int, n: int, seed: int, num_passes: int, device: str) -> MergeInputs:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    models = [MLP(1, classes, [6], img_size=IMG, crop=0).to(device).eval() for _ in range(parents)]
+    test_images = torch.randn(n, 1, IMG, IMG, generator=g).to(device)
+    samples = torch.randn(30, 1, IMG, IMG, generator=g).to(device)
+    sample_labels = torch.randint(0, classes, (30,), generator=g).to(device)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    class_counts = torch.randint(0, 20, (parents, classes), generator=g)
+    with torch.no_grad():
+        logits = [m(test_images) for m in models]
+
+    @torch.no_grad()
+    def predict(network):
+        return network(test_images).argmax(1).cpu()
+
+    fusion = FusionInputs(models, samples, class_counts, predict, lambda: (samples, sample_labels), seed=seed)
+    return with_runners(logits, [torch.arange(classes) for _ in models], class_counts.argmax(0)[labels].to(device),
+                        num_passes, g, device, fusion)
+
+
+def run_if_it_fits(name: str, inputs: MergeInputs) -> Decision | None:
+    """Rule ``name`` with its defaults on ``inputs``; a fusion rule the inputs do not fit (no shared labels,
+    another number of parents than it fuses) must refuse with an error naming the need, giving None."""
+    needs = REGISTRY[name].fusion
+    if needs is not None and inputs.fusion is None:
+        with pytest.raises(RuntimeError, match="shared_labels"):
+            StrategyCall(name, {})(inputs)
+        return None
+    if needs is not None and needs.parents not in (None, len(inputs.logits)):
+        with pytest.raises(ValueError, match=f"exactly {needs.parents}"):
+            StrategyCall(name, {})(inputs)
+        return None
+    return StrategyCall(name, {})(inputs)
 
 
 def split_rows(rows, sizes) -> list[torch.Tensor]:
@@ -74,38 +119,57 @@ def test_registry_holds_the_default_rules():
         assert strategy.summary, f"{strategy.name} needs a docstring (its first line is the summary)"
 
 
-@pytest.mark.parametrize("sizes", [(3, 4), (3, 4, 2)], ids=["2experts", "3experts"])
+# routing problems (disjoint label spaces) and problems of fusion parents (one shared label space)
+PROBLEMS = {"2experts": ((3, 4), False), "3experts": ((3, 4, 2), False),
+            "2parents": ((5, 5), True), "3parents": ((5, 5, 5), True)}
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_every_rule_returns_a_valid_decision(name, sizes):
-    n = 50
-    inputs = random_inputs(sizes, n=n)
-    decision = StrategyCall(name, {})(inputs)
+def test_every_rule_returns_a_valid_decision(name, problem):
+    n, (sizes, shared) = 50, PROBLEMS[problem]
+    inputs = random_inputs(sizes, n=n, shared=shared)
+    decision = run_if_it_fits(name, inputs)
+    if decision is None:
+        return
     assert isinstance(decision, Decision)
-    num_classes = sum(sizes)
+    num_classes = int(torch.cat(inputs.label_maps).max()) + 1
     for tensor in (decision.pred, decision.expert):
         assert tensor.shape == (n,)
         assert tensor.dtype == torch.long
     assert decision.pred.min() >= 0 and decision.pred.max() < num_classes
-    assert decision.expert.min() >= 0 and decision.expert.max() < len(sizes)
-    # every prediction is a class of the expert the rule says it trusted
-    assert torch.equal(owner_of_class(inputs.label_maps)[decision.pred], decision.expert)
+    if REGISTRY[name].fusion is not None:  # one network answers every sample: no expert was chosen
+        assert (decision.expert == NO_EXPERT).all()
+    else:
+        assert decision.expert.min() >= 0 and decision.expert.max() < len(sizes)
+        # every prediction is a class of the expert the rule says it trusted
+        assert all(int(p) in inputs.label_maps[int(k)].tolist() for p, k in zip(decision.pred, decision.expert))
     if decision.fallback is not None:
         assert decision.fallback.shape == (n,) and decision.fallback.dtype == torch.bool
 
 
+@pytest.mark.parametrize("problem", ["2experts", "2parents"])
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_every_rule_leaves_its_inputs_alone(name):
-    inputs = random_inputs((3, 4), n=20, seed=3)
+def test_every_rule_leaves_its_inputs_alone(name, problem):
+    sizes, shared = PROBLEMS[problem]
+    inputs = random_inputs(sizes, n=20, seed=3, shared=shared)
     before = [o.clone() for o in inputs.logits]
-    StrategyCall(name, {})(inputs)
+    parents = [] if inputs.fusion is None else [copy.deepcopy(p.state_dict()) for p in inputs.fusion.parents]
+    run_if_it_fits(name, inputs)
     assert all(torch.equal(a, b) for a, b in zip(before, inputs.logits))
+    for state, parent in zip(parents, [] if inputs.fusion is None else inputs.fusion.parents):
+        assert all(torch.equal(state[k], v) for k, v in parent.state_dict().items())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("problem", ["3experts", "3parents"])
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_every_rule_runs_on_cuda_with_the_cpu_answer(name):
-    cpu = StrategyCall(name, {})(random_inputs((3, 4, 2), seed=5))
-    gpu = StrategyCall(name, {})(random_inputs((3, 4, 2), seed=5, device="cuda"))
+def test_every_rule_runs_on_cuda_with_the_cpu_answer(name, problem):
+    sizes, shared = PROBLEMS[problem]
+    cpu = run_if_it_fits(name, random_inputs(sizes, seed=5, shared=shared))
+    gpu = run_if_it_fits(name, random_inputs(sizes, seed=5, device="cuda", shared=shared))
+    if cpu is None:
+        return
     assert torch.equal(cpu.pred, gpu.pred.cpu())
     assert torch.equal(cpu.expert, gpu.expert.cpu())
 

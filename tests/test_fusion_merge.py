@@ -1,0 +1,382 @@
+"""Weight-space fusion as merge strategies: shared-label problems, fusion rows, self-fusion, errors, experiments."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import config
+import data
+import merge
+import problems
+import train_source_networks as tsn
+from common import CheckpointError, read_rows
+from config import ConfigError, MergeConfig, TrainConfig, parse_args
+from conftest import REPO_ROOT, Forbidden, build_fake_root
+from problems import Problem, build_problem
+from strategies import NO_EXPERT, REGISTRY, Decision, MergeInputs, check_fusion, parse_strategies
+
+SEED = 1
+WIDE, MID, DEEP = {"widths": [16]}, {"widths": [16, 8]}, {"widths": [16, 8, 8]}
+TASKS_YAML = """
+tasks:
+  s_p0: {source: mnist, split: shard, parts: 2, part: 0}
+  s_p1: {source: mnist, split: shard, parts: 2, part: 1}
+"""
+PROBLEMS_YAML = """
+problems:
+  shard:  # digits 0-4 and 5-9, both with ten-way heads: disjoint_mnist in weight-space form
+    shared_labels: true
+    experts:
+      - {task: s_p0, arch: mlp, arch_kwargs: {widths: [16]}}
+      - {task: s_p1, arch: mlp, arch_kwargs: {widths: [16]}}
+  twice:  # one checkpoint as both parents
+    shared_labels: true
+    experts:
+      - {task: s_p0, arch: mlp, arch_kwargs: {widths: [16]}}
+      - {task: s_p0, arch: mlp, arch_kwargs: {widths: [16]}}
+  depths:
+    shared_labels: true
+    experts:
+      - {task: s_p0, arch: mlp, arch_kwargs: {widths: [16, 8, 8]}}
+      - {task: s_p1, arch: mlp, arch_kwargs: {widths: [16, 8]}}
+  lenets:
+    shared_labels: true
+    experts: [{task: s_p0}, {task: s_p1}]
+"""
+# every fusion rule with every parameter value, beside two routing rules
+FUSION = ("[vanilla_avg,{name: otfusion, cost: weight},{name: otfusion, cost: activation},hf,"
+          "{name: kf_linear, importance: uniform},{name: kf_linear, importance: conductance},"
+          "{name: kf_gradient, importance: uniform},{name: kf_gradient, importance: conductance},"
+          "{name: clafusion, finetune_epochs: 0},{name: clafusion, finetune_epochs: 1},ensemble,ensemble_weighted,"
+          "naive,energy]")
+READS_SAMPLES = {"otfusion(cost=activation)", "hf", "kf_linear(importance=uniform)",
+                 "kf_linear(importance=conductance)", "kf_gradient(importance=uniform)",
+                 "kf_gradient(importance=conductance)", "clafusion(finetune_epochs=0)", "clafusion(finetune_epochs=1)"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A fake MNIST root (squares whose position is the digit) and MLP parents on its two shards.
+
+    1800 training images, 900 per shard, so self-fusion of a shard parent can read 850 samples of its
+    own training set: more than the 784 inputs (+ bias), which makes the least-squares fits of
+    neuron-interpolation fusion exact, so they give the parent back on every image, not only on the samples."""
+    base = tmp_path_factory.mktemp("fusion_merge")
+    fake = build_fake_root(base / "data", n_mnist_train=1800, n_mnist_test=100, squares=True, n_cifar=0)
+    (base / "tasks.yaml").write_text(TASKS_YAML)
+    (base / "problems.yaml").write_text(PROBLEMS_YAML)
+    for task, kwargs in (("s_p0", WIDE), ("s_p1", WIDE), ("s_p0", DEEP), ("s_p1", MID)):
+        tsn.main(parse_args(TrainConfig, [
+            str(base / "tasks.yaml"), f"dataset={task}", "arch=mlp", f"arch_kwargs={kwargs}", f"seeds=[{SEED}]",
+            "epochs=1", "batch_size=32", "lr=0.05", "device=cpu", f"data_dir={fake.root}",
+            f"ckpt_dir={base / 'ckpt'}", f"results_dir={base / 'train_results'}"]))
+    yield {"base": base, "root": fake.root, "ckpt": base / "ckpt", "digits": torch.from_numpy(fake.mnist["test"][1])}
+    data._load_cached.cache_clear()
+
+
+def merge_cfg(env, results_dir, problem: str, strategies: str, *extra: str) -> MergeConfig:
+    return parse_args(MergeConfig, [
+        str(env["base"] / "tasks.yaml"), str(env["base"] / "problems.yaml"), f"problem={problem}",
+        f"strategies={strategies}", f"seeds=[{SEED}]", f"data_dir={env['root']}", f"ckpt_dir={env['ckpt']}",
+        f"results_dir={results_dir}", "device=cpu", *extra])
+
+
+def rows_by_label(summary: dict) -> dict[str, dict]:
+    return {r["strategy"]: r for r in read_rows(summary["outputs"]["jsonl"])}
+
+
+def trained_acc(env, task: str, kwargs: dict) -> float:
+    path = tsn.expert_path(env["ckpt"], task, "mlp", SEED, kwargs)
+    return torch.load(path, weights_only=True)["meta"]["row"]["test_acc"]
+
+
+# ---------------------------------------------------------------- shared-label problems
+
+def test_a_shared_label_problem_holds_the_test_set_once_with_identity_labels(env):
+    cfg = merge_cfg(env, env["base"] / "unused", "shard", "[naive]")
+    problem = build_problem("shard", cfg.problems["shard"], cfg.tasks, str(env["root"]))
+    assert problem.shared_labels and problem.num_classes == 10
+    assert torch.equal(problem.labels, env["digits"].long())  # all 100 test images, once
+    assert [m.tolist() for m in problem.label_maps] == [list(range(10))] * 2
+    assert problem.names == ["s_p0", "s_p1"]
+    assert problem.arch_kwargs == [WIDE, WIDE]
+    assert problem.expert_paths(env["ckpt"], SEED) == [tsn.expert_path(env["ckpt"], t, "mlp", SEED, WIDE)
+                                                       for t in ("s_p0", "s_p1")]
+    with pytest.raises(ValueError, match="owner_domain"):
+        problem.domain  # noqa: B018 -- a routing domain does not exist here
+
+
+def test_the_domain_of_a_sample_is_the_parent_owning_its_class(env):
+    cfg = merge_cfg(env, env["base"] / "unused", "shard", "[naive]")
+    problem = build_problem("shard", cfg.problems["shard"], cfg.tasks, str(env["root"]))
+    counts = problem.class_counts(env["ckpt"], SEED, str(env["root"]))
+    assert counts.shape == (2, 10) and (counts[0, 5:] == 0).all() and (counts[1, :5] == 0).all()
+    assert torch.equal(problem.owner_domain(counts), (env["digits"] >= 5).long())
+
+
+def test_owner_domain_takes_the_most_data_and_breaks_ties_to_the_lowest_index():
+    problem = Problem("p", ["a", "b", "c"], ["mlp"] * 3, [], [problems.Domain(torch.tensor([]), torch.tensor(
+        [0, 1, 2, 3]), -1)], 4, {}, shared_labels=True)
+    counts = torch.tensor([[5, 1, 3, 0],
+                           [2, 7, 3, 0],
+                           [1, 1, 1, 0]])
+    assert problem.owner_domain(counts).tolist() == [0, 1, 0, 0]
+
+
+def test_experts_of_one_task_get_distinct_names():
+    problem = Problem("p", ["m", "m", "m", "x"], ["mlp"] * 4, [], [], 10, {},
+                      arch_kwargs=[WIDE, MID, WIDE, {}])
+    wide, mid = tsn.arch_tag("mlp", WIDE), tsn.arch_tag("mlp", MID)
+    assert problem.names == [f"m_{wide}#0", f"m_{mid}", f"m_{wide}#2", "x"]
+
+
+def test_shared_labels_need_one_label_space(tmp_path):
+    cfg = parse_args(MergeConfig, ["problem=mixed", "problems.mixed.experts=[{task: mnist}, {task: first5_mnist}]",
+                                   "problems.mixed.shared_labels=true"])
+    with pytest.raises(ConfigError) as err:  # before any data is read: the root does not exist
+        build_problem("mixed", cfg.problems["mixed"], cfg.tasks, str(tmp_path / "no_data"))
+    assert "shared_labels" in str(err.value) and "first5_mnist" in str(err.value)
+
+
+# ---------------------------------------------------------------- fusion rules through merge.py
+
+def test_every_fusion_rule_on_sharded_parents(env, tmp_path):
+    summary = merge.main(merge_cfg(env, tmp_path, "shard", FUSION, "fusion_samples=50"))
+    rows = rows_by_label(summary)
+    digits = env["digits"]
+    n0, n1 = int((digits < 5).sum()), int((digits >= 5).sum())
+    experts = [rows["expert:s_p0"], rows["expert:s_p1"]]
+    # a parent's own test set is the whole one, as the trainer scored it
+    for row, task in zip(experts, ("s_p0", "s_p1")):
+        assert row["acc"] == pytest.approx(trained_acc(env, task, WIDE), abs=1e-6)
+    fusion_labels = [c.label for c in parse_strategies(config.parse_args(MergeConfig, [f"strategies={FUSION}"])
+                                                       .strategies) if REGISTRY[c.name].fusion]
+    assert len(fusion_labels) == 12
+    for label in fusion_labels:
+        row = rows[label]
+        assert row["n"] == 100 and 0 <= row["acc"] <= 1
+        assert row["routing_acc"] is None  # no sample was routed to an expert
+        assert row["routing_counts"] == {"s_p0": 0, "s_p1": 0}
+        assert row["fusion_samples"] == (50 if label in READS_SAMPLES else 0)
+        assert 0 <= row["fuse_time_s"] <= row["time_s"]
+        weighted = (n0 * row["acc_per_domain"]["s_p0"] + n1 * row["acc_per_domain"]["s_p1"]) / (n0 + n1)
+        assert row["acc"] == pytest.approx(weighted, abs=1e-6)
+    # fine-tuning read the union of the parents' training sets: the whole fake training set
+    assert rows["clafusion(finetune_epochs=1)"]["finetune_images"] == 1800
+    assert rows["clafusion(finetune_epochs=0)"]["finetune_images"] == 0
+    # the oracle routes each digit to the parent that learnt it, as in disjoint_mnist
+    oracle = rows["oracle"]
+    assert oracle["routing_acc"] == 1.0 and oracle["routing_counts"] == {"s_p0": n0, "s_p1": n1}
+    assert rows["naive"]["routing_acc"] is not None and 0 <= rows["naive"]["routing_acc"] <= 1
+    report = Path(summary["outputs"]["report"]).read_text()
+    assert "| vanilla_avg |" in report and "n/a" in report
+
+
+def test_fusing_one_network_with_itself_gives_it_back(env, tmp_path):
+    rules = "[vanilla_avg,{name: otfusion, cost: weight},{name: otfusion, cost: activation},hf,kf_linear,ensemble]"
+    summary = merge.main(merge_cfg(env, tmp_path, "twice", rules, "fusion_samples=850"))
+    rows = rows_by_label(summary)
+    name = f"s_p0_{tsn.arch_tag('mlp', WIDE)}"
+    parent = trained_acc(env, "s_p0", WIDE)
+    assert rows[f"expert:{name}#0"]["acc"] == rows[f"expert:{name}#1"]["acc"] == pytest.approx(parent, abs=1e-6)
+    for label in ("vanilla_avg", "otfusion(cost=weight)", "otfusion(cost=activation)", "hf",
+                  "kf_linear(importance=uniform)", "ensemble"):
+        assert rows[label]["acc"] == pytest.approx(parent, abs=1e-6), label
+    assert rows["kf_linear(importance=uniform)"]["fusion_samples"] == 850
+
+
+def test_self_fusion_predicts_exactly_like_the_parent(env):
+    """Sharper than accuracy: the same prediction on every test image, including the digits the shard
+    parent never saw (where what it answers is arbitrary)."""
+    cfg = merge_cfg(env, env["base"] / "unused", "twice", "[naive]", "fusion_samples=850")
+    problem = build_problem("twice", cfg.problems["twice"], cfg.tasks, str(env["root"]))
+    models, formats = problem.load_experts(cfg.ckpt_dir, SEED, torch.device("cpu"))
+    counts = problem.class_counts(cfg.ckpt_dir, SEED, cfg.data_dir)
+    fusion = merge.build_fusion_inputs(cfg, problem, models, formats, counts, SEED, torch.device("cpu"))
+    assert len(fusion.samples) == 850  # more than the 785 unknowns of a first-layer neuron
+    parent = fusion.predict(models[0])
+    assert len(set(parent[env["digits"] >= 5].tolist())) > 1  # not one constant answer on the unseen digits
+    inputs = MergeInputs([], problem.label_maps, fusion=fusion)
+    for rule in ("vanilla_avg", "otfusion", {"name": "otfusion", "cost": "activation"}, "hf", "kf_linear",
+                 "ensemble", "ensemble_weighted"):
+        (call,) = parse_strategies([rule])
+        assert torch.equal(call(inputs).pred, parent), call.label
+
+
+def test_clafusion_fuses_parents_of_different_depths(env, tmp_path):
+    rules = "[{name: clafusion, finetune_epochs: 0},{name: clafusion, finetune_epochs: 1},ensemble]"
+    rows = rows_by_label(merge.main(merge_cfg(env, tmp_path, "depths", rules, "fusion_samples=50")))
+    assert all(0 <= rows[label]["acc"] <= 1 for label in
+               ("clafusion(finetune_epochs=0)", "clafusion(finetune_epochs=1)", "ensemble"))
+    with pytest.raises(ValueError, match="clafusion"):  # parameter averaging needs one shape
+        merge.main(merge_cfg(env, tmp_path / "avg", "depths", "[vanilla_avg]"))
+
+
+def test_fusion_rows_are_cached_per_number_of_fusion_samples(env, tmp_path):
+    first = merge.main(merge_cfg(env, tmp_path, "shard", "[kf_linear]", "fusion_samples=40"))
+    again = merge.main(merge_cfg(env, tmp_path, "shard", "[kf_linear]", "fusion_samples=40"))
+    assert first["computed"] == 1 and again["computed"] == 0
+    other = merge.main(merge_cfg(env, tmp_path, "shard", "[kf_linear]", "fusion_samples=30"))
+    assert other["computed"] == 1
+    assert rows_by_label(other)["kf_linear(importance=uniform)"]["fusion_samples"] == 30
+
+
+def test_fusion_samples_are_real_training_images_drawn_from_the_parents_data(env):
+    cfg = merge_cfg(env, env["base"] / "unused", "shard", "[naive]", "fusion_samples=60")
+    problem = build_problem("shard", cfg.problems["shard"], cfg.tasks, str(env["root"]))
+    models, formats = problem.load_experts(cfg.ckpt_dir, SEED, torch.device("cpu"))
+    counts = problem.class_counts(cfg.ckpt_dir, SEED, cfg.data_dir)
+    fusion = merge.build_fusion_inputs(cfg, problem, models, formats, counts, SEED, torch.device("cpu"))
+    again = merge.build_fusion_inputs(cfg, problem, models, formats, counts, SEED, torch.device("cpu"))
+    assert fusion.samples.shape == (60, 1, 32, 32) and torch.equal(fusion.samples, again.samples)
+    train = data.load_task(config.TaskSpec("mnist"), "train", env["root"])
+    pool = data.prepare_input(data.to_unit(train.images), formats[0]).flatten(1)
+    # every sample is one of the training images; both shards contribute
+    same = (fusion.samples.flatten(1)[:, None] == pool[None]).all(dim=2)  # [samples, training images]
+    assert (same.sum(1) == 1).all()
+    matches = same.int().argmax(1)
+    assert len(set(matches.tolist())) == 60  # drawn without replacement
+    assert {int(d) < 5 for d in train.labels[matches]} == {True, False}
+    images, labels = fusion.training_data()
+    assert len(images) == 1800 and torch.equal(torch.sort(labels).values, torch.sort(train.labels).values)
+
+
+def test_a_fused_decision_routes_nothing():
+    problem = Problem("p", ["a", "b"], ["mlp"] * 2, [torch.arange(3)] * 2, [], 3, {}, shared_labels=True)
+    labels, domain = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 0, 1, 1])
+    scored = merge.score(Decision(torch.tensor([0, 1, 1, 2]), torch.full((4,), NO_EXPERT)), problem, labels, domain)
+    assert scored["acc"] == 0.75 and scored["routing_acc"] is None
+    assert scored["routing_counts"] == {"a": 0, "b": 0}
+    assert scored["acc_per_domain"] == {"a": 1.0, "b": 0.5}
+    routed = merge.score(Decision(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 1, 1])), problem, labels, domain)
+    assert routed["routing_acc"] == 0.75 and routed["routing_counts"] == {"a": 1, "b": 3}
+
+
+# ---------------------------------------------------------------- clear errors before any work
+
+def forbid_work(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise Forbidden("no data may be loaded")
+
+    monkeypatch.setattr(merge, "build_problem", forbidden)
+    monkeypatch.setattr(merge, "evaluate_seed", forbidden)
+
+
+@pytest.mark.parametrize("problem, rule, words", [
+    ("disjoint_mnist", "vanilla_avg", ["shared_labels: true", "routing problem"]),
+    ("disjoint_mnist", "ensemble", ["shared_labels: true"]),
+    ("lenets", "kf_linear", ["MLP experts", "lenet5", "ensemble"]),
+    ("lenets", "otfusion", ["MLP experts"]),
+])
+def test_fusion_rules_refuse_problems_they_cannot_fuse(env, tmp_path, monkeypatch, problem, rule, words):
+    forbid_work(monkeypatch)
+    with pytest.raises(ConfigError) as err:
+        merge.main(merge_cfg(env, tmp_path, problem, f"[{rule}]"))
+    assert all(word in str(err.value) for word in [repr(rule), *words])
+    assert not (tmp_path / "merge").exists()
+
+
+def test_missing_parents_name_the_command_with_their_arch_kwargs(env, tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        merge.main(merge_cfg(env, tmp_path, "twice", "[vanilla_avg]", f"ckpt_dir={tmp_path / 'empty'}"))
+    (command,) = [line.strip() for line in str(err.value).splitlines() if "train_source_networks.py" in line]
+    assert command.startswith("python train_source_networks.py dataset=s_p0 arch=mlp arch_kwargs=")
+    assert command.endswith(f"seeds=[{SEED}]")  # one checkpoint serves both parents: named once
+    kwargs = command.split("arch_kwargs=")[1].split("' ")[0].strip("'")
+    assert parse_args(TrainConfig, [f"arch_kwargs={kwargs}"]).arch_kwargs == WIDE
+
+
+def test_hf_refuses_more_than_two_parents():
+    cfg = parse_args(MergeConfig, [str(REPO_ROOT / "experiments" / "fusion_parents.yaml"),
+                                   str(REPO_ROOT / "experiments" / "fusion_noniid4.yaml")])
+    with pytest.raises(ConfigError, match="exactly 2"):
+        check_fusion(parse_strategies(["hf"])[0], cfg.problem, cfg.problems[cfg.problem])
+
+
+def test_an_ensemble_takes_any_arch(env, tmp_path):
+    for task in ("s_p0", "s_p1"):  # LeNet5 parents on the two shards
+        tsn.main(parse_args(TrainConfig, [
+            str(env["base"] / "tasks.yaml"), f"dataset={task}", f"seeds=[{SEED}]", "epochs=1", "batch_size=32",
+            "lr=0.05", "device=cpu", f"data_dir={env['root']}", f"ckpt_dir={tmp_path / 'ckpt'}",
+            f"results_dir={tmp_path / 'train_results'}"]))
+    rows = rows_by_label(merge.main(merge_cfg(env, tmp_path, "lenets", "[ensemble,ensemble_weighted]",
+                                              f"ckpt_dir={tmp_path / 'ckpt'}")))
+    for label in ("ensemble", "ensemble_weighted"):
+        assert 0 <= rows[label]["acc"] <= 1 and rows[label]["routing_acc"] is None
+
+
+# ---------------------------------------------------------------- existing problems are unchanged
+
+# merge.fingerprint of each default problem as the code computed it before problems had arch_kwargs and
+# shared_labels (with these stub rows): cached rows of routing problems must stay valid
+OLD_FINGERPRINTS = {"disjoint_mnist": "fff49136aaff8b52", "mnist_cifar10": "cbad0f690be5ead2",
+                    "mnist_fashion_cifar10": "4c195d69b3282aee", "five_mnist": "acc688b0e08eaf4c",
+                    "mnist_cifar10_half": "8142e36274a33457"}
+
+
+def test_routing_problems_keep_their_fingerprints(monkeypatch):
+    monkeypatch.setattr(merge, "read_checkpoint",
+                        lambda path: {"meta": {"row": {"task": str(path), "seed": 1, "test_acc": 0.5}}})
+    defaults = MergeConfig()
+    assert set(defaults.problems) == set(OLD_FINGERPRINTS)
+    for name, spec in defaults.problems.items():
+        tasks = [e.task for e in spec.experts]
+        problem = Problem(name, tasks, [e.arch for e in spec.experts], [], [], 10,
+                          {t: defaults.tasks[t] for t in tasks})
+        assert merge.fingerprint(problem, MergeConfig(problem=name), 1) == OLD_FINGERPRINTS[name], name
+
+
+def test_problem_key_adds_new_fields_only_when_set():
+    plain = config.ProblemSpec([config.ExpertSpec("mnist")])
+    assert merge.problem_key(plain) == {"experts": [{"task": "mnist", "arch": "lenet5"}]}
+    fused = config.ProblemSpec([config.ExpertSpec("mnist", "mlp", WIDE)], shared_labels=True)
+    assert merge.problem_key(fused) == {"experts": [{"task": "mnist", "arch": "mlp", "arch_kwargs": WIDE}],
+                                        "shared_labels": True}
+
+
+# ---------------------------------------------------------------- the experiment files
+
+FUSION_YAMLS = ["fusion_clafusion.yaml", "fusion_noniid2.yaml", "fusion_noniid4.yaml", "fusion_noniid8.yaml",
+                "fusion_shard2.yaml"]
+
+
+@pytest.mark.parametrize("name", FUSION_YAMLS)
+def test_fusion_experiments_parse_and_fit_their_problems(name):
+    path = REPO_ROOT / "experiments" / name
+    cfg = parse_args(MergeConfig, [str(REPO_ROOT / "experiments" / "fusion_parents.yaml"), str(path)])
+    spec = cfg.problems[cfg.problem]
+    assert spec.shared_labels and cfg.seeds == [770597, 600522, 416719]
+    assert all(e.task in cfg.tasks and e.arch == "mlp" for e in spec.experts)
+    calls = parse_strategies(cfg.strategies)
+    assert any(REGISTRY[c.name].fusion for c in calls)
+    for call in calls:
+        check_fusion(call, cfg.problem, spec)
+    header = path.read_text().split("\nproblem:")[0]
+    assert "python train_source_networks.py" in header and "python merge.py" in header and name in header
+    # the header's training command names the same arch_kwargs as the problem, so merge.py finds the checkpoints
+    for expert in spec.experts:
+        widths = ", ".join(map(str, expert.arch_kwargs["widths"]))
+        assert f"widths: [{widths}], bias: {str(expert.arch_kwargs['bias']).lower()}" in header
+
+
+def test_the_fusion_experiments_cover_the_design():
+    def problem_of(name):
+        cfg = parse_args(MergeConfig, [str(REPO_ROOT / "experiments" / "fusion_parents.yaml"),
+                                       str(REPO_ROOT / "experiments" / name)])
+        return cfg, cfg.problems[cfg.problem], [c.label for c in parse_strategies(cfg.strategies)]
+
+    cfg, spec, labels = problem_of("fusion_clafusion.yaml")
+    assert [e.arch_kwargs for e in spec.experts] == [{"widths": [400, 200, 100, 50, 25], "bias": False},
+                                                    {"widths": [400, 200, 100], "bias": False}]
+    assert labels == ["ensemble", "clafusion(finetune_epochs=0)", "clafusion(finetune_epochs=1)"]
+    for k in (2, 4, 8):
+        cfg, spec, labels = problem_of(f"fusion_noniid{k}.yaml")
+        assert [e.task for e in spec.experts] == [f"mnist_dir{k}_p{i}" for i in range(k)]
+        assert all(e.arch_kwargs == {"widths": [256], "bias": True} for e in spec.experts)
+        assert ("hf" in labels) == (k == 2) and "kf_gradient(importance=conductance)" in labels
+        assert {"vanilla_avg", "otfusion(cost=activation)", "ensemble_weighted", "naive", "oracle"} <= set(labels)
+    cfg, spec, labels = problem_of("fusion_shard2.yaml")
+    assert [cfg.tasks[e.task].split for e in spec.experts] == ["shard", "shard"]
+    assert {"hf", "energy", "max_softmax", "naive", "oracle", "kf_linear(importance=conductance)"} <= set(labels)
