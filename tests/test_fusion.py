@@ -341,3 +341,17 @@ def test_finetune_fits_and_leaves_the_model_alone():
     tuned = finetune(net, x, labels, epochs=20, lr=0.05, batch_size=16)
     assert F.cross_entropy(out(tuned, x), labels) < F.cross_entropy(out(net, x), labels)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_conductance_agrees_with_captums_layer_conductance():
+    captum_attr = pytest.importorskip("captum.attr", reason="captum (pinned in requirements.txt) is not installed")
+    torch.manual_seed(0)
+    net = MLP(in_channels=1, num_classes=4, widths=[6, 5], bias=True, img_size=4, crop=0).double().eval()
+    x = torch.randn(30, 16, dtype=torch.float64)
+    target = net(x).argmax(1)
+    for layer in range(len(net.layers)):
+        reference = captum_attr.LayerConductance(net, net.layers[layer]).attribute(
+            x, baselines=torch.zeros_like(x), target=target, n_steps=512, method="riemann_right").abs().mean(0)
+        ours = conductance_importance(net, x, layer, steps=512)
+        # two right Riemann sums of the same path integral: they differ by O(1/steps)
+        torch.testing.assert_close(ours, reference, atol=2e-3 * reference.abs().max().item(), rtol=0)
