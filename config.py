@@ -7,7 +7,10 @@ Every script has a dataclass config here and calls ``parse_args(ConfigClass, arg
 Arguments ending in ``.yaml``/``.yml`` are YAML files applied in order; ``key=value`` pairs are
 applied after them. Nested keys use dots (``tasks.my_task.classes=[0,2]``); values are parsed as
 YAML (lists as ``[a,b]``) and then coerced to the field's declared type, so ``lr=1`` is a float.
-Unknown keys are errors that suggest the nearest valid key.
+Unknown keys are errors that suggest the nearest valid key. A config class may name, in its
+``YAML_SKIPS``, keys of other scripts' experiment files that it skips in a YAML file (never on the
+command line): the generator and gate stages read a merge table's problem and seeds and skip its
+rules (``MERGE_ONLY_KEYS``), so one file defines a problem for all three.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, ClassVar, TypeVar, Union
 
 import yaml
 
@@ -27,6 +30,9 @@ import yaml
 PAPER_SEEDS = [770597, 600522, 416719, 306890, 201746, 156886, 929271, 247945, 5028, 436287]
 
 DATA_DIR_ENV = "MOE_DATA_DIR"
+
+# Keys of a merge table (experiments/*.yaml for merge.py) that only merge.py reads.
+MERGE_ONLY_KEYS = ("name", "strategies", "fusion_samples")
 
 
 class ConfigError(ValueError):
@@ -170,6 +176,8 @@ class GanConfig:
     """Data-free generators (train_gan.py): one per expert of `problem` per seed, trained against that
     expert with the DAFL loss. Defaults are the original settings (the `paper` profile, for a GPU)."""
 
+    YAML_SKIPS: ClassVar[tuple[str, ...]] = MERGE_ONLY_KEYS  # a merge table's rules, in a YAML file
+
     problem: str = "disjoint_mnist"
     seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
     epochs: int = 200
@@ -196,6 +204,8 @@ class GanConfig:
 class PanConfig:
     """Gating networks (train_pan.py): per expert of `problem`, per seed, gate type and data regime.
     Training defaults are the paper's (SGD lr 0.01, momentum 0.9, 10 epochs, batch 512)."""
+
+    YAML_SKIPS: ClassVar[tuple[str, ...]] = MERGE_ONLY_KEYS  # a merge table's rules, in a YAML file
 
     problem: str = "disjoint_mnist"
     seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
@@ -266,7 +276,8 @@ def parse_args(cls: type[C], argv: list[str] | None = None) -> C:
                 raise ConfigError(f"cannot parse the value of {key!r}: {text!r} ({err})") from None
             cfg = apply_overrides(cfg, _nest(key.strip(), value))
         elif arg.endswith((".yaml", ".yml")):
-            cfg = apply_overrides(cfg, load_yaml(arg))
+            skips = getattr(cls, "YAML_SKIPS", ())
+            cfg = apply_overrides(cfg, {k: v for k, v in load_yaml(arg).items() if k not in skips})
         else:
             raise ConfigError(f"argument {arg!r} is neither key=value nor a .yaml file")
     return cfg

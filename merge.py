@@ -99,8 +99,8 @@ def gate_files(cfg: config.MergeConfig, problem: Problem, call: StrategyCall, se
     if call.param("regime") is None:
         return []
     source = call.param("gates_from") or problem.name
-    return list(dict.fromkeys(gate_path(cfg.ckpt_dir, source, call.param("regime"), call.param("gate"), t, a, seed)
-                              for t, a in zip(problem.tasks, problem.archs)))
+    return list(dict.fromkeys(gate_path(cfg.ckpt_dir, source, call.param("regime"), call.param("gate"), t, a, seed, kw)
+                              for t, a, kw in zip(problem.tasks, problem.archs, problem.arch_kwargs)))
 
 
 def gate_runner(cfg: config.MergeConfig, problem: Problem, activations, seed: int, device: torch.device):
@@ -108,8 +108,9 @@ def gate_runner(cfg: config.MergeConfig, problem: Problem, activations, seed: in
     def run_gates(gate_type: str, regime: str, gates_from: str) -> torch.Tensor:
         source = gates_from or problem.name
         columns = []
-        for (task, arch), (logits, features) in zip(zip(problem.tasks, problem.archs), activations):
-            path = gate_path(cfg.ckpt_dir, source, regime, gate_type, task, arch, seed)
+        for task, arch, kwargs, (logits, features) in zip(problem.tasks, problem.archs, problem.arch_kwargs,
+                                                          activations):
+            path = gate_path(cfg.ckpt_dir, source, regime, gate_type, task, arch, seed, kwargs)
             gate = load_model(path, hint=gate_command(source, regime, gate_type, seed), device=device)[0]
             columns.append(in_domain_probability(gate, gate_inputs(gate_type, logits, features)))
         return torch.stack(columns, dim=1)

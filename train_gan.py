@@ -28,13 +28,15 @@ from common import (CheckpointError, atomic_write_bytes, cli, derive_seed, load_
                     mean_std, print_summary, progress, resolve_device, reuse_checkpoint, save_checkpoint,
                     seed_everything, write_rows)
 from data import InputFormat, prepare_input
-from train_source_networks import expert_command, expert_path
+from train_source_networks import arch_tag, expert_command, expert_path
 
 GRID_SAMPLES = 64
 
 
-def generator_path(ckpt_dir: str | Path, task: str, arch: str, seed: int) -> Path:
-    return Path(ckpt_dir) / "generators" / f"{task}_{arch}_seed{seed}.pt"
+def generator_path(ckpt_dir: str | Path, task: str, arch: str, seed: int, arch_kwargs: dict | None = None) -> Path:
+    """Named like the expert it trains against: ``arch`` alone without ``arch_kwargs`` (the names
+    generators have always had), else the expert's arch tag (train_source_networks.arch_tag)."""
+    return Path(ckpt_dir) / "generators" / f"{task}_{arch_tag(arch, arch_kwargs)}_seed{seed}.pt"
 
 
 def gan_command(problem: str, seeds: list[int]) -> str:
@@ -112,11 +114,12 @@ def png_grid(images: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def other_seed_expert(ckpt_dir: str | Path, task: str, arch: str, seed: int) -> Path | None:
-    """An expert of the same task and arch but another seed, to check that samples carry the class
-    this expert gives them rather than exploiting its particular weights (evaluation only)."""
-    mine = expert_path(ckpt_dir, task, arch, seed)
-    others = sorted(p for p in mine.parent.glob(f"{task}_{arch}_seed*.pt") if p != mine)
+def other_seed_expert(ckpt_dir: str | Path, task: str, arch: str, seed: int,
+                      arch_kwargs: dict | None = None) -> Path | None:
+    """An expert of the same task, arch and arch_kwargs but another seed, to check that samples carry the
+    class this expert gives them rather than exploiting its particular weights (evaluation only)."""
+    mine = expert_path(ckpt_dir, task, arch, seed, arch_kwargs)
+    others = sorted(p for p in mine.parent.glob(f"{task}_{arch_tag(arch, arch_kwargs)}_seed*.pt") if p != mine)
     return others[0] if others else None
 
 
@@ -126,13 +129,16 @@ def settings_of(cfg: config.GanConfig, expert_row: dict) -> dict:
     return {**{k: getattr(cfg, k) for k in keys}, "expert": expert_row}
 
 
-def train_one(cfg: config.GanConfig, task: str, arch: str, seed: int, device: torch.device) -> dict:
-    path = generator_path(cfg.ckpt_dir, task, arch, seed)
-    expert, ckpt = load_model(expert_path(cfg.ckpt_dir, task, arch, seed), expect_arch=arch,
-                              hint=expert_command(task, arch, seed), device=device)
+def train_one(cfg: config.GanConfig, task: str, arch: str, seed: int, device: torch.device,
+              arch_kwargs: dict | None = None) -> dict:
+    """The generator of expert (task, arch, arch_kwargs) of ``seed``: trained, or reused from its checkpoint."""
+    path = generator_path(cfg.ckpt_dir, task, arch, seed, arch_kwargs)
+    expert_file = expert_path(cfg.ckpt_dir, task, arch, seed, arch_kwargs)
+    expert, ckpt = load_model(expert_file, expect_arch=arch, hint=expert_command(task, arch, seed, arch_kwargs),
+                              device=device)
     settings = settings_of(cfg, ckpt["meta"]["row"])
     fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
-    grid = Path(cfg.results_dir) / "gan" / f"{task}_{arch}_seed{seed}.png"
+    grid = Path(cfg.results_dir) / "gan" / f"{task}_{arch_tag(arch, arch_kwargs)}_seed{seed}.png"
     row = reuse_checkpoint(path, settings, cfg.force, cfg.replace_stale)
     if row is not None:
         if not grid.is_file():  # results moved or deleted: draw the same samples again from the checkpoint
@@ -145,12 +151,13 @@ def train_one(cfg: config.GanConfig, task: str, arch: str, seed: int, device: to
     generator, log = train_generator(expert, fmt, cfg, seed, device, desc=f"{task} seed {seed}")
     train_time = time.perf_counter() - start
     images = sample_images(generator, fmt, cfg.eval_samples, derive_seed(seed, task, "fixed noise"), device)
-    other_path = other_seed_expert(cfg.ckpt_dir, task, arch, seed)
+    other_path = other_seed_expert(cfg.ckpt_dir, task, arch, seed, arch_kwargs)
     other = load_model(other_path, device=device)[0] if other_path else None
     quality = sample_quality(expert, fmt, images, other)
     atomic_write_bytes(grid, png_grid(images[:GRID_SAMPLES]))
-    row = {"task": task, "arch": arch, "seed": seed, "expert_checkpoint": str(expert_path(cfg.ckpt_dir, task, arch, seed)),
-           **quality, "other_expert": str(other_path) if other_path else None, "final_loss": log[-1] if log else None,
+    row = {"task": task, "arch": arch, **({"arch_kwargs": arch_kwargs} if arch_kwargs else {}), "seed": seed,
+           "expert_checkpoint": str(expert_file), **quality, "other_expert": str(other_path) if other_path else None,
+           "final_loss": log[-1] if log else None,
            "train_time_s": train_time, "device": str(device), "grid": str(grid), "checkpoint": str(path),
            "resumed": False}
     meta = {"task": task, "expert_arch": arch, "input_format": fmt.as_dict(), "settings": settings,
@@ -163,24 +170,32 @@ def train_one(cfg: config.GanConfig, task: str, arch: str, seed: int, device: to
 def main(cfg: config.GanConfig) -> dict:
     if cfg.problem not in cfg.problems:
         raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
-    experts = [(e.task, e.arch) for e in cfg.problems[cfg.problem].experts]
-    missing = [expert_command(t, a, s) for t, a in experts for s in cfg.seeds
-               if not expert_path(cfg.ckpt_dir, t, a, s).exists()]
+    # (name, task, arch, arch_kwargs) per distinct expert: one checkpoint named twice trains one generator
+    experts = list({(e.task, arch_tag(e.arch, e.arch_kwargs)): (e.task, e.arch, dict(e.arch_kwargs))
+                    for e in cfg.problems[cfg.problem].experts}.values())
+    tasks = [t for t, _, _ in experts]
+    experts = [(t if tasks.count(t) == 1 else f"{t}_{arch_tag(a, kw)}", t, a, kw) for t, a, kw in experts]
+    missing = [expert_command(t, a, s, kw) for _, t, a, kw in experts for s in cfg.seeds
+               if not expert_path(cfg.ckpt_dir, t, a, s, kw).exists()]
     if missing:
-        raise CheckpointError("expert checkpoints are missing; create them with:\n  " + "\n  ".join(missing))
+        raise CheckpointError("expert checkpoints are missing; create them with:\n  "
+                              + "\n  ".join(dict.fromkeys(missing)))
     config.print_config(cfg)
     device = resolve_device(cfg.device)
-    rows = [train_one(cfg, task, arch, seed, device)
-            for seed in progress(cfg.seeds, desc=f"{cfg.problem} generators") for task, arch in experts]
+    rows, names = [], []
+    for seed in progress(cfg.seeds, desc=f"{cfg.problem} generators"):
+        for name, task, arch, kwargs in experts:
+            rows.append(train_one(cfg, task, arch, seed, device, kwargs))
+            names.append(name)
     stem = Path(cfg.results_dir) / "gan" / cfg.problem
     outputs = write_rows(stem, [{**r, "config": config.to_dict(cfg)} for r in rows])
     outputs["config"] = str(stem.with_name(stem.name + ".config.yaml"))
     config.save(cfg, outputs["config"])
     summary = {"problem": cfg.problem, "seeds": cfg.seeds, "outputs": outputs,
                "trained": sum(not r["resumed"] for r in rows), "resumed": sum(r["resumed"] for r in rows)}
-    for task, _ in experts:
-        group = [r for r in rows if r["task"] == task]
-        summary[task] = {key: mean_std(r[key] for r in group)[0] for key in ("balance", "mean_confidence")}
+    for name, *_ in experts:  # the task, with the arch tag where experts share a task
+        group = [r for r, n in zip(rows, names) if n == name]
+        summary[name] = {key: mean_std(r[key] for r in group)[0] for key in ("balance", "mean_confidence")}
     print_summary(summary)
     return summary
 

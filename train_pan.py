@@ -5,13 +5,17 @@
 A gate reads its (frozen) expert's activations and says whether the input belongs to that expert.
 Regimes (DESIGN.md section 4, "The data question"):
 - ``real``: the real training images of every expert; target = the image's own domain (the original
-  code's setting, an upper bound);
+  code's setting, an upper bound). On a problem with shared labels (fusion parents) each parent's real
+  images are its own task's training split (its part of a split, e.g. its shard), as the trainer loads it;
 - ``synthetic`` (data-free): positives are the expert's activations on its own generator's samples,
   negatives its activations on the other experts' generator samples and on noise;
 - ``noise``: positives from the generator, negatives noise only (ablation).
 The ``universal`` gate is one gate per problem and seed, trained on softmax statistics pooled over
 all the problem's experts, so it can later be used unchanged on experts it never saw.
-Every gate's membership accuracy is measured on the real combined test set.
+Every gate's membership accuracy is measured on the real combined test set. With shared labels a test
+image belongs to the parent that owns its class (``Problem.owner_domain``: the most training images of
+it), as for the oracle in merge.py. Generator and gate files of experts with ``arch_kwargs`` carry their
+arch tag, as the experts' own files do.
 """
 from __future__ import annotations
 
@@ -44,15 +48,16 @@ class ImageSet:
 
 
 def real_sets(cfg: config.PanConfig, problem: Problem) -> list[ImageSet]:
-    return [ImageSet(load_task(cfg.tasks[t], "train", cfg.data_dir, cfg.train_limit).images, k, "real")
+    """Each expert's task's training images (only its part when the task splits its source)."""
+    return [ImageSet(load_task(problem.specs[t], "train", cfg.data_dir, cfg.train_limit).images, k, "real")
             for k, t in enumerate(problem.tasks)]
 
 
 def generated_sets(cfg: config.PanConfig, problem: Problem, seed: int, device: torch.device) -> list[ImageSet]:
     """Each expert's generator samples, plus uniform noise; no real training image is read."""
     sets = []
-    for k, (task, arch) in enumerate(zip(problem.tasks, problem.archs)):
-        generator, ckpt = load_model(generator_path(cfg.ckpt_dir, task, arch, seed), expect_arch="generator",
+    for k, (task, arch, kwargs) in enumerate(zip(problem.tasks, problem.archs, problem.arch_kwargs)):
+        generator, ckpt = load_model(generator_path(cfg.ckpt_dir, task, arch, seed, kwargs), expect_arch="generator",
                                      hint=gan_command(problem.name, [seed]), device=device)
         fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
         images = sample_images(generator, fmt, cfg.synthetic_samples, derive_seed(seed, task, "gate samples"), device)
@@ -128,22 +133,32 @@ def train_gate(cfg: config.PanConfig, gate_type: str, inputs: torch.Tensor, targ
     return gate, arch, kwargs, losses, counts
 
 
+def membership_truth(cfg: config.PanConfig, problem: Problem, seed: int) -> torch.Tensor:
+    """The expert each combined test sample belongs to: its own domain, or with shared labels the parent
+    that owns its class (recorded in the experts' checkpoints)."""
+    if problem.shared_labels:
+        return problem.owner_domain(problem.class_counts(cfg.ckpt_dir, seed, cfg.data_dir))
+    return problem.domain
+
+
 def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int, models, formats,
-                 test_activations, device) -> list[dict]:
+                 test_activations, device, domain: torch.Tensor | None = None) -> list[dict]:
     """All gates of one regime and seed; image sets and activations are built only if a gate is missing.
-    ``test_activations()`` gives the experts' activations on the real combined test set (computed on demand)."""
+    ``test_activations()`` gives the experts' activations on the real combined test set (computed on demand);
+    ``domain`` the expert each of its samples belongs to (None: ``membership_truth``)."""
+    domain = membership_truth(cfg, problem, seed) if domain is None else domain
     upstream = [read_checkpoint(p)["meta"]["row"] for p in problem.expert_paths(cfg.ckpt_dir, seed)]
     if regime != "real":
-        upstream += [read_checkpoint(generator_path(cfg.ckpt_dir, t, a, seed))["meta"]["row"]
-                     for t, a in zip(problem.tasks, problem.archs)]
+        upstream += [read_checkpoint(generator_path(cfg.ckpt_dir, t, a, seed, kw))["meta"]["row"]
+                     for t, a, kw in zip(problem.tasks, problem.archs, problem.arch_kwargs)]
     jobs = []  # (gate_type, experts the gate serves, path)
     for gate_type in cfg.gate_types:
         if gate_type == "universal":
             jobs.append((gate_type, list(range(len(problem.tasks))),
                          gate_path(cfg.ckpt_dir, problem.name, regime, gate_type, "", "", seed)))
         else:
-            jobs += [(gate_type, [k], gate_path(cfg.ckpt_dir, problem.name, regime, gate_type, t, a, seed))
-                     for k, (t, a) in enumerate(zip(problem.tasks, problem.archs))]
+            jobs += [(gate_type, [k], gate_path(cfg.ckpt_dir, problem.name, regime, gate_type, t, a, seed, kw))
+                     for k, (t, a, kw) in enumerate(zip(problem.tasks, problem.archs, problem.arch_kwargs))]
     rows, acts, sets = [], None, None
     for gate_type, experts, path in jobs:
         settings = settings_of(cfg, regime, gate_type, upstream)
@@ -151,9 +166,9 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int
         if stored is not None:
             if any(r.get("test_limit", "unknown") != cfg.test_limit for r in stored):  # measured on another subset
                 gate = load_model(path, device=device)[0]
-                stored = [{**r, **membership(gate, gate_type, test_activations(), problem.domain,
-                                             problem.tasks.index(r["expert"])), "test_limit": cfg.test_limit}
-                          for r in stored]
+                # a gate's rows follow its experts' order
+                stored = [{**r, **membership(gate, gate_type, test_activations(), domain, k),
+                           "test_limit": cfg.test_limit} for r, k in zip(stored, experts)]
             rows += [{**r, "resumed": True} for r in stored]
             continue
         if acts is None:
@@ -170,7 +185,8 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int
                 "final_loss": losses[-1] if losses else None, "train_time_s": train_time,
                 "checkpoint": str(path), "device": str(device), "test_limit": cfg.test_limit, "resumed": False}
         gate_rows = [{**base, "expert": problem.tasks[k], "arch": problem.archs[k],
-                      **membership(gate, gate_type, test_activations(), problem.domain, k)} for k in experts]
+                      **({"arch_kwargs": problem.arch_kwargs[k]} if problem.arch_kwargs[k] else {}),
+                      **membership(gate, gate_type, test_activations(), domain, k)} for k in experts]
         meta = {"problem": problem.name, "regime": regime, "gate_type": gate_type,
                 "experts": [problem.tasks[k] for k in experts], "settings": settings, "row": gate_rows}
         save_checkpoint(path, gate, arch, kwargs, config.to_dict(cfg), meta)
@@ -190,16 +206,18 @@ def main(cfg: config.PanConfig) -> dict:
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)
     missing = problem.missing_experts(cfg.ckpt_dir, cfg.seeds)
     if any(r != "real" for r in cfg.regimes):
-        missing += [gan_command(cfg.problem, [s]) for s in cfg.seeds for t, a in zip(problem.tasks, problem.archs)
-                    if not generator_path(cfg.ckpt_dir, t, a, s).exists()]
+        missing += [gan_command(cfg.problem, [s]) for s in cfg.seeds
+                    for t, a, kw in zip(problem.tasks, problem.archs, problem.arch_kwargs)
+                    if not generator_path(cfg.ckpt_dir, t, a, s, kw).exists()]
     if missing:
         raise CheckpointError("checkpoints are missing; create them with:\n  " + "\n  ".join(dict.fromkeys(missing)))
     rows = []
     for seed in progress(cfg.seeds, desc=f"{cfg.problem} gates"):
         models, formats = problem.load_experts(cfg.ckpt_dir, seed, device)
         test_activations = functools.cache(lambda: expert_activations(problem, models, formats, device))
+        domain = membership_truth(cfg, problem, seed)
         for regime in cfg.regimes:
-            rows += train_regime(cfg, problem, regime, seed, models, formats, test_activations, device)
+            rows += train_regime(cfg, problem, regime, seed, models, formats, test_activations, device, domain)
     stem = Path(cfg.results_dir) / "gates" / cfg.problem
     outputs = write_rows(stem, [{**r, "config": config.to_dict(cfg)} for r in rows])
     outputs["config"] = str(stem.with_name(stem.name + ".config.yaml"))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The weight-space fusion tables (README "Weight-space fusion"): trains every MLP parent with the
-# expert trainer (3 seeds), then fuses and evaluates them with merge.py. Results under results/fusion/.
+# expert trainer (3 seeds), trains data-free generators and gates on the sharded parents (train_gan.py,
+# train_pan.py), then fuses and evaluates them with merge.py. Results under results/fusion/.
 # Run from the repository root; the data root is $MOE_DATA_DIR (default ./data).
 set -euo pipefail
 PY="${PYTHON:-python}"
@@ -17,6 +18,11 @@ for k in 2 4 8; do
 done
 train mnist '{widths: [400, 200, 100, 50, 25], bias: false}'
 train mnist '{widths: [400, 200, 100], bias: false}'
+# data-free gates on the sharded parents (fusion_shard2.yaml's gate rows): generators, then gates
+"$PY" train_gan.py experiments/fusion_parents.yaml experiments/fusion_shard2.yaml experiments/gan_cpu.yaml \
+  problem=mnist_shard2_mlp seeds="$SEEDS" results_dir="$OUT"
+"$PY" train_pan.py experiments/fusion_parents.yaml experiments/fusion_shard2.yaml problem=mnist_shard2_mlp \
+  gate_types='[feature,universal]' regimes='[real,synthetic]' seeds="$SEEDS" results_dir="$OUT"
 for table in shard2 noniid2 noniid4 noniid8 clafusion; do
   "$PY" merge.py experiments/fusion_parents.yaml "experiments/fusion_$table.yaml" results_dir="$OUT"
 done

@@ -1,0 +1,208 @@
+"""Data-free gates on fusion parents: train_gan.py, train_pan.py and merge.py's gate rules on a shared-label
+problem of two sharded MLP parents (DESIGN.md section 8, "fusion meets routing"), and the file names of
+generators and gates, unchanged for experts without arch_kwargs."""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import config
+import data
+import merge
+import train_gan
+import train_pan
+import train_source_networks as tsn
+from common import load_model, read_checkpoint, read_rows
+from config import GanConfig, MergeConfig, PanConfig, TrainConfig, parse_args
+from conftest import REPO_ROOT, build_fake_root
+from gating import gate_inputs, gate_path
+from problems import Problem, build_problem, expert_activations
+
+SEEDS = [1, 2]
+WIDE = {"widths": [16]}
+TASKS = ("s_p0", "s_p1")
+TASKS_YAML = """
+tasks:
+  s_p0: {source: mnist, split: shard, parts: 2, part: 0}
+  s_p1: {source: mnist, split: shard, parts: 2, part: 1}
+"""
+PROBLEMS_YAML = """
+problems:
+  shard:
+    shared_labels: true
+    experts:
+      - {task: s_p0, arch: mlp, arch_kwargs: {widths: [16]}}
+      - {task: s_p1, arch: mlp, arch_kwargs: {widths: [16]}}
+"""
+GAN_PROFILE = ["epochs=2", "iters_per_epoch=3", "batch_size=16", "width=8", "eval_samples=64"]
+PAN_PROFILE = ["epochs=2", "synthetic_samples=64", "noise_samples=48"]
+GATE_RULES = ("[{name: gate_hard, gate: feature, regime: synthetic},"
+              "{name: gate_soft, gate: feature, regime: synthetic},"
+              "{name: gate_hard, gate: universal, regime: synthetic},"
+              "{name: gate_soft, gate: universal, regime: synthetic},"
+              "{name: gate_hard, gate: feature, regime: real},"
+              "{name: gate_soft, gate: universal, regime: real},naive]")
+CPU = torch.device("cpu")
+
+
+def common_args(env) -> list[str]:
+    return [str(env["base"] / "tasks.yaml"), str(env["base"] / "problems.yaml"), "problem=shard", f"seeds={SEEDS}",
+            "device=cpu",
+            f"ckpt_dir={env['ckpt']}", f"results_dir={env['base'] / 'results'}"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Two tiny MLP parents (digits 0-4 and 5-9, ten-way heads) for SEEDS, their generators and gates."""
+    base = tmp_path_factory.mktemp("fusion_gates")
+    fake = build_fake_root(base / "data", n_mnist_train=300, n_mnist_test=80, squares=True, n_cifar=0)
+    (base / "tasks.yaml").write_text(TASKS_YAML)
+    (base / "problems.yaml").write_text(PROBLEMS_YAML)
+    env = {"base": base, "root": fake.root, "ckpt": base / "ckpt",
+           "digits": torch.from_numpy(fake.mnist["test"][1])}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for task in TASKS:
+            tsn.main(parse_args(TrainConfig, [
+                str(base / "tasks.yaml"), f"dataset={task}", "arch=mlp", f"arch_kwargs={WIDE}", f"seeds={SEEDS}",
+                "epochs=2", "batch_size=32", "lr=0.05", "device=cpu", f"data_dir={fake.root}",
+                f"ckpt_dir={env['ckpt']}", f"results_dir={base / 'train_results'}"]))
+        env["gan"] = train_gan.main(parse_args(GanConfig, [*common_args(env), *GAN_PROFILE]))
+        env["pan"] = train_pan.main(parse_args(PanConfig, [
+            *common_args(env), *PAN_PROFILE, "gate_types=[feature,universal]", "regimes=[real,synthetic]",
+            f"data_dir={fake.root}"]))
+    yield env
+    data._load_cached.cache_clear()
+
+
+def test_generators_are_named_like_their_parents(env):
+    rows = read_rows(env["gan"]["outputs"]["jsonl"])
+    assert len(rows) == len(SEEDS) * 2 and env["gan"]["trained"] == 4
+    tag = tsn.arch_tag("mlp", WIDE)
+    for row in rows:
+        path = train_gan.generator_path(env["ckpt"], row["task"], "mlp", row["seed"], WIDE)
+        assert path.name == f"{row['task']}_{tag}_seed{row['seed']}.pt" and path.is_file()
+        assert row["checkpoint"] == str(path) and row["arch_kwargs"] == WIDE
+        assert row["expert_checkpoint"] == str(tsn.expert_path(env["ckpt"], row["task"], "mlp", row["seed"], WIDE))
+        assert Path(row["grid"]).name == f"{row['task']}_{tag}_seed{row['seed']}.png"
+        assert row["cross_seed_agreement"] is not None  # the other seed's parent was found under its arch tag
+        load_model(path, expect_arch="generator")
+    assert set(TASKS) <= set(env["gan"])  # summary per parent
+
+
+def test_gates_are_named_like_their_parents_and_judged_by_class_ownership(env):
+    rows = read_rows(env["pan"]["outputs"]["jsonl"])
+    # per seed and regime: two feature gates and one universal gate, each with a row per parent it serves
+    assert len(rows) == env["pan"]["trained"] == len(SEEDS) * 2 * (2 + 2)
+    assert len({r["checkpoint"] for r in rows}) == len(SEEDS) * 2 * 3
+    cfg = parse_args(PanConfig, [*common_args(env), f"data_dir={env['root']}"])
+    problem = build_problem("shard", cfg.problems["shard"], cfg.tasks, cfg.data_dir)
+    truth = (env["digits"] >= 5).long()  # the parent owning each test image's digit
+    for seed in SEEDS:
+        assert torch.equal(train_pan.membership_truth(cfg, problem, seed), truth)
+        models, formats = problem.load_experts(env["ckpt"], seed, CPU)
+        acts = expert_activations(problem, models, formats, CPU)
+        for row in (r for r in rows if r["seed"] == seed):
+            k = TASKS.index(row["expert"])
+            path = gate_path(env["ckpt"], "shard", row["regime"], row["gate_type"], row["expert"], "mlp", seed, WIDE)
+            assert row["checkpoint"] == str(path) and path.is_file()
+            if row["gate_type"] == "feature":
+                assert path.name == f"{row['expert']}_{tsn.arch_tag('mlp', WIDE)}_seed{seed}.pt"
+                assert row["arch_kwargs"] == WIDE
+            gate = load_model(path)[0]
+            expected = train_pan.membership(gate, row["gate_type"], acts, truth, k)
+            assert row["membership_acc"] == pytest.approx(expected["membership_acc"])
+            assert row["true_positive_rate"] == pytest.approx(expected["true_positive_rate"])
+
+
+def test_real_gates_train_on_each_parents_own_shard(env):
+    rows = read_rows(env["pan"]["outputs"]["jsonl"])
+    shards = [data.load_task(config.TaskSpec("mnist", split="shard", parts=2, part=p), "train", env["root"])
+              for p in (0, 1)]
+    assert (shards[0].labels < 5).all() and (shards[1].labels >= 5).all()
+    for row in (r for r in rows if r["regime"] == "real" and r["gate_type"] == "feature"):
+        k = TASKS.index(row["expert"])
+        assert row["train_positives"] == len(shards[k].labels)
+        assert row["train_negatives"] == len(shards[1 - k].labels)
+
+
+def test_merge_runs_the_data_free_gate_rules_on_the_parents(env, tmp_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = merge.main(parse_args(MergeConfig, [
+            str(env["base"] / "tasks.yaml"), str(env["base"] / "problems.yaml"), "problem=shard",
+            f"strategies={GATE_RULES}", f"seeds={SEEDS}",
+            f"data_dir={env['root']}", f"ckpt_dir={env['ckpt']}", f"results_dir={tmp_path}", "device=cpu"]))
+    rows = read_rows(summary["outputs"]["jsonl"])
+    for label in ("gate_hard(gate=feature,regime=synthetic)", "gate_soft(gate=universal,regime=real)"):
+        assert label in summary["acc"]
+    for row in rows:
+        assert row["n"] == len(env["digits"]) and 0 <= row["acc"] <= 1
+        if row["strategy"].startswith("gate_"):
+            assert row["gates"] and all(str(env["ckpt"] / "gates" / "shard") in g[0] for g in row["gates"])
+    oracle = next(r for r in rows if r["strategy"] == "oracle")
+    assert oracle["routing_acc"] == 1.0
+
+
+# ---------------------------------------------------------------- names without arch_kwargs are unchanged
+
+@pytest.mark.parametrize("kwargs", [None, {}])
+def test_paths_of_experts_without_arch_kwargs_are_unchanged(tmp_path, kwargs):
+    assert train_gan.generator_path(tmp_path, "first5_mnist", "lenet5", 7, kwargs) == \
+        tmp_path / "generators" / "first5_mnist_lenet5_seed7.pt"
+    assert gate_path(tmp_path, "disjoint_mnist", "synthetic", "feature", "first5_mnist", "lenet5", 7, kwargs) == \
+        tmp_path / "gates" / "disjoint_mnist" / "synthetic" / "feature" / "first5_mnist_lenet5_seed7.pt"
+    assert gate_path(tmp_path, "disjoint_mnist", "real", "universal", "", "", 7, kwargs) == \
+        tmp_path / "gates" / "disjoint_mnist" / "real" / "universal" / "seed7.pt"
+    assert train_gan.generator_path(tmp_path, "mnist", "lenet5_half", 7) == \
+        tmp_path / "generators" / "mnist_lenet5_half_seed7.pt"
+
+
+def test_default_problems_keep_their_gate_files_in_merge(tmp_path):
+    cfg = MergeConfig(ckpt_dir=str(tmp_path))
+    spec = cfg.problems["disjoint_mnist"]
+    problem = Problem("disjoint_mnist", [e.task for e in spec.experts], [e.arch for e in spec.experts],
+                      [], [], 10, {})
+    call = merge.parse_strategies([{"name": "gate_hard", "gate": "feature", "regime": "real"}])[0]
+    assert merge.gate_files(cfg, problem, call, 3) == [
+        tmp_path / "gates" / "disjoint_mnist" / "real" / "feature" / f"{t}_lenet5_seed3.pt"
+        for t in ("first5_mnist", "last5_mnist")]
+
+
+# ---------------------------------------------------------------- the experiment files
+
+def test_run_fusion_trains_generators_and_gates_from_the_shard2_table():
+    script = (REPO_ROOT / "experiments" / "run_fusion.sh").read_text()
+    before_merge = script.split("for table in")[0]
+    files = ["experiments/fusion_parents.yaml", "experiments/fusion_shard2.yaml"]
+    gan_line = re.search(r'"\$PY" train_gan\.py (.*?)\n(?!  )', before_merge, re.S).group(1)
+    pan_line = re.search(r'"\$PY" train_pan\.py (.*?)\n(?!  )', before_merge, re.S).group(1)
+    assert all(f in gan_line and f in pan_line for f in files) and "experiments/gan_cpu.yaml" in gan_line
+    seeds = "seeds=[770597,600522,416719]"
+    gan = parse_args(GanConfig, [str(REPO_ROOT / f) for f in files] + [
+        str(REPO_ROOT / "experiments" / "gan_cpu.yaml"), "problem=mnist_shard2_mlp", seeds])
+    pan = parse_args(PanConfig, [str(REPO_ROOT / f) for f in files] + [
+        "problem=mnist_shard2_mlp", "gate_types=[feature,universal]", "regimes=[real,synthetic]", seeds])
+    assert "gate_types='[feature,universal]'" in pan_line and "regimes='[real,synthetic]'" in pan_line
+    assert gan.epochs == 8 and gan.width == 32  # the CPU profile, read after the table
+    for cfg in (gan, pan):
+        spec = cfg.problems[cfg.problem]
+        assert spec.shared_labels and [e.arch_kwargs for e in spec.experts] == [{"widths": [256], "bias": True}] * 2
+    merge_cfg = parse_args(MergeConfig, [str(REPO_ROOT / f) for f in files])
+    wanted = {f"{rule}(gate={gate},regime={regime})" for rule in ("gate_hard", "gate_soft")
+              for gate in ("feature", "universal") for regime in ("synthetic", "real")}
+    labels = {c.label for c in merge.parse_strategies(merge_cfg.strategies)}
+    assert wanted <= labels
+    # every gate these rows read is one train_pan.py makes
+    for call in merge.parse_strategies(merge_cfg.strategies):
+        if call.param("regime") is not None:
+            assert call.param("gate") in pan.gate_types and call.param("regime") in pan.regimes
+
+
+def test_merge_only_keys_stay_errors_on_the_command_line():
+    for cls in (GanConfig, PanConfig):
+        with pytest.raises(config.ConfigError, match="strategies"):
+            parse_args(cls, ["strategies=[naive]"])
