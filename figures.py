@@ -20,6 +20,15 @@ def _pyplot():
     return plt
 
 
+def available() -> bool:
+    """Whether matplotlib can be imported here (the report says so when it cannot)."""
+    try:
+        _pyplot()
+    except ImportError:
+        return False
+    return True
+
+
 def _save(fig, path: str | Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")

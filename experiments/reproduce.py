@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import config  # noqa: E402
+import figures  # noqa: E402
 from common import (CheckpointError, atomic_write_text, cli, hidden_inner_progress, print_summary, progress, read_rows,  # noqa: E402
                     resolve_device, write_rows)
 from data import DataError  # noqa: E402
@@ -35,6 +36,7 @@ from report import best_of_families, reproduction_report, scaling_rows  # noqa: 
 from strategies import parse_strategies  # noqa: E402
 
 PROFILES = REPO / "experiments" / "profiles"
+NO_FIGURES = "matplotlib is not installed"
 # stage -> (script module, its config class); the order is the pipeline's
 STAGES = {"experts": ("train_source_networks", config.TrainConfig), "generators": ("train_gan", config.GanConfig),
           "gates": ("train_pan", config.PanConfig), "merge": ("merge", config.MergeConfig)}
@@ -228,14 +230,8 @@ def build_report(cfg: config.ReproduceConfig, steps: list[Step]) -> dict:
     return outputs
 
 
-NO_FIGURES = "matplotlib is not installed"
-
-
 def draw_figures(results: Path, best: dict[str, list[dict]], generator_rows: list[dict]) -> dict[str, str]:
-    try:
-        import figures
-        figures._pyplot()
-    except ImportError:
+    if not figures.available():
         return {}
     drawn = {}
     if best:
