@@ -34,6 +34,22 @@ DATA_DIR_ENV = "MOE_DATA_DIR"
 class Forbidden(AssertionError):
     """Raised by a patched function that the code under test must not call."""
 
+# Two sharded MLP parents (digits 0-4 and 5-9, both with ten-way heads): disjoint_mnist in weight-space
+# form, shared by the fusion tests; a test appends more problems under the `problems:` key.
+SHARD_TASKS_YAML = """
+tasks:
+  s_p0: {source: mnist, split: shard, parts: 2, part: 0}
+  s_p1: {source: mnist, split: shard, parts: 2, part: 1}
+"""
+SHARD_PROBLEMS_YAML = """
+problems:
+  shard:
+    shared_labels: true
+    experts:
+      - {task: s_p0, arch: mlp, arch_kwargs: {widths: [16]}}
+      - {task: s_p1, arch: mlp, arch_kwargs: {widths: [16]}}
+"""
+
 NO_DATA_REASON = "no data root configured: set MOE_DATA_DIR or run `make data`"
 
 

@@ -19,26 +19,13 @@ import train_pan
 import train_source_networks as tsn
 from common import load_model, read_checkpoint, read_rows
 from config import GanConfig, MergeConfig, PanConfig, TrainConfig, parse_args
-from conftest import REPO_ROOT, build_fake_root
+from conftest import REPO_ROOT, SHARD_PROBLEMS_YAML, SHARD_TASKS_YAML, build_fake_root
 from gating import gate_inputs, gate_path
 from problems import Problem, build_problem, expert_activations
 
 SEEDS = [1, 2]
 WIDE = {"widths": [16]}
 TASKS = ("s_p0", "s_p1")
-TASKS_YAML = """
-tasks:
-  s_p0: {source: mnist, split: shard, parts: 2, part: 0}
-  s_p1: {source: mnist, split: shard, parts: 2, part: 1}
-"""
-PROBLEMS_YAML = """
-problems:
-  shard:
-    shared_labels: true
-    experts:
-      - {task: s_p0, arch: mlp, arch_kwargs: {widths: [16]}}
-      - {task: s_p1, arch: mlp, arch_kwargs: {widths: [16]}}
-"""
 GAN_PROFILE = ["epochs=2", "iters_per_epoch=3", "batch_size=16", "width=8", "eval_samples=64"]
 PAN_PROFILE = ["epochs=2", "synthetic_samples=64", "noise_samples=48"]
 GATE_RULES = ("[{name: gate_hard, gate: feature, regime: synthetic},"
@@ -61,8 +48,8 @@ def env(tmp_path_factory):
     """Two tiny MLP parents (digits 0-4 and 5-9, ten-way heads) for SEEDS, their generators and gates."""
     base = tmp_path_factory.mktemp("fusion_gates")
     fake = build_fake_root(base / "data", n_mnist_train=300, n_mnist_test=80, squares=True, n_cifar=0)
-    (base / "tasks.yaml").write_text(TASKS_YAML)
-    (base / "problems.yaml").write_text(PROBLEMS_YAML)
+    (base / "tasks.yaml").write_text(SHARD_TASKS_YAML)
+    (base / "problems.yaml").write_text(SHARD_PROBLEMS_YAML)
     env = {"base": base, "root": fake.root, "ckpt": base / "ckpt",
            "digits": torch.from_numpy(fake.mnist["test"][1])}
     with contextlib.redirect_stdout(io.StringIO()):

@@ -13,24 +13,13 @@ import problems
 import train_source_networks as tsn
 from common import CheckpointError, read_rows
 from config import ConfigError, MergeConfig, TrainConfig, parse_args
-from conftest import REPO_ROOT, Forbidden, build_fake_root
+from conftest import REPO_ROOT, SHARD_PROBLEMS_YAML, SHARD_TASKS_YAML, Forbidden, build_fake_root
 from problems import Problem, build_problem
 from strategies import NO_EXPERT, REGISTRY, Decision, MergeInputs, check_fusion, parse_strategies
 
 SEED = 1
 WIDE, MID, DEEP = {"widths": [16]}, {"widths": [16, 8]}, {"widths": [16, 8, 8]}
-TASKS_YAML = """
-tasks:
-  s_p0: {source: mnist, split: shard, parts: 2, part: 0}
-  s_p1: {source: mnist, split: shard, parts: 2, part: 1}
-"""
-PROBLEMS_YAML = """
-problems:
-  shard:  # digits 0-4 and 5-9, both with ten-way heads: disjoint_mnist in weight-space form
-    shared_labels: true
-    experts:
-      - {task: s_p0, arch: mlp, arch_kwargs: {widths: [16]}}
-      - {task: s_p1, arch: mlp, arch_kwargs: {widths: [16]}}
+PROBLEMS_YAML = SHARD_PROBLEMS_YAML + """\
   twice:  # one checkpoint as both parents
     shared_labels: true
     experts:
@@ -65,7 +54,7 @@ def env(tmp_path_factory):
     neuron-interpolation fusion exact, so they give the parent back on every image, not only on the samples."""
     base = tmp_path_factory.mktemp("fusion_merge")
     fake = build_fake_root(base / "data", n_mnist_train=1800, n_mnist_test=100, squares=True, n_cifar=0)
-    (base / "tasks.yaml").write_text(TASKS_YAML)
+    (base / "tasks.yaml").write_text(SHARD_TASKS_YAML)
     (base / "problems.yaml").write_text(PROBLEMS_YAML)
     for task, kwargs in (("s_p0", WIDE), ("s_p1", WIDE), ("s_p0", DEEP), ("s_p1", MID)):
         tsn.main(parse_args(TrainConfig, [
