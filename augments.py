@@ -4,6 +4,10 @@ Every augmentation takes a float batch ``x`` of [0,1] images, shape [N, C, H, W]
 ``torch.Generator`` on x's device, and returns a tensor of the same shape on the same device
 (``identity`` returns x itself; ``random_resized_crop`` returns size x size images).
 Augmentations are applied before any per-expert normalisation, so every expert sees the same image.
+
+The noises are sized in the image's own *normalised* units, as the original added them to normalised
+tensors: ``unit`` is the per-channel std of the image's source dataset (MNIST 0.3081, CIFAR-10 about 0.2),
+so Gaussian noise of std s adds s x unit_c on [0,1] pixels of channel c, and the Poisson step is unit_c.
 """
 
 import inspect
@@ -39,21 +43,31 @@ def sharpen(x: Tensor, generator: torch.Generator, alpha: float = 0.5) -> Tensor
     return (x + alpha * detail).clamp(0.0, 1.0)
 
 
-def gaussian(x: Tensor, generator: torch.Generator, std: float = 1.0) -> Tensor:
-    """Add N(0, std^2) noise per pixel, without clamping (as the original).
+def _channel_unit(x: Tensor, unit: tuple[float, ...] | None) -> Tensor | float:
+    """The size of one normalised unit per channel of x, as [1, C, 1, 1] (None: one pixel unit)."""
+    if unit is None:
+        return 1.0
+    if len(unit) != x.shape[1]:
+        raise ValueError(f"noise unit has {len(unit)} channel std(s) for {x.shape[1]}-channel images")
+    return torch.tensor(unit, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
 
-    ``std`` is in [0,1]-pixel units. The original added the noise to *normalised* tensors, so the
-    same number there meant a noise about 1/0.3081 ~ 3.2x larger in pixel units for MNIST
-    (and about 4x for CIFAR-10's per-channel std of ~0.25).
-    """
+
+def gaussian(x: Tensor, generator: torch.Generator, std: float = 1.0,
+             unit: tuple[float, ...] | None = None) -> Tensor:
+    """Add N(0, std^2) noise per pixel in normalised units, without clamping (as the original).
+
+    ``unit``: the per-channel std of the image's source; the noise on [0,1] pixels of channel c has std
+    std x unit[c], which is std in the source's normalised units (None: pixel units)."""
     if std < 0:
         raise ValueError(f"gaussian: std must be >= 0, got {std}")
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    return x + std * noise
+    return x + (std * _channel_unit(x, unit)) * noise
 
 
-def poisson(x: Tensor, generator: torch.Generator, rate: float = 0.5) -> Tensor:
-    """Add clamp(Poisson(rate), 0, 1) per pixel, without clamping the result (as the original).
+def poisson(x: Tensor, generator: torch.Generator, rate: float = 0.5,
+            unit: tuple[float, ...] | None = None) -> Tensor:
+    """Add clamp(Poisson(rate), 0, 1) per pixel in normalised units, without clamping the result (as the
+    original): a step of unit[c] on [0,1] pixels of channel c (None: a step of 1).
 
     Poisson samples are integers, so each pixel gets +1 with probability 1 - exp(-rate), else 0;
     drawing that Bernoulli directly is the same distribution and much cheaper than torch.poisson.
@@ -61,7 +75,7 @@ def poisson(x: Tensor, generator: torch.Generator, rate: float = 0.5) -> Tensor:
     if rate < 0:
         raise ValueError(f"poisson: rate must be >= 0, got {rate}")
     uniform = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    return x + (uniform < -math.expm1(-rate)).to(x.dtype)
+    return x + (uniform < -math.expm1(-rate)).to(x.dtype) * _channel_unit(x, unit)
 
 
 def hflip(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -138,14 +152,16 @@ def _lookup(name: str, table: dict[str, Any], kind: str) -> Any:
 
 
 def augment_params(name: str) -> dict[str, Any]:
-    """Keyword parameters of augmentation ``name`` and their defaults (not x or generator)."""
+    """Keyword parameters of augmentation ``name`` and their defaults (not x, generator or the noise unit)."""
     fn = _lookup(name, AUGMENTS, "augmentation")
     params = list(inspect.signature(fn).parameters.values())[2:]
-    return {p.name: p.default for p in params}
+    return {p.name: p.default for p in params if p.name != "unit"}
 
 
-def apply_augment(name: str, x: Tensor, generator: torch.Generator, **params: Any) -> Tensor:
-    """Apply augmentation ``name`` to x, checking that every keyword is one it accepts."""
+def apply_augment(name: str, x: Tensor, generator: torch.Generator, unit: tuple[float, ...] | None = None,
+                  **params: Any) -> Tensor:
+    """Apply augmentation ``name`` to x, checking that every keyword is one it accepts. ``unit`` (the
+    per-channel std of x's source dataset) sizes the noises in normalised units; others ignore it."""
     fn = _lookup(name, AUGMENTS, "augmentation")
     valid = augment_params(name)
     for key in params:
@@ -154,6 +170,8 @@ def apply_augment(name: str, x: Tensor, generator: torch.Generator, **params: An
             raise ValueError(
                 f"unknown parameter {key!r} for augmentation {name!r}; valid: {choices}"
             )
+    if "unit" in inspect.signature(fn).parameters:
+        params["unit"] = unit
     return fn(x, generator, **params)
 
 
@@ -172,10 +190,11 @@ TTA_SETTINGS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 
 
-def make_passes(setting: str, x: Tensor, generator: torch.Generator) -> list[Tensor]:
-    """[x] followed by the setting's augmented copies, in order.
+def make_passes(setting: str, x: Tensor, generator: torch.Generator,
+                unit: tuple[float, ...] | None = None) -> list[Tensor]:
+    """[x] followed by the setting's augmented copies, in order (noises in units of ``unit``).
 
     Copies draw from ``generator`` one after another, so repeated entries get different noise.
     """
     copies = _lookup(setting, TTA_SETTINGS, "TTA setting")
-    return [x] + [apply_augment(name, x, generator, **params) for name, params in copies]
+    return [x] + [apply_augment(name, x, generator, unit, **params) for name, params in copies]

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from archs import build_model
+
 T = TypeVar("T")
 
 
@@ -42,10 +44,9 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: cuda when available, else cpu. Names are checked when the config loads (config.check_device)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} was asked for but CUDA is not available; use device=cpu")
     return torch.device(name)
 
 
@@ -82,16 +83,35 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------- checkpoints
 
-class CheckpointError(RuntimeError):
+class UserError(Exception):
+    """A problem the user can fix (a bad config value, a missing file); the message says how. The command
+    line prints it as one line, without a traceback."""
+
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or of the wrong kind; the message says what to do."""
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short hash of a model's weights (names, dtypes, shapes and values): the identity of one trained
+    instance, which downstream artifacts record so that a retrained upstream file makes them stale."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, arch: str,
-                    arch_kwargs: dict, config: dict, meta: dict) -> None:
-    """One dict of tensors and plain types, readable with ``torch.load(weights_only=True)``."""
+                    arch_kwargs: dict, config: dict, meta: dict) -> str:
+    """One dict of tensors and plain types, readable with ``torch.load(weights_only=True)``; the weights'
+    digest goes into ``meta["digest"]`` and is returned."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    digest = state_digest(state)
     atomic_torch_save({"arch": arch, "arch_kwargs": arch_kwargs, "state_dict": state,
-                       "config": _plain(config), "meta": _plain(meta)}, path)
+                       "config": _plain(config), "meta": _plain({**meta, "digest": digest})}, path)
+    return digest
 
 
 def read_checkpoint(path: str | os.PathLike, hint: str = "") -> dict:
@@ -114,8 +134,6 @@ def read_checkpoint(path: str | os.PathLike, hint: str = "") -> dict:
 def load_model(path: str | os.PathLike, expect_arch: str | None = None, hint: str = "",
                device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model a checkpoint describes; returns ``(model in eval mode, checkpoint dict)``."""
-    from archs import build_model
-
     ckpt = read_checkpoint(path, hint)
     if expect_arch is not None and ckpt["arch"] != expect_arch:
         raise CheckpointError(f"{path} holds a {ckpt['arch']!r} model, expected {expect_arch!r}")
@@ -125,26 +143,6 @@ def load_model(path: str | os.PathLike, expect_arch: str | None = None, hint: st
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit a {ckpt['arch']!r} model: {err}") from None
     return model.to(device).eval(), ckpt
-
-
-def reuse_checkpoint(path: Path, settings: dict, force: bool, replace_stale: bool = False) -> dict | None:
-    """The stored result row when ``path`` already holds this exact training run, else None.
-
-    A checkpoint made with other settings (or from other upstream checkpoints) is an error, so a
-    changed config never silently overwrites work, unless ``replace_stale``: then it is retrained
-    (the pipeline's choice after an upstream stage was redone)."""
-    if force or not path.exists():
-        return None
-    ckpt = read_checkpoint(path)
-    stored = ckpt.get("meta", {}).get("settings")
-    if stored != settings:
-        if replace_stale:
-            return None
-        changed = sorted(k for k in settings if stored is None or stored.get(k) != settings[k])
-        raise CheckpointError(
-            f"{path} was trained with other settings ({', '.join(changed)} differ); pass force=true or "
-            f"replace_stale=true to retrain it, or ckpt_dir=... to keep both")
-    return ckpt["meta"]["row"]
 
 
 def _plain(obj: Any) -> Any:
@@ -180,10 +178,37 @@ def write_rows(stem: str | os.PathLike, rows: list[dict]) -> dict[str, str]:
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines file ([] when missing). A last line cut short by an interrupted append is
+    skipped; a damaged line elsewhere is an error."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path}: line {i + 1} is not JSON; delete the file to recompute its rows") from None
+    return rows
+
+
+def append_row(path: str | os.PathLike, row: dict) -> None:
+    """Add one row to a JSON-lines file as soon as it exists, so an interrupted run keeps it. One short
+    write of a whole line; a last line cut short by a crash is skipped by ``read_rows`` and dropped here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a line torn by a crash: drop it before adding to the file
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _flatten(row: dict, prefix: str = "") -> dict:
@@ -232,13 +257,10 @@ def hidden_inner_progress() -> Iterator[None]:
 
 # ---------------------------------------------------------------- command line
 
-def cli(main: Callable[[Any], dict], config_class: type, load: Callable[[], Any] | None = None) -> None:
-    """Run a script's ``main`` on the command-line config (``load()`` builds it, if given); known user
-    errors exit with one clear line."""
-    from config import ConfigError, parse_args
-    from data import DataError
-
+def cli(main: Callable[[Any], dict], load: Callable[[], Any]) -> None:
+    """Run a script's ``main`` on the config ``load()`` builds from the command line; a UserError (bad
+    config, missing file or checkpoint) exits with its one line, before or during the work."""
     try:
-        main(load() if load else parse_args(config_class))
-    except (ConfigError, DataError, CheckpointError) as err:
+        main(load())
+    except UserError as err:
         sys.exit(f"error: {err}")

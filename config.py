@@ -1,22 +1,31 @@
 """Run configuration: dataclass defaults < YAML files < command-line ``key=value`` overrides.
 
-Every script has a dataclass config here and calls ``parse_args(ConfigClass, argv)``:
+Every script has a dataclass config here and builds it with ``parse_args(ConfigClass, argv)``:
 
-    python train_source_networks.py experiments/experts.yaml dataset=mnist seeds=[0,1] lr=1e-3
+    python train_source_networks.py dataset=mnist seeds=[0,1] expert.epochs=2 expert.lr=1e-3
+
+The defaults below are the paper's values and the one place they are written: a researcher who edits
+one changes what the next run does, the pipeline included (YAML files and profiles hold only what
+differs, and say why). How each kind of artifact is made is one *section* (``ExpertTraining``,
+``DaflTraining``, ``GateTraining``); a stage's config holds the section it trains and the sections of
+the artifacts it reads, so every stage agrees on where an upstream artifact lives (its settings are part
+of its file name: artifacts.py).
 
 Arguments ending in ``.yaml``/``.yml`` are YAML files applied in order; ``key=value`` pairs are
 applied after them. Nested keys use dots (``tasks.my_task.classes=[0,2]``); values are parsed as
 YAML (lists as ``[a,b]``) and then coerced to the field's declared type, so ``lr=1`` is a float.
-Unknown keys are errors that suggest the nearest valid key. A config class may name, in its
-``YAML_SKIPS``, keys of other scripts' experiment files that it skips in a YAML file (never on the
-command line): the generator and gate stages read a merge table's problem and seeds and skip its
-rules (``MERGE_ONLY_KEYS``), so one file defines a problem for all three.
+Unknown keys are errors that suggest the nearest valid key, and values are checked against their range
+(``check``) before any work. A config class may name, in its ``YAML_SKIPS``, keys of other scripts'
+experiment files that it skips in a YAML file (never on the command line): the generator and gate stages
+read a merge table's problem and seeds and skip its rules (``MERGE_ONLY_KEYS``), so one file defines a
+problem for all three.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import types
 import typing
@@ -25,6 +34,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union
 
 import yaml
+
+from common import UserError, atomic_write_text
 
 # The paper's seed list (DESIGN.md section 3); expert, generator and gate of seed i belong together.
 PAPER_SEEDS = [770597, 600522, 416719, 306890, 201746, 156886, 929271, 247945, 5028, 436287]
@@ -35,9 +46,36 @@ DATA_DIR_ENV = "MOE_DATA_DIR"
 MERGE_ONLY_KEYS = ("name", "strategies", "fusion_samples")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem the user can fix; the message says how."""
 
+
+# ---------------------------------------------------------------- value ranges, checked at load
+
+def at_least(low: float, default: Any) -> Any:
+    """A field whose value (unless None) must be >= ``low``."""
+    return field(default=default, metadata={"check": (low, None, f"at least {low}")})
+
+
+def positive(default: Any) -> Any:
+    """A field whose value must be > 0."""
+    return field(default=default, metadata={"check": (0, "open", "greater than 0")})
+
+
+def fraction(default: float) -> Any:
+    """A field whose value must lie in [0, 1)."""
+    return field(default=default, metadata={"check": (0, 1, "in [0, 1)")})
+
+
+def seed_list(default: list[int]) -> Any:
+    return field(default_factory=lambda: list(default), metadata={"seeds": True})
+
+
+def device_field() -> Any:
+    return field(default="auto", metadata={"device": True})
+
+
+# ---------------------------------------------------------------- tasks and problems (data, not code)
 
 @dataclass
 class TaskSpec:
@@ -80,7 +118,7 @@ def default_tasks() -> dict[str, TaskSpec]:
 @dataclass
 class ExpertSpec:
     """One expert of a problem: the task it was trained on, its architecture and the arch's extra
-    arguments (``TrainConfig.arch_kwargs``, e.g. an MLP's widths; they are part of the checkpoint's name)."""
+    arguments (e.g. an MLP's widths; they are part of the checkpoint's name)."""
 
     task: str
     arch: str = "lenet5"
@@ -116,31 +154,77 @@ def default_data_dir() -> str:
     return os.environ.get(DATA_DIR_ENV, "./data")
 
 
+# ---------------------------------------------------------------- how each kind of artifact is made
+
+@dataclass
+class ExpertTraining:
+    """How every expert is trained (DESIGN.md section 3: SGD lr 0.01, momentum 0.9, no weight decay,
+    10 epochs, batch 512 MNIST / 128 CIFAR-10). Part of each expert checkpoint's recipe."""
+
+    epochs: int = at_least(1, 10)
+    lr: float = positive(0.01)
+    momentum: float = fraction(0.9)
+    weight_decay: float = at_least(0, 0.0)
+    batch_size: int | None = at_least(1, None)  # None: the source dataset's paper default (512 MNIST, 128 CIFAR)
+    train_limit: int | None = at_least(1, None)  # only the first N training images (smoke runs, tests)
+
+
+@dataclass
+class DaflTraining:
+    """Data-free generators (DAFL, Chen et al. 2019), the original settings: Adam lr 0.2, batch 512,
+    200 epochs x 120 iterations, latent 100, full width (a GPU budget; experiments/gan_cpu.yaml is the CPU one)."""
+
+    epochs: int = at_least(1, 200)
+    iters_per_epoch: int = at_least(1, 120)
+    batch_size: int = at_least(2, 512)  # batch norm and the batch-mean entropy need two samples or more
+    lr: float = positive(0.2)  # Adam
+    latent_dim: int = at_least(1, 100)
+    width: int = at_least(2, 128)  # channels of the generator's first conv block (the original's 128)
+    oh_weight: float = at_least(0, 1.0)  # one-hot cross-entropy against the expert's own argmax
+    ie_weight: float = at_least(0, 10.0)  # information entropy of the batch-mean softmax (class balance)
+    a_weight: float = at_least(0, 0.1)  # reward for large mean absolute feature activation
+
+
+@dataclass
+class GateTraining:
+    """Gating networks (PANs): the paper's SGD lr 0.01, momentum 0.9, 10 epochs, batch 512, plus the data
+    each regime reads. Part of each gate checkpoint's recipe."""
+
+    epochs: int = at_least(1, 10)
+    lr: float = positive(0.01)
+    momentum: float = fraction(0.9)
+    batch_size: int = at_least(1, 512)
+    balance_classes: bool = True  # weight the loss so in- and out-of-domain count alike
+    standardise_inputs: bool = True  # z-score gate inputs with their training mean and std
+    synthetic_samples: int = at_least(1, 12000)  # images drawn from each expert's generator
+    noise_samples: int = at_least(1, 12000)  # uniform-noise images (negatives of the data-free regimes)
+    train_limit: int | None = at_least(1, None)  # `real` regime: first N training images of each expert's task
+
+
+SECTIONS = {"expert": ExpertTraining, "dafl": DaflTraining, "gate": GateTraining}
+
+
+# ---------------------------------------------------------------- the scripts' configs
+
 @dataclass
 class TrainConfig:
-    """Expert training (train_source_networks.py); defaults are the paper's (DESIGN.md section 3)."""
+    """Expert training (train_source_networks.py): one checkpoint per (task, arch, seed)."""
 
     dataset: str = "mnist"  # a key of `tasks`
     arch: str = "lenet5"
     # extra arguments of the arch beside in_channels and num_classes, e.g. {widths: [400, 200], bias: false}
-    # for arch=mlp; they are part of the checkpoint's settings and name (train_source_networks.arch_tag)
+    # for arch=mlp; they are part of the checkpoint's recipe and name
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
-    epochs: int = 10
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int | None = None  # None: the source dataset's paper default (512 MNIST, 128 CIFAR)
-    train_limit: int | None = None  # use only the first N training images (smoke runs, tests)
-    test_limit: int | None = None
+    seeds: list[int] = seed_list(PAPER_SEEDS)
+    expert: ExpertTraining = field(default_factory=ExpertTraining)
+    test_limit: int | None = at_least(1, None)
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
     data_dir: str = field(default_factory=default_data_dir)
     ckpt_dir: str = "checkpoints"
     results_dir: str = "results"
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: str = device_field()  # auto: cuda when available, else cpu
     deterministic: bool = False
     force: bool = False  # retrain seeds whose checkpoint already exists
-    replace_stale: bool = False  # retrain a checkpoint made with other settings instead of stopping
 
 
 # The rules that need only each expert's logits on the test set, in the paper's table order.
@@ -150,23 +234,27 @@ LOGIT_RULES = ["naive", "std_lower", "std_higher", "ratio", "overall_ratio", "th
 
 @dataclass
 class MergeConfig:
-    """Evaluation of combination rules (merge.py)."""
+    """Evaluation of combination rules (merge.py). ``expert``, ``dafl`` and ``gate`` say which upstream
+    checkpoints the rules read."""
 
     problem: str = "disjoint_mnist"  # a key of `problems`
     name: str = ""  # names the results files; empty: the problem's name
-    strategies: list[Any] = field(default_factory=lambda: list(LOGIT_RULES))  # names or {name: ..., param: ...}
-    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
-    test_limit: int | None = None  # per expert's test subset (shared labels: of the one test set), for smoke runs
-    batch_size: int = 512  # evaluation batch (larger batches run slower on CPU: activations leave the cache)
+    strategies: list[Any] = field(default_factory=lambda: list(LOGIT_RULES))  # names, labels or {name: ..., param: ...}
+    seeds: list[int] = seed_list(PAPER_SEEDS)
+    test_limit: int | None = at_least(1, None)  # per expert's test subset (shared labels: of the one test set)
+    batch_size: int = at_least(1, 512)  # evaluation batch (larger batches run slower on CPU: activations leave the cache)
     # real training images (from the union of the parents' training sets) that weight-space fusion rules read
     # to align or fit neurons; shared_labels problems only
-    fusion_samples: int = 400
+    fusion_samples: int = at_least(1, 400)
+    expert: ExpertTraining = field(default_factory=ExpertTraining)
+    dafl: DaflTraining = field(default_factory=DaflTraining)
+    gate: GateTraining = field(default_factory=GateTraining)
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
     data_dir: str = field(default_factory=default_data_dir)
     ckpt_dir: str = "checkpoints"
     results_dir: str = "results"
-    device: str = "auto"
+    device: str = device_field()
     deterministic: bool = False
     force: bool = False  # recompute rows already stored for a seed
 
@@ -174,63 +262,48 @@ class MergeConfig:
 @dataclass
 class GanConfig:
     """Data-free generators (train_gan.py): one per expert of `problem` per seed, trained against that
-    expert with the DAFL loss. Defaults are the original settings (the `paper` profile, for a GPU)."""
+    expert with the DAFL loss (section ``dafl``)."""
 
     YAML_SKIPS: ClassVar[tuple[str, ...]] = MERGE_ONLY_KEYS  # a merge table's rules, in a YAML file
 
     problem: str = "disjoint_mnist"
-    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
-    epochs: int = 200
-    iters_per_epoch: int = 120
-    batch_size: int = 512
-    lr: float = 0.2  # Adam
-    latent_dim: int = 100
-    width: int = 128  # channels of the generator's first conv block (the original's 128)
-    oh_weight: float = 1.0  # one-hot cross-entropy against the expert's own argmax
-    ie_weight: float = 10.0  # information entropy of the batch-mean softmax (class balance)
-    a_weight: float = 0.1  # reward for large mean absolute feature activation
-    eval_samples: int = 4096  # samples scored for the quality figures
+    seeds: list[int] = seed_list(PAPER_SEEDS)
+    expert: ExpertTraining = field(default_factory=ExpertTraining)
+    dafl: DaflTraining = field(default_factory=DaflTraining)
+    eval_samples: int = at_least(1, 4096)  # samples scored for the quality figures
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
     ckpt_dir: str = "checkpoints"
     results_dir: str = "results"
-    device: str = "auto"
+    device: str = device_field()
     deterministic: bool = False
     force: bool = False
-    replace_stale: bool = False  # retrain a checkpoint made with other settings or upstream checkpoints
 
 
 @dataclass
 class PanConfig:
-    """Gating networks (train_pan.py): per expert of `problem`, per seed, gate type and data regime.
-    Training defaults are the paper's (SGD lr 0.01, momentum 0.9, 10 epochs, batch 512)."""
+    """Gating networks (train_pan.py): per expert of `problem`, per seed, gate type and data regime
+    (section ``gate``; ``expert`` and ``dafl`` name the checkpoints the gates read)."""
 
     YAML_SKIPS: ClassVar[tuple[str, ...]] = MERGE_ONLY_KEYS  # a merge table's rules, in a YAML file
 
     problem: str = "disjoint_mnist"
-    seeds: list[int] = field(default_factory=lambda: list(PAPER_SEEDS))
+    seeds: list[int] = seed_list(PAPER_SEEDS)
     gate_types: list[str] = field(default_factory=lambda: ["feature", "logits", "agnostic_logits",
                                                            "agnostic_feature", "universal"])
     regimes: list[str] = field(default_factory=lambda: ["real", "synthetic", "noise"])
-    epochs: int = 10
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 512
-    balance_classes: bool = True  # weight the loss so in- and out-of-domain count alike
-    standardise_inputs: bool = True  # z-score gate inputs with their training mean and std
-    synthetic_samples: int = 12000  # images drawn from each expert's generator
-    noise_samples: int = 12000  # uniform-noise images (negatives of the data-free regimes)
-    train_limit: int | None = None  # `real` regime: first N training images of each expert's task
-    test_limit: int | None = None
+    expert: ExpertTraining = field(default_factory=ExpertTraining)
+    dafl: DaflTraining = field(default_factory=DaflTraining)
+    gate: GateTraining = field(default_factory=GateTraining)
+    test_limit: int | None = at_least(1, None)
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
     data_dir: str = field(default_factory=default_data_dir)
     ckpt_dir: str = "checkpoints"
     results_dir: str = "results"
-    device: str = "auto"
+    device: str = device_field()
     deterministic: bool = False
     force: bool = False
-    replace_stale: bool = False  # retrain a checkpoint made with other settings or upstream checkpoints
 
 
 @dataclass
@@ -238,15 +311,15 @@ class ReproduceConfig:
     """The whole pipeline (experiments/reproduce.py): experts -> generators -> gates -> merges -> report.
 
     ``profile`` names ``experiments/profiles/PROFILE.yaml``, which fills the other keys; ``key=value``
-    arguments override it. Stage arguments are exactly what the stage script takes on its command
-    line (YAML files and ``key=value``), so the batch script runs the same steps."""
+    arguments override it. The sections ``expert``, ``dafl`` and ``gate`` go to every stage that reads
+    them; ``problems`` holds per-problem stage arguments that choose what to train (gate types, regimes),
+    never how."""
 
     profile: str = "quick"
-    seeds: list[int] = field(default_factory=lambda: PAPER_SEEDS[:2])
-    experts: list[str] = field(default_factory=list)  # arguments of every train_source_networks.py step
-    gan: list[str] = field(default_factory=list)  # ... of every train_gan.py step
-    pan: list[str] = field(default_factory=list)  # ... of every train_pan.py step
-    merge: list[str] = field(default_factory=list)  # ... of every merge.py step
+    seeds: list[int] = seed_list(PAPER_SEEDS[:2])
+    expert: ExpertTraining = field(default_factory=ExpertTraining)
+    dafl: DaflTraining = field(default_factory=DaflTraining)
+    gate: GateTraining = field(default_factory=GateTraining)
     problems: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # name -> {gan: [...], pan: [...]}
     tables: dict[str, list[str]] = field(default_factory=dict)  # experiments/NAME.yaml -> extra merge arguments
     scaling: dict[str, list[str]] = field(default_factory=dict)  # series name -> problems, fewest experts first
@@ -254,7 +327,8 @@ class ReproduceConfig:
     data_dir: str = field(default_factory=default_data_dir)
     ckpt_dir: str = "checkpoints/quick"
     results_dir: str = "results/quick"
-    device: str = "auto"
+    device: str = device_field()
+    deterministic: bool = False  # deterministic algorithms in every stage: reruns give identical rows
     force: bool = False  # redo every step's work, ignoring finished checkpoints and cached rows
     report_only: bool = False  # rebuild the report from the results already written
     write_script: bool = False  # write experiments/reproduce_PROFILE.sh (the stages as shell commands) and stop
@@ -280,6 +354,7 @@ def parse_args(cls: type[C], argv: list[str] | None = None) -> C:
             cfg = apply_overrides(cfg, {k: v for k, v in load_yaml(arg).items() if k not in skips})
         else:
             raise ConfigError(f"argument {arg!r} is neither key=value nor a .yaml file")
+    check(cfg)
     return cfg
 
 
@@ -308,10 +383,81 @@ def describe(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-def save(cfg: Any, path: str | os.PathLike) -> None:
-    from common import atomic_write_text
+def changes(cfg: Any) -> dict:
+    """What ``cfg`` sets differently from its class's defaults, as a nested mapping (entries of the task
+    and problem tables only where they differ)."""
+    return _diff(to_dict(cfg), to_dict(type(cfg)()))
 
+
+def describe_changes(cfg: Any) -> str:
+    """The config's differences from the defaults as YAML: what a run prints before its work (the whole
+    resolved config is saved beside its outputs)."""
+    diff = changes(cfg)
+    name = type(cfg).__name__
+    if not diff:
+        return f"# {name}: the defaults of config.py\n"
+    return f"# {name}: what differs from the defaults of config.py\n" + yaml.safe_dump(
+        diff, sort_keys=False, default_flow_style=None)
+
+
+def _diff(value: Any, default: Any) -> Any:
+    if isinstance(value, dict) and isinstance(default, dict):
+        out = {k: _diff(v, default[k]) if k in default else v for k, v in value.items() if default.get(k) != v}
+        return out
+    return value
+
+
+def save(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, describe(cfg))
+
+
+# ---------------------------------------------------------------- range checks
+
+def check(cfg: Any) -> None:
+    """Raise ConfigError, naming the key and the allowed range, for the first value out of range in
+    ``cfg`` (sections and table entries included); called at load and at the start of every script."""
+    _check_dataclass(cfg, prefix="")
+
+
+def _check_dataclass(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if "check" in f.metadata and value is not None:
+            low, high, words = f.metadata["check"]
+            bad = value < low if high is None else (value <= low if high == "open" else not low <= value < high)
+            if bad:
+                raise ConfigError(f"{key}={value!r} is out of range: it must be {words}")
+        if f.metadata.get("seeds"):
+            if not value:
+                raise ConfigError(f"{key} is empty: give at least one seed, e.g. {key}=[0]")
+            if len(set(value)) != len(value):
+                raise ConfigError(f"{key} lists a seed twice: {value}")
+        if f.metadata.get("device"):
+            check_device(value, key)
+        if dataclasses.is_dataclass(value):
+            _check_dataclass(value, key + ".")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if dataclasses.is_dataclass(v):
+                    _check_dataclass(v, f"{key}.{k}.")
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(name: str, key: str = "device") -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a CUDA device only where CUDA is available."""
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise ConfigError(f"{key}={name!r} is not a device; choices: auto, cpu, cuda, cuda:N")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}={name} was asked for but CUDA is not available here; use {key}=cpu "
+                              f"(or {key}=auto, which picks cuda where there is one)")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{key}={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _nest(dotted: str, value: Any) -> dict:
@@ -416,4 +562,4 @@ def _construct(tp: type, value: Any, key: str) -> Any:
 
 
 def print_config(cfg: Any) -> None:
-    print(describe(cfg), end="", flush=True)
+    print(describe_changes(cfg), end="", flush=True)

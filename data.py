@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import derive_seed
+from common import UserError, atomic_torch_save, derive_seed
 from config import DATA_DIR_ENV, ConfigError, TaskSpec
 
 MIRROR_ENV = "MOE_DATA_MIRROR"
@@ -32,7 +32,7 @@ DEFAULT_MIRROR = Path(__file__).resolve().parent.parent / "shared" / "data" / "p
 LUMINANCE = (0.299, 0.587, 0.114)
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Dataset files are missing or damaged; the message names the path and the fix."""
 
 
@@ -172,8 +172,6 @@ def _load_cached(name: str, split: str, root: str, download: bool) -> tuple[torc
     else:
         images, labels = _read_idx(files)
     try:
-        from common import atomic_torch_save
-
         atomic_torch_save({"signature": signature, "images": images, "labels": labels}, cache)
     except OSError:  # a read-only data root just goes without the disk cache
         pass

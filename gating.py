@@ -8,12 +8,9 @@ number of classes, so one gate can serve any expert.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-
-from train_source_networks import arch_tag
 
 GATE_TYPES = ("feature", "logits", "agnostic_logits", "agnostic_feature", "universal")
 REGIMES = ("real", "synthetic", "noise")
@@ -53,20 +50,6 @@ def gate_arch(gate_type: str, in_features: int) -> tuple[str, dict]:
     if gate_type in ("feature", "logits"):
         return "pan", {"in_features": in_features}
     return "agnostic_pan", {"in_features": in_features}
-
-
-def gate_path(ckpt_dir: str | Path, problem: str, regime: str, gate_type: str, task: str, arch: str,
-              seed: int, arch_kwargs: dict | None = None) -> Path:
-    """Per-expert gates are trained within a problem (their negatives are its other experts); the
-    universal gate is one per problem, regime and seed, shared by all experts. A per-expert gate's name
-    carries its expert's arch tag (``arch`` alone without ``arch_kwargs``, the names gates have always
-    had; with them, as in the expert's own file name: train_source_networks.arch_tag)."""
-    name = f"seed{seed}.pt" if gate_type == "universal" else f"{task}_{arch_tag(arch, arch_kwargs)}_seed{seed}.pt"
-    return Path(ckpt_dir) / "gates" / problem / regime / gate_type / name
-
-
-def gate_command(problem: str, regime: str, gate_type: str, seed: int) -> str:
-    return f"python train_pan.py problem={problem} regimes=[{regime}] gate_types=[{gate_type}] seeds=[{seed}]"
 
 
 @torch.no_grad()

@@ -8,14 +8,22 @@ On a problem with shared labels (fusion parents) the weight-space fusion rules b
 from the experts, reading ``fusion_samples`` real training images drawn from the union of the
 parents' training sets; their rows record that count (``fusion_samples``, 0 for rules that read
 weights only), any fine-tuning data, and the time to fuse apart from evaluation (``fuse_time_s``).
-Rows (one per strategy and seed, plus the experts' own accuracies) go to
-``results/merge/NAME.{jsonl,csv}`` with the config, and a Markdown report to ``NAME.md``. Rows of a
-seed are kept in ``results/merge/NAME/seedS.jsonl``, so a rerun computes only what is missing.
+
+Every row scores its rule on the whole combined test set and on its two seeded halves (``acc_select``,
+``acc_report``): tables that pick the best of several rules pick on the selection half and report the
+other (report.best_of_families). Gate rules also say, per evaluated expert, whether the gate was trained
+on that very expert checkpoint (``gate_experts``; ``unseen`` when none of them) and how well its gate
+tells the expert's own test images from the others (membership accuracy).
+
+Rows (one per strategy and seed, plus the experts' own accuracies) go to ``results/merge/NAME.{jsonl,csv}``
+with the config, and a Markdown report to ``NAME.md``. Each row is also appended, as soon as it is
+computed, to ``results/merge/NAME/seedS.jsonl``; a rerun reuses a stored row only when its key matches:
+the rule and the settings it depends on, the digests of the expert and gate files it read, and the source
+of the code that computes it (``row_key``). The summary counts reused rows and says why others were made.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -24,19 +32,36 @@ import torch
 import torch.nn as nn
 
 import config
+from artifacts import Layout, code_digest, digest_of, recipe_key, tally
 from augments import TTA_SETTINGS, apply_augment
-from common import (CheckpointError, atomic_write_text, cli, derive_seed, load_model, make_generator, mean_std,
-                    print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
+from common import (CheckpointError, append_row, atomic_write_text, cli, derive_seed, load_model, make_generator,
+                    mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
 from data import InputFormat, load_task, prepare_input, to_unit
-from gating import gate_command, gate_inputs, gate_path, in_domain_probability
+from gating import gate_inputs, in_domain_probability
 from problems import Problem, build_problem, expert_activations, expert_logits, test_batches
 from report import merge_report
-from strategies import (NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs, StrategyCall, check_fusion,
-                        parse_strategies)
+from strategies import (BASE_CODE, NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs, StrategyCall,
+                        check_fusion, parse_strategies)
+
+SELECTION_SEED = "selection half"  # names the seeded split of every combined test set into two halves
 
 
-def score(decision: Decision, problem: Problem, labels: torch.Tensor, domain: torch.Tensor) -> dict:
-    """Accuracy overall and per domain, routing accuracy and routing counts of one decision.
+def selection_half(domain: torch.Tensor, problem_name: str) -> torch.Tensor:
+    """A bool mask of the selection half of a combined test set: within each domain (expert), a seeded
+    random half of its samples, so both halves hold every domain in the same proportion."""
+    generator = make_generator(derive_seed(SELECTION_SEED, problem_name))
+    mask = torch.zeros(len(domain), dtype=torch.bool)
+    for k in domain.unique().tolist():
+        members = torch.nonzero(domain == k).flatten()
+        chosen = members[torch.randperm(len(members), generator=generator)[:len(members) // 2]]
+        mask[chosen] = True
+    return mask
+
+
+def score(decision: Decision, problem: Problem, labels: torch.Tensor, domain: torch.Tensor,
+          select: torch.Tensor) -> dict:
+    """Accuracy overall, on the selection and report halves and per domain, routing accuracy and routing
+    counts of one decision.
 
     A rule that routes no sample (a fused network answers them all) has no routing accuracy: it is
     None (null in JSON, empty in CSV), and its routing counts are 0."""
@@ -46,6 +71,9 @@ def score(decision: Decision, problem: Problem, labels: torch.Tensor, domain: to
     counts = torch.bincount(chosen[routed], minlength=len(problem.tasks))
     return {
         "acc": correct.float().mean().item(),
+        "acc_select": correct[select].float().mean().item(),
+        "acc_report": correct[~select].float().mean().item(),
+        "n_report": int((~select).sum()),
         "acc_per_domain": {t: correct[domain == k].float().mean().item() for k, t in enumerate(problem.names)},
         "routing_acc": (chosen == domain).float().mean().item() if routed.any() else None,
         "routing_counts": {t: int(counts[k]) for k, t in enumerate(problem.names)},
@@ -53,30 +81,25 @@ def score(decision: Decision, problem: Problem, labels: torch.Tensor, domain: to
     }
 
 
-def task_key(spec: config.TaskSpec) -> dict:
-    """A task as the fingerprint sees it; a whole-data task keeps its pre-split form, so rows cached
-    before tasks could be split stay valid."""
-    fields = config.to_dict(spec)
-    return fields if spec.split != "full" else {"source": spec.source, "classes": spec.classes}
+def problem_key(spec: config.ProblemSpec, tasks: dict[str, config.TaskSpec]) -> dict:
+    """A problem as the row keys see it: its experts and their tasks."""
+    return {"experts": [config.to_dict(e) for e in spec.experts], "shared_labels": spec.shared_labels,
+            "tasks": {e.task: config.to_dict(tasks[e.task]) for e in spec.experts}}
 
 
-def problem_key(spec: config.ProblemSpec) -> dict:
-    """A problem as the fingerprint sees it: fields added later appear only when they differ from their
-    defaults, so rows cached before they existed stay valid."""
-    experts = [{"task": e.task, "arch": e.arch, **({"arch_kwargs": e.arch_kwargs} if e.arch_kwargs else {})}
-               for e in spec.experts]
-    return {"experts": experts, **({"shared_labels": True} if spec.shared_labels else {})}
+def row_key(settings: dict, upstream: dict, code: tuple[str, ...]) -> dict:
+    """What a cached row was computed from, in three parts that say why a row must be recomputed."""
+    return {"settings": recipe_key(settings), "upstream": recipe_key(upstream), "code": code_digest(code)}
 
 
-def fingerprint(problem: Problem, cfg: config.MergeConfig, seed: int) -> str:
-    """Identifies what a seed's rows were computed from: problem, test subset and expert weights (and,
-    with shared labels, the number of fusion samples)."""
-    experts = [read_checkpoint(p)["meta"].get("row") for p in problem.expert_paths(cfg.ckpt_dir, seed)]
-    spec = {"problem": problem_key(cfg.problems[cfg.problem]), "test_limit": cfg.test_limit,
-            "tasks": {t: task_key(cfg.tasks[t]) for t in problem.tasks}, "experts": experts}
-    if problem.shared_labels:
-        spec["fusion_samples"] = cfg.fusion_samples
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def why_recompute(latest: dict | None, key: dict) -> str:
+    """Why no stored row fits ``key``: compared with the latest row stored for the same strategy."""
+    if latest is None:
+        return "no stored row"
+    for part, why in (("code", "code changed"), ("settings", "settings changed"), ("upstream", "upstream retrained")):
+        if latest.get("key", {}).get(part) != key[part]:
+            return why
+    return "no stored row"
 
 
 def pass_runner(problem: Problem, models, formats, logits: list[torch.Tensor], device, seed: int,
@@ -88,33 +111,43 @@ def pass_runner(problem: Problem, models, formats, logits: list[torch.Tensor], d
         generator = make_generator(derive_seed(seed, problem.name, "tta", setting), device)
         passes = [logits]
         for name, params in TTA_SETTINGS[setting]:
-            augment = lambda x, name=name, params=params: apply_augment(name, x, generator, **params)  # noqa: E731
+            augment = lambda x, unit, name=name, params=params: apply_augment(name, x, generator, unit, **params)  # noqa: E731
             passes.append(expert_logits(problem, models, formats, device, batch_size, augment))
         return passes
     return run_passes
 
 
-def gate_files(cfg: config.MergeConfig, problem: Problem, call: StrategyCall, seed: int) -> list[Path]:
-    """The gate checkpoints a gating strategy reads for ``seed`` (none for other strategies)."""
+def gate_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) -> list[Path]:
+    """The gate checkpoint each expert's column reads, for a gating strategy (none for other strategies).
+    ``gates_from`` takes the gates of another problem (the universal gate: one file for every expert)."""
     if call.param("regime") is None:
         return []
     source = call.param("gates_from") or problem.name
-    return list(dict.fromkeys(gate_path(cfg.ckpt_dir, source, call.param("regime"), call.param("gate"), t, a, seed, kw)
-                              for t, a, kw in zip(problem.tasks, problem.archs, problem.arch_kwargs)))
+    return layout.gate_paths(source, call.param("regime"), call.param("gate"), seed)
 
 
-def gate_runner(cfg: config.MergeConfig, problem: Problem, activations, seed: int, device: torch.device):
+def gate_runner(layout: Layout, problem: Problem, activations, seed: int, device: torch.device):
     """``run_gates(gate, regime, gates_from)``: every expert's gate probability on the test set."""
     def run_gates(gate_type: str, regime: str, gates_from: str) -> torch.Tensor:
         source = gates_from or problem.name
-        columns = []
-        for task, arch, kwargs, (logits, features) in zip(problem.tasks, problem.archs, problem.arch_kwargs,
-                                                          activations):
-            path = gate_path(cfg.ckpt_dir, source, regime, gate_type, task, arch, seed, kwargs)
-            gate = load_model(path, hint=gate_command(source, regime, gate_type, seed), device=device)[0]
-            columns.append(in_domain_probability(gate, gate_inputs(gate_type, logits, features)))
-        return torch.stack(columns, dim=1)
+        paths = layout.gate_paths(source, regime, gate_type, seed)
+        hint = layout.gate_command(source, regime, gate_type, seed)
+        gates = {p: load_model(p, hint=hint, device=device)[0] for p in dict.fromkeys(paths)}
+        return torch.stack([in_domain_probability(gates[p], gate_inputs(gate_type, logits, features))
+                            for p, (logits, features) in zip(paths, activations)], dim=1)
     return run_gates
+
+
+def gate_identity(paths: list[Path], problem: Problem, expert_digests: list[str], probs: torch.Tensor,
+                  domain: torch.Tensor) -> dict:
+    """Per evaluated expert: was its gate trained on this very expert checkpoint (``seen``), and how well does
+    the gate tell the expert's own test images from the others (``membership_acc``)? ``unseen``: none seen."""
+    trained_on = [{d for name, d in read_checkpoint(p)["meta"]["upstream"].items() if name.startswith("expert:")}
+                  for p in paths]
+    experts = {name: {"seen": digest in seen, "membership_acc": ((probs[:, k].cpu() > 0.5) == (domain == k))
+                      .float().mean().item()}
+               for k, (name, digest, seen) in enumerate(zip(problem.names, expert_digests, trained_on))}
+    return {"gate_experts": experts, "unseen": not any(e["seen"] for e in experts.values())}
 
 
 def build_fusion_inputs(cfg: config.MergeConfig, problem: Problem, models: list[nn.Module],
@@ -124,11 +157,11 @@ def build_fusion_inputs(cfg: config.MergeConfig, problem: Problem, models: list[
 
     The samples are drawn, with a generator seeded by the seed and the problem, from the union of the
     parents' training sets, each loaded as the trainer loaded it (its part of a split, its
-    ``train_limit``); parents trained on one set share it. All parents of a shared-labels problem
+    ``expert.train_limit``); parents trained on one set share it. All parents of a shared-labels problem
     learn one source, so they read one input format."""
     fmt = formats[0]
-    parts = dict.fromkeys(zip(problem.tasks, problem.train_limits(cfg.ckpt_dir, seed)))
-    sets = [load_task(problem.specs[task], "train", cfg.data_dir, limit) for task, limit in parts]
+    sets = [load_task(problem.specs[task], "train", cfg.data_dir, cfg.expert.train_limit)
+            for task in dict.fromkeys(problem.tasks)]
     images, labels = torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets])
     generator = make_generator(derive_seed(seed, problem.name, "fusion samples"))
     chosen = torch.randperm(len(images), generator=generator)[:cfg.fusion_samples]
@@ -147,48 +180,76 @@ def build_fusion_inputs(cfg: config.MergeConfig, problem: Problem, models: list[
                         class_counts, predict, training_data, seed=derive_seed(seed, problem.name, "fusion"))
 
 
-def inputs_key(paths: list[Path]) -> list:
-    """Identifies the gate files a row was computed from, so retrained gates invalidate it."""
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.exists()]
-
-
 def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[StrategyCall], seed: int,
-                  device: torch.device, cache_path: Path) -> tuple[list[dict], bool]:
-    """The rows of one seed, and whether any had to be computed (False: all came from the cache)."""
-    key = fingerprint(problem, cfg, seed)
-    gate_keys = {c.label: inputs_key(gate_files(cfg, problem, c, seed)) for c in calls}
-    cached = {} if cfg.force else {r["strategy"]: r for r in read_rows(cache_path) if r["fingerprint"] == key
-                                   and r.get("gates", []) == gate_keys.get(r["strategy"], [])}
-    wanted = [f"expert:{t}" for t in problem.names] + [c.label for c in calls]
-    if all(label in cached for label in wanted):
-        return [cached[label] for label in wanted], False
+                  device: torch.device, cache_path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of one seed (experts' own accuracies first, then every call) and why each was computed
+    ("reused" for rows whose stored key matches)."""
+    layout = Layout(cfg)
+    expert_digests = [digest_of(p) for p in problem.expert_paths(layout, seed)]
+    common = {"problem": problem_key(cfg.problems[cfg.problem], cfg.tasks), "test_limit": cfg.test_limit,
+              "batch_size": cfg.batch_size}
+    keys = {f"expert:{name}": row_key(common, {"experts": expert_digests}, BASE_CODE) for name in problem.names}
+    for call in calls:
+        gates = [digest_of(p) for p in dict.fromkeys(gate_files(layout, problem, call, seed))]
+        settings = {**common, "strategy": call.label, "params": call.params,
+                    **({"fusion_samples": cfg.fusion_samples} if REGISTRY[call.name].fusion else {})}
+        keys[call.label] = row_key(settings, {"experts": expert_digests, "gates": gates}, REGISTRY[call.name].code)
+    history = read_rows(cache_path)  # every row stored for this seed, of any settings
+    stored = {(r["strategy"], json.dumps(r.get("key"), sort_keys=True)): r for r in history}
+    latest = {r["strategy"]: r for r in history}  # the last row of each label says why a row is stale
+    rows, reasons = {}, {}
+    for label, key in keys.items():
+        row = None if cfg.force else stored.get((label, json.dumps(key, sort_keys=True)))
+        if row is not None:
+            rows[label], reasons[label] = row, "reused"
+        else:
+            reasons[label] = "force=true" if cfg.force else why_recompute(latest.get(label), key)
+    if len(rows) < len(keys):
+        todo = {label for label in keys if label not in rows}
+        computed = compute_rows(cfg, layout, problem, [c for c in calls if c.label in todo], seed, device,
+                                {label: keys[label] for label in todo}, expert_digests, cache_path)
+        rows.update(computed)
+        # rows of other settings, and of strategies not asked for this time, stay stored
+        stored.update({(label, json.dumps(r["key"], sort_keys=True)): r for label, r in computed.items()})
+        atomic_write_text(cache_path, "".join(json.dumps(r) + "\n" for r in stored.values()))
+    return [rows[label] for label in keys], list(reasons.values())
 
-    models, formats = problem.load_experts(cfg.ckpt_dir, seed, device)
+
+def compute_rows(cfg: config.MergeConfig, layout: Layout, problem: Problem, calls: list[StrategyCall], seed: int,
+                 device: torch.device, keys: dict[str, dict], expert_digests: list[str],
+                 cache_path: Path) -> dict[str, dict]:
+    """Run the experts once and compute the rows named in ``keys`` (experts' own accuracies and ``calls``),
+    appending each to the cache as soon as it is done (an interrupted seed keeps them)."""
+    models, formats = problem.load_experts(layout, seed, device)
     labels = problem.labels
-    class_counts = problem.class_counts(cfg.ckpt_dir, seed, cfg.data_dir) if problem.shared_labels else None
+    class_counts = problem.class_counts(layout, seed) if problem.shared_labels else None
     domain = problem.owner_domain(class_counts) if problem.shared_labels else problem.domain
+    select = selection_half(domain, problem.name)
     start = time.perf_counter()
     activations = expert_activations(problem, models, formats, device, cfg.batch_size)
     logits = [lo for lo, _ in activations]
     logits_time = time.perf_counter() - start
-    base = {"problem": cfg.problem, "name": cfg.name or cfg.problem, "seed": seed, "fingerprint": key,
-            "device": str(device), "n": len(labels)}
+    base = {"problem": cfg.problem, "name": cfg.name or cfg.problem, "seed": seed, "device": str(device),
+            "n": len(labels)}
     rows = {}
+
+    def finish(label: str, row: dict) -> None:
+        rows[label] = {**base, "strategy": label, **row, "key": keys[label]}
+        append_row(cache_path, rows[label])
+
     for k, name in enumerate(problem.names):
+        if f"expert:{name}" not in keys:
+            continue
         # an expert's own test set: its part of the combined one, or all of it when labels are shared
         own = torch.ones_like(domain, dtype=torch.bool) if problem.shared_labels else domain == k
         local_correct = problem.label_maps[k][logits[k][own.to(device)].argmax(1).cpu()] == labels[own]
-        rows[f"expert:{name}"] = {**base, "kind": "expert", "strategy": f"expert:{name}",
-                                  "acc": local_correct.float().mean().item()}
+        finish(f"expert:{name}", {"kind": "expert", "acc": local_correct.float().mean().item()})
 
     inputs = MergeInputs(logits, problem.label_maps, domain.to(device),
                          run_passes=pass_runner(problem, models, formats, logits, device, seed, cfg.batch_size),
-                         run_gates=gate_runner(cfg, problem, activations, seed, device))
+                         run_gates=gate_runner(layout, problem, activations, seed, device))
     pass_times: dict[str, float] = {}
     for call in calls:
-        if call.label in cached:
-            rows[call.label] = cached[call.label]
-            continue
         setting = call.param("setting")
         if setting is not None and setting not in pass_times:  # expert passes, timed apart from the rule
             start = time.perf_counter()
@@ -201,18 +262,34 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
         if device.type == "cuda":
             torch.cuda.synchronize()
         rule_time = time.perf_counter() - start
-        rows[call.label] = {**base, "kind": "strategy", "strategy": call.label, "rule": call.name,
-                            "params": call.params, "gates": gate_keys[call.label],
-                            **score(decision, problem, labels, domain), **decision.row,
-                            "time_s": rule_time,
-                            "expert_time_s": logits_time + pass_times.get(setting, 0.0)}
-    result = [rows[label] for label in wanted]
-    kept = {**cached, **rows}  # rows cached for strategies not asked for this time stay cached
-    atomic_write_text(cache_path, "".join(json.dumps(r) + "\n" for r in kept.values()))
-    return result, True
+        extra = {}
+        if call.param("regime") is not None:
+            paths = gate_files(layout, problem, call, seed)
+            probs = inputs.gates(call.param("gate"), call.param("regime"), call.param("gates_from"))
+            extra = gate_identity(paths, problem, expert_digests, probs, domain)
+        finish(call.label, {"kind": "strategy", "rule": call.name, "params": call.params,
+                            **score(decision, problem, labels, domain, select), **decision.row, **extra,
+                            "time_s": rule_time, "expert_time_s": logits_time + pass_times.get(setting, 0.0)})
+    return rows
+
+
+def check_gates_from(calls: list[StrategyCall], problems: dict[str, config.ProblemSpec]) -> None:
+    """``gates_from`` must name a problem, and only the universal gate serves experts of another problem
+    (a per-expert gate belongs to its own problem's expert)."""
+    for call in calls:
+        source = call.param("gates_from")
+        if not source:
+            continue
+        if source not in problems:
+            raise config.ConfigError(f"strategy {call.label}: gates_from={source!r} is not a problem; choices: "
+                                     f"{', '.join(problems)}")
+        if call.param("gate") != "universal":
+            raise config.ConfigError(f"strategy {call.label}: gates_from applies to the universal gate only (a "
+                                     f"{call.param('gate')} gate belongs to one expert of its own problem)")
 
 
 def main(cfg: config.MergeConfig) -> dict:
+    config.check(cfg)
     if cfg.problem not in cfg.problems:
         raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
     calls = parse_strategies(cfg.strategies)
@@ -220,24 +297,24 @@ def main(cfg: config.MergeConfig) -> dict:
         calls.append(parse_strategies(["oracle"])[0])
     for call in calls:
         check_fusion(call, cfg.problem, cfg.problems[cfg.problem])
-    if cfg.fusion_samples < 1 and any(REGISTRY[c.name].fusion for c in calls):
-        raise config.ConfigError(f"fusion_samples must be at least 1, got {cfg.fusion_samples}")
+    check_gates_from(calls, cfg.problems)
     config.print_config(cfg)
     device = resolve_device(cfg.device)
+    layout = Layout(cfg)
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)
-    missing = problem.missing_experts(cfg.ckpt_dir, cfg.seeds)
-    missing += [gate_command(c.param("gates_from") or cfg.problem, c.param("regime"), c.param("gate"), seed)
-                for seed in cfg.seeds for c in calls for p in gate_files(cfg, problem, c, seed) if not p.exists()]
+    missing = problem.missing_experts(layout, cfg.seeds)
+    missing += [layout.gate_command(c.param("gates_from") or cfg.problem, c.param("regime"), c.param("gate"), seed)
+                for seed in cfg.seeds for c in calls for p in gate_files(layout, problem, c, seed) if not p.exists()]
     if missing:
         raise CheckpointError("checkpoints are missing under "
                               f"{cfg.ckpt_dir}; create them with:\n  " + "\n  ".join(dict.fromkeys(missing)))
     name = cfg.name or cfg.problem
     out = Path(cfg.results_dir) / "merge"
-    rows, computed = [], 0
+    rows, reasons = [], []
     for seed in progress(cfg.seeds, desc=f"{name} seeds"):
-        seed_rows, was_computed = evaluate_seed(cfg, problem, calls, seed, device, out / name / f"seed{seed}.jsonl")
+        seed_rows, seed_reasons = evaluate_seed(cfg, problem, calls, seed, device, out / name / f"seed{seed}.jsonl")
         rows += seed_rows
-        computed += was_computed
+        reasons += seed_reasons
     outputs = write_rows(out / name, [{**r, "config": config.to_dict(cfg)} for r in rows])
     outputs["report"] = str(out / f"{name}.md")
     atomic_write_text(outputs["report"], merge_report(rows, title=f"{name} ({cfg.problem})"))
@@ -248,10 +325,10 @@ def main(cfg: config.MergeConfig) -> dict:
         mean, std = mean_std(r["acc"] for r in rows if r["strategy"] == call.label)
         accuracy[call.label] = {"mean": mean, "std": std}
     summary = {"problem": cfg.problem, "name": name, "seeds": cfg.seeds, "acc": accuracy, "outputs": outputs,
-               "computed": computed, "resumed": len(cfg.seeds) - computed}
+               **tally(reasons)}
     print_summary(summary)
     return summary
 
 
 if __name__ == "__main__":
-    cli(main, config.MergeConfig)
+    cli(main, lambda: config.parse_args(config.MergeConfig))

@@ -12,7 +12,6 @@ oracle and by routing accuracy): the expert whose training data holds the most s
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +19,10 @@ import torch
 import torch.nn as nn
 
 from archs import ARCHS
+from artifacts import ExpertId, Layout, arch_tag
 from common import CheckpointError, load_model, read_checkpoint
 from config import ConfigError, ProblemSpec, TaskSpec
 from data import InputFormat, load_task, prepare_input, task_classes, task_identity, to_unit
-from train_source_networks import arch_tag, expert_command, expert_path
 
 
 @dataclass
@@ -33,6 +32,7 @@ class Domain:
     images: torch.Tensor  # uint8 [N, C, 32, 32], native channels
     labels: torch.Tensor  # global ids
     expert: int  # -1 with shared labels: the expert is decided per sample (Problem.owner_domain)
+    unit: tuple[float, ...] = (1.0,)  # per-channel std of the source dataset: one normalised unit in pixels
 
 
 @dataclass
@@ -77,32 +77,33 @@ class Problem:
         the lowest index. For sharded parents that is the parent owning the class."""
         return class_counts.argmax(dim=0)[self.labels]  # argmax returns the first maximal index
 
-    def expert_paths(self, ckpt_dir: str | Path, seed: int) -> list[Path]:
-        return [expert_path(ckpt_dir, t, a, seed, kw) for t, a, kw in zip(self.tasks, self.archs, self.arch_kwargs)]
+    @property
+    def experts(self) -> list[ExpertId]:
+        return [ExpertId(t, a, kw) for t, a, kw in zip(self.tasks, self.archs, self.arch_kwargs)]
 
-    def missing_experts(self, ckpt_dir: str | Path, seeds: list[int]) -> list[str]:
-        """Commands that create the expert checkpoints not yet on disk, one per (task, arch, arch_kwargs)."""
-        missing: dict[tuple[str, str, str], list[int]] = {}
+    def expert_paths(self, layout: Layout, seed: int) -> list[Path]:
+        return [layout.expert_path(e, seed) for e in self.experts]
+
+    def missing_experts(self, layout: Layout, seeds: list[int]) -> list[str]:
+        """Commands that create the expert checkpoints not yet on disk, one per expert (all its missing seeds)."""
+        missing: dict[ExpertId, list[int]] = {}
         for seed in seeds:
-            for task, arch, kwargs, path in zip(self.tasks, self.archs, self.arch_kwargs,
-                                                self.expert_paths(ckpt_dir, seed)):
-                if path.exists():
-                    continue
-                seeds_missing = missing.setdefault((task, arch, json.dumps(kwargs, sort_keys=True)), [])
-                if seed not in seeds_missing:  # one checkpoint may serve two experts
-                    seeds_missing.append(seed)
-        return [expert_command(task, arch, seeds, json.loads(kwargs))
-                for (task, arch, kwargs), seeds in missing.items()]
+            for expert in self.experts:
+                if not layout.expert_path(expert, seed).exists():
+                    seeds_missing = missing.setdefault(expert, [])
+                    if seed not in seeds_missing:  # one checkpoint may serve two experts
+                        seeds_missing.append(seed)
+        return [layout.expert_command(expert, seeds) for expert, seeds in missing.items()]
 
-    def load_experts(self, ckpt_dir: str | Path, seed: int,
+    def load_experts(self, layout: Layout, seed: int,
                      device: torch.device) -> tuple[list[nn.Module], list[InputFormat]]:
         models, formats = [], []
-        for task, arch, kwargs, path in zip(self.tasks, self.archs, self.arch_kwargs,
-                                            self.expert_paths(ckpt_dir, seed)):
-            hint = expert_command(task, arch, seed, kwargs)
-            model, ckpt = load_model(path, expect_arch=arch, hint=hint, device=device)
+        for expert in self.experts:
+            path = layout.expert_path(expert, seed)
+            hint = layout.expert_command(expert, [seed])
+            model, ckpt = load_model(path, expect_arch=expert.arch, hint=hint, device=device)
             trained = ckpt["meta"]["task"]
-            wanted = task_identity(task, self.specs[task])
+            wanted = task_identity(expert.task, self.specs[expert.task])
             if trained != wanted:
                 raise CheckpointError(f"{path} holds an expert of {trained}, but the config defines {wanted}; "
                                       f"retrain it: {hint} force=true")
@@ -110,22 +111,11 @@ class Problem:
             formats.append(InputFormat.from_dict(ckpt["meta"]["input_format"]))
         return models, formats
 
-    def train_limits(self, ckpt_dir: str | Path, seed: int) -> list[int | None]:
-        """The ``train_limit`` each expert was trained with, so its training set can be loaded as the trainer did."""
-        return [read_checkpoint(p)["meta"]["settings"]["train_limit"] for p in self.expert_paths(ckpt_dir, seed)]
-
-    def class_counts(self, ckpt_dir: str | Path, seed: int, data_dir: str) -> torch.Tensor:
+    def class_counts(self, layout: Layout, seed: int) -> torch.Tensor:
         """``[experts, classes]``: the training images of each class every expert learnt from, as its
-        checkpoint's row records them (checkpoints older than that record get their training set counted)."""
-        counts = []
-        for task, path in zip(self.tasks, self.expert_paths(ckpt_dir, seed)):
-            meta = read_checkpoint(path)["meta"]
-            stored = meta["row"].get("class_counts")
-            if stored is None:
-                train = load_task(self.specs[task], "train", data_dir, meta["settings"]["train_limit"])
-                stored = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
-            counts.append(stored)
-        return torch.tensor(counts, dtype=torch.long)
+        checkpoint's row records them."""
+        return torch.tensor([read_checkpoint(layout.expert_path(e, seed))["meta"]["row"]["class_counts"]
+                             for e in self.experts], dtype=torch.long)
 
 
 def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data_dir: str,
@@ -159,7 +149,7 @@ def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data
         label_map = torch.arange(next_id, next_id + len(test.classes))
         next_id += len(test.classes)
         label_maps.append(label_map)
-        domains.append(Domain(test.images, label_map[test.labels], k))
+        domains.append(Domain(test.images, label_map[test.labels], k, InputFormat.of(test.source).std))
     return Problem(name, label_maps=label_maps, domains=domains, num_classes=next_id, **expert_fields)
 
 
@@ -173,7 +163,8 @@ def _shared_label_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpe
                           f"of the same source, in the same order; its tasks differ ({listed})")
     test = load_task(tasks[spec.experts[0].task], "test", data_dir, test_limit)
     label_maps = [torch.arange(len(test.classes)) for _ in spec.experts]
-    return Problem(name, label_maps=label_maps, domains=[Domain(test.images, test.labels, -1)],
+    return Problem(name, label_maps=label_maps, domains=[Domain(test.images, test.labels, -1,
+                                                                InputFormat.of(test.source).std)],
                    num_classes=len(test.classes), **expert_fields)
 
 
@@ -188,12 +179,15 @@ def expert_logits(problem: Problem, models: list[nn.Module], formats: list[Input
                   device: torch.device, batch_size: int = 512, augment=None) -> list[torch.Tensor]:
     """Every expert's logits on the combined test set, ``[N, K_k]`` each, in ``problem.labels`` order.
 
-    ``augment(x01) -> x01`` (optional) is applied once per [0,1] batch before the batch is shown to
-    the experts, so all experts see the same augmented image in their own input format.
+    ``augment(x01, unit) -> x01`` (optional) is applied once per [0,1] batch before the batch is shown to
+    the experts, so all experts see the same augmented image in their own input format; ``unit`` is the
+    per-channel std of the batch's source dataset (noises are sized in its normalised units).
     """
-    batches = test_batches(problem, device, batch_size)
-    if augment is not None:
-        batches = (augment(x) for x in batches)
+    if augment is None:
+        batches = test_batches(problem, device, batch_size)
+    else:
+        batches = (augment(to_unit(d.images[i:i + batch_size], device), d.unit) for d in problem.domains
+                   for i in range(0, len(d.images), batch_size))
     return [logits for logits, _ in run_experts(models, formats, batches)]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 import time
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
+import yaml
 from torch import Tensor
 
 from augments import TTA_SETTINGS
@@ -94,6 +96,16 @@ class FusionNeeds:
     parents: int | None = None  # it fuses exactly this many experts (None: any number)
 
 
+# The source files every rule's row depends on (running the experts, scoring); a rule's own ``code`` adds the
+# modules of its family. A cached row is recomputed when any of them changes (merge.row_key).
+BASE_CODE = ("strategies.py", "merge.py", "problems.py", "data.py", "archs/__init__.py", "archs/lenet.py",
+             "archs/resnet.py", "archs/mlp.py")
+TTA_CODE = BASE_CODE + ("augments.py",)
+GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py")
+FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
+                                ("__init__", "_common", "transport", "cross_layer", "interpolation", "ensemble"))
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
@@ -101,6 +113,7 @@ class Strategy:
     params: dict[str, tuple[Any, Any]]  # name -> (type, default)
     summary: str
     fusion: FusionNeeds | None = None  # set for the rules that read MergeInputs.fusion
+    code: tuple[str, ...] = BASE_CODE  # the source files its rows depend on
 
 
 @dataclass(frozen=True)
@@ -127,13 +140,14 @@ class StrategyCall:
 REGISTRY: dict[str, Strategy] = {}
 
 
-def register(name: str,
-             fusion: FusionNeeds | None = None) -> Callable[[Callable[..., Decision]], Callable[..., Decision]]:
+def register(name: str, fusion: FusionNeeds | None = None,
+             code: tuple[str, ...] = BASE_CODE) -> Callable[[Callable[..., Decision]], Callable[..., Decision]]:
     def wrap(fn: Callable[..., Decision]) -> Callable[..., Decision]:
         hints = typing.get_type_hints(fn)
         params = {p.name: (hints[p.name], p.default) for p in inspect.signature(fn).parameters.values()
                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        REGISTRY[name] = Strategy(name, fn, params, (fn.__doc__ or "").strip().splitlines()[0], fusion)
+        REGISTRY[name] = Strategy(name, fn, params, (fn.__doc__ or "").strip().splitlines()[0],
+                                  fusion, FUSION_CODE if fusion else code)
         return fn
     return wrap
 
@@ -155,12 +169,42 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
                           f"has {len(archs)}")
 
 
-def parse_strategies(entries: list[Any]) -> list[StrategyCall]:
-    """Config entries (a name, or a mapping with ``name`` and parameters) -> validated calls."""
-    calls = []
+LABEL = re.compile(r"\s*([A-Za-z_]\w*)\s*\((.*)\)\s*")
+
+
+def parse_label(label: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name(key=value,...)``, as the tables print a strategy -> (name, parameters as YAML values)."""
+    match = LABEL.fullmatch(label)
+    if not match:
+        return label.strip(), {}
+    params = {}
+    for part in filter(None, (p.strip() for p in match.group(2).split(","))):
+        key, sep, text = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"strategy {label!r}: {part!r} is not key=value")
+        params[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+    return match.group(1), params
+
+
+def rejoin_labels(entries: list[Any]) -> list[Any]:
+    """A label with several parameters given on the command line (``strategies=[naive,gate_hard(gate=feature,
+    regime=real)]``) reaches us cut at its commas by the YAML list; glue the pieces of each label back."""
+    out: list[Any] = []
     for entry in entries:
+        if out and isinstance(entry, str) and isinstance(out[-1], str) and out[-1].count("(") > out[-1].count(")"):
+            out[-1] += "," + entry
+        else:
+            out.append(entry)
+    return out
+
+
+def parse_strategies(entries: list[Any]) -> list[StrategyCall]:
+    """Config entries (a name, a label as the tables print it, or a mapping with ``name`` and parameters)
+    -> validated calls."""
+    calls = []
+    for entry in rejoin_labels(list(entries)):
         if isinstance(entry, str):
-            name, given = entry, {}
+            name, given = parse_label(entry)
         elif isinstance(entry, dict) and "name" in entry:
             name, given = entry["name"], {k: v for k, v in entry.items() if k != "name"}
         else:
@@ -312,7 +356,7 @@ def oracle(inputs: MergeInputs) -> Decision:
 Setting = Literal[tuple(TTA_SETTINGS)]  # type: ignore[valid-type]
 
 
-@register("tta_mean")
+@register("tta_mean", code=TTA_CODE)
 def tta_mean(inputs: MergeInputs, *, setting: Setting = "gaussian_1") -> Decision:
     """Average the concatenated logits over the original and augmented passes, then argmax."""
     passes = inputs.passes(setting)
@@ -320,7 +364,7 @@ def tta_mean(inputs: MergeInputs, *, setting: Setting = "gaussian_1") -> Decisio
     return concat_argmax(mean, inputs.label_maps)
 
 
-@register("tta_voting")
+@register("tta_voting", code=TTA_CODE)
 def tta_voting(inputs: MergeInputs, *, setting: Setting = "gaussian_1") -> Decision:
     """Majority vote of each pass's naive prediction; a tie goes to the tied class voted first
     (the original pass votes first), so the result is deterministic."""
@@ -341,7 +385,7 @@ GateType = Literal[GATE_TYPES]  # type: ignore[valid-type]
 Regime = Literal[REGIMES]  # type: ignore[valid-type]
 
 
-@register("gate_hard")
+@register("gate_hard", code=GATE_CODE)
 def gate_hard(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
               gates_from: str = "") -> Decision:
     """The paper's rule: if exactly one gate says yes (p > 0.5), trust its expert; otherwise naive.
@@ -354,14 +398,14 @@ def gate_hard(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime
                     torch.where(single, routed.expert, fallback.expert), fallback=~single)
 
 
-@register("gate_confident")
+@register("gate_confident", code=GATE_CODE)
 def gate_confident(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
                    gates_from: str = "") -> Decision:
     """Trust the expert whose gate is most confident that the sample is its own."""
     return choose(inputs, inputs.gates(gate, regime, gates_from).argmax(dim=1))
 
 
-@register("gate_soft")
+@register("gate_soft", code=GATE_CODE)
 def gate_soft(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
               gates_from: str = "") -> Decision:
     """Mixture: each expert's softmax weighted by its gate's probability, argmax over all classes."""

@@ -12,10 +12,13 @@ Regimes (DESIGN.md section 4, "The data question"):
 - ``noise``: positives from the generator, negatives noise only (ablation).
 The ``universal`` gate is one gate per problem and seed, trained on softmax statistics pooled over
 all the problem's experts, so it can later be used unchanged on experts it never saw.
+A gate's file name carries the key of its recipe (section ``gate``, its regime and type, the recipes of
+the experts and generators it reads: artifacts.py); it records the digests of the expert and generator
+files it was trained on, is retrained when one of them was retrained since, and those digests decide
+later whether an evaluated expert is one the gate has seen.
 Every gate's membership accuracy is measured on the real combined test set. With shared labels a test
 image belongs to the parent that owns its class (``Problem.owner_domain``: the most training images of
-it), as for the oracle in merge.py. Generator and gate files of experts with ``arch_kwargs`` carry their
-arch tag, as the experts' own files do.
+it), as for the oracle in merge.py.
 """
 from __future__ import annotations
 
@@ -28,14 +31,14 @@ import torch
 
 import config
 from archs import build_model
+from artifacts import Layout, check_reuse, digest_of, recipe_key, tally
 from common import (CheckpointError, cli, derive_seed, load_model, make_generator, print_summary,
-                    progress, read_checkpoint, resolve_device, reuse_checkpoint, save_checkpoint,
-                    seed_everything, write_rows)
+                    progress, read_checkpoint, resolve_device, save_checkpoint, seed_everything, write_rows)
 from data import InputFormat, load_task, to_unit
-from gating import GATE_TYPES, REGIMES, gate_arch, gate_inputs, gate_path, in_domain_probability
+from gating import GATE_TYPES, REGIMES, gate_arch, gate_inputs, in_domain_probability
 from problems import Problem, build_problem, expert_activations, run_experts
-from train_gan import gan_command, generator_path, sample_images
-from train_source_networks import train_classifier
+from synthesis import sample_images
+from training import Resume, train_classifier
 
 
 @dataclass
@@ -49,22 +52,23 @@ class ImageSet:
 
 def real_sets(cfg: config.PanConfig, problem: Problem) -> list[ImageSet]:
     """Each expert's task's training images (only its part when the task splits its source)."""
-    return [ImageSet(load_task(problem.specs[t], "train", cfg.data_dir, cfg.train_limit).images, k, "real")
+    return [ImageSet(load_task(problem.specs[t], "train", cfg.data_dir, cfg.gate.train_limit).images, k, "real")
             for k, t in enumerate(problem.tasks)]
 
 
 def generated_sets(cfg: config.PanConfig, problem: Problem, seed: int, device: torch.device) -> list[ImageSet]:
     """Each expert's generator samples, plus uniform noise; no real training image is read."""
-    sets = []
-    for k, (task, arch, kwargs) in enumerate(zip(problem.tasks, problem.archs, problem.arch_kwargs)):
-        generator, ckpt = load_model(generator_path(cfg.ckpt_dir, task, arch, seed, kwargs), expect_arch="generator",
-                                     hint=gan_command(problem.name, [seed]), device=device)
+    layout, sets = Layout(cfg), []
+    for k, expert in enumerate(problem.experts):
+        generator, ckpt = load_model(layout.generator_path(expert, seed), expect_arch="generator",
+                                     hint=layout.gan_command(problem.name, [seed]), device=device)
         fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
-        images = sample_images(generator, fmt, cfg.synthetic_samples, derive_seed(seed, task, "gate samples"), device)
+        images = sample_images(generator, fmt, cfg.gate.synthetic_samples,
+                               derive_seed(seed, expert.task, "gate samples"), device)
         sets.append(ImageSet(images, k, "generated"))
     channels = max(InputFormat.from_dict(read_checkpoint(p)["meta"]["input_format"]).channels
-                   for p in problem.expert_paths(cfg.ckpt_dir, seed))
-    noise = torch.rand(cfg.noise_samples, channels, 32, 32, generator=make_generator(derive_seed(seed, "noise")))
+                   for p in problem.expert_paths(layout, seed))
+    noise = torch.rand(cfg.gate.noise_samples, channels, 32, 32, generator=make_generator(derive_seed(seed, "noise")))
     sets.append(ImageSet(noise.to(device), -1, "noise"))
     return sets
 
@@ -111,25 +115,18 @@ def membership(gate, gate_type: str, test_acts, domain: torch.Tensor, k: int) ->
             "true_negative_rate": (~says_in[~is_in]).float().mean().item()}
 
 
-def settings_of(cfg: config.PanConfig, regime: str, gate_type: str, upstream: list[dict]) -> dict:
-    keys = ("epochs", "lr", "momentum", "batch_size", "balance_classes", "standardise_inputs")
-    data_keys = ("train_limit",) if regime == "real" else ("synthetic_samples", "noise_samples")
-    return {**{k: getattr(cfg, k) for k in keys + data_keys}, "regime": regime, "gate_type": gate_type,
-            "upstream": upstream}
-
-
 def train_gate(cfg: config.PanConfig, gate_type: str, inputs: torch.Tensor, targets: torch.Tensor,
-               seed: int, desc: str):
+               seed: int, desc: str, resume: Resume):
     arch, kwargs = gate_arch(gate_type, inputs.shape[1])
     seed_everything(seed, cfg.deterministic)
     gate = build_model(arch, **kwargs).to(inputs.device)
-    if cfg.standardise_inputs:
+    if cfg.gate.standardise_inputs:
         gate.fit_standardisation(inputs)
     counts = torch.bincount(targets, minlength=2).float().clamp(min=1)
-    weight = (counts.sum() / (2 * counts)) if cfg.balance_classes else None
-    losses = train_classifier(gate, inputs, targets, epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=0.0, batch_size=cfg.batch_size, seed=derive_seed(seed, "order"),
-                              desc=desc, class_weight=weight)
+    weight = (counts.sum() / (2 * counts)) if cfg.gate.balance_classes else None
+    losses = train_classifier(gate, inputs, targets, epochs=cfg.gate.epochs, lr=cfg.gate.lr,
+                              momentum=cfg.gate.momentum, weight_decay=0.0, batch_size=cfg.gate.batch_size,
+                              seed=derive_seed(seed, "order"), desc=desc, class_weight=weight, resume=resume)
     return gate, arch, kwargs, losses, counts
 
 
@@ -137,33 +134,41 @@ def membership_truth(cfg: config.PanConfig, problem: Problem, seed: int) -> torc
     """The expert each combined test sample belongs to: its own domain, or with shared labels the parent
     that owns its class (recorded in the experts' checkpoints)."""
     if problem.shared_labels:
-        return problem.owner_domain(problem.class_counts(cfg.ckpt_dir, seed, cfg.data_dir))
+        return problem.owner_domain(problem.class_counts(Layout(cfg), seed))
     return problem.domain
 
 
+def upstream_files(layout: Layout, problem: Problem, regime: str, seed: int) -> dict[str, str]:
+    """``expert:TAG`` (and, data-free, ``generator:TAG``) -> digest of every file a gate of ``regime`` reads."""
+    files = {f"expert:{e.tag}": layout.expert_path(e, seed) for e in problem.experts}
+    if regime != "real":
+        files.update({f"generator:{e.tag}": layout.generator_path(e, seed) for e in problem.experts})
+    return {name: digest_of(path) for name, path in files.items()}
+
+
 def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int, models, formats,
-                 test_activations, device, domain: torch.Tensor | None = None) -> list[dict]:
-    """All gates of one regime and seed; image sets and activations are built only if a gate is missing.
+                 test_activations, device, domain: torch.Tensor | None = None) -> tuple[list[dict], list[str]]:
+    """All gates of one regime and seed, and why each was made (or "reused"); image sets and activations are
+    built only if a gate is missing.
     ``test_activations()`` gives the experts' activations on the real combined test set (computed on demand);
     ``domain`` the expert each of its samples belongs to (None: ``membership_truth``)."""
     domain = membership_truth(cfg, problem, seed) if domain is None else domain
-    upstream = [read_checkpoint(p)["meta"]["row"] for p in problem.expert_paths(cfg.ckpt_dir, seed)]
-    if regime != "real":
-        upstream += [read_checkpoint(generator_path(cfg.ckpt_dir, t, a, seed, kw))["meta"]["row"]
-                     for t, a, kw in zip(problem.tasks, problem.archs, problem.arch_kwargs)]
-    jobs = []  # (gate_type, experts the gate serves, path)
+    layout = Layout(cfg)
+    upstream = upstream_files(layout, problem, regime, seed)
+    jobs = []  # (gate_type, experts the gate serves, the one it serves or None for the universal gate)
     for gate_type in cfg.gate_types:
         if gate_type == "universal":
-            jobs.append((gate_type, list(range(len(problem.tasks))),
-                         gate_path(cfg.ckpt_dir, problem.name, regime, gate_type, "", "", seed)))
+            jobs.append((gate_type, list(range(len(problem.tasks))), None))
         else:
-            jobs += [(gate_type, [k], gate_path(cfg.ckpt_dir, problem.name, regime, gate_type, t, a, seed, kw))
-                     for k, (t, a, kw) in enumerate(zip(problem.tasks, problem.archs, problem.arch_kwargs))]
-    rows, acts, sets = [], None, None
-    for gate_type, experts, path in jobs:
-        settings = settings_of(cfg, regime, gate_type, upstream)
-        stored = reuse_checkpoint(path, settings, cfg.force, cfg.replace_stale)
-        if stored is not None:
+            jobs += [(gate_type, [k], k) for k in range(len(problem.tasks))]
+    rows, reasons, acts, sets = [], [], None, None
+    for gate_type, experts, serves in jobs:
+        path = layout.gate_path(problem.name, regime, gate_type, serves, seed)
+        recipe = layout.gate_recipe(problem.name, regime, gate_type, serves)
+        reuse = check_reuse(path, recipe, upstream, cfg.force)
+        reasons.append(reuse.why)
+        if reuse.reused:
+            stored = reuse.meta["row"]
             if any(r.get("test_limit", "unknown") != cfg.test_limit for r in stored):  # measured on another subset
                 gate = load_model(path, device=device)[0]
                 # a gate's rows follow its experts' order
@@ -175,10 +180,11 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int
             sets = real_sets(cfg, problem) if regime == "real" else generated_sets(cfg, problem, seed, device)
             acts = activations_on(sets, models, formats, device)
         inputs, targets = training_data(gate_type, regime, experts, sets, acts)
+        resume = Resume.beside(path, recipe_key(recipe) + str(upstream))
         start = time.perf_counter()
         gate, arch, kwargs, losses, counts = train_gate(
             cfg, gate_type, inputs, targets, derive_seed(seed, problem.name, regime, gate_type, *experts),
-            desc=f"{regime} {gate_type}")
+            desc=f"{regime} {gate_type}", resume=resume)
         train_time = time.perf_counter() - start
         base = {"problem": problem.name, "regime": regime, "gate_type": gate_type, "seed": seed,
                 "train_positives": int(counts[1]), "train_negatives": int(counts[0]),
@@ -188,13 +194,16 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int
                       **({"arch_kwargs": problem.arch_kwargs[k]} if problem.arch_kwargs[k] else {}),
                       **membership(gate, gate_type, test_activations(), domain, k)} for k in experts]
         meta = {"problem": problem.name, "regime": regime, "gate_type": gate_type,
-                "experts": [problem.tasks[k] for k in experts], "settings": settings, "row": gate_rows}
+                "experts": [problem.tasks[k] for k in experts], "recipe": recipe, "upstream": upstream,
+                "row": gate_rows}
         save_checkpoint(path, gate, arch, kwargs, config.to_dict(cfg), meta)
+        resume.clear()
         rows += gate_rows
-    return rows
+    return rows, reasons
 
 
 def main(cfg: config.PanConfig) -> dict:
+    config.check(cfg)
     if cfg.problem not in cfg.problems:
         raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
     for values, choices, key in ((cfg.gate_types, GATE_TYPES, "gate_types"), (cfg.regimes, REGIMES, "regimes")):
@@ -204,20 +213,23 @@ def main(cfg: config.PanConfig) -> dict:
     config.print_config(cfg)
     device = resolve_device(cfg.device)
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)
-    missing = problem.missing_experts(cfg.ckpt_dir, cfg.seeds)
+    layout = Layout(cfg)
+    missing = problem.missing_experts(layout, cfg.seeds)
     if any(r != "real" for r in cfg.regimes):
-        missing += [gan_command(cfg.problem, [s]) for s in cfg.seeds
-                    for t, a, kw in zip(problem.tasks, problem.archs, problem.arch_kwargs)
-                    if not generator_path(cfg.ckpt_dir, t, a, s, kw).exists()]
+        missing += [layout.gan_command(cfg.problem, [s]) for s in cfg.seeds for e in problem.experts
+                    if not layout.generator_path(e, s).exists()]
     if missing:
         raise CheckpointError("checkpoints are missing; create them with:\n  " + "\n  ".join(dict.fromkeys(missing)))
-    rows = []
+    rows, reasons = [], []
     for seed in progress(cfg.seeds, desc=f"{cfg.problem} gates"):
-        models, formats = problem.load_experts(cfg.ckpt_dir, seed, device)
+        models, formats = problem.load_experts(layout, seed, device)
         test_activations = functools.cache(lambda: expert_activations(problem, models, formats, device))
         domain = membership_truth(cfg, problem, seed)
         for regime in cfg.regimes:
-            rows += train_regime(cfg, problem, regime, seed, models, formats, test_activations, device, domain)
+            regime_rows, regime_reasons = train_regime(cfg, problem, regime, seed, models, formats, test_activations,
+                                                       device, domain)
+            rows += regime_rows
+            reasons += regime_reasons
     stem = Path(cfg.results_dir) / "gates" / cfg.problem
     outputs = write_rows(stem, [{**r, "config": config.to_dict(cfg)} for r in rows])
     outputs["config"] = str(stem.with_name(stem.name + ".config.yaml"))
@@ -226,11 +238,10 @@ def main(cfg: config.PanConfig) -> dict:
     for r in rows:
         membership_acc.setdefault(f"{r['regime']}/{r['gate_type']}", []).append(r["membership_acc"])
     summary = {"problem": cfg.problem, "seeds": cfg.seeds, "outputs": outputs,
-               "membership_acc": {k: sum(v) / len(v) for k, v in membership_acc.items()},
-               "trained": sum(not r["resumed"] for r in rows), "resumed": sum(r["resumed"] for r in rows)}
+               "membership_acc": {k: sum(v) / len(v) for k, v in membership_acc.items()}, **tally(reasons)}
     print_summary(summary)
     return summary
 
 
 if __name__ == "__main__":
-    cli(main, config.PanConfig)
+    cli(main, lambda: config.parse_args(config.PanConfig))

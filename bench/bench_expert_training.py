@@ -30,7 +30,7 @@ from archs import build_model
 from common import derive_seed, resolve_device
 from config import DATA_DIR_ENV, TaskSpec
 from data import InputFormat, get_source, load_source, load_task, prepare_input, to_unit
-from train_source_networks import accuracy, train_classifier
+from training import accuracy, train_classifier
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 0.0  # the paper's expert settings (DESIGN.md section 3)
 

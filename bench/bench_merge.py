@@ -26,6 +26,7 @@ import torch
 
 import merge
 import train_source_networks
+from artifacts import Layout
 from augments import TTA_SETTINGS
 from common import resolve_device
 from config import DATA_DIR_ENV, LOGIT_RULES, MergeConfig, TrainConfig, apply_overrides
@@ -41,9 +42,12 @@ def quiet(fn, *args):
         return fn(*args)
 
 
+QUICK_EXPERTS = {"epochs": 1, "train_limit": 4096}  # the expert section of the experts timed here
+
+
 def train_quick_experts(seeds: list[int], data_dir: str, ckpt_dir: str) -> None:
     for task in ("first5_mnist", "last5_mnist"):
-        cfg = apply_overrides(TrainConfig(), {"dataset": task, "seeds": seeds, "epochs": 1, "train_limit": 4096,
+        cfg = apply_overrides(TrainConfig(), {"dataset": task, "seeds": seeds, "expert": QUICK_EXPERTS,
                                               "data_dir": data_dir, "ckpt_dir": ckpt_dir,
                                               "results_dir": ckpt_dir, "device": "cpu"})
         quiet(train_source_networks.main, cfg)
@@ -59,7 +63,7 @@ def baseline_logit_rules(cfg: MergeConfig, seed: int) -> float:
     """One seed, the experts re-run on the whole test set before every rule."""
     device = resolve_device(cfg.device)
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir)
-    models, formats = problem.load_experts(cfg.ckpt_dir, seed, device)
+    models, formats = problem.load_experts(Layout(cfg), seed, device)
     start = time.perf_counter()
     for call in parse_strategies(cfg.strategies):
         logits = expert_logits(problem, models, formats, device, cfg.batch_size)
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         train_quick_experts(seeds, args.data_dir, tmp)
         base = {"problem": "disjoint_mnist", "seeds": seeds, "data_dir": args.data_dir, "ckpt_dir": tmp,
-                "results_dir": tmp, "device": args.device, "force": True}
+                "results_dir": tmp, "device": args.device, "force": True, "expert": QUICK_EXPERTS}
         logit_cfg = apply_overrides(MergeConfig(), {**base, "name": "bench_logit", "strategies": LOGIT_RULES})
         tta = [{"name": rule, "setting": s} for s in TTA_SETTINGS for rule in ("tta_mean", "tta_voting")]
         tta_cfg = apply_overrides(MergeConfig(), {**base, "name": "bench_tta", "strategies": tta})

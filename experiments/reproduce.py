@@ -4,13 +4,15 @@
     python experiments/reproduce.py profile=paper    # 10 seeds at the paper's budgets, for a GPU
     python experiments/reproduce.py profile=cpu only_problems=[disjoint_mnist]
 
-A profile (``experiments/profiles/NAME.yaml``) lists the seeds, each stage script's arguments, the
-problems and the merge tables. Every step calls a stage script's ``main`` in-process, one seed at a
-time under a single progress bar, then once more over all seeds to write the stage's result files
-(cheap: every seed is finished by then). The stage scripts skip finished checkpoints and cached
-rows, so a rerun after an interruption redoes only what is missing, and retrain what a redone
-upstream step made stale. Run from the repository root. ``write_script=true`` writes
-``experiments/reproduce_PROFILE.sh``: the same steps as shell commands, for running stages by hand.
+A profile (``experiments/profiles/NAME.yaml``) lists the seeds, what its budgets change from the
+defaults of config.py (the sections ``expert``, ``dafl`` and ``gate``, which every stage that reads them
+gets), the problems and the merge tables. Every step calls a stage script's ``main`` in-process, one seed
+at a time under a single progress bar, then once more over all seeds to write the stage's result files
+(cheap: every seed is finished by then). The stage scripts reuse checkpoints and cached rows whose recipe
+and upstream files are unchanged (artifacts.py), so a rerun after an interruption redoes only what is
+missing or stale, and a changed setting trains beside the old files instead of over them. Run from the
+repository root. ``write_script=true`` writes ``experiments/reproduce_PROFILE.sh``: the same steps as
+shell commands, for running stages by hand.
 """
 from __future__ import annotations
 
@@ -29,9 +31,9 @@ if str(REPO) not in sys.path:
 
 import config  # noqa: E402
 import figures  # noqa: E402
-from common import (CheckpointError, atomic_write_text, cli, hidden_inner_progress, print_summary, progress, read_rows,  # noqa: E402
-                    resolve_device, write_rows)
-from data import DataError  # noqa: E402
+from artifacts import section_args  # noqa: E402
+from common import (UserError, atomic_write_text, cli, hidden_inner_progress, print_summary, progress,  # noqa: E402
+                    read_rows, resolve_device, write_rows)
 from report import best_of_families, reproduction_report, scaling_rows  # noqa: E402
 from strategies import parse_strategies  # noqa: E402
 
@@ -70,7 +72,7 @@ def load_config(argv: list[str] | None = None) -> config.ReproduceConfig:
 def plan(cfg: config.ReproduceConfig) -> list[Step]:
     """The steps of a profile in pipeline order; every step's arguments are parsed here, so a bad
     argument stops the run before any work."""
-    known = config.parse_args(config.MergeConfig, cfg.merge).problems
+    known = config.MergeConfig().problems
     problems = [p for p in cfg.problems if not cfg.only_problems or p in cfg.only_problems]
     unknown = [p for p in [*cfg.problems, *cfg.only_problems] if p not in known]
     if unknown:
@@ -80,12 +82,11 @@ def plan(cfg: config.ReproduceConfig) -> list[Step]:
         if bad:
             raise config.ConfigError(f"problems.{problem}: unknown key(s) {bad}; choices: {', '.join(PROBLEM_STAGE_KEYS)}")
     experts = dict.fromkeys((e.task, e.arch) for p in problems for e in known[p].experts)
-    steps = [Step("experts", f"{task} {arch}", [*cfg.experts, f"dataset={task}", f"arch={arch}"])
-             for task, arch in experts]
+    steps = [Step("experts", f"{task} {arch}", [f"dataset={task}", f"arch={arch}"]) for task, arch in experts]
     for key, stage in PROBLEM_STAGE_KEYS.items():
-        steps += [Step(stage, p, [*getattr(cfg, key), *cfg.problems[p].get(key, []), f"problem={p}"]) for p in problems]
+        steps += [Step(stage, p, [*cfg.problems[p].get(key, []), f"problem={p}"]) for p in problems]
     for table, extra in cfg.tables.items():
-        args = [*cfg.merge, f"experiments/{table}.yaml", *extra]
+        args = [f"experiments/{table}.yaml", *extra]
         table_cfg = parse_step(Step("merge", table, args), cfg.seeds)
         needs = {table_cfg.problem} | {c.param("gates_from") for c in parse_strategies(table_cfg.strategies)} - {None, ""}
         if needs <= set(problems):
@@ -94,15 +95,26 @@ def plan(cfg: config.ReproduceConfig) -> list[Step]:
             raise config.ConfigError(f"table {table} needs problem(s) {sorted(needs - set(problems))}; add them "
                                      f"under `problems`")
     for step in steps:
-        parse_step(step, cfg.seeds)
+        stage_cfg = parse_step(step, cfg.seeds)
+        changed = [name for name, section in config.SECTIONS.items()
+                   if hasattr(stage_cfg, name) and getattr(stage_cfg, name) != section()]
+        if changed:  # every stage must agree on them, so they are the profile's, not one step's
+            raise config.ConfigError(f"{step.stage} step {step.label!r} sets {', '.join(changed)}; set settings "
+                                     f"sections in the profile (top-level keys {', '.join(config.SECTIONS)}), "
+                                     f"so every stage reads the same")
     return steps
 
 
 def shared_args(cfg: config.ReproduceConfig, stage: str, seeds: list[int], force: bool) -> list[str]:
-    """The arguments every step gets from the pipeline: seeds and where things live."""
+    """The arguments every step gets from the pipeline: seeds, where things live, the settings sections its
+    stage reads (as what differs from config.py's defaults)."""
+    fields = {f.name for f in dataclasses.fields(STAGES[stage][1])}
     args = [f"seeds=[{','.join(map(str, seeds))}]", f"ckpt_dir={cfg.ckpt_dir}", f"results_dir={cfg.results_dir}"]
-    if stage != "merge":  # a redone upstream step makes downstream checkpoints stale: retrain them
-        args.append("replace_stale=true")
+    for name in config.SECTIONS:
+        if name in fields:
+            args += section_args(name, getattr(cfg, name))
+    if cfg.deterministic:
+        args.append("deterministic=true")
     return args + (["force=true"] if force else [])
 
 
@@ -132,7 +144,7 @@ def run_step(step: Step, cfg: config.ReproduceConfig, seeds: list[int], force: b
     stage_cfg = parse_step(step, seeds, [*shared_args(cfg, step.stage, seeds, force), *local])
     try:
         return module.main(stage_cfg)
-    except (config.ConfigError, CheckpointError, DataError) as err:
+    except UserError as err:
         raise type(err)(f"{step.stage} step {step.label!r}: {err}") from None
 
 
@@ -158,7 +170,7 @@ def render_script(cfg: config.ReproduceConfig, steps: list[Step]) -> str:
 
 def timing_row(step: Step, seed: int, wall_s: float, summary: dict, device: str) -> dict:
     # a step that found all its work finished "reused" it; its time is not the time the work took
-    reused = summary.get("trained", summary.get("computed", 0)) == 0
+    reused = summary["made"] == 0
     return {"stage": step.stage, "step": step.label, "seed": seed, "wall_s": wall_s, "reused": reused, "device": device}
 
 
@@ -192,7 +204,7 @@ def run_pipeline(cfg: config.ReproduceConfig, steps: list[Step], log_path: Path)
 def build_report(cfg: config.ReproduceConfig, steps: list[Step]) -> dict:
     """results/PROFILE/report.md (+ CSV summaries and PNG figures) from the rows the stages wrote."""
     results = Path(cfg.results_dir)
-    known = config.parse_args(config.MergeConfig, cfg.merge).problems
+    known = config.MergeConfig().problems
     problems = list(dict.fromkeys(s.label for s in steps if s.stage == "gates"))
     experts_rows = [r for s in steps if s.stage == "experts"
                     for r in read_rows(results / "experts" / f"{s.label.replace(' ', '_')}.jsonl")]
@@ -273,4 +285,4 @@ def main(cfg: config.ReproduceConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main, config.ReproduceConfig, load=load_config)
+    cli(main, load_config)

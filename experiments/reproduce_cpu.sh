@@ -5,41 +5,41 @@
 # the data root is $MOE_DATA_DIR (default ./data), the device cuda when available.
 set -euo pipefail
 PY="${PYTHON:-python}"
-"$PY" train_source_networks.py experiments/experts.yaml dataset=first5_mnist arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml dataset=last5_mnist arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml dataset=mnist arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml dataset=cifar10 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml dataset=mnist arch=lenet5_half 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml dataset=cifar10 arch=lenet5_half 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml dataset=fashion_mnist arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml dataset=mnist_01 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml dataset=mnist_23 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml dataset=mnist_45 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml dataset=mnist_67 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml dataset=mnist_89 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_gan.py experiments/gan_cpu.yaml problem=disjoint_mnist 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_gan.py experiments/gan_cpu.yaml problem=mnist_cifar10 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_gan.py experiments/gan_cpu.yaml problem=mnist_cifar10_half 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_gan.py experiments/gan_cpu.yaml problem=mnist_fashion_cifar10 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_gan.py experiments/gan_cpu.yaml problem=five_mnist 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_pan.py problem=disjoint_mnist 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_pan.py problem=mnist_cifar10 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_pan.py 'gate_types=[universal]' 'regimes=[real,synthetic]' problem=mnist_cifar10_half 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_pan.py 'regimes=[real,synthetic]' problem=mnist_fashion_cifar10 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" train_pan.py 'regimes=[real,synthetic]' problem=five_mnist 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu replace_stale=true
-"$PY" merge.py experiments/logit_rules_disjoint_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/logit_rules_mnist_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/multipass_disjoint_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/multipass_mnist_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/gates_disjoint_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/gates_mnist_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/universal_disjoint_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/universal_mnist_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/universal_unseen_arch.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/logit_rules_mnist_fashion_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/gates_mnist_fashion_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/universal_leave_one_out.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/logit_rules_five_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/gates_five_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
-"$PY" merge.py experiments/universal_five_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=first5_mnist arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=last5_mnist arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=mnist arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=cifar10 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=mnist arch=lenet5_half 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=cifar10 arch=lenet5_half 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=fashion_mnist arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=mnist_01 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=mnist_23 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=mnist_45 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=mnist_67 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_source_networks.py dataset=mnist_89 arch=lenet5 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu
+"$PY" train_gan.py problem=disjoint_mnist 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" train_gan.py problem=mnist_cifar10 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" train_gan.py problem=mnist_cifar10_half 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" train_gan.py problem=mnist_fashion_cifar10 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" train_gan.py problem=five_mnist 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" train_pan.py problem=disjoint_mnist 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" train_pan.py problem=mnist_cifar10 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" train_pan.py 'gate_types=[universal]' 'regimes=[real,synthetic]' problem=mnist_cifar10_half 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" train_pan.py 'regimes=[real,synthetic]' problem=mnist_fashion_cifar10 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" train_pan.py 'regimes=[real,synthetic]' problem=five_mnist 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/logit_rules_disjoint_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/logit_rules_mnist_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/multipass_disjoint_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/multipass_mnist_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/gates_disjoint_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/gates_mnist_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/universal_disjoint_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/universal_mnist_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/universal_unseen_arch.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/logit_rules_mnist_fashion_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/gates_mnist_fashion_cifar10.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/universal_leave_one_out.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/logit_rules_five_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/gates_five_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
+"$PY" merge.py experiments/universal_five_mnist.yaml 'seeds=[770597,600522,416719]' ckpt_dir=checkpoints results_dir=results/cpu dafl.epochs=8 dafl.iters_per_epoch=50 dafl.batch_size=128 dafl.width=32
 "$PY" experiments/reproduce.py profile=cpu report_only=true

@@ -5,36 +5,36 @@
 # the data root is $MOE_DATA_DIR (default ./data), the device cuda when available.
 set -euo pipefail
 PY="${PYTHON:-python}"
-"$PY" train_source_networks.py experiments/experts.yaml epochs=2 dataset=first5_mnist arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml epochs=2 dataset=last5_mnist arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml epochs=2 dataset=mnist arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml epochs=2 dataset=cifar10 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml epochs=2 dataset=fashion_mnist arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml epochs=2 dataset=mnist_01 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml epochs=2 dataset=mnist_23 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml epochs=2 dataset=mnist_45 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml epochs=2 dataset=mnist_67 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_source_networks.py experiments/experts.yaml epochs=2 dataset=mnist_89 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_gan.py experiments/gan_cpu.yaml epochs=3 iters_per_epoch=20 batch_size=64 problem=disjoint_mnist 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_gan.py experiments/gan_cpu.yaml epochs=3 iters_per_epoch=20 batch_size=64 problem=mnist_cifar10 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_gan.py experiments/gan_cpu.yaml epochs=3 iters_per_epoch=20 batch_size=64 problem=mnist_fashion_cifar10 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_gan.py experiments/gan_cpu.yaml epochs=3 iters_per_epoch=20 batch_size=64 problem=five_mnist 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_pan.py epochs=3 synthetic_samples=2000 noise_samples=2000 train_limit=4000 problem=disjoint_mnist 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_pan.py epochs=3 synthetic_samples=2000 noise_samples=2000 train_limit=4000 problem=mnist_cifar10 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_pan.py epochs=3 synthetic_samples=2000 noise_samples=2000 train_limit=4000 'regimes=[real,synthetic]' problem=mnist_fashion_cifar10 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" train_pan.py epochs=3 synthetic_samples=2000 noise_samples=2000 train_limit=4000 'regimes=[real,synthetic]' problem=five_mnist 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick replace_stale=true
-"$PY" merge.py experiments/logit_rules_disjoint_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/logit_rules_mnist_cifar10.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/multipass_disjoint_mnist.yaml test_limit=2000 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/multipass_mnist_cifar10.yaml test_limit=2000 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/gates_disjoint_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/gates_mnist_cifar10.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/universal_disjoint_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/universal_mnist_cifar10.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/logit_rules_mnist_fashion_cifar10.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/gates_mnist_fashion_cifar10.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/universal_leave_one_out.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/logit_rules_five_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/gates_five_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
-"$PY" merge.py experiments/universal_five_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints/quick results_dir=results/quick
+"$PY" train_source_networks.py dataset=first5_mnist arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2
+"$PY" train_source_networks.py dataset=last5_mnist arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2
+"$PY" train_source_networks.py dataset=mnist arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2
+"$PY" train_source_networks.py dataset=cifar10 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2
+"$PY" train_source_networks.py dataset=fashion_mnist arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2
+"$PY" train_source_networks.py dataset=mnist_01 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2
+"$PY" train_source_networks.py dataset=mnist_23 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2
+"$PY" train_source_networks.py dataset=mnist_45 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2
+"$PY" train_source_networks.py dataset=mnist_67 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2
+"$PY" train_source_networks.py dataset=mnist_89 arch=lenet5 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2
+"$PY" train_gan.py problem=disjoint_mnist 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32
+"$PY" train_gan.py problem=mnist_cifar10 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32
+"$PY" train_gan.py problem=mnist_fashion_cifar10 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32
+"$PY" train_gan.py problem=five_mnist 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32
+"$PY" train_pan.py problem=disjoint_mnist 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" train_pan.py problem=mnist_cifar10 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" train_pan.py 'regimes=[real,synthetic]' problem=mnist_fashion_cifar10 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" train_pan.py 'regimes=[real,synthetic]' problem=five_mnist 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/logit_rules_disjoint_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/logit_rules_mnist_cifar10.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/multipass_disjoint_mnist.yaml test_limit=2000 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/multipass_mnist_cifar10.yaml test_limit=2000 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/gates_disjoint_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/gates_mnist_cifar10.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/universal_disjoint_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/universal_mnist_cifar10.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/logit_rules_mnist_fashion_cifar10.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/gates_mnist_fashion_cifar10.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/universal_leave_one_out.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/logit_rules_five_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/gates_five_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
+"$PY" merge.py experiments/universal_five_mnist.yaml 'seeds=[770597,600522]' ckpt_dir=checkpoints results_dir=results/quick expert.epochs=2 dafl.epochs=3 dafl.iters_per_epoch=20 dafl.batch_size=64 dafl.width=32 gate.epochs=3 gate.synthetic_samples=2000 gate.noise_samples=2000 gate.train_limit=4000
 "$PY" experiments/reproduce.py profile=quick report_only=true

@@ -21,8 +21,11 @@ train mnist '{widths: [400, 200, 100], bias: false}'
 # data-free gates on the sharded parents (fusion_shard2.yaml's gate rows): generators, then gates
 "$PY" train_gan.py experiments/fusion_parents.yaml experiments/fusion_shard2.yaml experiments/gan_cpu.yaml \
   problem=mnist_shard2_mlp seeds="$SEEDS" results_dir="$OUT"
-"$PY" train_pan.py experiments/fusion_parents.yaml experiments/fusion_shard2.yaml problem=mnist_shard2_mlp \
+"$PY" train_pan.py experiments/fusion_parents.yaml experiments/fusion_shard2.yaml experiments/gan_cpu.yaml \
+  problem=mnist_shard2_mlp \
   gate_types='[feature,universal]' regimes='[real,synthetic]' seeds="$SEEDS" results_dir="$OUT"
 for table in shard2 noniid2 noniid4 noniid8 clafusion; do
-  "$PY" merge.py experiments/fusion_parents.yaml "experiments/fusion_$table.yaml" results_dir="$OUT"
+  # gan_cpu.yaml names the generators the shard2 table's data-free gates were trained on
+  "$PY" merge.py experiments/fusion_parents.yaml "experiments/fusion_$table.yaml" experiments/gan_cpu.yaml \
+    results_dir="$OUT"
 done

@@ -256,3 +256,37 @@ def test_unknown_setting_lists_choices():
 def test_invalid_values_raise(name, params):
     with pytest.raises(ValueError, match=name):
         apply_augment(name, images(), gen(0), **params)
+
+
+# ---------------------------------------------------------------- noise in normalised units (as the original)
+
+@pytest.mark.parametrize("unit", [(0.3081,), (0.2023, 0.1994, 0.2010)])
+def test_gaussian_noise_is_sized_in_the_sources_normalised_units(unit):
+    x = torch.full((200, len(unit), 32, 32), 0.5)
+    noisy = apply_augment("gaussian", x, gen(3), unit, std=1.0)
+    per_channel = (noisy - x).std(dim=(0, 2, 3))
+    torch.testing.assert_close(per_channel, torch.tensor(unit), rtol=0.01, atol=0)
+    # in the normalised space the expert reads, the noise has std 1: the original's gaussian_1
+    normalised = (noisy - x) / torch.tensor(unit).view(1, -1, 1, 1)
+    assert normalised.std().item() == pytest.approx(1.0, rel=0.01)
+    half = apply_augment("gaussian", x, gen(3), unit, std=0.5)
+    torch.testing.assert_close(half - x, 0.5 * (noisy - x))
+
+
+@pytest.mark.parametrize("unit", [(0.3081,), (0.2023, 0.1994, 0.2010)])
+def test_poisson_step_is_one_normalised_unit(unit):
+    x = torch.zeros(50, len(unit), 32, 32)
+    noisy = apply_augment("poisson", x, gen(4), unit, rate=0.5)
+    for c, size in enumerate(unit):
+        steps = noisy[:, c].unique()
+        torch.testing.assert_close(steps, torch.tensor([0.0, size]))
+    share = (noisy > 0).float().mean().item()
+    assert share == pytest.approx(1 - math.exp(-0.5), abs=0.01)
+
+
+def test_noise_without_a_unit_is_in_pixels_and_a_wrong_unit_is_refused():
+    x = torch.zeros(100, 1, 32, 32)
+    assert (apply_augment("gaussian", x, gen(1), std=1.0)).std().item() == pytest.approx(1.0, rel=0.02)
+    with pytest.raises(ValueError, match="channel std"):
+        apply_augment("gaussian", x, gen(1), (0.2, 0.2, 0.2), std=1.0)
+    assert "unit" not in augment_params("gaussian")  # not a setting a TTA table could set

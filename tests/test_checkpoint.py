@@ -54,7 +54,8 @@ def test_round_trip_gives_identical_outputs(tmp_path, arch):
     assert set(raw) == {"arch", "arch_kwargs", "state_dict", "config", "meta"}
     assert raw["arch"] == arch and raw["arch_kwargs"] == kwargs
     assert raw["config"] == {"lr": 0.01, "dir": "x"}
-    assert raw["meta"] == {"acc": 0.5, "pair": [1, 2], "nested": {"3": "three"}}
+    assert raw["meta"] == {"acc": 0.5, "pair": [1, 2], "nested": {"3": "three"},
+                           "digest": common.state_digest(model.state_dict())}
     assert type(raw["meta"]["acc"]) is float
     assert ckpt["meta"] == raw["meta"]
     for key, value in model.state_dict().items():
@@ -230,14 +231,30 @@ def test_mean_std():
     assert mean == pytest.approx(2.0) and std == pytest.approx(1.0)  # sample std (ddof=1)
 
 
-def test_reuse_checkpoint_returns_the_row_stops_on_other_settings_or_retrains_if_asked(tmp_path):
-    from common import CheckpointError, reuse_checkpoint
+def test_state_digest_names_the_weights_exactly():
+    model, _ = make_model("lenet5")
+    state = model.state_dict()
+    digest = common.state_digest(state)
+    assert digest == common.state_digest({k: v.clone() for k, v in state.items()})  # the values, not the objects
+    nudged = {k: v.clone() for k, v in state.items()}
+    first = next(k for k, v in nudged.items() if v.is_floating_point())
+    nudged[first].view(-1)[0] += 1e-6
+    assert common.state_digest(nudged) != digest
+    renamed = {("x" + k if k == first else k): v for k, v in state.items()}
+    assert common.state_digest(renamed) != digest
+    assert common.state_digest({"n": torch.tensor(3)}) != common.state_digest({"n": torch.tensor(4)})  # 0-d tensors
 
-    path = tmp_path / "model.pt"
-    assert reuse_checkpoint(path, {"epochs": 2}, force=False) is None  # nothing there yet
-    save_checkpoint(path, torch.nn.Linear(2, 2), "linear", {}, {}, {"settings": {"epochs": 2}, "row": {"acc": 0.5}})
-    assert reuse_checkpoint(path, {"epochs": 2}, force=False) == {"acc": 0.5}
-    assert reuse_checkpoint(path, {"epochs": 2}, force=True) is None
-    with pytest.raises(CheckpointError, match=r"other settings \(epochs differ\).*replace_stale=true"):
-        reuse_checkpoint(path, {"epochs": 3}, force=False)
-    assert reuse_checkpoint(path, {"epochs": 3}, force=False, replace_stale=True) is None
+
+def test_append_row_keeps_finished_rows_and_read_rows_skips_a_torn_last_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    common.append_row(path, {"a": 1})
+    common.append_row(path, {"a": 2})
+    assert read_rows(path) == [{"a": 1}, {"a": 2}]
+    with open(path, "a") as f:
+        f.write('{"a": 3, "b"')  # a crash in the middle of a write
+    assert read_rows(path) == [{"a": 1}, {"a": 2}]
+    common.append_row(path, {"a": 4})  # the next row starts on a line of its own
+    assert read_rows(path)[-1] == {"a": 4} and len(read_rows(path)) == 3
+    path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(common.UserError, match="line 2"):
+        read_rows(path)

@@ -18,11 +18,11 @@ DESIGN_SEEDS = [770597, 600522, 416719, 306890, 201746, 156886, 929271, 247945, 
 def test_defaults_are_the_papers():
     cfg = parse_args(TrainConfig, [])
     assert cfg.seeds == DESIGN_SEEDS
-    assert cfg.lr == 0.01 and isinstance(cfg.lr, float)
-    assert cfg.momentum == 0.9
-    assert cfg.weight_decay == 0.0
-    assert cfg.epochs == 10
-    assert cfg.batch_size is None  # the source's paper default (512 MNIST / 128 CIFAR)
+    assert cfg.expert.lr == 0.01 and isinstance(cfg.expert.lr, float)
+    assert cfg.expert.momentum == 0.9
+    assert cfg.expert.weight_decay == 0.0
+    assert cfg.expert.epochs == 10
+    assert cfg.expert.batch_size is None  # the source's paper default (512 MNIST / 128 CIFAR)
     assert cfg.dataset == "mnist" and cfg.arch == "lenet5"
     assert cfg.device == "auto" and cfg.deterministic is False and cfg.force is False
     assert cfg.tasks["first5_mnist"] == TaskSpec("mnist", [0, 1, 2, 3, 4])
@@ -52,22 +52,24 @@ def test_defaults_are_not_shared_between_configs():
 # ---------------------------------------------------------------- coercion
 
 @pytest.mark.parametrize("arg, key, expected, type_", [
-    ("lr=1", "lr", 1.0, float),
-    ("lr=1e-3", "lr", 0.001, float),  # YAML 1.1 reads 1e-3 as a string; it must still become a float
-    ("lr=0.5", "lr", 0.5, float),
-    ("epochs=2", "epochs", 2, int),
-    ("epochs=2.0", "epochs", 2, int),
+    ("expert.lr=1", "expert.lr", 1.0, float),
+    ("expert.lr=1e-3", "expert.lr", 0.001, float),  # YAML 1.1 reads 1e-3 as a string; it must still become a float
+    ("expert.lr=0.5", "expert.lr", 0.5, float),
+    ("expert.epochs=2", "expert.epochs", 2, int),
+    ("expert.epochs=2.0", "expert.epochs", 2, int),
     ("seeds=[0,1]", "seeds", [0, 1], list),
     ("seeds=7", "seeds", [7], list),
     ("deterministic=true", "deterministic", True, bool),
     ("deterministic=false", "deterministic", False, bool),
-    ("batch_size=null", "batch_size", None, type(None)),
-    ("batch_size=64", "batch_size", 64, int),
+    ("expert.batch_size=null", "expert.batch_size", None, type(None)),
+    ("expert.batch_size=64", "expert.batch_size", 64, int),
     ("arch=resnet18", "arch", "resnet18", str),
     ("ckpt_dir=123", "ckpt_dir", "123", str),
 ])
 def test_key_value_coercion(arg, key, expected, type_):
-    value = getattr(parse_args(TrainConfig, [arg]), key)
+    value = parse_args(TrainConfig, [arg])
+    for part in key.split("."):
+        value = getattr(value, part)
     assert value == expected
     assert type(value) is type_
     if isinstance(value, list):
@@ -86,25 +88,25 @@ def test_large_int_keeps_precision():
 
 def test_yaml_then_command_line(tmp_path):
     first = tmp_path / "a.yaml"
-    first.write_text("lr: 0.5\nepochs: 3\nseeds: [4, 5]\narch: lenet5_half\n")
+    first.write_text("expert: {lr: 0.5, epochs: 3}\nseeds: [4, 5]\narch: lenet5_half\n")
     second = tmp_path / "b.yml"
-    second.write_text("epochs: 4\n")
-    cfg = parse_args(TrainConfig, [str(first), "lr=0.1", str(second)])
-    assert cfg.lr == 0.1  # command line beats the YAML
-    assert cfg.epochs == 4  # files apply in order
+    second.write_text("expert:\n  epochs: 4\n")
+    cfg = parse_args(TrainConfig, [str(first), "expert.lr=0.1", str(second)])
+    assert cfg.expert.lr == 0.1  # command line beats the YAML
+    assert cfg.expert.epochs == 4  # files apply in order, key by key within a section
     assert cfg.seeds == [4, 5]
     assert cfg.arch == "lenet5_half"
-    assert cfg.momentum == 0.9  # untouched default
+    assert cfg.expert.momentum == 0.9  # untouched default
     # a key=value before a file is overridden by that file
-    assert parse_args(TrainConfig, ["epochs=9", str(second)]).epochs == 4
+    assert parse_args(TrainConfig, ["expert.epochs=9", str(second)]).expert.epochs == 4
 
 
 def test_yaml_values_are_coerced(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("lr: 1\nbatch_size: '32'\ntasks:\n  pair: {source: mnist, classes: [3, 7]}\n")
+    path.write_text("expert: {lr: 1, batch_size: '32'}\ntasks:\n  pair: {source: mnist, classes: [3, 7]}\n")
     cfg = parse_args(TrainConfig, [str(path)])
-    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
-    assert cfg.batch_size == 32
+    assert cfg.expert.lr == 1.0 and isinstance(cfg.expert.lr, float)
+    assert cfg.expert.batch_size == 32
     assert cfg.tasks["pair"] == TaskSpec("mnist", [3, 7])
     assert cfg.tasks["mnist"] == TaskSpec("mnist")  # defaults kept beside the new task
 
@@ -166,6 +168,11 @@ def test_arch_kwargs_are_a_mapping_of_plain_values():
 
 # ---------------------------------------------------------------- errors
 
+def test_unknown_key_suggests_nearest_in_a_section():
+    with pytest.raises(ConfigError, match=r"unknown config key 'expert.epoch'; did you mean 'epochs'"):
+        parse_args(TrainConfig, ["expert.epoch=3"])
+
+
 def test_unknown_key_suggests_nearest():
     with pytest.raises(ConfigError) as err:
         parse_args(TrainConfig, ["datset=mnist"])
@@ -190,21 +197,21 @@ def test_unknown_nested_key():
 
 def test_unknown_key_in_yaml(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("epochz: 3\n")
+    path.write_text("expert: {epochz: 3}\n")
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
         parse_args(TrainConfig, [str(path)])
 
 
 @pytest.mark.parametrize("arg, words", [
-    ("epochs=abc", ["epochs", "number", "abc"]),
-    ("epochs=1.5", ["epochs", "integer", "1.5"]),
-    ("lr=[1,2]", ["lr"]),
+    ("expert.epochs=abc", ["expert.epochs", "number", "abc"]),
+    ("expert.epochs=1.5", ["expert.epochs", "integer", "1.5"]),
+    ("expert.lr=[1,2]", ["expert.lr"]),
     ("seeds=[1,x]", ["seeds[1]", "x"]),
     ("deterministic=maybe", ["deterministic", "true or false"]),
     ("tasks=3", ["tasks", "mapping"]),
     ("tasks.mnist.classes=[a]", ["tasks.mnist.classes[0]"]),
     ("arch=[a,b]", ["arch", "string"]),
-    ("epochs=true", ["epochs", "number"]),
+    ("expert.epochs=true", ["expert.epochs", "number"]),
 ])
 def test_wrong_types_name_the_key(arg, words):
     with pytest.raises(ConfigError) as err:
@@ -252,16 +259,17 @@ def test_config_error_is_a_value_error():
 # ---------------------------------------------------------------- describe / save
 
 def test_describe_is_the_resolved_config_as_yaml():
-    cfg = parse_args(TrainConfig, ["lr=0.2", "tasks.pair.source=mnist", "tasks.pair.classes=[3,7]"])
+    cfg = parse_args(TrainConfig, ["expert.lr=0.2", "tasks.pair.source=mnist", "tasks.pair.classes=[3,7]"])
     loaded = yaml.safe_load(describe(cfg))
     assert loaded == to_dict(cfg)
-    assert loaded["lr"] == 0.2
+    assert loaded["expert"]["lr"] == 0.2
     assert loaded["tasks"]["pair"] == {"source": "mnist", "classes": [3, 7], "split": "full", "parts": 1, "part": 0,
                                        "alpha": None, "split_seed": 0}
 
 
 def test_save_round_trip(tmp_path):
-    cfg = parse_args(TrainConfig, ["lr=1e-3", "epochs=3", "seeds=[0,1]", "batch_size=null", "deterministic=true",
+    cfg = parse_args(TrainConfig, ["expert.lr=1e-3", "expert.epochs=3", "seeds=[0,1]", "expert.batch_size=null",
+                                   "deterministic=true",
                                    "tasks.pair.source=mnist", "tasks.pair.classes=[3,7]",
                                    "tasks.mnist.classes=[1,2]", "dataset=pair", "data_dir=/x/y",
                                    "tasks.part.source=mnist", "tasks.part.split=shard", "tasks.part.parts=2",
@@ -273,3 +281,70 @@ def test_save_round_trip(tmp_path):
     again = parse_args(TrainConfig, [str(path)])
     assert again == cfg
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- ranges, checked at load
+
+@pytest.mark.parametrize("cls, arg, words", [
+    (TrainConfig, "expert.epochs=-1", "expert.epochs=-1 is out of range: it must be at least 1"),
+    (TrainConfig, "expert.epochs=0", "at least 1"),
+    (TrainConfig, "expert.lr=0", "expert.lr=0.0 is out of range: it must be greater than 0"),
+    (TrainConfig, "expert.momentum=1", "in [0, 1)"),
+    (TrainConfig, "expert.batch_size=0", "expert.batch_size=0 is out of range"),
+    (TrainConfig, "expert.train_limit=-5", "expert.train_limit=-5 is out of range"),
+    (TrainConfig, "test_limit=-1", "test_limit=-1 is out of range"),
+    (TrainConfig, "seeds=[]", "seeds is empty"),
+    (TrainConfig, "seeds=[1,1]", "lists a seed twice"),
+    (TrainConfig, "device=gpu", "device='gpu' is not a device; choices: auto, cpu, cuda, cuda:N"),
+    (config.MergeConfig, "batch_size=0", "batch_size=0 is out of range"),
+    (config.MergeConfig, "fusion_samples=0", "fusion_samples=0 is out of range"),
+    (config.MergeConfig, "gate.noise_samples=0", "gate.noise_samples=0 is out of range"),
+    (config.GanConfig, "dafl.batch_size=1", "at least 2"),
+    (config.GanConfig, "dafl.width=1", "dafl.width=1 is out of range"),
+    (config.PanConfig, "gate.epochs=-3", "gate.epochs=-3 is out of range"),
+    (config.ReproduceConfig, "expert.epochs=-1", "expert.epochs=-1 is out of range"),
+])
+def test_out_of_range_values_fail_at_load_with_one_line(cls, arg, words):
+    with pytest.raises(ConfigError) as err:
+        parse_args(cls, [arg])
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_limits_may_stay_unset():
+    cfg = parse_args(TrainConfig, ["expert.train_limit=null", "test_limit=null"])
+    assert cfg.expert.train_limit is None and cfg.test_limit is None
+
+
+def test_cuda_without_cuda_is_refused_at_load(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device=cuda was asked for but CUDA is not available here; use device=cpu"):
+        parse_args(TrainConfig, ["device=cuda"])
+    assert parse_args(TrainConfig, ["device=auto"]).device == "auto"
+
+
+def test_check_catches_configs_built_in_code():
+    cfg = dataclasses.replace(TrainConfig(), seeds=[])
+    with pytest.raises(ConfigError, match="seeds is empty"):
+        config.check(cfg)
+    bad_task = parse_args(config.MergeConfig, [])
+    bad_task.gate.batch_size = -1
+    with pytest.raises(ConfigError, match="gate.batch_size=-1"):
+        config.check(bad_task)
+
+
+# ---------------------------------------------------------------- what a run prints
+
+def test_a_run_prints_only_what_differs_from_the_defaults():
+    cfg = parse_args(TrainConfig, ["expert.epochs=2", "seeds=[1]", "tasks.pair.source=mnist",
+                                   "tasks.pair.classes=[3,7]", "tasks.mnist.classes=[1,2]"])
+    text = config.describe_changes(cfg)
+    printed = yaml.safe_load(text)
+    assert printed == {"seeds": [1], "expert": {"epochs": 2},
+                       "tasks": {"mnist": {"classes": [1, 2]}, "pair": {"source": "mnist", "classes": [3, 7],
+                                                                         "split": "full", "parts": 1, "part": 0,
+                                                                         "alpha": None, "split_seed": 0}}}
+    assert "first5_mnist" not in text and "disjoint_mnist" not in text  # no pages of default tables
+    assert "defaults of config.py" in text.splitlines()[0]
+    assert config.describe_changes(TrainConfig()).strip().endswith("the defaults of config.py")

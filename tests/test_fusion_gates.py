@@ -1,6 +1,6 @@
 """Data-free gates on fusion parents: train_gan.py, train_pan.py and merge.py's gate rules on a shared-label
 problem of two sharded MLP parents (DESIGN.md section 8, "fusion meets routing"), and the file names of
-generators and gates, unchanged for experts without arch_kwargs."""
+generators and gates, which carry their parent's arch tag."""
 from __future__ import annotations
 
 import contextlib
@@ -17,17 +17,18 @@ import merge
 import train_gan
 import train_pan
 import train_source_networks as tsn
-from common import load_model, read_checkpoint, read_rows
+from artifacts import ExpertId, Layout, arch_tag
+from common import load_model, read_rows
 from config import GanConfig, MergeConfig, PanConfig, TrainConfig, parse_args
 from conftest import REPO_ROOT, SHARD_PROBLEMS_YAML, SHARD_TASKS_YAML, build_fake_root
-from gating import gate_inputs, gate_path
-from problems import Problem, build_problem, expert_activations
+from problems import build_problem, expert_activations
 
 SEEDS = [1, 2]
 WIDE = {"widths": [16]}
 TASKS = ("s_p0", "s_p1")
-GAN_PROFILE = ["epochs=2", "iters_per_epoch=3", "batch_size=16", "width=8", "eval_samples=64"]
-PAN_PROFILE = ["epochs=2", "synthetic_samples=64", "noise_samples=48"]
+EXPERT = ["expert.epochs=2", "expert.batch_size=32", "expert.lr=0.05"]
+DAFL = ["dafl.epochs=2", "dafl.iters_per_epoch=3", "dafl.batch_size=16", "dafl.width=8"]
+GATE = ["gate.epochs=2", "gate.synthetic_samples=64", "gate.noise_samples=48"]
 GATE_RULES = ("[{name: gate_hard, gate: feature, regime: synthetic},"
               "{name: gate_soft, gate: feature, regime: synthetic},"
               "{name: gate_hard, gate: universal, regime: synthetic},"
@@ -56,26 +57,31 @@ def env(tmp_path_factory):
         for task in TASKS:
             tsn.main(parse_args(TrainConfig, [
                 str(base / "tasks.yaml"), f"dataset={task}", "arch=mlp", f"arch_kwargs={WIDE}", f"seeds={SEEDS}",
-                "epochs=2", "batch_size=32", "lr=0.05", "device=cpu", f"data_dir={fake.root}",
+                *EXPERT, "device=cpu", f"data_dir={fake.root}",
                 f"ckpt_dir={env['ckpt']}", f"results_dir={base / 'train_results'}"]))
-        env["gan"] = train_gan.main(parse_args(GanConfig, [*common_args(env), *GAN_PROFILE]))
+        env["gan"] = train_gan.main(parse_args(GanConfig, [*common_args(env), *EXPERT, *DAFL, "eval_samples=64"]))
         env["pan"] = train_pan.main(parse_args(PanConfig, [
-            *common_args(env), *PAN_PROFILE, "gate_types=[feature,universal]", "regimes=[real,synthetic]",
+            *common_args(env), *EXPERT, *DAFL, *GATE, "gate_types=[feature,universal]", "regimes=[real,synthetic]",
             f"data_dir={fake.root}"]))
     yield env
     data._load_cached.cache_clear()
 
 
+def layout(env) -> Layout:
+    return Layout(parse_args(MergeConfig, [*common_args(env), *EXPERT, *DAFL, *GATE]))
+
+
 def test_generators_are_named_like_their_parents(env):
     rows = read_rows(env["gan"]["outputs"]["jsonl"])
-    assert len(rows) == len(SEEDS) * 2 and env["gan"]["trained"] == 4
-    tag = tsn.arch_tag("mlp", WIDE)
+    assert len(rows) == len(SEEDS) * 2 and env["gan"]["made"] == 4
+    tag = arch_tag("mlp", WIDE)
     for row in rows:
-        path = train_gan.generator_path(env["ckpt"], row["task"], "mlp", row["seed"], WIDE)
-        assert path.name == f"{row['task']}_{tag}_seed{row['seed']}.pt" and path.is_file()
+        expert = ExpertId(row["task"], "mlp", WIDE)
+        path = layout(env).generator_path(expert, row["seed"])
+        assert re.fullmatch(rf"{row['task']}_{tag}_[0-9a-f]{{8}}_seed{row['seed']}\.pt", path.name) and path.is_file()
         assert row["checkpoint"] == str(path) and row["arch_kwargs"] == WIDE
-        assert row["expert_checkpoint"] == str(tsn.expert_path(env["ckpt"], row["task"], "mlp", row["seed"], WIDE))
-        assert Path(row["grid"]).name == f"{row['task']}_{tag}_seed{row['seed']}.png"
+        assert row["expert_checkpoint"] == str(layout(env).expert_path(expert, row["seed"]))
+        assert Path(row["grid"]).name == path.stem + ".png"
         assert row["cross_seed_agreement"] is not None  # the other seed's parent was found under its arch tag
         load_model(path, expect_arch="generator")
     assert set(TASKS) <= set(env["gan"])  # summary per parent
@@ -84,21 +90,22 @@ def test_generators_are_named_like_their_parents(env):
 def test_gates_are_named_like_their_parents_and_judged_by_class_ownership(env):
     rows = read_rows(env["pan"]["outputs"]["jsonl"])
     # per seed and regime: two feature gates and one universal gate, each with a row per parent it serves
-    assert len(rows) == env["pan"]["trained"] == len(SEEDS) * 2 * (2 + 2)
+    assert len(rows) == len(SEEDS) * 2 * (2 + 2) and env["pan"]["made"] == len(SEEDS) * 2 * 3
     assert len({r["checkpoint"] for r in rows}) == len(SEEDS) * 2 * 3
-    cfg = parse_args(PanConfig, [*common_args(env), f"data_dir={env['root']}"])
+    cfg = parse_args(PanConfig, [*common_args(env), *EXPERT, *DAFL, *GATE, f"data_dir={env['root']}"])
     problem = build_problem("shard", cfg.problems["shard"], cfg.tasks, cfg.data_dir)
     truth = (env["digits"] >= 5).long()  # the parent owning each test image's digit
     for seed in SEEDS:
         assert torch.equal(train_pan.membership_truth(cfg, problem, seed), truth)
-        models, formats = problem.load_experts(env["ckpt"], seed, CPU)
+        models, formats = problem.load_experts(Layout(cfg), seed, CPU)
         acts = expert_activations(problem, models, formats, CPU)
         for row in (r for r in rows if r["seed"] == seed):
             k = TASKS.index(row["expert"])
-            path = gate_path(env["ckpt"], "shard", row["regime"], row["gate_type"], row["expert"], "mlp", seed, WIDE)
+            serves = k if row["gate_type"] == "feature" else None
+            path = Layout(cfg).gate_path("shard", row["regime"], row["gate_type"], serves, seed)
             assert row["checkpoint"] == str(path) and path.is_file()
             if row["gate_type"] == "feature":
-                assert path.name == f"{row['expert']}_{tsn.arch_tag('mlp', WIDE)}_seed{seed}.pt"
+                assert path.name.startswith(f"{row['expert']}_{arch_tag('mlp', WIDE)}_")
                 assert row["arch_kwargs"] == WIDE
             gate = load_model(path)[0]
             expected = train_pan.membership(gate, row["gate_type"], acts, truth, k)
@@ -121,42 +128,17 @@ def test_merge_runs_the_data_free_gate_rules_on_the_parents(env, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         summary = merge.main(parse_args(MergeConfig, [
             str(env["base"] / "tasks.yaml"), str(env["base"] / "problems.yaml"), "problem=shard",
-            f"strategies={GATE_RULES}", f"seeds={SEEDS}",
+            f"strategies={GATE_RULES}", f"seeds={SEEDS}", *EXPERT, *DAFL, *GATE,
             f"data_dir={env['root']}", f"ckpt_dir={env['ckpt']}", f"results_dir={tmp_path}", "device=cpu"]))
     rows = read_rows(summary["outputs"]["jsonl"])
     for label in ("gate_hard(gate=feature,regime=synthetic)", "gate_soft(gate=universal,regime=real)"):
         assert label in summary["acc"]
     for row in rows:
         assert row["n"] == len(env["digits"]) and 0 <= row["acc"] <= 1
-        if row["strategy"].startswith("gate_"):
-            assert row["gates"] and all(str(env["ckpt"] / "gates" / "shard") in g[0] for g in row["gates"])
+        if row["strategy"].startswith("gate_"):  # the gates of this problem were trained on these very parents
+            assert row["unseen"] is False and all(e["seen"] for e in row["gate_experts"].values())
     oracle = next(r for r in rows if r["strategy"] == "oracle")
     assert oracle["routing_acc"] == 1.0
-
-
-# ---------------------------------------------------------------- names without arch_kwargs are unchanged
-
-@pytest.mark.parametrize("kwargs", [None, {}])
-def test_paths_of_experts_without_arch_kwargs_are_unchanged(tmp_path, kwargs):
-    assert train_gan.generator_path(tmp_path, "first5_mnist", "lenet5", 7, kwargs) == \
-        tmp_path / "generators" / "first5_mnist_lenet5_seed7.pt"
-    assert gate_path(tmp_path, "disjoint_mnist", "synthetic", "feature", "first5_mnist", "lenet5", 7, kwargs) == \
-        tmp_path / "gates" / "disjoint_mnist" / "synthetic" / "feature" / "first5_mnist_lenet5_seed7.pt"
-    assert gate_path(tmp_path, "disjoint_mnist", "real", "universal", "", "", 7, kwargs) == \
-        tmp_path / "gates" / "disjoint_mnist" / "real" / "universal" / "seed7.pt"
-    assert train_gan.generator_path(tmp_path, "mnist", "lenet5_half", 7) == \
-        tmp_path / "generators" / "mnist_lenet5_half_seed7.pt"
-
-
-def test_default_problems_keep_their_gate_files_in_merge(tmp_path):
-    cfg = MergeConfig(ckpt_dir=str(tmp_path))
-    spec = cfg.problems["disjoint_mnist"]
-    problem = Problem("disjoint_mnist", [e.task for e in spec.experts], [e.arch for e in spec.experts],
-                      [], [], 10, {})
-    call = merge.parse_strategies([{"name": "gate_hard", "gate": "feature", "regime": "real"}])[0]
-    assert merge.gate_files(cfg, problem, call, 3) == [
-        tmp_path / "gates" / "disjoint_mnist" / "real" / "feature" / f"{t}_lenet5_seed3.pt"
-        for t in ("first5_mnist", "last5_mnist")]
 
 
 # ---------------------------------------------------------------- the experiment files
@@ -167,14 +149,16 @@ def test_run_fusion_trains_generators_and_gates_from_the_shard2_table():
     files = ["experiments/fusion_parents.yaml", "experiments/fusion_shard2.yaml"]
     gan_line = re.search(r'"\$PY" train_gan\.py (.*?)\n(?!  )', before_merge, re.S).group(1)
     pan_line = re.search(r'"\$PY" train_pan\.py (.*?)\n(?!  )', before_merge, re.S).group(1)
-    assert all(f in gan_line and f in pan_line for f in files) and "experiments/gan_cpu.yaml" in gan_line
+    assert all(f in gan_line and f in pan_line for f in files)
+    assert "experiments/gan_cpu.yaml" in gan_line and "experiments/gan_cpu.yaml" in pan_line  # same generators
     seeds = "seeds=[770597,600522,416719]"
     gan = parse_args(GanConfig, [str(REPO_ROOT / f) for f in files] + [
         str(REPO_ROOT / "experiments" / "gan_cpu.yaml"), "problem=mnist_shard2_mlp", seeds])
     pan = parse_args(PanConfig, [str(REPO_ROOT / f) for f in files] + [
-        "problem=mnist_shard2_mlp", "gate_types=[feature,universal]", "regimes=[real,synthetic]", seeds])
+        str(REPO_ROOT / "experiments" / "gan_cpu.yaml"), "problem=mnist_shard2_mlp",
+        "gate_types=[feature,universal]", "regimes=[real,synthetic]", seeds])
     assert "gate_types='[feature,universal]'" in pan_line and "regimes='[real,synthetic]'" in pan_line
-    assert gan.epochs == 8 and gan.width == 32  # the CPU profile, read after the table
+    assert gan.dafl.epochs == 8 and gan.dafl.width == 32 and pan.dafl == gan.dafl  # the CPU profile
     for cfg in (gan, pan):
         spec = cfg.problems[cfg.problem]
         assert spec.shared_labels and [e.arch_kwargs for e in spec.experts] == [{"widths": [256], "bias": True}] * 2

@@ -11,6 +11,7 @@ import data
 import merge
 import problems
 import train_source_networks as tsn
+from artifacts import ExpertId, Layout
 from common import CheckpointError, read_rows
 from config import ConfigError, MergeConfig, TrainConfig, parse_args
 from conftest import REPO_ROOT, SHARD_PROBLEMS_YAML, SHARD_TASKS_YAML, Forbidden, build_fake_root
@@ -18,6 +19,7 @@ from problems import Problem, build_problem
 from strategies import NO_EXPERT, REGISTRY, Decision, MergeInputs, check_fusion, parse_strategies
 
 SEED = 1
+EXPERT = ["expert.epochs=1", "expert.batch_size=32", "expert.lr=0.05"]
 WIDE, MID, DEEP = {"widths": [16]}, {"widths": [16, 8]}, {"widths": [16, 8, 8]}
 PROBLEMS_YAML = SHARD_PROBLEMS_YAML + """\
   twice:  # one checkpoint as both parents
@@ -59,7 +61,7 @@ def env(tmp_path_factory):
     for task, kwargs in (("s_p0", WIDE), ("s_p1", WIDE), ("s_p0", DEEP), ("s_p1", MID)):
         tsn.main(parse_args(TrainConfig, [
             str(base / "tasks.yaml"), f"dataset={task}", "arch=mlp", f"arch_kwargs={kwargs}", f"seeds=[{SEED}]",
-            "epochs=1", "batch_size=32", "lr=0.05", "device=cpu", f"data_dir={fake.root}",
+            *EXPERT, "device=cpu", f"data_dir={fake.root}",
             f"ckpt_dir={base / 'ckpt'}", f"results_dir={base / 'train_results'}"]))
     yield {"base": base, "root": fake.root, "ckpt": base / "ckpt", "digits": torch.from_numpy(fake.mnist["test"][1])}
     data._load_cached.cache_clear()
@@ -69,7 +71,11 @@ def merge_cfg(env, results_dir, problem: str, strategies: str, *extra: str) -> M
     return parse_args(MergeConfig, [
         str(env["base"] / "tasks.yaml"), str(env["base"] / "problems.yaml"), f"problem={problem}",
         f"strategies={strategies}", f"seeds=[{SEED}]", f"data_dir={env['root']}", f"ckpt_dir={env['ckpt']}",
-        f"results_dir={results_dir}", "device=cpu", *extra])
+        f"results_dir={results_dir}", "device=cpu", *EXPERT, *extra])
+
+
+def layout(env) -> Layout:
+    return Layout(merge_cfg(env, env["base"], "shard", "[naive]"))
 
 
 def rows_by_label(summary: dict) -> dict[str, dict]:
@@ -77,7 +83,7 @@ def rows_by_label(summary: dict) -> dict[str, dict]:
 
 
 def trained_acc(env, task: str, kwargs: dict) -> float:
-    path = tsn.expert_path(env["ckpt"], task, "mlp", SEED, kwargs)
+    path = layout(env).expert_path(ExpertId(task, "mlp", kwargs), SEED)
     return torch.load(path, weights_only=True)["meta"]["row"]["test_acc"]
 
 
@@ -91,7 +97,7 @@ def test_a_shared_label_problem_holds_the_test_set_once_with_identity_labels(env
     assert [m.tolist() for m in problem.label_maps] == [list(range(10))] * 2
     assert problem.names == ["s_p0", "s_p1"]
     assert problem.arch_kwargs == [WIDE, WIDE]
-    assert problem.expert_paths(env["ckpt"], SEED) == [tsn.expert_path(env["ckpt"], t, "mlp", SEED, WIDE)
+    assert problem.expert_paths(layout(env), SEED) == [layout(env).expert_path(ExpertId(t, "mlp", WIDE), SEED)
                                                        for t in ("s_p0", "s_p1")]
     with pytest.raises(ValueError, match="owner_domain"):
         problem.domain  # noqa: B018 -- a routing domain does not exist here
@@ -100,7 +106,7 @@ def test_a_shared_label_problem_holds_the_test_set_once_with_identity_labels(env
 def test_the_domain_of_a_sample_is_the_parent_owning_its_class(env):
     cfg = merge_cfg(env, env["base"] / "unused", "shard", "[naive]")
     problem = build_problem("shard", cfg.problems["shard"], cfg.tasks, str(env["root"]))
-    counts = problem.class_counts(env["ckpt"], SEED, str(env["root"]))
+    counts = problem.class_counts(layout(env), SEED)
     assert counts.shape == (2, 10) and (counts[0, 5:] == 0).all() and (counts[1, :5] == 0).all()
     assert torch.equal(problem.owner_domain(counts), (env["digits"] >= 5).long())
 
@@ -181,8 +187,8 @@ def test_self_fusion_predicts_exactly_like_the_parent(env):
     parent never saw (where what it answers is arbitrary)."""
     cfg = merge_cfg(env, env["base"] / "unused", "twice", "[naive]", "fusion_samples=850")
     problem = build_problem("twice", cfg.problems["twice"], cfg.tasks, str(env["root"]))
-    models, formats = problem.load_experts(cfg.ckpt_dir, SEED, torch.device("cpu"))
-    counts = problem.class_counts(cfg.ckpt_dir, SEED, cfg.data_dir)
+    models, formats = problem.load_experts(Layout(cfg), SEED, torch.device("cpu"))
+    counts = problem.class_counts(Layout(cfg), SEED)
     fusion = merge.build_fusion_inputs(cfg, problem, models, formats, counts, SEED, torch.device("cpu"))
     assert len(fusion.samples) == 850  # more than the 785 unknowns of a first-layer neuron
     parent = fusion.predict(models[0])
@@ -206,17 +212,17 @@ def test_clafusion_fuses_parents_of_different_depths(env, tmp_path):
 def test_fusion_rows_are_cached_per_number_of_fusion_samples(env, tmp_path):
     first = merge.main(merge_cfg(env, tmp_path, "shard", "[kf_linear]", "fusion_samples=40"))
     again = merge.main(merge_cfg(env, tmp_path, "shard", "[kf_linear]", "fusion_samples=40"))
-    assert first["computed"] == 1 and again["computed"] == 0
+    assert first["made"] == 4 and again["made"] == 0  # the two parents' own rows, the rule and the oracle
     other = merge.main(merge_cfg(env, tmp_path, "shard", "[kf_linear]", "fusion_samples=30"))
-    assert other["computed"] == 1
+    assert other["made"] == 1 and other["why_made"] == {"settings changed": 1}
     assert rows_by_label(other)["kf_linear(importance=uniform)"]["fusion_samples"] == 30
 
 
 def test_fusion_samples_are_real_training_images_drawn_from_the_parents_data(env):
     cfg = merge_cfg(env, env["base"] / "unused", "shard", "[naive]", "fusion_samples=60")
     problem = build_problem("shard", cfg.problems["shard"], cfg.tasks, str(env["root"]))
-    models, formats = problem.load_experts(cfg.ckpt_dir, SEED, torch.device("cpu"))
-    counts = problem.class_counts(cfg.ckpt_dir, SEED, cfg.data_dir)
+    models, formats = problem.load_experts(Layout(cfg), SEED, torch.device("cpu"))
+    counts = problem.class_counts(Layout(cfg), SEED)
     fusion = merge.build_fusion_inputs(cfg, problem, models, formats, counts, SEED, torch.device("cpu"))
     again = merge.build_fusion_inputs(cfg, problem, models, formats, counts, SEED, torch.device("cpu"))
     assert fusion.samples.shape == (60, 1, 32, 32) and torch.equal(fusion.samples, again.samples)
@@ -235,11 +241,15 @@ def test_fusion_samples_are_real_training_images_drawn_from_the_parents_data(env
 def test_a_fused_decision_routes_nothing():
     problem = Problem("p", ["a", "b"], ["mlp"] * 2, [torch.arange(3)] * 2, [], 3, {}, shared_labels=True)
     labels, domain = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 0, 1, 1])
-    scored = merge.score(Decision(torch.tensor([0, 1, 1, 2]), torch.full((4,), NO_EXPERT)), problem, labels, domain)
+    select = torch.tensor([True, False, True, False])
+    scored = merge.score(Decision(torch.tensor([0, 1, 1, 2]), torch.full((4,), NO_EXPERT)), problem, labels, domain,
+                         select)
     assert scored["acc"] == 0.75 and scored["routing_acc"] is None
     assert scored["routing_counts"] == {"a": 0, "b": 0}
     assert scored["acc_per_domain"] == {"a": 1.0, "b": 0.5}
-    routed = merge.score(Decision(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 1, 1])), problem, labels, domain)
+    assert (scored["acc_select"], scored["acc_report"], scored["n_report"]) == (0.5, 1.0, 2)
+    routed = merge.score(Decision(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 1, 1])), problem, labels, domain,
+                         select)
     assert routed["routing_acc"] == 0.75 and routed["routing_counts"] == {"a": 1, "b": 3}
 
 
@@ -272,7 +282,7 @@ def test_missing_parents_name_the_command_with_their_arch_kwargs(env, tmp_path):
         merge.main(merge_cfg(env, tmp_path, "twice", "[vanilla_avg]", f"ckpt_dir={tmp_path / 'empty'}"))
     (command,) = [line.strip() for line in str(err.value).splitlines() if "train_source_networks.py" in line]
     assert command.startswith("python train_source_networks.py dataset=s_p0 arch=mlp arch_kwargs=")
-    assert command.endswith(f"seeds=[{SEED}]")  # one checkpoint serves both parents: named once
+    assert f"seeds=[{SEED}] expert.epochs=1" in command  # one checkpoint serves both parents: named once
     kwargs = command.split("arch_kwargs=")[1].split("' ")[0].strip("'")
     assert parse_args(TrainConfig, [f"arch_kwargs={kwargs}"]).arch_kwargs == WIDE
 
@@ -287,42 +297,13 @@ def test_hf_refuses_more_than_two_parents():
 def test_an_ensemble_takes_any_arch(env, tmp_path):
     for task in ("s_p0", "s_p1"):  # LeNet5 parents on the two shards
         tsn.main(parse_args(TrainConfig, [
-            str(env["base"] / "tasks.yaml"), f"dataset={task}", f"seeds=[{SEED}]", "epochs=1", "batch_size=32",
-            "lr=0.05", "device=cpu", f"data_dir={env['root']}", f"ckpt_dir={tmp_path / 'ckpt'}",
+            str(env["base"] / "tasks.yaml"), f"dataset={task}", f"seeds=[{SEED}]", *EXPERT,
+            "device=cpu", f"data_dir={env['root']}", f"ckpt_dir={tmp_path / 'ckpt'}",
             f"results_dir={tmp_path / 'train_results'}"]))
     rows = rows_by_label(merge.main(merge_cfg(env, tmp_path, "lenets", "[ensemble,ensemble_weighted]",
                                               f"ckpt_dir={tmp_path / 'ckpt'}")))
     for label in ("ensemble", "ensemble_weighted"):
         assert 0 <= rows[label]["acc"] <= 1 and rows[label]["routing_acc"] is None
-
-
-# ---------------------------------------------------------------- existing problems are unchanged
-
-# merge.fingerprint of each default problem as the code computed it before problems had arch_kwargs and
-# shared_labels (with these stub rows): cached rows of routing problems must stay valid
-OLD_FINGERPRINTS = {"disjoint_mnist": "fff49136aaff8b52", "mnist_cifar10": "cbad0f690be5ead2",
-                    "mnist_fashion_cifar10": "4c195d69b3282aee", "five_mnist": "acc688b0e08eaf4c",
-                    "mnist_cifar10_half": "8142e36274a33457"}
-
-
-def test_routing_problems_keep_their_fingerprints(monkeypatch):
-    monkeypatch.setattr(merge, "read_checkpoint",
-                        lambda path: {"meta": {"row": {"task": str(path), "seed": 1, "test_acc": 0.5}}})
-    defaults = MergeConfig()
-    assert set(defaults.problems) == set(OLD_FINGERPRINTS)
-    for name, spec in defaults.problems.items():
-        tasks = [e.task for e in spec.experts]
-        problem = Problem(name, tasks, [e.arch for e in spec.experts], [], [], 10,
-                          {t: defaults.tasks[t] for t in tasks})
-        assert merge.fingerprint(problem, MergeConfig(problem=name), 1) == OLD_FINGERPRINTS[name], name
-
-
-def test_problem_key_adds_new_fields_only_when_set():
-    plain = config.ProblemSpec([config.ExpertSpec("mnist")])
-    assert merge.problem_key(plain) == {"experts": [{"task": "mnist", "arch": "lenet5"}]}
-    fused = config.ProblemSpec([config.ExpertSpec("mnist", "mlp", WIDE)], shared_labels=True)
-    assert merge.problem_key(fused) == {"experts": [{"task": "mnist", "arch": "mlp", "arch_kwargs": WIDE}],
-                                        "shared_labels": True}
 
 
 # ---------------------------------------------------------------- the experiment files

@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 import data
+import synthesis
 import train_gan
 import train_source_networks
 from archs.generator import Generator
+from artifacts import ExpertId, Layout
 from common import CheckpointError, load_model, make_generator, read_rows
 from config import ConfigError, GanConfig, TrainConfig, parse_args
 from data import InputFormat, prepare_input
@@ -29,8 +31,10 @@ from test_problems import make_data_root
 SEEDS = [1, 2]
 TASKS = ["first5_mnist", "last5_mnist"]
 ARCH = "lenet5"
-# a tiny profile: 6 Adam steps of batch 16 with an 8-channel generator
-GAN_PROFILE = ["epochs=2", "iters_per_epoch=3", "batch_size=16", "width=8", "eval_samples=64"]
+# tiny experts, and a tiny generator profile: 6 Adam steps of batch 16 with an 8-channel generator
+EXPERT = ["expert.epochs=2", "expert.batch_size=16", "expert.lr=0.02"]
+DAFL = ["dafl.epochs=2", "dafl.iters_per_epoch=3", "dafl.batch_size=16", "dafl.width=8"]
+GAN_PROFILE = [*EXPERT, *DAFL, "eval_samples=64"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -45,7 +49,7 @@ def train_experts(base: Path, seeds=SEEDS) -> dict:
     for task in TASKS:
         with contextlib.redirect_stdout(io.StringIO()):
             train_source_networks.main(parse_args(TrainConfig, [
-                f"dataset={task}", f"seeds={seeds}", "epochs=2", "batch_size=16", "lr=0.02", "device=cpu",
+                f"dataset={task}", f"seeds={seeds}", *EXPERT, "device=cpu",
                 f"data_dir={root}", f"ckpt_dir={ckpt}", f"results_dir={base / 'expert_results'}"]))
     return {"base": base, "root": root, "ckpt": ckpt, "arrays": arrays}
 
@@ -56,11 +60,11 @@ def gan_cfg(ckpt: Path, results: Path, *extra: str, seeds=SEEDS) -> GanConfig:
 
 
 def expert_file(ckpt: Path, task: str, seed: int) -> Path:
-    return train_source_networks.expert_path(ckpt, task, ARCH, seed)
+    return Layout(gan_cfg(ckpt, ckpt)).expert_path(ExpertId(task, ARCH, {}), seed)
 
 
-def generator_file(ckpt: Path, task: str, seed: int) -> Path:
-    return train_gan.generator_path(ckpt, task, ARCH, seed)
+def generator_file(ckpt: Path, task: str, seed: int, *extra: str) -> Path:
+    return Layout(gan_cfg(ckpt, ckpt, *extra)).generator_path(ExpertId(task, ARCH, {}), seed)
 
 
 def copy_experts(source: Path, target: Path, pairs) -> None:
@@ -97,15 +101,15 @@ def test_dafl_loss_matches_the_formula():
     activation = sum(abs(v) for row in features.tolist() for v in row) / features.numel()
     expected = oh_w * one_hot + ie_w * info_entropy - a_w * activation
 
-    loss, parts = train_gan.dafl_loss(logits, features, oh_w, ie_w, a_w)
+    loss, parts = synthesis.dafl_loss(logits, features, oh_w, ie_w, a_w)
     assert loss.dim() == 0
     assert loss.item() == pytest.approx(expected, abs=1e-5)
     assert parts == pytest.approx({"one_hot": one_hot, "info_entropy": info_entropy, "activation": activation},
                                   abs=1e-5)
     # each weight scales its own term
-    assert train_gan.dafl_loss(logits, features, 1.0, 0.0, 0.0)[0].item() == pytest.approx(one_hot, abs=1e-5)
-    assert train_gan.dafl_loss(logits, features, 0.0, 1.0, 0.0)[0].item() == pytest.approx(info_entropy, abs=1e-5)
-    assert train_gan.dafl_loss(logits, features, 0.0, 0.0, 1.0)[0].item() == pytest.approx(-activation, abs=1e-5)
+    assert synthesis.dafl_loss(logits, features, 1.0, 0.0, 0.0)[0].item() == pytest.approx(one_hot, abs=1e-5)
+    assert synthesis.dafl_loss(logits, features, 0.0, 1.0, 0.0)[0].item() == pytest.approx(info_entropy, abs=1e-5)
+    assert synthesis.dafl_loss(logits, features, 0.0, 0.0, 1.0)[0].item() == pytest.approx(-activation, abs=1e-5)
 
 
 def test_dafl_loss_rewards_balanced_classes_and_strong_features():
@@ -114,22 +118,22 @@ def test_dafl_loss_rewards_balanced_classes_and_strong_features():
     collapsed = torch.zeros(k, k)
     collapsed[:, 2] = 20  # every sample says class 2
     features = torch.ones(k, 4)
-    _, bal = train_gan.dafl_loss(balanced, features, 1.0, 10.0, 0.1)
-    _, col = train_gan.dafl_loss(collapsed, features, 1.0, 10.0, 0.1)
+    _, bal = synthesis.dafl_loss(balanced, features, 1.0, 10.0, 0.1)
+    _, col = synthesis.dafl_loss(collapsed, features, 1.0, 10.0, 0.1)
     assert bal["info_entropy"] < col["info_entropy"]
     assert bal["info_entropy"] == pytest.approx(-math.log(k), abs=1e-3)  # the minimum: -log K
     assert col["info_entropy"] == pytest.approx(0.0, abs=1e-3)
     assert bal["one_hot"] == pytest.approx(col["one_hot"], abs=1e-6)  # equally confident
     # larger activations lower the loss
-    weak = train_gan.dafl_loss(balanced, features, 1.0, 10.0, 0.1)[0]
-    strong = train_gan.dafl_loss(balanced, features * 3, 1.0, 10.0, 0.1)[0]
+    weak = synthesis.dafl_loss(balanced, features, 1.0, 10.0, 0.1)[0]
+    strong = synthesis.dafl_loss(balanced, features * 3, 1.0, 10.0, 0.1)[0]
     assert strong.item() == pytest.approx(weak.item() - 0.1 * 2, abs=1e-5)
 
 
 def test_dafl_loss_gradient_reaches_the_logits():
     logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
     features = torch.randn(6, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    loss, _ = train_gan.dafl_loss(logits, features, 1.0, 10.0, 0.1)
+    loss, _ = synthesis.dafl_loss(logits, features, 1.0, 10.0, 0.1)
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
     # d/df of -0.1 * mean|f| is -0.1 * sign(f) / numel
@@ -145,16 +149,16 @@ def test_sample_images_are_pixels_in_the_experts_channels(source, channels):
     generator = Generator(latent_dim=100, out_channels=channels, width=8)
     generator.train()(torch.randn(16, 100))  # move the BN running statistics away from their defaults
     generator.eval()
-    images = train_gan.sample_images(generator, fmt, 10, seed=3, device=torch.device("cpu"), batch_size=4)
+    images = synthesis.sample_images(generator, fmt, 10, seed=3, device=torch.device("cpu"), batch_size=4)
     assert images.shape == (10, channels, 32, 32)
     assert images.min() >= 0 and images.max() <= 1
     assert images.std() > 0
-    assert torch.equal(images, train_gan.sample_images(generator, fmt, 10, seed=3, device=torch.device("cpu"),
+    assert torch.equal(images, synthesis.sample_images(generator, fmt, 10, seed=3, device=torch.device("cpu"),
                                                        batch_size=4))  # deterministic for a seed
-    assert not torch.equal(images, train_gan.sample_images(generator, fmt, 10, seed=4,
+    assert not torch.equal(images, synthesis.sample_images(generator, fmt, 10, seed=4,
                                                            device=torch.device("cpu"), batch_size=4))
     # the generator speaks the expert's normalised space: samples are its output un-normalised to pixels
-    one_batch = train_gan.sample_images(generator, fmt, 10, seed=3, device=torch.device("cpu"))
+    one_batch = synthesis.sample_images(generator, fmt, 10, seed=3, device=torch.device("cpu"))
     with torch.no_grad():
         z = torch.randn(10, 100, generator=make_generator(3))
         mean, std = torch.tensor(fmt.mean).view(1, -1, 1, 1), torch.tensor(fmt.std).view(1, -1, 1, 1)
@@ -177,9 +181,9 @@ def gan_run(env):
     calls = []
     original = train_gan.train_generator
 
-    def recording(expert, fmt, cfg, seed, device, desc):
-        generator, log = original(expert, fmt, cfg, seed, device, desc)
-        calls.append({"seed": seed, "desc": desc, "fmt": fmt,
+    def recording(expert, fmt, dafl, noise_seed, device, desc, resume=None):
+        generator, log = original(expert, fmt, dafl, noise_seed, device, desc, resume)
+        calls.append({"desc": desc, "fmt": fmt,
                       "expert": {k: v.detach().clone() for k, v in expert.state_dict().items()},
                       "generator": {k: v.detach().clone() for k, v in generator.state_dict().items()}})
         return generator, log
@@ -213,7 +217,8 @@ def same_state(a: dict, b: dict) -> bool:
 def test_train_gan_end_to_end(env, gan_run):
     summary, rows, ckpt, results = gan_run["summary"], gan_run["rows"], env["ckpt"], gan_run["results"]
     assert summary["problem"] == "disjoint_mnist" and summary["seeds"] == SEEDS
-    assert summary["trained"] == len(SEEDS) * len(TASKS) and summary["resumed"] == 0
+    assert summary["made"] == len(SEEDS) * len(TASKS) and summary["reused"] == 0
+    assert summary["why_made"] == {"no checkpoint": len(SEEDS) * len(TASKS)}
     # the last printed line is the summary as JSON
     assert json.loads(gan_run["out"].strip().splitlines()[-1]) == json.loads(json.dumps(summary))
     stem = results / "gan" / "disjoint_mnist"
@@ -238,7 +243,7 @@ def test_train_gan_end_to_end(env, gan_run):
             assert generator(torch.randn(2, 100)).shape == (2, 1, 32, 32)
         # the grid of samples: a PNG of 8 x 8 images of 32 pixels with 1-pixel padding
         grid = Path(row["grid"])
-        assert grid == results / "gan" / f"{task}_{ARCH}_seed{seed}.png"
+        assert grid == results / "gan" / f"{path.stem}.png"
         assert grid.read_bytes()[:8] == PNG_SIGNATURE
         with Image.open(grid) as image:
             assert image.size == (8 * 33 + 1, 8 * 33 + 1)
@@ -279,7 +284,7 @@ def test_each_generator_trains_against_its_own_expert(env, gan_run):
             call = matching[0]
             own = same_state(call["expert"], experts[(task, seed)])
             assert own, f"the generator of {task} seed {seed} was trained against another expert"
-            assert call["seed"] == seed and call["fmt"].channels == 1
+            assert call["desc"] == f"{task} seed {seed}" and call["fmt"].channels == 1
     # and the generators themselves differ
     generators = [c["generator"] for c in calls]
     assert all(not same_state(a, b) for i, a in enumerate(generators) for b in generators[i + 1:])
@@ -308,7 +313,7 @@ def test_quality_figures_come_from_the_own_expert(env, gan_run):
 def test_rerun_trains_nothing_and_touches_no_file(env, gan_run, monkeypatch):
     ckpt, results = env["ckpt"], gan_run["results"]
     files = [generator_file(ckpt, t, s) for t in TASKS for s in SEEDS]
-    files += [results / "gan" / f"{t}_{ARCH}_seed{s}.png" for t in TASKS for s in SEEDS]
+    files += [results / "gan" / f"{generator_file(ckpt, t, s).stem}.png" for t in TASKS for s in SEEDS]
     before = mtimes(files)
 
     def forbidden(*args, **kwargs):
@@ -317,7 +322,7 @@ def test_rerun_trains_nothing_and_touches_no_file(env, gan_run, monkeypatch):
     monkeypatch.setattr(train_gan, "train_generator", forbidden)
     monkeypatch.setattr(train_gan, "sample_images", forbidden)
     summary = train_gan.main(gan_cfg(ckpt, results))
-    assert summary["trained"] == 0 and summary["resumed"] == len(files) // 2
+    assert summary["made"] == 0 and summary["reused"] == len(files) // 2
     assert mtimes(files) == before
     again = read_rows(summary["outputs"]["jsonl"])
     strip = ("resumed", "config")
@@ -333,37 +338,34 @@ def test_resume_into_new_results_redraws_the_same_grids_without_training(env, ga
     monkeypatch.setattr(train_gan, "train_generator", forbidden)
     moved = tmp_path / "moved_results"
     summary = train_gan.main(gan_cfg(env["ckpt"], moved))
-    assert summary["trained"] == 0
+    assert summary["made"] == 0
     for row in read_rows(summary["outputs"]["jsonl"]):
-        grid = moved / "gan" / f"{row['task']}_{ARCH}_seed{row['seed']}.png"
+        grid = moved / "gan" / f"{Path(row['checkpoint']).stem}.png"
         assert row["grid"] == str(grid)
         assert grid.read_bytes() == (gan_run["results"] / "gan" / grid.name).read_bytes()
 
 
-def test_other_settings_do_not_reuse_a_generator(env, gan_run, monkeypatch):
-    ckpt = env["ckpt"]
-    files = [generator_file(ckpt, t, s) for t in TASKS for s in SEEDS]
-    before = mtimes(files)
-
-    def forbidden(*args, **kwargs):
-        raise Forbidden("nothing may be trained before the conflict is reported")
-
-    monkeypatch.setattr(train_gan, "train_generator", forbidden)
-    with pytest.raises(CheckpointError) as err:
-        train_gan.main(gan_cfg(ckpt, env["base"] / "other_results", "epochs=3"))
-    message = str(err.value)
-    assert "force=true" in message and "epochs" in message
-    assert mtimes(files) == before
+def test_other_settings_train_beside_the_old_generators(env, gan_run, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    copy_experts(env["ckpt"], ckpt, [(t, s) for t in TASKS for s in SEEDS])
+    shutil.copytree(env["ckpt"] / "generators", ckpt / "generators")
+    old = [generator_file(ckpt, t, s) for t in TASKS for s in SEEDS]
+    before = mtimes(old)
+    summary = train_gan.main(gan_cfg(ckpt, tmp_path / "results", "dafl.epochs=1", seeds=[1]))
+    assert summary["made"] == len(TASKS) and summary["why_made"] == {"no checkpoint": len(TASKS)}
+    assert mtimes(old) == before  # nothing overwritten
+    for task in TASKS:
+        new = generator_file(ckpt, task, 1, "dafl.epochs=1")
+        assert new != generator_file(ckpt, task, 1) and new.parent == old[0].parent
+        assert len(torch.load(new, weights_only=True)["meta"]["log"]) == 1
 
 
 def test_force_retrains_into_a_copy(env, gan_run, tmp_path):
     ckpt = tmp_path / "ckpt"
     copy_experts(env["ckpt"], ckpt, [(t, 1) for t in TASKS])
     shutil.copytree(env["ckpt"] / "generators", ckpt / "generators")
-    summary = train_gan.main(gan_cfg(ckpt, tmp_path / "results", "epochs=1", "force=true", seeds=[1]))
-    assert summary["trained"] == len(TASKS) and summary["resumed"] == 0
-    for task in TASKS:
-        assert len(torch.load(generator_file(ckpt, task, 1), weights_only=True)["meta"]["log"]) == 1
+    summary = train_gan.main(gan_cfg(ckpt, tmp_path / "results", "force=true", seeds=[1]))
+    assert summary["made"] == len(TASKS) and summary["why_made"] == {"force=true": len(TASKS)}
     # with only one seed of each expert on disk there is no other seed to agree with
     rows = read_rows(summary["outputs"]["jsonl"])
     assert all(r["cross_seed_agreement"] is None and r["other_expert"] is None for r in rows)
@@ -397,3 +399,37 @@ def test_unknown_problem_lists_the_choices(tmp_path):
     with pytest.raises(ConfigError) as err:
         train_gan.main(gan_cfg(tmp_path / "ckpt", tmp_path / "results", "problem=disjoint"))
     assert "disjoint_mnist" in str(err.value) and "mnist_cifar10" in str(err.value)
+
+
+def test_an_interrupted_generator_resumes_and_ends_with_the_uninterrupted_weights(env, tmp_path, monkeypatch):
+    import training
+
+    monkeypatch.setattr(training, "RESUME_INTERVAL_S", 0.0)  # save at every epoch end
+    longer = ["dafl.epochs=4"]
+    ckpt, uncut = tmp_path / "ckpt", tmp_path / "uncut"
+    for folder in (ckpt, uncut):
+        copy_experts(env["ckpt"], folder, [(t, s) for t in TASKS for s in SEEDS])
+    whole = train_gan.main(gan_cfg(uncut, tmp_path / "whole", *longer, seeds=[1]))
+    reference = {t: torch.load(generator_file(uncut, t, 1, *longer), weights_only=True) for t in TASKS}
+    original = training.Resume.save
+    saves = []
+
+    def killed_after_two(self, state):
+        original(self, state)
+        saves.append(len(state["log"]))
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.Resume, "save", killed_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            train_gan.main(gan_cfg(ckpt, tmp_path / "cut", *longer, seeds=[1]))
+    first = generator_file(ckpt, TASKS[0], 1, *longer)
+    assert not first.exists() and first.with_name(first.stem + ".resume.pt").is_file()
+    resumed = train_gan.main(gan_cfg(ckpt, tmp_path / "cut", *longer, seeds=[1]))
+    assert resumed["made"] == len(TASKS)
+    for task in TASKS:
+        stored = torch.load(generator_file(ckpt, task, 1, *longer), weights_only=True)
+        assert same_state(stored["state_dict"], reference[task]["state_dict"])
+        assert stored["meta"]["log"] == reference[task]["meta"]["log"] and len(stored["meta"]["log"]) == 4
+    assert resumed["first5_mnist"] == whole["first5_mnist"]

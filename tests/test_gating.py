@@ -16,8 +16,8 @@ import gating
 from archs import build_model
 from archs.gates import PAN, AgnosticPAN
 from archs.generator import Discriminator, Generator
-from common import load_model, save_checkpoint
-from gating import GATE_TYPES, gate_arch, gate_command, gate_inputs, gate_path, softmax_stats, vector_stats
+from common import load_model, save_checkpoint, state_digest
+from gating import GATE_TYPES, gate_arch, gate_inputs, softmax_stats, vector_stats
 
 
 
@@ -103,7 +103,7 @@ def test_gate_buffers_survive_a_checkpoint_round_trip(tmp_path):
     assert {"input_mean", "input_std"} <= set(stored["state_dict"])
     loaded, ckpt = load_model(path, expect_arch="pan")
     assert isinstance(loaded, PAN) and not loaded.training
-    assert ckpt["meta"] == {"gate_type": "feature"}
+    assert ckpt["meta"] == {"gate_type": "feature", "digest": state_digest(gate.state_dict())}
     torch.testing.assert_close(loaded.input_mean, gate.input_mean, atol=0, rtol=0)
     torch.testing.assert_close(loaded.input_std, gate.input_std, atol=0, rtol=0)
     assert not torch.equal(loaded.input_std, torch.ones(6))
@@ -291,35 +291,3 @@ def test_in_domain_probability_is_class_one_of_the_softmax():
     torch.testing.assert_close(p, gate(x).softmax(dim=1)[:, 1].detach())
     assert ((p >= 0) & (p <= 1)).all()
     torch.testing.assert_close(gating.in_domain_probability(gate, x, batch_size=4), p)  # batching changes nothing
-
-
-# ---------------------------------------------------------------- where gates live
-
-def test_universal_gate_paths_ignore_the_expert(tmp_path):
-    one = gate_path(tmp_path, "disjoint_mnist", "synthetic", "universal", "first5_mnist", "lenet5", 3)
-    other = gate_path(tmp_path, "disjoint_mnist", "synthetic", "universal", "cifar10", "resnet18", 3)
-    assert one == other == tmp_path / "gates" / "disjoint_mnist" / "synthetic" / "universal" / "seed3.pt"
-    # but they do depend on the problem, the regime and the seed
-    assert gate_path(tmp_path, "mnist_cifar10", "synthetic", "universal", "", "", 3) != one
-    assert gate_path(tmp_path, "disjoint_mnist", "noise", "universal", "", "", 3) != one
-    assert gate_path(tmp_path, "disjoint_mnist", "synthetic", "universal", "", "", 4) != one
-
-
-@pytest.mark.parametrize("gate_type", [t for t in GATE_TYPES if t != "universal"])
-def test_per_expert_gate_paths_depend_on_the_expert(tmp_path, gate_type):
-    def path(task="first5_mnist", arch="lenet5", seed=3, problem="disjoint_mnist", regime="synthetic"):
-        return gate_path(tmp_path, problem, regime, gate_type, task, arch, seed)
-
-    base = path()
-    assert base == tmp_path / "gates" / "disjoint_mnist" / "synthetic" / gate_type / "first5_mnist_lenet5_seed3.pt"
-    others = [path(task="last5_mnist"), path(arch="lenet5_half"), path(seed=4), path(problem="mnist_cifar10"),
-              path(regime="real")]
-    assert len({base, *others}) == 1 + len(others)
-    other_types = {gate_path(tmp_path, "disjoint_mnist", "synthetic", t, "first5_mnist", "lenet5", 3)
-                   for t in GATE_TYPES if t != "universal"}
-    assert len(other_types) == len(GATE_TYPES) - 1
-
-
-def test_gate_command_names_everything_needed():
-    assert gate_command("disjoint_mnist", "real", "feature", 7) == \
-        "python train_pan.py problem=disjoint_mnist regimes=[real] gate_types=[feature] seeds=[7]"

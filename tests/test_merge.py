@@ -16,6 +16,7 @@ import merge
 import problems
 import strategies
 import train_source_networks
+from artifacts import ExpertId, Layout
 from common import CheckpointError, read_rows
 from config import ConfigError, MergeConfig, TrainConfig, load_yaml, parse_args, to_dict
 from conftest import Forbidden
@@ -23,6 +24,7 @@ from test_problems import make_data_root
 
 SEEDS = [1, 2]
 TASKS = ["first5_mnist", "last5_mnist"]
+EXPERT = ["expert.epochs=2", "expert.batch_size=16", "expert.lr=0.02"]
 STRATEGIES = "[naive,energy,{name: tta_mean, setting: flips},{name: tta_voting, setting: flips}]"
 LABELS = ["naive", "energy", "tta_mean(setting=flips)", "tta_voting(setting=flips)", "oracle"]
 TIME_KEYS = ("time_s", "expert_time_s")
@@ -39,7 +41,7 @@ def env(tmp_path_factory):
     arrays = make_data_root(root, n_train=200, n_test=64, n_cifar=0)
     for task in TASKS:  # a few SGD steps: experts well above chance but not perfect
         train_source_networks.main(parse_args(TrainConfig, [
-            f"dataset={task}", f"seeds={SEEDS}", "epochs=2", "batch_size=16", "lr=0.02", "device=cpu",
+            f"dataset={task}", f"seeds={SEEDS}", *EXPERT, "device=cpu",
             f"data_dir={root}", f"ckpt_dir={ckpt}", f"results_dir={base / 'train_results'}"]))
     digits = arrays["mnist"]["test"][1]
     yield {"root": root, "ckpt": ckpt, "n": [int((digits < 5).sum()), int((digits >= 5).sum())]}
@@ -49,7 +51,12 @@ def env(tmp_path_factory):
 def merge_cfg(env, results_dir, *extra: str, strategies: str = STRATEGIES, seeds=SEEDS) -> MergeConfig:
     return parse_args(MergeConfig, [
         "problem=disjoint_mnist", f"strategies={strategies}", f"seeds={seeds}", f"data_dir={env['root']}",
-        f"ckpt_dir={env['ckpt']}", f"results_dir={results_dir}", "device=cpu", *extra])
+        f"ckpt_dir={env['ckpt']}", f"results_dir={results_dir}", "device=cpu", *EXPERT, *extra])
+
+
+def expert_file(env, task: str, seed: int) -> Path:
+    return Layout(parse_args(MergeConfig, [f"ckpt_dir={env['ckpt']}", *EXPERT])).expert_path(
+        ExpertId(task, "lenet5", {}), seed)
 
 
 def without_times(row: dict) -> dict:
@@ -68,8 +75,9 @@ def test_merge_end_to_end(env, tmp_path, capsys):
     out = capsys.readouterr().out
 
     # the summary, and the last printed line is that summary as JSON
-    assert set(summary) == {"problem", "name", "seeds", "acc", "outputs", "computed", "resumed"}
-    assert summary["computed"] == len(SEEDS) and summary["resumed"] == 0
+    assert set(summary) == {"problem", "name", "seeds", "acc", "outputs", "made", "reused", "why_made"}
+    n_rows = len(SEEDS) * (len(TASKS) + len(LABELS))
+    assert summary["made"] == n_rows and summary["reused"] == 0 and summary["why_made"] == {"no stored row": n_rows}
     assert summary["problem"] == summary["name"] == "disjoint_mnist" and summary["seeds"] == SEEDS
     assert list(summary["acc"]) == LABELS  # oracle added automatically, last
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
@@ -104,8 +112,7 @@ def test_merge_end_to_end(env, tmp_path, capsys):
         # the experts' own accuracy is the one the trainer measured on the same test images
         for task, row in zip(TASKS, experts):
             assert row["kind"] == "expert"
-            trained = torch.load(train_source_networks.expert_path(env["ckpt"], task, "lenet5", seed),
-                                 weights_only=True)["meta"]["row"]["test_acc"]
+            trained = torch.load(expert_file(env, task, seed), weights_only=True)["meta"]["row"]["test_acc"]
             assert row["acc"] == pytest.approx(trained, abs=1e-6)
         for label in LABELS:
             row = group[label]
@@ -115,6 +122,11 @@ def test_merge_end_to_end(env, tmp_path, capsys):
             assert list(row["routing_counts"]) == list(row["acc_per_domain"]) == TASKS
             weighted = (n0 * row["acc_per_domain"]["first5_mnist"] + n1 * row["acc_per_domain"]["last5_mnist"]) / n
             assert row["acc"] == pytest.approx(weighted, abs=1e-6)
+            # the selection and report halves split every domain in two
+            n_report = row["n_report"]
+            assert n_report == (n0 - n0 // 2) + (n1 - n1 // 2)
+            halves = ((n - n_report) * row["acc_select"] + n_report * row["acc_report"]) / n
+            assert row["acc"] == pytest.approx(halves, abs=1e-6)
             assert 0 <= row["routing_acc"] <= 1 and row["time_s"] >= 0 and row["fallbacks"] == 0
         assert group["tta_mean(setting=flips)"]["params"] == {"setting": "flips"}
         oracle = group["oracle"]
@@ -171,7 +183,7 @@ def test_rerun_reads_the_cache_and_computes_only_what_is_new(env, tmp_path, monk
         patch.setattr(merge, "expert_activations", forbidden)
         again_summary = merge.main(merge_cfg(env, tmp_path))
         again = read_rows(again_summary["outputs"]["jsonl"])
-    assert again_summary["computed"] == 0 and again_summary["resumed"] == len(again_summary["seeds"])
+    assert again_summary["made"] == 0 and again_summary["reused"] == len(first)
     assert [{k: v for k, v in r.items() if k != "config"} for r in again] == \
            [{k: v for k, v in r.items() if k != "config"} for r in first]  # time_s too: not recomputed
 
@@ -236,7 +248,7 @@ def test_missing_checkpoints_name_the_command(env, tmp_path, monkeypatch):
     partial = tmp_path / "partial_ckpt"
     (partial / "experts").mkdir(parents=True)
     for task, seed in (("first5_mnist", 1), ("first5_mnist", 2), ("last5_mnist", 1)):
-        source = train_source_networks.expert_path(env["ckpt"], task, "lenet5", seed)
+        source = expert_file(env, task, seed)
         shutil.copy(source, partial / "experts" / source.name)
     with pytest.raises(CheckpointError) as err:
         merge.main(merge_cfg(env, tmp_path / "results", f"ckpt_dir={partial}"))
@@ -269,15 +281,18 @@ def test_bad_strategies_fail_before_loading_data(tmp_path, monkeypatch, bad):
 
 # ---------------------------------------------------------------- real data
 
+REAL_EXPERT = ["expert.epochs=1", "expert.train_limit=2000", "expert.batch_size=128"]
+
+
 def test_real_data_small_slice(data_dir, tmp_path):
     """first5/last5 experts trained for one epoch on 2,000 real images each, merged on 500 + 500 test images."""
     ckpt, results = tmp_path / "ckpt", tmp_path / "results"
     for task in TASKS:
         train_source_networks.main(parse_args(TrainConfig, [
-            f"dataset={task}", "seeds=[0]", "epochs=1", "train_limit=2000", "test_limit=500",
-            "batch_size=128", "device=cpu", f"data_dir={data_dir}", f"ckpt_dir={ckpt}", f"results_dir={results}"]))
+            f"dataset={task}", "seeds=[0]", *REAL_EXPERT, "test_limit=500",
+            "device=cpu", f"data_dir={data_dir}", f"ckpt_dir={ckpt}", f"results_dir={results}"]))
     summary = merge.main(parse_args(MergeConfig, [
-        "problem=disjoint_mnist", "strategies=[naive]", "seeds=[0]", "test_limit=500", "device=cpu",
+        "problem=disjoint_mnist", "strategies=[naive]", "seeds=[0]", "test_limit=500", "device=cpu", *REAL_EXPERT,
         f"data_dir={data_dir}", f"ckpt_dir={ckpt}", f"results_dir={results}"]))
     assert list(summary["acc"]) == ["naive", "oracle"]
     rows = by_label(read_rows(summary["outputs"]["jsonl"]), 0)
@@ -305,8 +320,93 @@ def test_an_expert_of_other_classes_is_refused(env, tmp_path):
                              seeds=[1]))
 
 
-def test_task_key_keeps_whole_data_tasks_in_their_pre_split_form():
-    whole = config.TaskSpec("mnist", [0, 1])
-    assert merge.task_key(whole) == {"source": "mnist", "classes": [0, 1]}  # as rows cached before splits
-    part = config.TaskSpec("mnist", None, split="shard", parts=2, part=1)
-    assert merge.task_key(part)["split"] == "shard" and merge.task_key(part)["part"] == 1
+
+# ---------------------------------------------------------------- what a cached row is keyed by
+
+def test_a_changed_setting_or_code_recomputes_exactly_the_rows_it_affects(env, tmp_path, monkeypatch):
+    strategies_ = "[naive,{name: tta_mean, setting: random_resized_crop}]"
+    first = merge.main(merge_cfg(env, tmp_path, strategies=strategies_, seeds=[1]))
+    # the evaluation batch decides the random crops: every row is recomputed, and says why
+    other_batch = merge.main(merge_cfg(env, tmp_path, "batch_size=7", strategies=strategies_, seeds=[1]))
+    assert other_batch["reused"] == 0 and other_batch["why_made"] == {"settings changed": 5}
+    back = merge.main(merge_cfg(env, tmp_path, strategies=strategies_, seeds=[1]))
+    assert back["made"] == 0 and back["acc"] == first["acc"]  # rows of both settings stay stored
+    # editing the augmentations' code recomputes the multi-pass rows only
+    original = merge.code_digest
+    monkeypatch.setattr(merge, "code_digest", lambda files: original(files) + ("x" if "augments.py" in files else ""))
+    edited = merge.main(merge_cfg(env, tmp_path, strategies=strategies_, seeds=[1]))
+    assert edited["made"] == 1 and edited["why_made"] == {"code changed": 1}
+
+
+def test_a_retrained_expert_recomputes_its_rows(env, tmp_path):
+    import shutil as sh
+
+    ckpt = tmp_path / "ckpt"
+    sh.copytree(env["ckpt"], ckpt)
+    cfg = merge_cfg(env, tmp_path / "results", f"ckpt_dir={ckpt}", strategies="[naive]", seeds=[1])
+    merge.main(cfg)
+    path = Layout(cfg).expert_path(ExpertId("first5_mnist", "lenet5", {}), 1)
+    stored = torch.load(path, weights_only=True)
+    model = train_source_networks.build_model("lenet5", **stored["arch_kwargs"])
+    model.load_state_dict({k: v * 1.01 for k, v in stored["state_dict"].items()})
+    train_source_networks.save_checkpoint(path, model, "lenet5", stored["arch_kwargs"], stored["config"],
+                                          {k: v for k, v in stored["meta"].items() if k != "digest"})
+    again = merge.main(cfg)
+    assert again["reused"] == 0 and again["why_made"] == {"upstream retrained": 4}
+
+
+def test_an_interrupted_seed_keeps_its_finished_rows(env, tmp_path, monkeypatch):
+    strategies_ = "[naive,energy,std_higher]"
+    original = strategies.StrategyCall.__call__
+
+    def dies_at_energy(self, inputs):
+        if self.name == "energy":
+            raise KeyboardInterrupt
+        return original(self, inputs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(strategies.StrategyCall, "__call__", dies_at_energy)
+        with pytest.raises(KeyboardInterrupt):
+            merge.main(merge_cfg(env, tmp_path, strategies=strategies_, seeds=[1]))
+    cached = [r["strategy"] for r in read_rows(tmp_path / "merge" / "disjoint_mnist" / "seed1.jsonl")]
+    assert cached == ["expert:first5_mnist", "expert:last5_mnist", "naive"]
+    called = []
+
+    def recording(self, inputs):
+        called.append(self.label)
+        return original(self, inputs)
+
+    monkeypatch.setattr(strategies.StrategyCall, "__call__", recording)
+    summary = merge.main(merge_cfg(env, tmp_path, strategies=strategies_, seeds=[1]))
+    assert called == ["energy", "std_higher", "oracle"] and summary["reused"] == 3
+    uninterrupted = merge.main(merge_cfg(env, tmp_path / "whole", strategies=strategies_, seeds=[1]))
+    assert summary["acc"] == uninterrupted["acc"]
+
+
+def test_labels_as_the_tables_print_them_are_accepted(env, tmp_path):
+    printed = merge.main(merge_cfg(env, tmp_path, strategies="[naive,tta_mean(setting=flips)]", seeds=[1]))
+    spelled = merge.main(merge_cfg(env, tmp_path / "b", strategies="[naive,{name: tta_mean, setting: flips}]",
+                                   seeds=[1]))
+    assert list(printed["acc"]) == list(spelled["acc"]) == ["naive", "tta_mean(setting=flips)", "oracle"]
+    assert printed["acc"] == spelled["acc"]
+
+
+def test_the_selection_half_is_seeded_and_stratified():
+    domain = torch.tensor([0] * 11 + [1] * 6)
+    mask = merge.selection_half(domain, "p")
+    assert torch.equal(mask, merge.selection_half(domain, "p"))
+    assert int(mask[domain == 0].sum()) == 5 and int(mask[domain == 1].sum()) == 3
+    assert not torch.equal(mask, merge.selection_half(domain, "q"))
+
+
+def test_multi_pass_noise_reaches_the_experts_in_their_sources_units(env, tmp_path, monkeypatch):
+    units = []
+    original = merge.apply_augment
+
+    def recording(name, x, generator, unit=None, **params):
+        units.append((name, unit))
+        return original(name, x, generator, unit, **params)
+
+    monkeypatch.setattr(merge, "apply_augment", recording)
+    merge.main(merge_cfg(env, tmp_path, strategies="[{name: tta_mean, setting: gaussian_1}]", seeds=[1]))
+    assert units and all(unit == (0.3081,) for name, unit in units)  # MNIST's std: one normalised unit

@@ -15,23 +15,27 @@ import pytest
 import torch
 import yaml
 
+import config
 import data
 import merge
 import problems
 import train_gan
 import train_pan
+from artifacts import ExpertId, Layout
 from common import CheckpointError, load_model, read_rows
 from config import ConfigError, MergeConfig, PanConfig, parse_args
-from gating import GATE_TYPES, REGIMES, gate_inputs, gate_path
+from gating import GATE_TYPES, REGIMES, gate_inputs
 from strategies import parse_strategies
-from test_gan import ARCH, SEEDS, TASKS, Forbidden, copy_experts, gan_cfg, mtimes, train_experts
+from test_gan import ARCH, DAFL, EXPERT, SEEDS, TASKS, Forbidden, copy_experts, gan_cfg, mtimes, train_experts
 
 SYNTHETIC = 64  # synthetic_samples: images drawn from each expert's generator
 NOISE = 48  # noise_samples
 TRAIN_LIMIT = 60  # real regime: first 60 training images of each task
 TEST_LIMIT = 32  # 32 test digits of 0-4 and all 30 of 5-9: the two domains differ in size
-PAN_PROFILE = ["epochs=2", f"synthetic_samples={SYNTHETIC}", f"noise_samples={NOISE}",
-               f"train_limit={TRAIN_LIMIT}", f"test_limit={TEST_LIMIT}"]
+GATE = ["gate.epochs=2", f"gate.synthetic_samples={SYNTHETIC}", f"gate.noise_samples={NOISE}",
+        f"gate.train_limit={TRAIN_LIMIT}"]
+SECTIONS = [*EXPERT, *DAFL, *GATE]  # the settings every stage must agree on to find each other's files
+PAN_PROFILE = [*SECTIONS, f"test_limit={TEST_LIMIT}"]
 E = len(TASKS)
 CPU = torch.device("cpu")
 GATE_STRATEGIES = ("[{name: gate_hard, gate: feature, regime: synthetic},"
@@ -57,12 +61,21 @@ def pan_cfg(env, ckpt: Path, results: Path, *extra: str, seeds=SEEDS, regimes=RE
 def merge_cfg(env, ckpt: Path, results: Path, strategies: str, *extra: str, seeds=SEEDS) -> MergeConfig:
     return parse_args(MergeConfig, [
         "problem=disjoint_mnist", f"strategies={strategies}", f"seeds={listed(seeds)}", f"test_limit={TEST_LIMIT}",
-        "device=cpu", f"data_dir={env['root']}", f"ckpt_dir={ckpt}", f"results_dir={results}", *extra])
+        *SECTIONS, "device=cpu", f"data_dir={env['root']}", f"ckpt_dir={ckpt}", f"results_dir={results}", *extra])
+
+
+def layout(ckpt: Path, *extra: str) -> Layout:
+    return Layout(parse_args(PanConfig, [*SECTIONS, f"ckpt_dir={ckpt}", *extra]))
+
+
+def gate_file(ckpt: Path, regime: str, gate_type: str, task: str, seed: int, problem: str = "disjoint_mnist") -> Path:
+    serves = None if gate_type == "universal" else TASKS.index(task)
+    return layout(ckpt).gate_path(problem, regime, gate_type, serves, seed)
 
 
 def all_gate_files(ckpt: Path, regimes=REGIMES, gate_types=GATE_TYPES, seeds=SEEDS) -> list[Path]:
     """Every gate checkpoint train_pan should write: per (regime, type, expert), one universal per regime."""
-    return list(dict.fromkeys(gate_path(ckpt, "disjoint_mnist", r, t, task, ARCH, s)
+    return list(dict.fromkeys(gate_file(ckpt, r, t, task, s)
                               for s in seeds for r in regimes for t in gate_types for task in TASKS))
 
 
@@ -104,7 +117,7 @@ def test_activations(env, pan_run):
                                      TEST_LIMIT)
     acts = {}
     for seed in SEEDS:
-        models, formats = problem.load_experts(env["ckpt"], seed, CPU)
+        models, formats = problem.load_experts(layout(env["ckpt"]), seed, CPU)
         acts[seed] = problems.expert_activations(problem, models, formats, CPU)
     return problem, acts
 
@@ -123,7 +136,8 @@ def test_gates_rows_and_summary(env, pan_run, test_activations):
     problem, acts = test_activations
     n_rows = len(SEEDS) * len(REGIMES) * len(GATE_TYPES) * E
     assert summary["problem"] == "disjoint_mnist" and summary["seeds"] == SEEDS
-    assert summary["trained"] == n_rows and summary["resumed"] == 0
+    n_gates = len(SEEDS) * len(REGIMES) * ((len(GATE_TYPES) - 1) * E + 1)
+    assert summary["made"] == n_gates and summary["reused"] == 0
     assert json.loads(pan_run["out"].strip().splitlines()[-1]) == json.loads(json.dumps(summary))
     stem = pan_run["results"] / "gates" / "disjoint_mnist"
     assert summary["outputs"] == {"jsonl": f"{stem}.jsonl", "csv": f"{stem}.csv", "config": f"{stem}.config.yaml"}
@@ -140,7 +154,7 @@ def test_gates_rows_and_summary(env, pan_run, test_activations):
     assert torch.bincount(problem.domain).tolist() == env["n_test"] and env["n_test"][0] != env["n_test"][1]
     for row in rows:
         task, gate_type = row["expert"], row["gate_type"]
-        path = gate_path(ckpt, "disjoint_mnist", row["regime"], gate_type, task, ARCH, row["seed"])
+        path = gate_file(ckpt, row["regime"], gate_type, task, row["seed"])
         assert row["checkpoint"] == str(path) and row["arch"] == ARCH and row["resumed"] is False
         stored = torch.load(path, weights_only=True)
         meta = stored["meta"]
@@ -169,7 +183,7 @@ def test_gates_rows_and_summary(env, pan_run, test_activations):
         for regime in REGIMES:
             universal = {r["checkpoint"] for r in rows if r["gate_type"] == "universal"
                          and r["regime"] == regime and r["seed"] == seed}
-            assert universal == {str(gate_path(ckpt, "disjoint_mnist", regime, "universal", "", "", seed))}
+            assert universal == {str(gate_file(ckpt, regime, "universal", "", seed))}
     assert set(summary["membership_acc"]) == {f"{r}/{t}" for r in REGIMES for t in GATE_TYPES}
     for key, value in summary["membership_acc"].items():
         group = [r["membership_acc"] for r in rows if f"{r['regime']}/{r['gate_type']}" == key]
@@ -221,7 +235,7 @@ def test_data_free_regimes_read_no_training_data(env, tmp_path, monkeypatch):
                          (train_pan, "load_task"), (problems, "load_task")):
         monkeypatch.setattr(module, name, guarded(getattr(module, name)))
     summary = train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=["synthetic", "noise"]))
-    assert summary["trained"] == len(SEEDS) * 2 * len(GATE_TYPES) * E
+    assert summary["made"] == len(SEEDS) * 2 * ((len(GATE_TYPES) - 1) * E + 1)
     assert "test" in splits and set(splits) == {"test"}  # the test split, for evaluation only
     assert len(all_gate_files(ckpt, regimes=["synthetic", "noise"])) == len(list((ckpt / "gates").rglob("*.pt")))
 
@@ -240,7 +254,7 @@ def test_rerun_trains_nothing_and_touches_no_gate(env, pan_run, monkeypatch):
     for name in ("train_gate", "generated_sets", "real_sets", "activations_on"):
         monkeypatch.setattr(train_pan, name, forbidden)
     summary = train_pan.main(pan_cfg(env, env["ckpt"], pan_run["results"]))
-    assert summary["trained"] == 0 and summary["resumed"] == len(pan_run["rows"])
+    assert summary["made"] == 0 and summary["reused"] == len(files)
     assert mtimes(files) == before
     again = read_rows(summary["outputs"]["jsonl"])
     assert [without(r, "resumed", "config") for r in again] == [without(r, "resumed", "config")
@@ -249,37 +263,33 @@ def test_rerun_trains_nothing_and_touches_no_gate(env, pan_run, monkeypatch):
     assert summary["membership_acc"] == pytest.approx(pan_run["summary"]["membership_acc"])
 
 
-def test_force_retrains_and_other_settings_need_it(env, pan_run, tmp_path, monkeypatch):
+def test_other_settings_train_beside_and_force_retrains(env, pan_run, tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(env["ckpt"], ckpt)
     files = all_gate_files(ckpt)
     retrained = all_gate_files(ckpt, regimes=["synthetic"], gate_types=["feature", "universal"], seeds=[1])
     before = mtimes(files)
-
-    # other settings without force=true: refused before any training
-    def forbidden(*args, **kwargs):
-        raise Forbidden("nothing may be trained before the conflict is reported")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train_pan, "train_gate", forbidden)
-        with pytest.raises(CheckpointError) as err:
-            train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", "epochs=3", regimes=["synthetic"],
-                                   gate_types=["feature"], seeds=[1]))
-    assert "force=true" in str(err.value) and "epochs" in str(err.value)
-    assert mtimes(files) == before
-
     trained = []
     original = train_pan.train_gate
 
-    def counting(cfg, gate_type, inputs, targets, seed, desc):
+    def counting(cfg, gate_type, inputs, targets, seed, desc, resume):
         trained.append(gate_type)
-        return original(cfg, gate_type, inputs, targets, seed, desc)
+        return original(cfg, gate_type, inputs, targets, seed, desc, resume)
 
     monkeypatch.setattr(train_pan, "train_gate", counting)
+    # other settings: new gates beside the old ones, which stay as they were
+    summary = train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", "gate.epochs=3", regimes=["synthetic"],
+                                     gate_types=["feature"], seeds=[1]))
+    assert summary["made"] == E and summary["why_made"] == {"no checkpoint": E}
+    assert mtimes(files) == before
+    new = [layout(ckpt, "gate.epochs=3").gate_path("disjoint_mnist", "synthetic", "feature", k, 1) for k in range(E)]
+    assert all(p.is_file() and p not in files for p in new)
+
+    trained.clear()
     summary = train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", "force=true", regimes=["synthetic"],
                                      gate_types=["feature", "universal"], seeds=[1]))
     assert sorted(trained) == ["feature"] * E + ["universal"]
-    assert summary["trained"] == 2 * E and summary["resumed"] == 0
+    assert summary["made"] == E + 1 and summary["why_made"] == {"force=true": E + 1}
     after = mtimes(files)
     assert {p for p in before if before[p] != after[p]} == set(map(str, retrained))
 
@@ -304,7 +314,7 @@ def test_missing_generators_name_the_gan_command(env, tmp_path, monkeypatch):
         # only the missing seed is named
         (ckpt / "generators").mkdir()
         for task in TASKS:
-            shutil.copy(train_gan.generator_path(env["ckpt"], task, ARCH, 1), ckpt / "generators")
+            shutil.copy(layout(env["ckpt"]).generator_path(ExpertId(task, ARCH, {}), 1), ckpt / "generators")
         with pytest.raises(CheckpointError) as err:
             train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=["synthetic"]))
         assert "python train_gan.py problem=disjoint_mnist seeds=[2]" in str(err.value)
@@ -314,7 +324,7 @@ def test_missing_generators_name_the_gan_command(env, tmp_path, monkeypatch):
     shutil.rmtree(ckpt / "generators")
     summary = train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=["real"], gate_types=["logits"],
                                      seeds=[2]))
-    assert summary["trained"] == E
+    assert summary["made"] == E
 
 
 def test_missing_experts_name_the_training_command(env, tmp_path):
@@ -344,7 +354,7 @@ def test_a_rerun_on_another_test_subset_measures_membership_again(env, pan_run, 
     rows = read_rows(train_pan.main(cfg)["outputs"]["jsonl"])
     problem = problems.build_problem("disjoint_mnist", cfg.problems["disjoint_mnist"], cfg.tasks,
                                      str(env["root"]))  # the whole test set this time
-    models, formats = problem.load_experts(env["ckpt"], 1, CPU)
+    models, formats = problem.load_experts(layout(env["ckpt"]), 1, CPU)
     acts = problems.expert_activations(problem, models, formats, CPU)
     measured = []
     for row in rows:
@@ -376,7 +386,7 @@ def test_merge_with_gate_strategies(env, pan_run, test_activations, tmp_path):
             row = by_label[call.label]
             gate_type, regime = call.param("gate"), call.param("regime")
             source = call.param("gates_from") or "disjoint_mnist"
-            paths = [gate_path(ckpt, source, regime, gate_type, t, ARCH, seed) for t in TASKS]
+            paths = [gate_file(ckpt, regime, gate_type, t, seed, source) for t in TASKS]
             probs = torch.stack([gate_probabilities(p, gate_type, a) for p, a in zip(paths, acts[seed])], dim=1)
             # the rule, recomputed here from the gate checkpoints
             fallbacks = 0
@@ -399,10 +409,11 @@ def test_merge_with_gate_strategies(env, pan_run, test_activations, tmp_path):
             assert row["routing_counts"] == dict(zip(TASKS, counts)) and sum(counts) == n
             assert row["acc"] == pytest.approx((pred == problem.labels).float().mean().item(), abs=1e-6)
             assert row["routing_acc"] == pytest.approx((expert == problem.domain).float().mean().item(), abs=1e-6)
-            # the row names the gate files it read: one per expert, the universal gate once
-            read = [g[0] for g in row["gates"]]
-            assert read == list(dict.fromkeys(map(str, paths)))
-            assert len(read) == (1 if gate_type == "universal" else E)
+            # the gates were trained on these very experts: seen, by checkpoint identity
+            assert row["unseen"] is False and all(e["seen"] for e in row["gate_experts"].values())
+            for k, task in enumerate(TASKS):
+                membership = ((probs[:, k] > 0.5) == (problem.domain == k)).float().mean().item()
+                assert row["gate_experts"][task]["membership_acc"] == pytest.approx(membership, abs=1e-6)
         assert by_label["oracle"]["fallbacks"] == 0
 
 
@@ -432,3 +443,32 @@ def test_merge_names_the_missing_gates_before_any_evaluation(env, pan_run, tmp_p
     assert "regimes=[synthetic] gate_types=[feature]" not in message  # those gates are there
     assert "train_source_networks" not in message
     assert not (tmp_path / "results").exists()
+
+
+def test_seen_or_unseen_is_decided_by_checkpoint_identity_not_by_problem_name(env, pan_run, tmp_path):
+    """A gate trained on disjoint_mnist, used on a problem that shares one of its expert checkpoints, has seen
+    that expert: the row is only partly unseen. With none of its checkpoints, it is unseen."""
+    import train_source_networks
+
+    extra = ["tasks.low.source=mnist", "tasks.low.classes=[0,1,2,3,4]", "tasks.high.source=mnist",
+             "tasks.high.classes=[5,6,7,8,9]",
+             "problems.mixed.experts=[{task: first5_mnist}, {task: high}]",
+             "problems.fresh.experts=[{task: low}, {task: high}]"]
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(env["ckpt"], ckpt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        for task in ("low", "high"):  # other experts of the same classes: other checkpoints
+            train_source_networks.main(parse_args(config.TrainConfig, [
+                f"dataset={task}", f"seeds={listed(SEEDS)}", *EXPERT, "device=cpu", f"data_dir={env['root']}",
+                f"ckpt_dir={ckpt}", f"results_dir={tmp_path / 'experts'}", *extra[:4]]))
+    rule = "[{name: gate_hard, gate: universal, regime: real, gates_from: disjoint_mnist}]"
+    label = "gate_hard(gate=universal,regime=real,gates_from=disjoint_mnist)"
+    status = {}
+    for problem in ("mixed", "fresh"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary = merge.main(merge_cfg(env, ckpt, tmp_path / problem, rule, f"problem={problem}", *extra))
+        rows = [r for r in read_rows(summary["outputs"]["jsonl"]) if r["strategy"] == label]
+        status[problem] = {name: e["seen"] for name, e in rows[0]["gate_experts"].items()}
+        assert all(r["unseen"] == (problem == "fresh") for r in rows)
+        assert all(0 <= e["membership_acc"] <= 1 for r in rows for e in r["gate_experts"].values())
+    assert status == {"mixed": {"first5_mnist": True, "high": False}, "fresh": {"low": False, "high": False}}

@@ -278,10 +278,11 @@ def test_every_expert_sees_the_same_augmented_image(fake):
     root, _ = fake
     problem = problem_of(MergeConfig(problem="mnist_cifar10"), root)
     generator = torch.Generator().manual_seed(0)
-    given, made = [], []
+    given, made, units = [], [], []
 
-    def augment(x):  # random, so two calls on one batch would differ
+    def augment(x, unit):  # random, so two calls on one batch would differ
         given.append(x.clone())
+        units.append(unit)
         out = (x + 0.2 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
         made.append(out.clone())
         return out
@@ -291,6 +292,9 @@ def test_every_expert_sees_the_same_augmented_image(fake):
     logits = expert_logits(problem, models, formats, torch.device("cpu"), batch_size, augment=augment)
     sizes = [len(d.labels) for d in problem.domains]
     assert len(given) == sum(-(-n // batch_size) for n in sizes)  # once per batch, not once per expert
+    # each batch comes with its source's normalisation std: the noises' unit
+    first = -(-sizes[0] // batch_size)
+    assert units == [MNIST_FMT.std] * first + [CIFAR_FMT.std] * (len(given) - first)
     assert [len(m.inputs) for m in models] == [len(given)] * 2
     # augment works on the [0,1] images in their native channels
     torch.testing.assert_close(torch.cat(given[:-(-sizes[0] // batch_size)]), to_unit(problem.domains[0].images))

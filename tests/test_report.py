@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import report
 from common import read_rows, write_rows
 from report import merge_report, pct
@@ -123,11 +125,17 @@ def test_generators_and_gates_reports_golden(tmp_path):
 
 # ---------------------------------------------------------------- the reproduction report
 
-def rule_row(problem, seed, rule, acc, **params):
+def rule_row(problem, seed, rule, acc, select=None, seen=(True, True), **params):
+    """A strategy row; ``select`` is its accuracy on the selection half (default: ``acc``, which is then the
+    report half's too); gate rows say which of the two experts (a, b) their gate has seen."""
     label = rule + (f"({','.join(f'{k}={v}' for k, v in params.items() if v != '')})" if params else "")
-    return {"problem": problem, "seed": seed, "kind": "strategy", "strategy": label, "rule": rule,
-            "params": params, "acc": acc, "acc_per_domain": {"a": acc, "b": acc}, "routing_acc": acc,
-            "time_s": 0.001, "n": 100 if rule.startswith("tta_") else 1000}
+    n = 100 if rule.startswith("tta_") else 1000
+    row = {"problem": problem, "seed": seed, "kind": "strategy", "strategy": label, "rule": rule,
+           "params": params, "acc": acc, "acc_select": acc if select is None else select, "acc_report": acc,
+           "acc_per_domain": {"a": acc, "b": acc}, "routing_acc": acc, "time_s": 0.001, "n": n, "n_report": n // 2}
+    if rule.startswith("gate_"):
+        row["gate_experts"] = {e: {"seen": s, "membership_acc": 0.8} for e, s in zip("ab", seen)}
+    return row
 
 
 def problem_tables(problem: str, shift: float) -> dict[str, list[dict]]:
@@ -146,8 +154,12 @@ def problem_tables(problem: str, shift: float) -> dict[str, list[dict]]:
             for gate in ("feature", "universal"):
                 gates += [rule_row(problem, seed, rule, acc(base - 0.01 * i), gate=gate, regime=regime, gates_from="")
                           for i, rule in enumerate(("gate_hard", "gate_confident", "gate_soft"))]
-        universal += [naive, rule_row(problem, seed, "gate_hard", acc(0.88), gate="universal", regime="synthetic",
-                                      gates_from="other_problem")]
+        universal += [naive, rule_row(problem, seed, "gate_hard", acc(0.88), seen=(False, False), gate="universal",
+                                      regime="synthetic", gates_from="other_problem"),
+                      rule_row(problem, seed, "gate_hard", acc(0.89), seen=(True, False), gate="universal",
+                               regime="synthetic", gates_from="third_problem")]
+        # picked on the selection half: the multi-pass rule that looks best there is not the best on the report half
+        multipass.append(rule_row(problem, seed, "tta_voting", acc(0.82), select=acc(0.95), setting="sharpen_1"))
     return {f"logit_rules_{problem}": logit, f"multipass_{problem}": multipass, f"gates_{problem}": gates,
             f"universal_{problem}": universal}
 
@@ -171,8 +183,9 @@ def test_reproduction_report_golden():
 
 
 def test_families_classify_every_kind_of_rule():
-    def fam(rule, problem="p", **params):
-        return report.family({"rule": rule, "problem": problem, "params": params})
+    def fam(rule, problem="p", seen=(True, True), **params):
+        row = rule_row(problem, 1, rule, 0.5, seen=seen, **params)
+        return report.family(row)
 
     assert fam("oracle") == "oracle (bound)"
     assert fam("max_logit") == fam("naive") == fam("thirdQ_original") == "logit statistics"
@@ -181,8 +194,13 @@ def test_families_classify_every_kind_of_rule():
     assert fam("gate_soft", gate="logits", regime="synthetic", gates_from="") == "gates, data-free"
     assert fam("gate_hard", gate="universal", regime="noise", gates_from="") == "gates, noise negatives"
     assert fam("gate_hard", gate="universal", regime="real", gates_from="p") == "universal gate, real data"
-    assert fam("gate_hard", gate="universal", regime="synthetic", gates_from="q") == (
+    # seen or unseen is the gate's training experts' identity, not the problem's name
+    assert fam("gate_hard", seen=(False, False), gate="universal", regime="synthetic", gates_from="q") == (
         "universal gate, data-free, unseen experts")
+    assert fam("gate_hard", seen=(True, False), gate="universal", regime="synthetic", gates_from="q") == (
+        "universal gate, data-free, some experts unseen")
+    assert fam("gate_hard", seen=(True, True), gate="universal", regime="real", gates_from="q") == (
+        "universal gate, real data")
     assert fam("something_new") is None
 
 
@@ -191,3 +209,11 @@ def test_best_of_a_family_is_the_highest_mean_and_counts_a_rule_once():
     rows += rows[:2]  # the same seed's naive row from a second table
     best = report.best_of_families(rows)
     assert [(b["family"], b["best"], b["seeds"]) for b in best] == [("logit statistics", "naive", 2)]
+
+
+def test_the_best_of_a_family_is_picked_on_the_selection_half_and_reported_on_the_other():
+    rows = [rule_row("p", s, "naive", 0.90, select=0.80) for s in (1, 2)]
+    rows += [rule_row("p", s, "ratio", 0.70, select=0.85) for s in (1, 2)]  # looks better where it is picked
+    (best,) = report.best_of_families(rows)
+    assert best["best"] == "ratio" and best["mean"] == pytest.approx(0.70) and best["select_mean"] == 0.85
+    assert best["n"] == 500  # the report half's images

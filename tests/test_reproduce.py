@@ -38,10 +38,28 @@ def test_every_profile_plans_in_pipeline_order(profile):
     assert [s.label for s in steps if s.stage == "merge"] == list(cfg.tables)
 
 
-def test_profiles_differ_in_seeds_and_places():
-    quick, paper = (reproduce.load_config([f"profile={p}"]) for p in ("quick", "paper"))
+def test_profiles_differ_in_seeds_budgets_and_results():
+    quick, cpu, paper = (reproduce.load_config([f"profile={p}"]) for p in ("quick", "cpu", "paper"))
     assert 2 <= len(quick.seeds) <= 3 and paper.seeds == config.PAPER_SEEDS
-    assert quick.ckpt_dir != paper.ckpt_dir and quick.results_dir != paper.results_dir
+    assert quick.results_dir != paper.results_dir
+    # the paper profile is config.py's defaults; the others say only what they change
+    assert (paper.expert, paper.dafl, paper.gate) == (config.ExpertTraining(), config.DaflTraining(),
+                                                      config.GateTraining())
+    assert quick.expert.epochs == 2 and cpu.expert == config.ExpertTraining()
+
+
+def test_cpu_profile_generators_are_the_cpu_budget_file():
+    cpu = reproduce.load_config(["profile=cpu"])
+    assert cpu.dafl == config.parse_args(config.GanConfig, [str(REPO_ROOT / "experiments" / "gan_cpu.yaml")]).dafl
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profiles_repeat_no_default(profile):
+    """A profile holds only what differs from config.py's defaults, so editing a default reaches the pipeline."""
+    raw = config.load_yaml(REPO_ROOT / "experiments" / "profiles" / f"{profile}.yaml")
+    for name, section in config.SECTIONS.items():
+        repeated = {k: v for k, v in raw.get(name, {}).items() if getattr(section(), k) == v}
+        assert not repeated, f"{profile}.yaml repeats defaults of {name}: {repeated}"
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -67,13 +85,23 @@ def test_key_value_arguments_override_the_profile():
 @pytest.mark.parametrize("argv, message", [
     (["profile=nope"], "unknown profile 'nope'; choices: "),
     (["only_problems=[nope]"], "unknown problem(s) ['nope']"),
-    (["experts=[epochz=2]"], "did you mean 'epochs'"),
+    (["expert.epochz=2"], "did you mean 'epochs'"),
+    (["expert.epochs=-1"], "expert.epochs=-1 is out of range"),
+    (["seeds=[]"], "seeds is empty"),
+    (["device=gpu"], "is not a device"),
     (["problems={disjoint_mnist: {gann: []}}"], "unknown key(s) ['gann']"),
 ])
 def test_bad_arguments_stop_before_any_work(argv, message):
     with pytest.raises(config.ConfigError, match=None) as err:
         reproduce.plan(reproduce.load_config(argv))
     assert message in str(err.value)
+
+
+def test_a_step_may_not_change_a_settings_section():
+    cfg = reproduce.load_config(["profile=quick", "problems={disjoint_mnist: {pan: [gate.epochs=4]}}",
+                                 "only_problems=[disjoint_mnist]"])
+    with pytest.raises(config.ConfigError, match="set settings sections in the profile"):
+        reproduce.plan(cfg)
 
 
 def test_a_table_whose_problem_is_not_run_is_an_error():
@@ -100,9 +128,9 @@ TINY_TABLES = ["logit_rules_disjoint_mnist", "multipass_disjoint_mnist", "gates_
 def tiny_config(root: Path, tmp_path: Path, **changes) -> config.ReproduceConfig:
     cfg = config.ReproduceConfig(
         profile="tiny", seeds=[1, 2],
-        experts=["experiments/experts.yaml", "epochs=1", "train_limit=120"],
-        gan=["epochs=1", "iters_per_epoch=2", "batch_size=8", "width=8", "eval_samples=16"],
-        pan=["epochs=1", "synthetic_samples=24", "noise_samples=24"],
+        expert=config.ExpertTraining(epochs=1, train_limit=120),
+        dafl=config.DaflTraining(epochs=1, iters_per_epoch=2, batch_size=8, width=8),
+        gate=config.GateTraining(epochs=1, synthetic_samples=24, noise_samples=24),
         problems={"disjoint_mnist": {}, "mnist_cifar10": {"pan": ["gate_types=[universal]", "regimes=[real,synthetic]"]}},
         tables={t: [] for t in TINY_TABLES},
         scaling={"tiny series": ["disjoint_mnist", "mnist_cifar10"]},
@@ -147,15 +175,115 @@ def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, 
     reproduce.main(cfg)
     after = mtimes(ckpt)
     changed = {k for k in before if after.get(k) != before[k]}
-    assert changed, "the deleted generators were not rebuilt"
-    # the generators and the gates trained on their samples (data-free and noise regimes) are redone
-    downstream = ("gates/disjoint_mnist/synthetic", "gates/disjoint_mnist/noise")
-    assert all(k.startswith(("generators/first5_mnist", *downstream)) for k in changed), changed
-    assert all(any(k.startswith(d) for k in changed) for d in downstream)
-    assert not any(k.startswith(("experts/", "gates/disjoint_mnist/real", "gates/mnist_cifar10")) for k in changed)
+    # only the deleted generators are made again; retrained by the same recipe on the same expert, they hold
+    # the same weights (digest), so the gates trained on their samples stay valid and are reused
+    assert changed and all(k.startswith("generators/first5_mnist") for k in changed), changed
+    assert set(after) == set(before)
     timings = {(t["stage"], t["step"], t["seed"]): t for t in read_rows(results / "timings.jsonl")}
     assert not timings[("generators", "disjoint_mnist", 1)]["reused"]
     assert timings[("experts", "mnist lenet5", 1)]["wall_s"] > 0
+
+
+def retrained_differently(path: Path) -> None:
+    """Stand in for a retrain that gave other weights (same recipe): perturb the stored weights."""
+    import torch
+
+    from common import save_checkpoint
+    from archs import build_model
+
+    ckpt = torch.load(path, weights_only=True)
+    model = build_model(ckpt["arch"], **ckpt["arch_kwargs"])
+    model.load_state_dict({k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
+    save_checkpoint(path, model, ckpt["arch"], ckpt["arch_kwargs"], ckpt["config"],
+                    {k: v for k, v in ckpt["meta"].items() if k != "digest"})
+
+
+def test_a_retrained_upstream_file_makes_exactly_its_downstream_stale(make_fake_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = make_fake_root(squares=True, n_mnist_train=200, n_mnist_test=60, n_cifar=12).root
+    cfg = tiny_config(root, tmp_path, problems={"disjoint_mnist": {}}, tables={"gates_disjoint_mnist": []},
+                      scaling={}, seeds=[1])
+    reproduce.main(cfg)
+    ckpt = tmp_path / "ckpt"
+    before = mtimes(ckpt)
+    [generator] = (ckpt / "generators").glob("first5_mnist_*")
+    retrained_differently(generator)
+    summary_rows = read_rows(tmp_path / "results" / "merge" / "gates_disjoint_mnist.jsonl")
+    reproduce.main(cfg)
+    after = mtimes(ckpt)
+    changed = {k for k in before if after.get(k) != before[k]}
+    downstream = ("gates/disjoint_mnist/synthetic", "gates/disjoint_mnist/noise")
+    assert all(k.startswith((str(generator.relative_to(ckpt)), *downstream)) for k in changed), changed
+    assert all(any(k.startswith(d) for k in changed) for d in downstream)  # every data-free gate redone
+    assert not any(k.startswith(("experts/", "gates/disjoint_mnist/real")) for k in changed)
+    # the rows that read the redone gates are recomputed, the others reused
+    rows = {r["strategy"]: r for r in read_rows(tmp_path / "results" / "merge" / "gates_disjoint_mnist.jsonl")}
+    old = {r["strategy"]: r for r in summary_rows}
+    for label, row in rows.items():
+        reads_redone = "regime=synthetic" in label or "regime=noise" in label
+        assert (row["key"] != old[label]["key"]) == reads_redone, label
+
+
+def test_a_changed_default_reaches_the_pipeline_and_keeps_the_old_checkpoints(make_fake_root, tmp_path,
+                                                                              monkeypatch):
+    """Edit a default in config.py (here: expert epochs): the next run trains new experts beside the old ones;
+    going back to the old default reuses the old files."""
+    root = make_fake_root(squares=True, n_mnist_train=200, n_mnist_test=60, n_cifar=0).root
+    tiny = dict(problems={"disjoint_mnist": {"pan": ["regimes=[real]", "gate_types=[universal]"]}},
+                tables={"logit_rules_disjoint_mnist": []}, scaling={}, seeds=[1])
+
+    def run_with_default_epochs(epochs: int) -> dict[str, int]:
+        monkeypatch.setattr(config.ExpertTraining, "__init__", _default(config.ExpertTraining, epochs=epochs))
+        cfg = dataclasses.replace(tiny_config(root, tmp_path, **tiny), expert=config.ExpertTraining(train_limit=120))
+        reproduce.main(cfg)
+        return mtimes(tmp_path / "ckpt" / "experts")
+
+    first = run_with_default_epochs(1)
+    rows = read_rows(tmp_path / "results" / "experts" / "first5_mnist_lenet5.jsonl")
+    second = run_with_default_epochs(2)
+    assert set(first) < set(second) and all(second[k] == first[k] for k in first)  # old files untouched
+    stored = {read_checkpoint_epochs(tmp_path / "ckpt" / "experts" / k) for k in second}
+    assert stored == {1, 2}
+    assert read_rows(tmp_path / "results" / "experts" / "first5_mnist_lenet5.jsonl") != rows
+    third = run_with_default_epochs(1)
+    assert third == second  # back to the old setting: everything reused, nothing retrained
+
+
+def _default(cls, **defaults):
+    """An __init__ for dataclass ``cls`` whose defaults are changed to ``defaults`` (an edit of config.py)."""
+    original = cls.__init__
+
+    def init(self, **kwargs):
+        original(self, **{**defaults, **kwargs})
+    return init
+
+
+def read_checkpoint_epochs(path: Path) -> int:
+    import torch
+
+    return torch.load(path, weights_only=True)["meta"]["recipe"]["epochs"]
+
+
+def test_deterministic_runs_give_identical_rows(make_fake_root, tmp_path):
+    root = make_fake_root(squares=True, n_mnist_train=200, n_mnist_test=60, n_cifar=0).root
+    tiny = dict(problems={"disjoint_mnist": {}}, tables={"gates_disjoint_mnist": [], "multipass_disjoint_mnist": []},
+                scaling={}, seeds=[1], deterministic=True)
+    rows = []
+    for run in ("a", "b"):
+        cfg = dataclasses.replace(tiny_config(root, tmp_path / run, **tiny))
+        reproduce.main(cfg)
+        rows.append({table: [stable(r, tmp_path / run) for r in read_rows(tmp_path / run / "results" / "merge" / f"{table}.jsonl")]
+                     for table in tiny["tables"]})
+    assert rows[0] == rows[1]
+
+
+VOLATILE = ("time_s", "expert_time_s", "config")
+
+
+def stable(row: dict, run_dir: Path) -> dict:
+    """A row without its timings, and with the run's own folder taken out of paths."""
+    text = json.dumps({k: v for k, v in row.items() if k not in VOLATILE}).replace(str(run_dir), "RUN")
+    return json.loads(text)
 
 
 def test_report_only_rebuilds_the_report_without_running_stages(make_fake_root, tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ from common import CheckpointError, save_checkpoint
 from config import ConfigError, TaskSpec, TrainConfig, parse_args
 from data import InputFormat, check_split, load_task, split_alpha, split_parts, task_identity
 from problems import Problem
-from train_source_networks import expert_path
+from artifacts import Layout
+from config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -194,22 +195,23 @@ def test_task_identity_of_a_split_names_the_part():
         task_identity("bad", dirichlet(2, part=2))
 
 
-def test_problem_checks_the_split_of_its_experts(tmp_path):
-    """load_experts compares a checkpoint's stored task with the config's, split fields included."""
+def test_an_experts_split_is_part_of_its_recipe(tmp_path):
+    """A changed split (here the Dirichlet alpha) names another expert file, so an expert trained on other
+    data is never loaded in its place; load_experts also compares the stored task with the config's."""
     specs = {"old": TaskSpec("mnist", [0, 1]), "part": TaskSpec("mnist", [2, 3], split="dirichlet", parts=2)}
+    layout = Layout(TrainConfig(ckpt_dir=str(tmp_path), tasks=specs))
+    problem = Problem("p", list(specs), ["lenet5", "lenet5"], [], [], 4, specs)
     for name, spec in specs.items():
         model = build_model("lenet5", in_channels=1, num_classes=2)
-        identity = {"name": name, "source": "mnist", "classes": spec.classes}  # what checkpoints always held
-        if spec.split != "full":
-            identity = task_identity(name, spec)
-        save_checkpoint(expert_path(tmp_path, name, "lenet5", 0), model, "lenet5",
+        save_checkpoint(layout.expert_path(problem.experts[list(specs).index(name)], 0), model, "lenet5",
                         {"in_channels": 1, "num_classes": 2}, {},
-                        {"task": identity, "input_format": InputFormat.of("mnist").as_dict()})
-    problem = Problem("p", list(specs), ["lenet5", "lenet5"], [], [], 4, specs)
-    models, _ = problem.load_experts(tmp_path, 0, torch.device("cpu"))
+                        {"task": task_identity(name, spec), "input_format": InputFormat.of("mnist").as_dict()})
+    models, _ = problem.load_experts(layout, 0, torch.device("cpu"))
     assert len(models) == 2
     changed = {**specs, "part": TaskSpec("mnist", [2, 3], split="dirichlet", parts=2, alpha=[1.0, 1.0])}
+    other = Layout(TrainConfig(ckpt_dir=str(tmp_path), tasks=changed))
+    assert other.expert_path(problem.experts[1], 0) != layout.expert_path(problem.experts[1], 0)
+    assert other.expert_path(problem.experts[0], 0) == layout.expert_path(problem.experts[0], 0)
     with pytest.raises(CheckpointError) as err:
-        Problem("p", list(specs), ["lenet5", "lenet5"], [], [], 4, changed).load_experts(
-            tmp_path, 0, torch.device("cpu"))
-    assert "force=true" in str(err.value) and "alpha" in str(err.value)
+        Problem("p", list(specs), ["lenet5", "lenet5"], [], [], 4, changed).load_experts(other, 0, torch.device("cpu"))
+    assert "does not exist" in str(err.value) and "python train_source_networks.py dataset=part" in str(err.value)

@@ -9,13 +9,15 @@ import pytest
 import torch
 
 import train_source_networks as tsn
-from archs import build_model
+import training
 from archs.mlp import MLP
-from common import CheckpointError, load_model, read_rows, save_checkpoint
+from artifacts import ExpertId, Layout, arch_tag
+from common import load_model, read_rows
 from config import ConfigError, TaskSpec, TrainConfig, parse_args
 from data import InputFormat, load_task, prepare_input, to_unit
 
-SUMMARY_KEYS = {"task", "arch", "test_acc", "mean", "std", "trained", "resumed", "outputs"}
+SUMMARY_KEYS = {"task", "arch", "test_acc", "mean", "std", "made", "reused", "why_made", "outputs"}
+SETTINGS = ["expert.epochs=2", "expert.batch_size=20", "expert.lr=0.05"]
 
 
 @pytest.fixture
@@ -26,9 +28,14 @@ def squares(make_fake_root):
 
 def train(fake, tmp_path, *extra, ckpt="ckpt", results="results"):
     argv = [f"data_dir={fake.root}", f"ckpt_dir={tmp_path / ckpt}", f"results_dir={tmp_path / results}",
-            "dataset=mnist", "arch=lenet5", "seeds=[1,2]", "epochs=2", "batch_size=20", "lr=0.05",
-            "device=cpu", "deterministic=true", *extra]
+            "dataset=mnist", "arch=lenet5", "seeds=[1,2]", *SETTINGS, "device=cpu", "deterministic=true", *extra]
     return tsn.main(parse_args(TrainConfig, argv))
+
+
+def expert_file(ckpt: Path, task: str, arch: str, seed: int, arch_kwargs: dict | None = None, *extra: str) -> Path:
+    """Where train() with ``extra`` arguments puts the expert."""
+    cfg = parse_args(TrainConfig, [f"ckpt_dir={ckpt}", *SETTINGS, *extra])
+    return Layout(cfg).expert_path(ExpertId(task, arch, arch_kwargs or {}), seed)
 
 
 def state(path: Path) -> dict:
@@ -41,7 +48,7 @@ def test_train_summary_checkpoints_and_results(squares, tmp_path, capsys):
 
     assert set(summary) == SUMMARY_KEYS
     assert summary["task"] == "mnist" and summary["arch"] == "lenet5"
-    assert summary["trained"] == 2 and summary["resumed"] == 0
+    assert summary["made"] == 2 and summary["reused"] == 0 and summary["why_made"] == {"no checkpoint": 2}
     assert set(summary["test_acc"]) == {"1", "2"}
     accs = list(summary["test_acc"].values())
     assert all(0.0 <= a <= 1.0 for a in accs)
@@ -52,15 +59,15 @@ def test_train_summary_checkpoints_and_results(squares, tmp_path, capsys):
     # the last printed line is the summary as JSON
     last = out.strip().splitlines()[-1]
     assert json.loads(last) == summary
-    assert "lr: 0.05" in out  # the resolved config is printed first
+    assert "expert: {epochs: 2, lr: 0.05, batch_size: 20}" in out  # what differs from the defaults, first
 
     test = load_task(TrainConfig().tasks["mnist"], "test", squares.root, download=False)
     for seed in (1, 2):
-        path = tsn.expert_path(tmp_path / "ckpt", "mnist", "lenet5", seed)
+        path = expert_file(tmp_path / "ckpt", "mnist", "lenet5", seed)
         assert path.is_file()
         raw = torch.load(path, weights_only=True)
         assert raw["arch"] == "lenet5" and raw["arch_kwargs"] == {"in_channels": 1, "num_classes": 10}
-        assert raw["meta"]["settings"]["epochs"] == 2 and raw["meta"]["settings"]["batch_size"] == 20
+        assert raw["meta"]["recipe"]["epochs"] == 2 and raw["meta"]["recipe"]["batch_size"] == 20
         assert raw["meta"]["row"]["test_acc"] == summary["test_acc"][str(seed)]
         assert len(raw["meta"]["train_losses"]) == 2
         assert raw["config"]["seeds"] == [1, 2]
@@ -78,63 +85,67 @@ def test_train_summary_checkpoints_and_results(squares, tmp_path, capsys):
     rows = read_rows(outputs["jsonl"])
     assert [r["seed"] for r in rows] == [1, 2]
     assert [r["test_acc"] for r in rows] == accs
-    assert all(r["config"]["lr"] == 0.05 for r in rows)
+    assert all(r["config"]["expert"]["lr"] == 0.05 for r in rows)
     with open(outputs["csv"], newline="") as f:
         assert [int(r["seed"]) for r in csv.DictReader(f)] == [1, 2]
     saved = parse_args(TrainConfig, [outputs["config"]])
-    assert saved.seeds == [1, 2] and saved.lr == 0.05 and saved.data_dir == str(squares.root)
+    assert saved.seeds == [1, 2] and saved.expert.lr == 0.05 and saved.data_dir == str(squares.root)
 
 
 def test_rerun_resumes_without_rewriting(squares, tmp_path):
     first = train(squares, tmp_path)
-    paths = [tsn.expert_path(tmp_path / "ckpt", "mnist", "lenet5", s) for s in (1, 2)]
+    paths = [expert_file(tmp_path / "ckpt", "mnist", "lenet5", s) for s in (1, 2)]
     stamps = [p.stat().st_mtime_ns for p in paths]
     again = train(squares, tmp_path)
-    assert again["trained"] == 0 and again["resumed"] == 2
+    assert again["made"] == 0 and again["reused"] == 2
     assert again["test_acc"] == first["test_acc"]
     assert [p.stat().st_mtime_ns for p in paths] == stamps
     assert all(r["resumed"] for r in read_rows(again["outputs"]["jsonl"]))
     # a new seed beside the stored ones trains only that seed
     more = train(squares, tmp_path, "seeds=[1,2,3]")
-    assert more["trained"] == 1 and more["resumed"] == 2
+    assert more["made"] == 1 and more["reused"] == 2
 
 
-def test_changed_settings_need_force(squares, tmp_path):
+def test_changed_settings_train_beside_and_going_back_reuses(squares, tmp_path):
     train(squares, tmp_path)
-    path = tsn.expert_path(tmp_path / "ckpt", "mnist", "lenet5", 1)
-    before = state(path)
-    with pytest.raises(CheckpointError) as err:
-        train(squares, tmp_path, "epochs=3")
-    assert "force=true" in str(err.value) and "epochs" in str(err.value) and str(path) in str(err.value)
-    retrained = train(squares, tmp_path, "epochs=3", "force=true")
-    assert retrained["trained"] == 2 and retrained["resumed"] == 0
-    assert torch.load(path, weights_only=True)["meta"]["settings"]["epochs"] == 3
-    assert any(not torch.equal(before[k], v) for k, v in state(path).items())
+    path = expert_file(tmp_path / "ckpt", "mnist", "lenet5", 1)
+    before, stamp = state(path), path.stat().st_mtime_ns
+    changed = train(squares, tmp_path, "expert.epochs=3")
+    assert changed["made"] == 2 and changed["reused"] == 0
+    new = expert_file(tmp_path / "ckpt", "mnist", "lenet5", 1, None, "expert.epochs=3")
+    assert new != path and new.is_file() and path.stat().st_mtime_ns == stamp  # side by side
+    assert torch.load(new, weights_only=True)["meta"]["recipe"]["epochs"] == 3
+    back = train(squares, tmp_path)
+    assert back["made"] == 0 and back["reused"] == 2 and path.stat().st_mtime_ns == stamp
+    forced = train(squares, tmp_path, "force=true")
+    assert forced["made"] == 2 and forced["why_made"] == {"force=true": 2}
+    assert all(torch.equal(before[k], v) for k, v in state(path).items())  # deterministic: the same weights
 
 
 def test_same_seed_gives_identical_weights(squares, tmp_path):
     a = train(squares, tmp_path, "seeds=[1]", ckpt="a", results="ra")
     b = train(squares, tmp_path, "seeds=[1]", ckpt="b", results="rb")
     assert a["test_acc"] == b["test_acc"]
-    weights_a = state(tsn.expert_path(tmp_path / "a", "mnist", "lenet5", 1))
-    weights_b = state(tsn.expert_path(tmp_path / "b", "mnist", "lenet5", 1))
+    weights_a = state(expert_file(tmp_path / "a", "mnist", "lenet5", 1))
+    weights_b = state(expert_file(tmp_path / "b", "mnist", "lenet5", 1))
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     # and the seed matters
     train(squares, tmp_path, "seeds=[2]", ckpt="a", results="ra")
-    weights_2 = state(tsn.expert_path(tmp_path / "a", "mnist", "lenet5", 2))
+    weights_2 = state(expert_file(tmp_path / "a", "mnist", "lenet5", 2))
     assert any(not torch.equal(weights_a[k], weights_2[k]) for k in weights_a)
 
 
 def test_task_defined_in_the_config(squares, tmp_path):
     summary = train(squares, tmp_path, "tasks.pair.source=mnist", "tasks.pair.classes=[7,3]", "dataset=pair",
                     "seeds=[1]", "arch=lenet5_half")
-    assert summary["task"] == "pair" and summary["trained"] == 1
-    path = tsn.expert_path(tmp_path / "ckpt", "pair", "lenet5_half", 1)
+    assert summary["task"] == "pair" and summary["made"] == 1
+    path = expert_file(tmp_path / "ckpt", "pair", "lenet5_half", 1, None, "tasks.pair.source=mnist",
+                       "tasks.pair.classes=[7,3]")
     model, ckpt = load_model(path, expect_arch="lenet5_half")
     assert ckpt["arch_kwargs"] == {"in_channels": 1, "num_classes": 2}
     assert ckpt["meta"]["classes"] == [7, 3]
-    assert ckpt["meta"]["settings"]["task"] == {"name": "pair", "source": "mnist", "classes": [7, 3]}
+    assert ckpt["meta"]["recipe"]["task"] == {"name": "pair", "source": "mnist", "classes": [7, 3]}
     assert 0.0 <= summary["test_acc"]["1"] <= 1.0
 
 
@@ -158,7 +169,7 @@ def test_unknown_arch_fails_before_loading_data(tmp_path):
 def test_resumed_accuracy_follows_test_limit(squares, tmp_path):
     train(squares, tmp_path, "seeds=[1]", "test_limit=10")
     again = train(squares, tmp_path, "seeds=[1]")
-    path = tsn.expert_path(tmp_path / "ckpt", "mnist", "lenet5", 1)
+    path = expert_file(tmp_path / "ckpt", "mnist", "lenet5", 1)
     model, _ = load_model(path)
     test = load_task(TrainConfig().tasks["mnist"], "test", squares.root, download=False)
     with torch.no_grad():
@@ -176,15 +187,15 @@ DIR_PART1 = ["tasks.dir2_p1.source=mnist", "tasks.dir2_p1.split=dirichlet", "tas
 def test_mlp_parent_of_a_dirichlet_part_trains_and_reloads(squares, tmp_path):
     summary = train(squares, tmp_path, *DIR_PART1, "arch=mlp", "arch_kwargs={widths: [24, 12], bias: false}",
                     "seeds=[1]")
-    assert summary["trained"] == 1 and summary["arch"] == "mlp"
-    path = tsn.expert_path(tmp_path / "ckpt", "dir2_p1", "mlp", 1, MLP_KWARGS)
+    assert summary["made"] == 1 and summary["arch"] == "mlp"
+    path = expert_file(tmp_path / "ckpt", "dir2_p1", "mlp", 1, MLP_KWARGS, *DIR_PART1[:-1])
     assert path.is_file() and path.name.startswith("dir2_p1_mlp-") and path.name.endswith("_seed1.pt")
-    assert path != tsn.expert_path(tmp_path / "ckpt", "dir2_p1", "mlp", 1)
+    assert path != expert_file(tmp_path / "ckpt", "dir2_p1", "mlp", 1, None, *DIR_PART1[:-1])
     model, ckpt = load_model(path, expect_arch="mlp")
     assert isinstance(model, MLP) and model.widths == [24, 12] and model.layers[0].bias is None
     assert ckpt["arch_kwargs"] == {"in_channels": 1, "num_classes": 10, **MLP_KWARGS}
-    assert ckpt["meta"]["settings"]["arch_kwargs"] == MLP_KWARGS
-    assert ckpt["meta"]["task"] == ckpt["meta"]["settings"]["task"] == {
+    assert ckpt["meta"]["recipe"]["arch_kwargs"] == MLP_KWARGS
+    assert ckpt["meta"]["task"] == ckpt["meta"]["recipe"]["task"] == {
         "name": "dir2_p1", "source": "mnist", "classes": None, "split": "dirichlet", "parts": 2, "part": 1,
         "alpha": [1.0, 5.0], "split_seed": 0}
     # trained on its part only, scored on the whole test set
@@ -193,7 +204,7 @@ def test_mlp_parent_of_a_dirichlet_part_trains_and_reloads(squares, tmp_path):
     assert row["class_counts"] == torch.bincount(part.labels, minlength=10).tolist()
     assert 0 < sum(row["class_counts"]) < 200 and row["arch_kwargs"] == MLP_KWARGS
     assert ckpt["meta"]["row"]["class_counts"] == row["class_counts"]
-    assert Path(summary["outputs"]["jsonl"]).name == f"dir2_p1_{tsn.arch_tag('mlp', MLP_KWARGS)}.jsonl"
+    assert Path(summary["outputs"]["jsonl"]).name == f"dir2_p1_{arch_tag('mlp', MLP_KWARGS)}.jsonl"
     test = load_task(TaskSpec("mnist"), "test", squares.root, download=False)
     with torch.no_grad():
         predictions = model(prepare_input(to_unit(test.images), InputFormat.of("mnist"))).argmax(1)
@@ -201,18 +212,18 @@ def test_mlp_parent_of_a_dirichlet_part_trains_and_reloads(squares, tmp_path):
     # a rerun reuses it; another shape on the same part gets its own file rather than a clash
     again = train(squares, tmp_path, *DIR_PART1, "arch=mlp", "arch_kwargs={widths: [24, 12], bias: false}",
                   "seeds=[1]")
-    assert again["resumed"] == 1 and again["trained"] == 0
+    assert again["reused"] == 1 and again["made"] == 0
     other = train(squares, tmp_path, *DIR_PART1, "arch=mlp", "arch_kwargs={widths: [16]}", "seeds=[1]")
-    assert other["trained"] == 1
-    assert tsn.expert_path(tmp_path / "ckpt", "dir2_p1", "mlp", 1, {"widths": [16]}).is_file()
+    assert other["made"] == 1
+    assert expert_file(tmp_path / "ckpt", "dir2_p1", "mlp", 1, {"widths": [16]}, *DIR_PART1[:-1]).is_file()
 
 
-def test_a_task_name_reused_for_another_part_is_not_silently_reused(squares, tmp_path):
-    train(squares, tmp_path, *DIR_PART1, "arch=mlp", "arch_kwargs={widths: [8]}", "seeds=[1]", "epochs=1")
-    with pytest.raises(CheckpointError) as err:
-        train(squares, tmp_path, *DIR_PART1, "tasks.dir2_p1.part=0", "arch=mlp", "arch_kwargs={widths: [8]}",
-              "seeds=[1]", "epochs=1")
-    assert "task" in str(err.value) and "force=true" in str(err.value)
+def test_a_task_name_reused_for_another_part_trains_its_own_expert(squares, tmp_path):
+    first = train(squares, tmp_path, *DIR_PART1, "arch=mlp", "arch_kwargs={widths: [8]}", "seeds=[1]")
+    second = train(squares, tmp_path, *DIR_PART1, "tasks.dir2_p1.part=0", "arch=mlp", "arch_kwargs={widths: [8]}",
+                   "seeds=[1]")
+    assert first["made"] == second["made"] == 1  # the other part is another recipe, never the first's file
+    assert len(list((tmp_path / "ckpt" / "experts").glob("dir2_p1_mlp-*_seed1.pt"))) == 2
 
 
 def test_shard_parents_see_disjoint_classes_with_full_heads(squares, tmp_path):
@@ -220,38 +231,66 @@ def test_shard_parents_see_disjoint_classes_with_full_heads(squares, tmp_path):
     for part in (0, 1):
         summary = train(squares, tmp_path, "tasks.s.source=mnist", "tasks.s.split=shard", "tasks.s.parts=2",
                         f"tasks.s.part={part}", "dataset=s", "arch=mlp", "arch_kwargs={widths: [8]}",
-                        "seeds=[1]", "epochs=1", ckpt=f"ckpt{part}", results=f"results{part}")
+                        "seeds=[1]", ckpt=f"ckpt{part}", results=f"results{part}")
         counts.append(read_rows(summary["outputs"]["jsonl"])[0]["class_counts"])
-        _, ckpt = load_model(tsn.expert_path(tmp_path / f"ckpt{part}", "s", "mlp", 1, {"widths": [8]}))
+        _, ckpt = load_model(summary_checkpoint(summary))
         assert ckpt["arch_kwargs"]["num_classes"] == 10
     assert counts[0][5:] == [0] * 5 and counts[1][:5] == [0] * 5
     full = torch.bincount(load_task(TaskSpec("mnist"), "train", squares.root, download=False).labels, minlength=10)
     assert [a + b for a, b in zip(*counts)] == full.tolist()
 
 
-def test_checkpoint_saved_before_arch_kwargs_and_splits_is_reused(squares, tmp_path):
-    """A checkpoint as the trainer wrote it before arch_kwargs and splits existed keeps its path and is reused."""
-    path = tmp_path / "ckpt" / "experts" / "mnist_lenet5_seed1.pt"
-    assert tsn.expert_path(tmp_path / "ckpt", "mnist", "lenet5", 1) == path
-    old_settings = {"arch": "lenet5", "epochs": 2, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0,
-                    "batch_size": 20, "train_limit": None,
-                    "task": {"name": "mnist", "source": "mnist", "classes": None}}
-    old_row = {"task": "mnist", "arch": "lenet5", "seed": 1, "test_acc": 0.25, "test_limit": None,
-               "final_train_loss": 1.0, "train_time_s": 1.0, "device": "cpu", "checkpoint": str(path),
-               "resumed": False}
-    save_checkpoint(path, build_model("lenet5", in_channels=1, num_classes=10), "lenet5",
-                    {"in_channels": 1, "num_classes": 10}, {"dataset": "mnist"},
-                    {"task": old_settings["task"], "classes": list(range(10)),
-                     "input_format": InputFormat.of("mnist").as_dict(), "settings": old_settings,
-                     "train_losses": [1.0, 1.0], "row": old_row})
-    stamp = path.stat().st_mtime_ns
-    summary = train(squares, tmp_path, "seeds=[1]")
-    assert summary["resumed"] == 1 and summary["trained"] == 0 and summary["test_acc"]["1"] == 0.25
-    assert path.stat().st_mtime_ns == stamp
-    row = read_rows(summary["outputs"]["jsonl"])[0]
-    full = load_task(TaskSpec("mnist"), "train", squares.root, download=False)
-    assert row["class_counts"] == torch.bincount(full.labels, minlength=10).tolist() and row["arch_kwargs"] == {}
-    assert tsn.training_settings(parse_args(TrainConfig, ["epochs=2", "lr=0.05", "batch_size=20"])) == old_settings
+def summary_checkpoint(summary: dict) -> Path:
+    return Path(read_rows(summary["outputs"]["jsonl"])[0]["checkpoint"])
+
+
+def test_an_interrupted_expert_resumes_and_ends_with_the_uninterrupted_weights(squares, tmp_path, monkeypatch):
+    """Kill a 4-epoch run after the state of its second epoch is saved; the rerun continues from there and
+    ends with exactly the weights of a run that was never interrupted."""
+    monkeypatch.setattr(training, "RESUME_INTERVAL_S", 0.0)  # save at every epoch end
+    whole = train(squares, tmp_path, "seeds=[1]", "expert.epochs=4", ckpt="whole", results="rw")
+    saves = []
+    original = training.Resume.save
+
+    def killed_after_two(self, state):
+        original(self, state)
+        saves.append(len(state["log"]))
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the kill, right after the state is on disk
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.Resume, "save", killed_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            train(squares, tmp_path, "seeds=[1]", "expert.epochs=4", ckpt="cut", results="rc")
+    path = expert_file(tmp_path / "cut", "mnist", "lenet5", 1, None, "expert.epochs=4")
+    assert not path.exists() and path.with_name(path.stem + ".resume.pt").is_file()
+    epochs_run = []
+    original_train = training.train_classifier
+
+    def counting(*args, **kwargs):
+        losses = original_train(*args, **kwargs)
+        epochs_run.append(len(losses))
+        return losses
+
+    monkeypatch.setattr(tsn, "train_classifier", counting)
+    resumed = train(squares, tmp_path, "seeds=[1]", "expert.epochs=4", ckpt="cut", results="rc")
+    assert resumed["made"] == 1 and epochs_run == [4]
+    assert not path.with_name(path.stem + ".resume.pt").exists()  # cleared once the checkpoint is written
+    reference = state(expert_file(tmp_path / "whole", "mnist", "lenet5", 1, None, "expert.epochs=4"))
+    assert all(torch.equal(reference[k], v) for k, v in state(path).items())
+    assert resumed["test_acc"] == whole["test_acc"]
+    assert torch.load(path, weights_only=True)["meta"]["train_losses"] == \
+        torch.load(expert_file(tmp_path / "whole", "mnist", "lenet5", 1, None, "expert.epochs=4"),
+                   weights_only=True)["meta"]["train_losses"]
+
+
+def test_a_resume_state_of_other_work_is_ignored(tmp_path):
+    resume = training.Resume(tmp_path / "x.resume.pt", "recipe-a")
+    resume.save({"log": [1.0]})
+    assert resume.load()["log"] == [1.0]
+    assert training.Resume(resume.path, "recipe-b").load() is None
+    resume.path.write_bytes(b"not a torch file")
+    assert resume.load() is None
 
 
 @pytest.mark.parametrize("arch, kwargs, words", [
@@ -268,15 +307,16 @@ def test_bad_arch_kwargs_fail_before_loading_data(tmp_path, arch, kwargs, words)
         assert word in str(err.value)
 
 
-def test_expert_command_carries_arch_kwargs():
-    assert tsn.expert_command("mnist", "lenet5", [1, 2]) == \
+def test_expert_command_carries_arch_kwargs_and_settings():
+    layout = Layout(parse_args(TrainConfig, []))
+    assert layout.expert_command(ExpertId("mnist", "lenet5", {}), [1, 2]) == \
         "python train_source_networks.py dataset=mnist arch=lenet5 seeds=[1,2]"
-    command = tsn.expert_command("p", "mlp", 3, MLP_KWARGS)
+    command = layout.expert_command(ExpertId("p", "mlp", MLP_KWARGS), [3])
     kwargs_arg = command.split("arch_kwargs=")[1].split("' ")[0].strip("'")
     assert parse_args(TrainConfig, [f"arch_kwargs={kwargs_arg}"]).arch_kwargs == MLP_KWARGS
-    assert tsn.arch_tag("mlp", {}) == "mlp"
-    assert tsn.arch_tag("mlp", {"bias": False, "widths": [24, 12]}) == tsn.arch_tag("mlp", MLP_KWARGS)
-    assert tsn.arch_tag("mlp", {"widths": [24, 13], "bias": False}) != tsn.arch_tag("mlp", MLP_KWARGS)
+    assert arch_tag("mlp", {}) == "mlp"
+    assert arch_tag("mlp", {"bias": False, "widths": [24, 12]}) == arch_tag("mlp", MLP_KWARGS)
+    assert arch_tag("mlp", {"widths": [24, 13], "bias": False}) != arch_tag("mlp", MLP_KWARGS)
 
 
 # ---------------------------------------------------------------- real data (skipped without a data root)
@@ -285,8 +325,8 @@ def test_real_first5_mnist_learns(data_dir, tmp_path):
     # 2048 training images; batch 32 x 2 epochs (128 SGD steps at the paper's lr 0.01) reaches about 0.96-0.97
     # on 1000 test images over seeds 0-2 (batch 128 x 1 epoch, only 16 steps, stays near 0.35-0.55).
     summary = tsn.main(parse_args(TrainConfig, [
-        "dataset=first5_mnist", "arch=lenet5", "seeds=[0]", "epochs=2", "batch_size=32", "train_limit=2048",
-        "test_limit=1000", f"data_dir={data_dir}", f"ckpt_dir={tmp_path / 'ckpt'}",
+        "dataset=first5_mnist", "arch=lenet5", "seeds=[0]", "expert.epochs=2", "expert.batch_size=32",
+        "expert.train_limit=2048", "test_limit=1000", f"data_dir={data_dir}", f"ckpt_dir={tmp_path / 'ckpt'}",
         f"results_dir={tmp_path / 'results'}", "device=cpu", "deterministic=true"]))
-    assert summary["trained"] == 1
+    assert summary["made"] == 1
     assert summary["test_acc"]["0"] > 0.9

@@ -1,0 +1,223 @@
+"""Where every artifact lives and what it is keyed by (DESIGN.md section 6); the one module that knows.
+
+An artifact (an expert, a generator, a gate checkpoint) is made by a *recipe*: its settings with the
+defaults filled in, plus the keys of the recipes of the artifacts it was made from. A short hash of the
+recipe (its *key*) is part of the file name, so artifacts of different settings live side by side and
+going back to an earlier setting finds its files again. A checkpoint also stores the *digest* of its
+weights; a downstream checkpoint stores the digests of the upstream files it read, and is remade when
+one of them was remade since (same recipe, other weights), never reused against weights it did not see.
+
+    checkpoints/experts/TASK_ARCHTAG_KEY_seedS.pt
+    checkpoints/generators/TASK_ARCHTAG_KEY_seedS.pt
+    checkpoints/gates/PROBLEM/REGIME/GATE_TYPE/TASK_ARCHTAG_KEY_seedS.pt   (the universal gate: universal_KEY_seedS.pt)
+
+Cached result rows (merge.py) are keyed the same way, plus the source of the code that computes them
+(``code_digest``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import config
+from common import read_checkpoint
+from data import get_source, task_identity
+
+KEY_LENGTH = 8
+REPO = Path(__file__).resolve().parent
+
+
+def recipe_key(recipe: dict) -> str:
+    """A short stable hash of a recipe (JSON with sorted keys)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:KEY_LENGTH]
+
+
+def arch_tag(arch: str, arch_kwargs: dict | None = None) -> str:
+    """The arch part of a file name: ``arch`` alone without extra arguments, else ``arch-`` and 8 hex digits
+    of a hash of the arguments, so MLPs of different shapes trained on one task sit side by side."""
+    if not arch_kwargs:
+        return arch
+    digest = hashlib.sha256(json.dumps(arch_kwargs, sort_keys=True).encode()).hexdigest()
+    return f"{arch}-{digest[:8]}"
+
+
+def section_args(name: str, section: Any) -> list[str]:
+    """``name.key=value`` for every field of a settings section that differs from its default (values in
+    JSON, which YAML reads back): what a command needs to name the same section."""
+    default = type(section)()
+    return [f"{name}.{f.name}={json.dumps(getattr(section, f.name))}" for f in dataclasses.fields(section)
+            if getattr(section, f.name) != getattr(default, f.name)]
+
+
+# ---------------------------------------------------------------- digests of stored weights
+
+def digest_of(path: Path) -> str:
+    """The digest of a checkpoint's weights, as its ``meta["digest"]`` stores it (cached per file version)."""
+    stat = path.stat()
+    return _digest(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4096)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    from common import state_digest
+
+    ckpt = read_checkpoint(path)
+    return ckpt.get("meta", {}).get("digest") or state_digest(ckpt["state_dict"])
+
+
+def code_digest(files: tuple[str, ...]) -> str:
+    """A short hash of the source of ``files`` (paths relative to the repository): the code that computes a
+    cached result row, so a row is recomputed when that code changes."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + (REPO / name).read_bytes() + b"\0")
+    return h.hexdigest()[:KEY_LENGTH]
+
+
+# ---------------------------------------------------------------- reuse
+
+@dataclass
+class Reuse:
+    """Whether a stored checkpoint can stand for this run, and why not when it cannot."""
+
+    meta: dict | None  # the stored meta when it can be reused
+    why: str  # "reused", or the reason it must be made: "no checkpoint", "force=true", "upstream retrained", ...
+
+    @property
+    def reused(self) -> bool:
+        return self.meta is not None
+
+
+def check_reuse(path: Path, recipe: dict, upstream: dict[str, str], force: bool) -> Reuse:
+    """Reuse the checkpoint at ``path`` only when it was made from ``recipe`` and from upstream files whose
+    digests equal ``upstream`` (name -> digest) now."""
+    if force:
+        return Reuse(None, "force=true")
+    if not path.exists():
+        return Reuse(None, "no checkpoint")
+    meta = read_checkpoint(path).get("meta", {})
+    if meta.get("recipe") != recipe:
+        return Reuse(None, "stored recipe differs")
+    if meta.get("upstream") != upstream:
+        return Reuse(None, "upstream retrained")
+    return Reuse(meta, "reused")
+
+
+def tally(reasons: list[str]) -> dict:
+    """A stage's summary of its work: how many items were reused, how many made, and why."""
+    made = [r for r in reasons if r != "reused"]
+    return {"reused": len(reasons) - len(made), "made": len(made),
+            "why_made": {why: made.count(why) for why in dict.fromkeys(made)}}
+
+
+# ---------------------------------------------------------------- the layout
+
+@dataclass(frozen=True)
+class ExpertId:
+    """One expert of a problem as the layout names it: task, arch and the arch's extra arguments."""
+
+    task: str
+    arch: str
+    arch_kwargs: dict
+
+    @property
+    def tag(self) -> str:
+        return f"{self.task}_{arch_tag(self.arch, self.arch_kwargs)}"
+
+    def __hash__(self) -> int:
+        return hash(self.tag)
+
+
+def experts_of(spec: config.ProblemSpec) -> list[ExpertId]:
+    return [ExpertId(e.task, e.arch, dict(e.arch_kwargs)) for e in spec.experts]
+
+
+class Layout:
+    """Paths, recipes and re-creation commands of every checkpoint under one ``ckpt_dir``, for the settings
+    sections of one config (a stage config, or the pipeline's)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.ckpt_dir = Path(cfg.ckpt_dir)
+        self.tasks: dict[str, config.TaskSpec] = cfg.tasks
+        self.problems: dict[str, config.ProblemSpec] = getattr(cfg, "problems", {})
+        self.expert_training: config.ExpertTraining = cfg.expert
+        self.dafl: config.DaflTraining | None = getattr(cfg, "dafl", None)
+        self.gate: config.GateTraining | None = getattr(cfg, "gate", None)
+
+    # ------------------------------------------------------------ experts
+
+    def expert_recipe(self, expert: ExpertId) -> dict:
+        task = self.tasks[expert.task]
+        training = dataclasses.asdict(self.expert_training)
+        training["batch_size"] = training["batch_size"] or get_source(task.source).batch_size
+        return {"task": task_identity(expert.task, task), "arch": expert.arch, "arch_kwargs": expert.arch_kwargs,
+                **training}
+
+    def expert_path(self, expert: ExpertId, seed: int) -> Path:
+        key = recipe_key(self.expert_recipe(expert))
+        return self.ckpt_dir / "experts" / f"{expert.tag}_{key}_seed{seed}.pt"
+
+    def expert_command(self, expert: ExpertId, seeds: list[int]) -> str:
+        extra = f" arch_kwargs='{json.dumps(expert.arch_kwargs)}'" if expert.arch_kwargs else ""
+        settings = "".join(f" {a}" for a in section_args("expert", self.expert_training))
+        return (f"python train_source_networks.py dataset={expert.task} arch={expert.arch}{extra} "
+                f"seeds=[{','.join(map(str, seeds))}]{settings}")
+
+    # ------------------------------------------------------------ generators
+
+    def generator_recipe(self, expert: ExpertId) -> dict:
+        return {"synthesizer": "dafl", **dataclasses.asdict(self._need(self.dafl, "dafl")),
+                "expert": recipe_key(self.expert_recipe(expert))}
+
+    def generator_path(self, expert: ExpertId, seed: int) -> Path:
+        key = recipe_key(self.generator_recipe(expert))
+        return self.ckpt_dir / "generators" / f"{expert.tag}_{key}_seed{seed}.pt"
+
+    def gan_command(self, problem: str, seeds: list[int]) -> str:
+        settings = [*section_args("expert", self.expert_training), *section_args("dafl", self.dafl)]
+        return " ".join(["python train_gan.py", f"problem={problem}", f"seeds=[{','.join(map(str, seeds))}]",
+                         *settings])
+
+    # ------------------------------------------------------------ gates
+
+    def gate_recipe(self, problem: str, regime: str, gate_type: str, serves: int | None) -> dict:
+        """A gate of ``problem``'s expert ``serves`` (None: the universal gate, serving all of them)."""
+        gate = dataclasses.asdict(self._need(self.gate, "gate"))
+        data_keys = ("train_limit",) if regime == "real" else ("synthetic_samples", "noise_samples")
+        unused = {"train_limit", "synthetic_samples", "noise_samples"} - set(data_keys)
+        experts = experts_of(self.problems[problem])
+        recipe = {**{k: v for k, v in gate.items() if k not in unused}, "regime": regime, "gate_type": gate_type,
+                  "serves": serves, "experts": [recipe_key(self.expert_recipe(e)) for e in experts]}
+        if regime != "real":
+            recipe["generators"] = [recipe_key(self.generator_recipe(e)) for e in experts]
+        return recipe
+
+    def gate_path(self, problem: str, regime: str, gate_type: str, serves: int | None, seed: int) -> Path:
+        key = recipe_key(self.gate_recipe(problem, regime, gate_type, serves))
+        stem = "universal" if serves is None else experts_of(self.problems[problem])[serves].tag
+        return self.ckpt_dir / "gates" / problem / regime / gate_type / f"{stem}_{key}_seed{seed}.pt"
+
+    def gate_paths(self, problem: str, regime: str, gate_type: str, seed: int) -> list[Path]:
+        """The gate file of each expert of ``problem`` (the universal gate: one file, once per expert)."""
+        n = len(self.problems[problem].experts)
+        if gate_type == "universal":
+            return [self.gate_path(problem, regime, gate_type, None, seed)] * n
+        return [self.gate_path(problem, regime, gate_type, k, seed) for k in range(n)]
+
+    def gate_command(self, problem: str, regime: str, gate_type: str, seed: int) -> str:
+        settings = [*section_args("expert", self.expert_training), *section_args("gate", self.gate)]
+        if regime != "real":
+            settings += section_args("dafl", self.dafl)
+        return " ".join(["python train_pan.py", f"problem={problem}", f"regimes=[{regime}]",
+                         f"gate_types=[{gate_type}]", f"seeds=[{seed}]", *settings])
+
+    @staticmethod
+    def _need(section: Any, name: str) -> Any:
+        if section is None:
+            raise ValueError(f"this config has no `{name}` section")
+        return section
