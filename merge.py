@@ -122,16 +122,23 @@ def gate_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) 
     ``gates_from`` takes the gates of another problem (the universal gate: one file for every expert)."""
     if call.param("regime") is None:
         return []
-    source = call.param("gates_from") or problem.name
-    return layout.gate_paths(source, call.param("regime"), call.param("gate"), seed)
+    return gate_paths(layout, problem, call.param("gate"), call.param("regime"), call.param("gates_from"), seed)
+
+
+def gate_paths(layout: Layout, problem: Problem, gate_type: str, regime: str, gates_from: str,
+               seed: int) -> list[Path]:
+    """Per evaluated expert, the gate file it reads; another problem's gates (``gates_from``) are universal
+    gates, one file that serves every expert."""
+    if gates_from:
+        return [layout.gate_path(gates_from, regime, gate_type, None, seed)] * len(problem.experts)
+    return layout.gate_paths(problem.name, regime, gate_type, seed)
 
 
 def gate_runner(layout: Layout, problem: Problem, activations, seed: int, device: torch.device):
     """``run_gates(gate, regime, gates_from)``: every expert's gate probability on the test set."""
     def run_gates(gate_type: str, regime: str, gates_from: str) -> torch.Tensor:
-        source = gates_from or problem.name
-        paths = layout.gate_paths(source, regime, gate_type, seed)
-        hint = layout.gate_command(source, regime, gate_type, seed)
+        paths = gate_paths(layout, problem, gate_type, regime, gates_from, seed)
+        hint = layout.gate_command(gates_from or problem.name, regime, gate_type, seed)
         gates = {p: load_model(p, hint=hint, device=device)[0] for p in dict.fromkeys(paths)}
         return torch.stack([in_domain_probability(gates[p], gate_inputs(gate_type, logits, features))
                             for p, (logits, features) in zip(paths, activations)], dim=1)

@@ -447,20 +447,21 @@ def test_merge_names_the_missing_gates_before_any_evaluation(env, pan_run, tmp_p
 
 def test_seen_or_unseen_is_decided_by_checkpoint_identity_not_by_problem_name(env, pan_run, tmp_path):
     """A gate trained on disjoint_mnist, used on a problem that shares one of its expert checkpoints, has seen
-    that expert: the row is only partly unseen. With none of its checkpoints, it is unseen."""
+    that expert: the row is only partly unseen. With none of its checkpoints, it is unseen. The problems here
+    have three experts, the gate's own problem two: one universal gate serves them all."""
     import train_source_networks
 
-    extra = ["tasks.low.source=mnist", "tasks.low.classes=[0,1,2,3,4]", "tasks.high.source=mnist",
-             "tasks.high.classes=[5,6,7,8,9]",
-             "problems.mixed.experts=[{task: first5_mnist}, {task: high}]",
-             "problems.fresh.experts=[{task: low}, {task: high}]"]
+    tasks = {"low": [0, 1, 2, 3, 4], "mid": [5, 6], "top": [7, 8, 9]}
+    extra = [f"tasks.{t}.source=mnist" for t in tasks] + [f"tasks.{t}.classes={c}" for t, c in tasks.items()]
+    extra += ["problems.mixed.experts=[{task: first5_mnist}, {task: mid}, {task: top}]",
+              "problems.fresh.experts=[{task: low}, {task: mid}, {task: top}]"]
     ckpt = tmp_path / "ckpt"
     shutil.copytree(env["ckpt"], ckpt)
     with contextlib.redirect_stdout(io.StringIO()):
-        for task in ("low", "high"):  # other experts of the same classes: other checkpoints
+        for task in tasks:  # experts of other tasks: other checkpoints, even for the classes of first5_mnist
             train_source_networks.main(parse_args(config.TrainConfig, [
                 f"dataset={task}", f"seeds={listed(SEEDS)}", *EXPERT, "device=cpu", f"data_dir={env['root']}",
-                f"ckpt_dir={ckpt}", f"results_dir={tmp_path / 'experts'}", *extra[:4]]))
+                f"ckpt_dir={ckpt}", f"results_dir={tmp_path / 'experts'}", *extra[:6]]))
     rule = "[{name: gate_hard, gate: universal, regime: real, gates_from: disjoint_mnist}]"
     label = "gate_hard(gate=universal,regime=real,gates_from=disjoint_mnist)"
     status = {}
@@ -470,5 +471,7 @@ def test_seen_or_unseen_is_decided_by_checkpoint_identity_not_by_problem_name(en
         rows = [r for r in read_rows(summary["outputs"]["jsonl"]) if r["strategy"] == label]
         status[problem] = {name: e["seen"] for name, e in rows[0]["gate_experts"].items()}
         assert all(r["unseen"] == (problem == "fresh") for r in rows)
+        assert all(sum(r["routing_counts"].values()) == r["n"] for r in rows)  # every sample routed to one of 3
         assert all(0 <= e["membership_acc"] <= 1 for r in rows for e in r["gate_experts"].values())
-    assert status == {"mixed": {"first5_mnist": True, "high": False}, "fresh": {"low": False, "high": False}}
+    assert status == {"mixed": {"first5_mnist": True, "mid": False, "top": False},
+                      "fresh": {"low": False, "mid": False, "top": False}}
