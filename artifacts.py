@@ -8,8 +8,11 @@ weights; a downstream checkpoint stores the digests of the upstream files it rea
 one of them was remade since (same recipe, other weights), never reused against weights it did not see.
 
     checkpoints/experts/TASK_ARCHTAG_KEY_seedS.pt
-    checkpoints/generators/TASK_ARCHTAG_KEY_seedS.pt
+    checkpoints/generators/TASK_ARCHTAG_KEY_seedS.pt             (DAFL's generators)
+    checkpoints/synthetic/SYNTHESIZER/TASK_ARCHTAG_KEY_seedS.pt  (stored synthetic image sets)
     checkpoints/gates/PROBLEM/REGIME/GATE_TYPE/TASK_ARCHTAG_KEY_seedS.pt   (the universal gate: universal_KEY_seedS.pt)
+
+The data-free regimes' gate folders name their synthesizer: ``synthetic_dafl``, ``noise_inversion``, ...
 
 Cached result rows (merge.py) are keyed the same way, plus the source of the code that computes them
 (``code_digest``).
@@ -24,12 +27,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import config
-from common import read_checkpoint
+from common import CheckpointError, read_checkpoint
 from data import get_source, task_identity
 
 KEY_LENGTH = 8
 REPO = Path(__file__).resolve().parent
+DRAWING = ("images", "sample_mode")  # how a set is drawn from a DAFL generator, not how it is trained
 
 
 def recipe_key(recipe: dict) -> str:
@@ -64,10 +70,19 @@ def digest_of(path: Path) -> str:
 
 @lru_cache(maxsize=4096)
 def _digest(path: str, mtime_ns: int, size: int) -> str:
-    from common import state_digest
+    return stored_meta(Path(path))["digest"]
 
-    ckpt = read_checkpoint(path)
-    return ckpt.get("meta", {}).get("digest") or state_digest(ckpt["state_dict"])
+
+def stored_meta(path: Path) -> dict:
+    """The ``meta`` of a stored artifact (a model checkpoint or a synthetic image set), with its digest."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises several unrelated types for a damaged file
+        stored = None
+    if not isinstance(stored, dict) or "digest" not in stored.get("meta", {}):
+        read_checkpoint(path)  # raises the error that says what is wrong with a damaged file
+        raise CheckpointError(f"{path} was not written by this project's stages (no digest); delete it and rerun")
+    return stored["meta"]
 
 
 def code_digest(files: tuple[str, ...]) -> str:
@@ -100,7 +115,7 @@ def check_reuse(path: Path, recipe: dict, upstream: dict[str, str], force: bool)
         return Reuse(None, "force=true")
     if not path.exists():
         return Reuse(None, "no checkpoint")
-    meta = read_checkpoint(path).get("meta", {})
+    meta = stored_meta(path)
     if meta.get("recipe") != recipe:
         return Reuse(None, "stored recipe differs")
     if meta.get("upstream") != upstream:
@@ -146,7 +161,7 @@ class Layout:
         self.tasks: dict[str, config.TaskSpec] = cfg.tasks
         self.problems: dict[str, config.ProblemSpec] = getattr(cfg, "problems", {})
         self.expert_training: config.ExpertTraining = cfg.expert
-        self.dafl: config.DaflTraining | None = getattr(cfg, "dafl", None)
+        self.synthesis = {name: getattr(cfg, name, None) for name in config.SYNTHESIS_SECTIONS}
         self.gate: config.GateTraining | None = getattr(cfg, "gate", None)
 
     # ------------------------------------------------------------ experts
@@ -168,53 +183,76 @@ class Layout:
         return (f"python train_source_networks.py dataset={expert.task} arch={expert.arch}{extra} "
                 f"seeds=[{','.join(map(str, seeds))}]{settings}")
 
-    # ------------------------------------------------------------ generators
+    # ------------------------------------------------------------ generators and synthetic sets
 
     def generator_recipe(self, expert: ExpertId) -> dict:
-        return {"synthesizer": "dafl", **dataclasses.asdict(self._need(self.dafl, "dafl")),
+        """DAFL's generator: its training settings (not how many images are drawn from it, nor how)."""
+        dafl = dataclasses.asdict(self._need(self.synthesis["dafl"], "dafl"))
+        return {"synthesizer": "dafl", **{k: v for k, v in dafl.items() if k not in DRAWING},
                 "expert": recipe_key(self.expert_recipe(expert))}
 
     def generator_path(self, expert: ExpertId, seed: int) -> Path:
         key = recipe_key(self.generator_recipe(expert))
         return self.ckpt_dir / "generators" / f"{expert.tag}_{key}_seed{seed}.pt"
 
-    def gan_command(self, problem: str, seeds: list[int]) -> str:
-        settings = [*section_args("expert", self.expert_training), *section_args("dafl", self.dafl)]
+    def synthetic_recipe(self, synthesizer: str, expert: ExpertId) -> dict:
+        """A stored image set of one synthesizer (not a mixture): its settings and what it was made from."""
+        settings = dataclasses.asdict(self._need(self.synthesis[synthesizer], synthesizer))
+        if synthesizer == "dafl":
+            return {"synthesizer": "dafl", **{k: settings[k] for k in DRAWING},
+                    "generator": recipe_key(self.generator_recipe(expert))}
+        return {"synthesizer": synthesizer, **settings, "expert": recipe_key(self.expert_recipe(expert))}
+
+    def synthetic_path(self, synthesizer: str, expert: ExpertId, seed: int) -> Path:
+        key = recipe_key(self.synthetic_recipe(synthesizer, expert))
+        return self.ckpt_dir / "synthetic" / synthesizer / f"{expert.tag}_{key}_seed{seed}.pt"
+
+    def gan_command(self, problem: str, seeds: list[int], synthesizers: list[str]) -> str:
+        settings = [*section_args("expert", self.expert_training),
+                    *(arg for name in synthesizers for arg in section_args(name, self.synthesis[name]))]
         return " ".join(["python train_gan.py", f"problem={problem}", f"seeds=[{','.join(map(str, seeds))}]",
-                         *settings])
+                         f"synthesizers=[{','.join(synthesizers)}]", *settings])
 
     # ------------------------------------------------------------ gates
 
-    def gate_recipe(self, problem: str, regime: str, gate_type: str, serves: int | None) -> dict:
-        """A gate of ``problem``'s expert ``serves`` (None: the universal gate, serving all of them)."""
+    def gate_recipe(self, problem: str, regime: str, gate_type: str, serves: int | None,
+                    synthesizer: str = "dafl") -> dict:
+        """A gate of ``problem``'s expert ``serves`` (None: the universal gate, serving all of them); the
+        data-free regimes read the sets of ``synthesizer`` (one, or a mixture ``a+b``)."""
         gate = dataclasses.asdict(self._need(self.gate, "gate"))
-        data_keys = ("train_limit",) if regime == "real" else ("synthetic_samples", "noise_samples")
-        unused = {"train_limit", "synthetic_samples", "noise_samples"} - set(data_keys)
+        data_keys = ("train_limit",) if regime == "real" else ("noise_samples", "augment_copies")
+        unused = {"train_limit", "noise_samples", "augment_copies"} - set(data_keys)
         experts = experts_of(self.problems[problem])
         recipe = {**{k: v for k, v in gate.items() if k not in unused}, "regime": regime, "gate_type": gate_type,
                   "serves": serves, "experts": [recipe_key(self.expert_recipe(e)) for e in experts]}
         if regime != "real":
-            recipe["generators"] = [recipe_key(self.generator_recipe(e)) for e in experts]
+            recipe["synthesizer"] = synthesizer
+            recipe["sets"] = [recipe_key(self.synthetic_recipe(part, e)) for part in synthesizer.split("+")
+                              for e in experts]
         return recipe
 
-    def gate_path(self, problem: str, regime: str, gate_type: str, serves: int | None, seed: int) -> Path:
-        key = recipe_key(self.gate_recipe(problem, regime, gate_type, serves))
+    def gate_path(self, problem: str, regime: str, gate_type: str, serves: int | None, seed: int,
+                  synthesizer: str = "dafl") -> Path:
+        key = recipe_key(self.gate_recipe(problem, regime, gate_type, serves, synthesizer))
         stem = "universal" if serves is None else experts_of(self.problems[problem])[serves].tag
-        return self.ckpt_dir / "gates" / problem / regime / gate_type / f"{stem}_{key}_seed{seed}.pt"
+        folder = regime if regime == "real" else f"{regime}_{synthesizer}"
+        return self.ckpt_dir / "gates" / problem / folder / gate_type / f"{stem}_{key}_seed{seed}.pt"
 
-    def gate_paths(self, problem: str, regime: str, gate_type: str, seed: int) -> list[Path]:
+    def gate_paths(self, problem: str, regime: str, gate_type: str, seed: int, synthesizer: str = "dafl") -> list[Path]:
         """The gate file of each expert of ``problem`` (the universal gate: one file, once per expert)."""
         n = len(self.problems[problem].experts)
         if gate_type == "universal":
-            return [self.gate_path(problem, regime, gate_type, None, seed)] * n
-        return [self.gate_path(problem, regime, gate_type, k, seed) for k in range(n)]
+            return [self.gate_path(problem, regime, gate_type, None, seed, synthesizer)] * n
+        return [self.gate_path(problem, regime, gate_type, k, seed, synthesizer) for k in range(n)]
 
-    def gate_command(self, problem: str, regime: str, gate_type: str, seed: int) -> str:
+    def gate_command(self, problem: str, regime: str, gate_type: str, seed: int, synthesizer: str = "dafl") -> str:
         settings = [*section_args("expert", self.expert_training), *section_args("gate", self.gate)]
+        words = ["python train_pan.py", f"problem={problem}", f"regimes=[{regime}]", f"gate_types=[{gate_type}]",
+                 f"seeds=[{seed}]"]
         if regime != "real":
-            settings += section_args("dafl", self.dafl)
-        return " ".join(["python train_pan.py", f"problem={problem}", f"regimes=[{regime}]",
-                         f"gate_types=[{gate_type}]", f"seeds=[{seed}]", *settings])
+            words.append(f"synthesizers=[{synthesizer}]")
+            settings += [arg for part in synthesizer.split("+") for arg in section_args(part, self.synthesis[part])]
+        return " ".join(words + settings)
 
     @staticmethod
     def _need(section: Any, name: str) -> Any:

@@ -59,12 +59,22 @@ def at_least(low: float, default: Any) -> Any:
 
 def positive(default: Any) -> Any:
     """A field whose value must be > 0."""
-    return field(default=default, metadata={"check": (0, "open", "greater than 0")})
+    return greater_than(0, default)
 
 
 def fraction(default: float) -> Any:
     """A field whose value must lie in [0, 1)."""
     return field(default=default, metadata={"check": (0, 1, "in [0, 1)")})
+
+
+def greater_than(low: float, default: Any) -> Any:
+    """A field whose value must be > ``low``."""
+    return field(default=default, metadata={"check": (low, "open", f"greater than {low}")})
+
+
+def choice(default: str, choices: tuple[str, ...]) -> Any:
+    """A string field that must be one of ``choices``."""
+    return field(default=default, metadata={"choices": choices})
 
 
 def seed_list(default: list[int]) -> Any:
@@ -171,8 +181,11 @@ class ExpertTraining:
 
 @dataclass
 class DaflTraining:
-    """Data-free generators (DAFL, Chen et al. 2019), the original settings: Adam lr 0.2, batch 512,
-    200 epochs x 120 iterations, latent 100, full width (a GPU budget; experiments/gan_cpu.yaml is the CPU one)."""
+    """Data-free generators (DAFL, Chen et al. 2019) as the reference implementation defines them: Adam lr 0.2,
+    batch 512, 200 epochs x 120 iterations, latent 100, full width; loss = one-hot cross-entropy + 5 x the
+    information entropy of the batch-mean softmax in log base 10 - 0.1 x mean absolute feature activation;
+    BatchNorm eps 0.8 after the generator's convolutions; samples drawn in training mode (batch statistics),
+    a batch at a time. A GPU budget; experiments/gan_cpu.yaml is the CPU one."""
 
     epochs: int = at_least(1, 200)
     iters_per_epoch: int = at_least(1, 120)
@@ -181,8 +194,50 @@ class DaflTraining:
     latent_dim: int = at_least(1, 100)
     width: int = at_least(2, 128)  # channels of the generator's first conv block (the original's 128)
     oh_weight: float = at_least(0, 1.0)  # one-hot cross-entropy against the expert's own argmax
-    ie_weight: float = at_least(0, 10.0)  # information entropy of the batch-mean softmax (class balance)
+    ie_weight: float = at_least(0, 5.0)  # information entropy of the batch-mean softmax (class balance)
+    entropy_base: float = greater_than(1, 10.0)  # the log base of that entropy (DAFL's reference: 10)
     a_weight: float = at_least(0, 0.1)  # reward for large mean absolute feature activation
+    bn_eps: float = positive(0.8)  # eps of the BatchNorm layers after the generator's convolutions (DAFL: 0.8)
+    sample_mode: str = choice("train", ("train", "eval"))  # train: batch statistics, as DAFL draws its samples
+    images: int = at_least(1, 12000)  # images drawn into each expert's stored set
+
+
+@dataclass
+class InversionSettings:
+    """Class-conditional model inversion on pixels ("data impressions", Nayak et al. ICML 2019): soft targets
+    drawn from a Dirichlet whose concentration is ``beta`` x the min-max normalised cosine similarity of the
+    expert's final-layer class weights, matched by the softmax at ``temperature``, with total-variation and L2
+    image priors and random jitter (and, optionally, flips); Adam on [0,1]-parametrised pixels."""
+
+    images: int = at_least(1, 4000)
+    steps: int = at_least(1, 100)
+    batch_size: int = at_least(1, 1000)  # images optimised together
+    lr: float = positive(0.1)
+    temperature: float = positive(20.0)
+    betas: list[float] = field(default_factory=lambda: [1.0, 0.1])  # concentration scales; images split evenly
+    # strong smoothness and L2 (towards the dataset mean) priors: weaker ones left noise textures that the
+    # expert classifies just as confidently (sample grids of seed 770597, first5_mnist)
+    tv_weight: float = at_least(0, 5.0)
+    l2_weight: float = at_least(0, 0.1)
+    jitter: int = at_least(0, 2)  # random shifts of up to this many pixels at every step
+    flip: bool = False  # random horizontal flips at every step (digits mirrored are other shapes: off)
+
+
+@dataclass
+class DeepInversionSettings:
+    """DeepInversion (Yin et al. CVPR 2020) for experts with batch norm: cross-entropy on random target
+    classes, the distance of every BatchNorm layer's batch mean and variance to its running statistics, and
+    the same image priors; Adam on [0,1]-parametrised pixels."""
+
+    images: int = at_least(1, 4000)
+    steps: int = at_least(1, 200)
+    batch_size: int = at_least(2, 256)  # batch statistics need two images or more
+    lr: float = positive(0.1)
+    bn_weight: float = at_least(0, 0.01)
+    tv_weight: float = at_least(0, 0.05)
+    l2_weight: float = at_least(0, 0.001)
+    jitter: int = at_least(0, 2)
+    flip: bool = True
 
 
 @dataclass
@@ -196,12 +251,14 @@ class GateTraining:
     batch_size: int = at_least(1, 512)
     balance_classes: bool = True  # weight the loss so in- and out-of-domain count alike
     standardise_inputs: bool = True  # z-score gate inputs with their training mean and std
-    synthetic_samples: int = at_least(1, 12000)  # images drawn from each expert's generator
     noise_samples: int = at_least(1, 12000)  # uniform-noise images (negatives of the data-free regimes)
+    augment_copies: int = at_least(0, 0)  # data-free regimes: augmented copies of every synthetic image
     train_limit: int | None = at_least(1, None)  # `real` regime: first N training images of each expert's task
 
 
-SECTIONS = {"expert": ExpertTraining, "dafl": DaflTraining, "gate": GateTraining}
+SECTIONS = {"expert": ExpertTraining, "dafl": DaflTraining, "inversion": InversionSettings,
+            "deepinversion": DeepInversionSettings, "gate": GateTraining}
+SYNTHESIS_SECTIONS = ("dafl", "inversion", "deepinversion")  # one per synthesizer (synthesizers.py)
 
 
 # ---------------------------------------------------------------- the scripts' configs
@@ -248,6 +305,8 @@ class MergeConfig:
     fusion_samples: int = at_least(1, 400)
     expert: ExpertTraining = field(default_factory=ExpertTraining)
     dafl: DaflTraining = field(default_factory=DaflTraining)
+    inversion: InversionSettings = field(default_factory=InversionSettings)
+    deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     gate: GateTraining = field(default_factory=GateTraining)
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
@@ -261,15 +320,19 @@ class MergeConfig:
 
 @dataclass
 class GanConfig:
-    """Data-free generators (train_gan.py): one per expert of `problem` per seed, trained against that
-    expert with the DAFL loss (section ``dafl``)."""
+    """Data-free synthesis (train_gan.py): per synthesizer, expert of `problem` and seed, one stored set of
+    images made from that expert alone (DAFL trains a generator against it first; sections ``dafl``,
+    ``inversion``, ``deepinversion``)."""
 
     YAML_SKIPS: ClassVar[tuple[str, ...]] = MERGE_ONLY_KEYS  # a merge table's rules, in a YAML file
 
     problem: str = "disjoint_mnist"
     seeds: list[int] = seed_list(PAPER_SEEDS)
+    synthesizers: list[str] = field(default_factory=lambda: ["dafl"])  # names of synthesizers.SYNTHESIZERS
     expert: ExpertTraining = field(default_factory=ExpertTraining)
     dafl: DaflTraining = field(default_factory=DaflTraining)
+    inversion: InversionSettings = field(default_factory=InversionSettings)
+    deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     eval_samples: int = at_least(1, 4096)  # samples scored for the quality figures
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
@@ -292,8 +355,12 @@ class PanConfig:
     gate_types: list[str] = field(default_factory=lambda: ["feature", "logits", "agnostic_logits",
                                                            "agnostic_feature", "universal"])
     regimes: list[str] = field(default_factory=lambda: ["real", "synthetic", "noise"])
+    # the data-free regimes train one set of gates per synthesizer, or mixture ("dafl+inversion")
+    synthesizers: list[str] = field(default_factory=lambda: ["dafl"])
     expert: ExpertTraining = field(default_factory=ExpertTraining)
     dafl: DaflTraining = field(default_factory=DaflTraining)
+    inversion: InversionSettings = field(default_factory=InversionSettings)
+    deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     gate: GateTraining = field(default_factory=GateTraining)
     test_limit: int | None = at_least(1, None)
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
@@ -317,8 +384,13 @@ class ReproduceConfig:
 
     profile: str = "quick"
     seeds: list[int] = seed_list(PAPER_SEEDS[:2])
+    # what the data-free gates read: synthesizers and mixtures ("dafl+inversion"); the generator stage makes
+    # every synthesizer they name
+    synthesizers: list[str] = field(default_factory=lambda: ["dafl"])
     expert: ExpertTraining = field(default_factory=ExpertTraining)
     dafl: DaflTraining = field(default_factory=DaflTraining)
+    inversion: InversionSettings = field(default_factory=InversionSettings)
+    deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     gate: GateTraining = field(default_factory=GateTraining)
     problems: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # name -> {gan: [...], pan: [...]}
     tables: dict[str, list[str]] = field(default_factory=dict)  # experiments/NAME.yaml -> extra merge arguments
@@ -427,6 +499,8 @@ def _check_dataclass(obj: Any, prefix: str) -> None:
             bad = value < low if high is None else (value <= low if high == "open" else not low <= value < high)
             if bad:
                 raise ConfigError(f"{key}={value!r} is out of range: it must be {words}")
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(f.metadata['choices'])}")
         if f.metadata.get("seeds"):
             if not value:
                 raise ConfigError(f"{key} is empty: give at least one seed, e.g. {key}=[0]")

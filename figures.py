@@ -75,3 +75,33 @@ def sample_grid_figure(grids: list[tuple[str, str | Path]], path: str | Path) ->
         ax.set_title(title, fontsize=9)
     _save(fig, path)
     plt.close(fig)
+
+
+def msp_figure(rows: list[dict], path: str | Path) -> None:
+    """One panel per expert: its max-softmax distribution (histogram shares, mean over seeds) on real test
+    images of its own domain, of the other domains, and on each synthesizer's images of it."""
+    import numpy as np
+
+    plt = _pyplot()
+    experts = list(dict.fromkeys(r["expert"] for r in rows))
+    synthesizers = list(dict.fromkeys(r["synthesizer"] for r in rows))
+    fig, axes = plt.subplots(1, len(experts), figsize=(3.2 * len(experts), 2.8), squeeze=False, sharey=True)
+
+    def mean_histogram(group: list[dict], key: str) -> np.ndarray:
+        return np.mean([r["msp_histogram"][key] for r in group], axis=0)
+
+    for ax, expert in zip(axes[0], experts):
+        mine = [r for r in rows if r["expert"] == expert]
+        bins = len(mine[0]["msp_histogram"]["real_in"])
+        centres = (np.arange(bins) + 0.5) / bins
+        ax.plot(centres, mean_histogram(mine, "real_in"), color="black", label="real, own domain")
+        ax.plot(centres, mean_histogram(mine, "real_out"), color="grey", linestyle="--", label="real, other domains")
+        for synthesizer in synthesizers:
+            group = [r for r in mine if r["synthesizer"] == synthesizer]
+            ax.plot(centres, mean_histogram(group, "synthetic"), label=f"synthetic ({synthesizer})")
+        ax.set_title(expert, fontsize=9)
+        ax.set_xlabel("max softmax")
+    axes[0, 0].set_ylabel("share of images")
+    axes[0, -1].legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)

@@ -38,10 +38,11 @@ from common import (CheckpointError, append_row, atomic_write_text, cli, derive_
                     mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
 from data import InputFormat, load_task, prepare_input, to_unit
 from gating import gate_inputs, in_domain_probability
-from problems import Problem, build_problem, expert_activations, expert_logits, test_batches
+from problems import Problem, build_problem, expert_activations, expert_logits, run_experts, test_batches
 from report import merge_report
-from strategies import (BASE_CODE, NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs, StrategyCall,
-                        check_fusion, parse_strategies)
+from strategies import (BASE_CODE, DEFAULT_SYNTHESIZER, NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs,
+                        StrategyCall, check_fusion, parse_strategies)
+from synthesis import components, load_set
 
 SELECTION_SEED = "selection half"  # names the seeded split of every combined test set into two halves
 
@@ -122,27 +123,54 @@ def gate_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) 
     ``gates_from`` takes the gates of another problem (the universal gate: one file for every expert)."""
     if call.param("regime") is None:
         return []
-    return gate_paths(layout, problem, call.param("gate"), call.param("regime"), call.param("gates_from"), seed)
+    return gate_paths(layout, problem, call.param("gate"), call.param("regime"), call.param("gates_from"), seed,
+                      synthesizer_of(call))
 
 
-def gate_paths(layout: Layout, problem: Problem, gate_type: str, regime: str, gates_from: str,
-               seed: int) -> list[Path]:
+def gate_paths(layout: Layout, problem: Problem, gate_type: str, regime: str, gates_from: str, seed: int,
+               synthesizer: str) -> list[Path]:
     """Per evaluated expert, the gate file it reads; another problem's gates (``gates_from``) are universal
     gates, one file that serves every expert."""
     if gates_from:
-        return [layout.gate_path(gates_from, regime, gate_type, None, seed)] * len(problem.experts)
-    return layout.gate_paths(problem.name, regime, gate_type, seed)
+        return [layout.gate_path(gates_from, regime, gate_type, None, seed, synthesizer)] * len(problem.experts)
+    return layout.gate_paths(problem.name, regime, gate_type, seed, synthesizer)
+
+
+def set_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) -> list[Path]:
+    """The synthetic image sets a calibration rule reads (none for other strategies)."""
+    if call.name != "calibrated":
+        return []
+    return [layout.synthetic_path(part, e, seed) for part in components(synthesizer_of(call)) for e in problem.experts]
+
+
+def synthesizer_of(call: StrategyCall) -> str:
+    return call.param("synthesizer") or DEFAULT_SYNTHESIZER
 
 
 def gate_runner(layout: Layout, problem: Problem, activations, seed: int, device: torch.device):
-    """``run_gates(gate, regime, gates_from)``: every expert's gate probability on the test set."""
-    def run_gates(gate_type: str, regime: str, gates_from: str) -> torch.Tensor:
-        paths = gate_paths(layout, problem, gate_type, regime, gates_from, seed)
-        hint = layout.gate_command(gates_from or problem.name, regime, gate_type, seed)
+    """``run_gates(gate, regime, gates_from, synthesizer)``: every expert's gate probability on the test set."""
+    def run_gates(gate_type: str, regime: str, gates_from: str, synthesizer: str) -> torch.Tensor:
+        paths = gate_paths(layout, problem, gate_type, regime, gates_from, seed, synthesizer)
+        hint = layout.gate_command(gates_from or problem.name, regime, gate_type, seed, synthesizer)
         gates = {p: load_model(p, hint=hint, device=device)[0] for p in dict.fromkeys(paths)}
         return torch.stack([in_domain_probability(gates[p], gate_inputs(gate_type, logits, features))
                             for p, (logits, features) in zip(paths, activations)], dim=1)
     return run_gates
+
+
+def synthetic_runner(layout: Layout, problem: Problem, models, formats, seed: int, device: torch.device):
+    """``run_synthetic(synthesizer)``: ``[k][j]`` expert k's logits on expert j's synthetic images."""
+    def run_synthetic(synthesizer: str) -> list[list[torch.Tensor]]:
+        sets = [torch.cat([load_set(layout.synthetic_path(part, e, seed),
+                                    hint=layout.gan_command(problem.name, [seed], [part]))[0]
+                           for part in components(synthesizer)]) for e in problem.experts]
+        on_sets = [[] for _ in models]
+        for images in sets:
+            batches = (to_unit(images[i:i + 1024], device) for i in range(0, len(images), 1024))
+            for k, (logits, _) in enumerate(run_experts(models, formats, batches)):
+                on_sets[k].append(logits)
+        return on_sets
+    return run_synthetic
 
 
 def gate_identity(paths: list[Path], problem: Problem, expert_digests: list[str], probs: torch.Tensor,
@@ -198,9 +226,11 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
     keys = {f"expert:{name}": row_key(common, {"experts": expert_digests}, BASE_CODE) for name in problem.names}
     for call in calls:
         gates = [digest_of(p) for p in dict.fromkeys(gate_files(layout, problem, call, seed))]
+        sets = [digest_of(p) for p in set_files(layout, problem, call, seed)]
         settings = {**common, "strategy": call.label, "params": call.params,
                     **({"fusion_samples": cfg.fusion_samples} if REGISTRY[call.name].fusion else {})}
-        keys[call.label] = row_key(settings, {"experts": expert_digests, "gates": gates}, REGISTRY[call.name].code)
+        upstream = {"experts": expert_digests, "gates": gates, **({"sets": sets} if sets else {})}
+        keys[call.label] = row_key(settings, upstream, REGISTRY[call.name].code)
     history = read_rows(cache_path)  # every row stored for this seed, of any settings
     stored = {(r["strategy"], json.dumps(r.get("key"), sort_keys=True)): r for r in history}
     latest = {r["strategy"]: r for r in history}  # the last row of each label says why a row is stale
@@ -254,7 +284,8 @@ def compute_rows(cfg: config.MergeConfig, layout: Layout, problem: Problem, call
 
     inputs = MergeInputs(logits, problem.label_maps, domain.to(device),
                          run_passes=pass_runner(problem, models, formats, logits, device, seed, cfg.batch_size),
-                         run_gates=gate_runner(layout, problem, activations, seed, device))
+                         run_gates=gate_runner(layout, problem, activations, seed, device),
+                         run_synthetic=synthetic_runner(layout, problem, models, formats, seed, device))
     pass_times: dict[str, float] = {}
     for call in calls:
         setting = call.param("setting")
@@ -272,7 +303,8 @@ def compute_rows(cfg: config.MergeConfig, layout: Layout, problem: Problem, call
         extra = {}
         if call.param("regime") is not None:
             paths = gate_files(layout, problem, call, seed)
-            probs = inputs.gates(call.param("gate"), call.param("regime"), call.param("gates_from"))
+            probs = inputs.gates(call.param("gate"), call.param("regime"), call.param("gates_from"),
+                                 call.param("synthesizer"))
             extra = gate_identity(paths, problem, expert_digests, probs, domain)
         finish(call.label, {"kind": "strategy", "rule": call.name, "params": call.params,
                             **score(decision, problem, labels, domain, select), **decision.row, **extra,
@@ -310,8 +342,11 @@ def main(cfg: config.MergeConfig) -> dict:
     layout = Layout(cfg)
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)
     missing = problem.missing_experts(layout, cfg.seeds)
-    missing += [layout.gate_command(c.param("gates_from") or cfg.problem, c.param("regime"), c.param("gate"), seed)
+    missing += [layout.gate_command(c.param("gates_from") or cfg.problem, c.param("regime"), c.param("gate"), seed,
+                                    synthesizer_of(c))
                 for seed in cfg.seeds for c in calls for p in gate_files(layout, problem, c, seed) if not p.exists()]
+    missing += [layout.gan_command(cfg.problem, [seed], components(synthesizer_of(c)))
+                for seed in cfg.seeds for c in calls for p in set_files(layout, problem, c, seed) if not p.exists()]
     if missing:
         raise CheckpointError("checkpoints are missing under "
                               f"{cfg.ckpt_dir}; create them with:\n  " + "\n  ".join(dict.fromkeys(missing)))

@@ -57,16 +57,37 @@ def experts_report(rows: list[dict]) -> str:
 
 
 def generators_report(rows: list[dict]) -> str:
-    """Data-free quality of the generators per expert: class balance of the expert's predictions on
-    samples (1 = uniform), its mean confidence, and another seed's agreement with its labels."""
-    lines = ["| expert | seeds | class balance | mean confidence | other seed agrees | train time (s) |",
-             "|---|---|---|---|---|---|"]
-    for task, arch in dict.fromkeys((r["task"], r["arch"]) for r in rows):
-        group = [r for r in rows if (r["task"], r["arch"]) == (task, arch)]
+    """Data-free quality of the synthetic sets per synthesizer and expert: class balance of the expert's
+    predictions on them (1 = uniform), its mean confidence, and the realism score: how often an expert of
+    another seed, trained on real data and used only for evaluation, agrees with its labels."""
+    lines = ["| synthesizer | expert | seeds | class balance | mean confidence | realism: other seed agrees | "
+             "time (s) |", "|---|---|---|---|---|---|---|"]
+    for synthesizer, task, arch in dict.fromkeys((r.get("synthesizer", "dafl"), r["task"], r["arch"]) for r in rows):
+        group = [r for r in rows if (r.get("synthesizer", "dafl"), r["task"], r["arch"]) == (synthesizer, task, arch)]
         agree = [r["cross_seed_agreement"] for r in group if r["cross_seed_agreement"] is not None]
-        lines.append(f"| {task} ({arch}) | {len(group)} | {pct([r['balance'] for r in group])} | "
+        lines.append(f"| {synthesizer} | {task} ({arch}) | {len(group)} | {pct([r['balance'] for r in group])} | "
                      f"{pct([r['mean_confidence'] for r in group])} | {pct(agree) if agree else 'n/a'} | "
                      f"{mean_std(r['train_time_s'] for r in group)[0]:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def diagnostics_report(rows: list[dict], gates: list[dict]) -> str:
+    """Per synthesizer and expert: the Frechet distance of its synthetic set to its real test images in its own
+    feature space, its mean max-softmax on synthetic / real own / real other images, and the best membership
+    accuracy of its data-free gates on the real test set (evaluation only, diagnostics.py)."""
+    lines = ["| synthesizer | expert | Frechet distance | mean max-softmax: synthetic | real, own domain | "
+             "real, other domains | best data-free gate membership (type) |", "|---|---|---|---|---|---|---|"]
+    for synthesizer, expert in dict.fromkeys((r["synthesizer"], r["expert"]) for r in rows):
+        group = [r for r in rows if (r["synthesizer"], r["expert"]) == (synthesizer, expert)]
+        msp = [pct([r["mean_msp"][k] for r in group]) for k in ("synthetic", "real_in", "real_out")]
+        member: dict[str, list[float]] = {}
+        for r in gates:
+            if (r.get("synthesizer"), r["regime"], r["expert"]) == (synthesizer, "synthetic", expert):
+                member.setdefault(r["gate_type"], []).append(r["membership_acc"])
+        best = max(member.items(), key=lambda kv: mean_std(kv[1])[0]) if member else None
+        membership = f"{pct(best[1])} ({best[0]})" if best else "n/a"
+        fd = mean_std(r["frechet_distance"] for r in group)
+        lines.append(f"| {synthesizer} | {expert} | {fd[0]:.1f} ± {fd[1]:.1f} | {' | '.join(msp)} | {membership} |")
     return "\n".join(lines) + "\n"
 
 
@@ -75,10 +96,13 @@ def gates_report(rows: list[dict]) -> str:
     experts = list(dict.fromkeys(r["expert"] for r in rows))
     lines = ["| regime | gate type | " + " | ".join(f"{e} in/out acc" for e in experts) + " |",
              "|---|---|" + "---|" * len(experts)]
-    for regime, gate_type in dict.fromkeys((r["regime"], r["gate_type"]) for r in rows):
-        cells = [pct([r["membership_acc"] for r in rows if (r["regime"], r["gate_type"], r["expert"])
-                      == (regime, gate_type, e)]) for e in experts]
-        lines.append(f"| {regime} | {gate_type} | " + " | ".join(cells) + " |")
+    def regime(r: dict) -> str:
+        return r["regime"] if r.get("synthesizer") is None else f"{r['regime']} ({r['synthesizer']})"
+
+    for name, gate_type in dict.fromkeys((regime(r), r["gate_type"]) for r in rows):
+        cells = [pct([r["membership_acc"] for r in rows if (regime(r), r["gate_type"], r["expert"])
+                      == (name, gate_type, e)]) for e in experts]
+        lines.append(f"| {name} | {gate_type} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -88,8 +112,10 @@ def gates_report(rows: list[dict]) -> str:
 LOGIT_STATISTICS = {"naive", "std_lower", "std_higher", "ratio", "overall_ratio", "thirdQ", "thirdQ_original",
                     "max_logit"}
 OOD_SCORES = {"max_softmax", "energy", "neg_entropy"}
+CALIBRATION = {"calibrated"}
 REGIME_NAMES = {"real": "real data", "synthetic": "data-free", "noise": "noise negatives"}
-FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "multi-pass mean", "multi-pass voting",
+FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calibration", "multi-pass mean",
+            "multi-pass voting",
             "gates, real data", "gates, data-free", "gates, noise negatives",
             "universal gate, real data", "universal gate, data-free",
             "universal gate, real data, some experts unseen", "universal gate, data-free, some experts unseen",
@@ -114,6 +140,8 @@ def family(row: dict) -> str | None:
         return "logit statistics"
     if rule in OOD_SCORES:
         return "OOD scores"
+    if rule in CALIBRATION:
+        return "data-free calibration"
     if rule in ("tta_mean", "tta_voting"):
         return "multi-pass " + rule.removeprefix("tta_")
     if rule.startswith("gate_"):
@@ -234,6 +262,20 @@ def gates_table(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def synthesis_table(rows: list[dict], title: str) -> str:
+    """Data-free gates by synthesizer and gate type (rows) and routing rule (columns), then every other rule
+    of the table (calibration rules, baselines, real-data gates) as a strategy table."""
+    seeds = len({r["seed"] for r in rows})
+    data_free = [r for r in rows if r.get("rule", "").startswith("gate_") and r["params"]["regime"] == "synthetic"]
+    lines = [f"### {title}", "", f"{seeds} seed(s); accuracy in % as mean ± std over seeds. {_baselines(rows)}".rstrip(),
+             ""]
+    lines += _pivot(data_free, key=lambda r: (r["params"].get("synthesizer") or "dafl", r["params"]["gate"]),
+                    column=lambda r: r["rule"], columns=["gate_hard", "gate_confident", "gate_soft"],
+                    key_names=["synthesizer", "gate type"])
+    others = [r for r in rows if r not in data_free]
+    return "\n".join(lines) + "\n\n" + merge_report(others, f"{title}: the other rules").replace("### ", "#### ", 1)
+
+
 def gate_identity_table(rows: list[dict]) -> str:
     """For the universal gate's rows: per evaluated expert, whether the gate was trained on that very
     checkpoint, and its membership accuracy on the expert's own vs other test images (mean ± std, %)."""
@@ -261,6 +303,8 @@ def table_report(name: str, rows: list[dict]) -> str:
         return multipass_table(rows, title)
     if name.startswith("gates_"):
         return gates_table(rows, title)
+    if name.startswith("synthesis_"):
+        return synthesis_table(rows, title)
     if name.startswith("universal_"):
         identity = gate_identity_table(rows)
         text = merge_report(rows, title)
@@ -285,7 +329,8 @@ def timings_table(timings: list[dict]) -> str:
 
 def reproduction_report(header: str, tables: dict[str, list[dict]], series: dict[str, list[str]],
                         experts_per_problem: dict[str, int], experts: list[dict], generators: list[dict],
-                        gates: dict[str, list[dict]], timings: list[dict], figures: dict[str, str]) -> str:
+                        gates: dict[str, list[dict]], timings: list[dict], figures: dict[str, str],
+                        diagnostics: dict[str, list[dict]] | None = None) -> str:
     """The whole report of one pipeline run, from its result rows (pure: no file is read)."""
     rows_by_problem: dict[str, list[dict]] = {}
     for rows in tables.values():
@@ -304,9 +349,19 @@ def reproduction_report(header: str, tables: dict[str, list[dict]], series: dict
     if experts:
         parts += ["## Experts", "", experts_report(experts)]
     if generators:
-        parts += ["## Data-free generators", "", generators_report(generators)]
-        if "gan_samples" in figures:
-            parts += [f"![generator samples]({figures['gan_samples']})", ""]
+        parts += ["## Data-free synthesis", "", generators_report(generators)]
+        parts += [f"![{name.replace('_', ' ')}]({path})" + "\n" for name, path in figures.items()
+                  if name.startswith("samples")]
+    if diagnostics:
+        parts += ["## Why a synthetic set transfers, or not", "",
+                  "Measured against real test images, for evaluation only (diagnostics.py): the Frechet distance "
+                  "of an expert's features on its synthetic images to those on its own real test images; its mean "
+                  "max-softmax on synthetic images, on real images of its own domain and of the other domains; "
+                  "and the best membership accuracy among its data-free gates.", ""]
+        for problem, rows in diagnostics.items():
+            parts += [f"### {problem}", "", diagnostics_report(rows, (gates or {}).get(problem, []))]
+            if f"msp_{problem}" in figures:
+                parts += [f"![max-softmax distributions, {problem}]({figures[f'msp_{problem}']})", ""]
     if gates:
         parts += ["## Gate membership accuracy on the real combined test set", ""]
         for problem, rows in gates.items():

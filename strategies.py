@@ -30,6 +30,7 @@ from config import ConfigError, ProblemSpec, coerce
 from fusion import (class_share_weights, clafusion, conductance_importance, ensemble_softmax, finetune,
                     hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg)
 from gating import GATE_TYPES, REGIMES
+from synthesis import components
 
 NO_EXPERT = -1  # Decision.expert of a sample no single expert answered (a fused network or an ensemble did)
 
@@ -65,10 +66,12 @@ class MergeInputs:
     label_maps: list[Tensor]  # expert k's local class j -> global id
     domain: Tensor | None = None  # true expert of each sample: only the oracle may read it
     run_passes: Callable[[str], list[list[Tensor]]] | None = None
-    run_gates: Callable[[str, str, str], Tensor] | None = None
+    run_gates: Callable[[str, str, str, str], Tensor] | None = None
+    run_synthetic: Callable[[str], list[list[Tensor]]] | None = None
     fusion: FusionInputs | None = None  # problems with shared labels, for the fusion rules
     _passes: dict[str, list[list[Tensor]]] = field(default_factory=dict, repr=False)
-    _gates: dict[tuple[str, str, str], Tensor] = field(default_factory=dict, repr=False)
+    _gates: dict[tuple[str, str, str, str], Tensor] = field(default_factory=dict, repr=False)
+    _synthetic: dict[str, list[list[Tensor]]] = field(default_factory=dict, repr=False)
 
     def passes(self, setting: str) -> list[list[Tensor]]:
         """Logits per pass (pass 0 = the original images) per expert, for a TTA setting."""
@@ -78,14 +81,23 @@ class MergeInputs:
             self._passes[setting] = self.run_passes(setting)
         return self._passes[setting]
 
-    def gates(self, gate: str, regime: str, gates_from: str = "") -> Tensor:
+    def gates(self, gate: str, regime: str, gates_from: str = "", synthesizer: str = "") -> Tensor:
         """``[N, experts]``: each expert's gate's probability that the sample is its own (cached)."""
         if self.run_gates is None:
             raise RuntimeError("this evaluation has no gating networks")
-        key = (gate, regime, gates_from)
+        key = (gate, regime, gates_from, synthesizer or DEFAULT_SYNTHESIZER)
         if key not in self._gates:
             self._gates[key] = self.run_gates(*key)
         return self._gates[key]
+
+    def synthetic(self, synthesizer: str = "") -> list[list[Tensor]]:
+        """``[k][j]``: expert k's logits on expert j's synthetic images (cached); data-free, no real image."""
+        if self.run_synthetic is None:
+            raise RuntimeError("this evaluation has no synthetic image sets")
+        name = synthesizer or DEFAULT_SYNTHESIZER
+        if name not in self._synthetic:
+            self._synthetic[name] = self.run_synthetic(name)
+        return self._synthetic[name]
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,7 @@ BASE_CODE = ("strategies.py", "merge.py", "problems.py", "data.py", "archs/__ini
              "archs/resnet.py", "archs/mlp.py")
 TTA_CODE = BASE_CODE + ("augments.py",)
 GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py")
+DEFAULT_SYNTHESIZER = "dafl"  # what a rule's ``synthesizer=""`` reads: the paper's generator
 FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
                                 ("__init__", "_common", "transport", "cross_layer", "interpolation", "ensemble"))
 
@@ -198,11 +211,26 @@ def rejoin_labels(entries: list[Any]) -> list[Any]:
     return out
 
 
+def expand_grids(entries: list[Any]) -> list[Any]:
+    """A mapping whose values include lists stands for the grid of every combination, in the order its keys
+    are given: ``{name: [gate_hard, gate_soft], gate: [feature, logits], regime: synthetic}`` is four entries."""
+    out: list[Any] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            out.append(entry)
+            continue
+        grid = [{}]
+        for key, value in entry.items():
+            grid = [{**partial, key: v} for partial in grid for v in (value if isinstance(value, list) else [value])]
+        out += grid
+    return out
+
+
 def parse_strategies(entries: list[Any]) -> list[StrategyCall]:
-    """Config entries (a name, a label as the tables print it, or a mapping with ``name`` and parameters)
-    -> validated calls."""
+    """Config entries (a name, a label as the tables print it, or a mapping with ``name`` and parameters,
+    whose list values expand to a grid) -> validated calls."""
     calls = []
-    for entry in rejoin_labels(list(entries)):
+    for entry in expand_grids(rejoin_labels(list(entries))):
         if isinstance(entry, str):
             name, given = parse_label(entry)
         elif isinstance(entry, dict) and "name" in entry:
@@ -215,12 +243,24 @@ def parse_strategies(entries: list[Any]) -> list[StrategyCall]:
             raise ConfigError(f"unknown strategy {name!r}{hint} (choices: {', '.join(REGISTRY)})")
         defaults = {k: default for k, (_, default) in REGISTRY[name].params.items()}
         # defaults filled in, so `tta_mean` and `{name: tta_mean, setting: <default>}` are one strategy
-        calls.append(StrategyCall(name, {**defaults, **_check_params(REGISTRY[name], given)}))
+        calls.append(StrategyCall(name, _check_synthesizer(name, {**defaults, **_check_params(REGISTRY[name], given)})))
     labels = [c.label for c in calls]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise ConfigError(f"strategies listed twice: {', '.join(duplicates)}")
     return calls
+
+
+def _check_synthesizer(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A rule reading synthetic sets names a synthesizer or mixture ("" = the default, dafl, which is also
+    spelled ""); gates of the real regime read none."""
+    synthesizer = params.get("synthesizer")
+    if not synthesizer:
+        return params
+    components(synthesizer)
+    if params.get("regime") == "real":
+        raise ConfigError(f"strategy {name!r}: gates of regime real read real images, not synthesizer={synthesizer!r}")
+    return {**params, "synthesizer": "" if synthesizer == DEFAULT_SYNTHESIZER else synthesizer}
 
 
 def _check_params(strategy: Strategy, given: dict[str, Any]) -> dict[str, Any]:
@@ -317,28 +357,55 @@ def third_quartile_original(inputs: MergeInputs) -> Decision:
 
 # ---------------------------------------------------------------- out-of-distribution scores
 
+SCORES: dict[str, Callable[[Tensor], Tensor]] = {  # per sample, higher = more confident
+    "max_softmax": lambda o: o.softmax(dim=1).max(dim=1).values,
+    "energy": lambda o: o.logsumexp(dim=1),  # minus the free energy
+    "neg_entropy": lambda o: (o.softmax(dim=1) * o.log_softmax(dim=1)).sum(dim=1),
+    "max_logit": lambda o: o.max(dim=1).values,
+}
+Score = Literal[tuple(SCORES)]  # type: ignore[valid-type]
+
+
 @register("max_softmax")
 def max_softmax(inputs: MergeInputs) -> Decision:
     """Trust the expert with the highest maximum softmax probability."""
-    return choose_by_score(inputs, lambda o: o.softmax(dim=1).max(dim=1).values)
+    return choose_by_score(inputs, SCORES["max_softmax"])
 
 
 @register("energy")
 def energy(inputs: MergeInputs) -> Decision:
     """Trust the expert with the lowest free energy, i.e. the highest logsumexp of its logits."""
-    return choose_by_score(inputs, lambda o: o.logsumexp(dim=1))
+    return choose_by_score(inputs, SCORES["energy"])
 
 
 @register("neg_entropy")
 def neg_entropy(inputs: MergeInputs) -> Decision:
     """Trust the expert whose softmax has the lowest entropy."""
-    return choose_by_score(inputs, lambda o: (o.softmax(dim=1) * o.log_softmax(dim=1)).sum(dim=1))
+    return choose_by_score(inputs, SCORES["neg_entropy"])
 
 
 @register("max_logit")
 def max_logit(inputs: MergeInputs) -> Decision:
     """Trust the expert with the highest top logit (the same decision as naive, by construction)."""
-    return choose_by_score(inputs, lambda o: o.max(dim=1).values)
+    return choose_by_score(inputs, SCORES["max_logit"])
+
+
+# ---------------------------------------------------------------- data-free calibration of the scores
+
+@register("calibrated")
+def calibrated(inputs: MergeInputs, *, score: Score = "energy", reference: Literal["own", "others"] = "own",
+               synthesizer: str = "") -> Decision:
+    """Trust the expert whose score stands highest against its own distribution on synthetic images: the
+    score standardised by its mean and std on the expert's own synthetic set (``reference=own``), or on the
+    other experts' synthetic sets, its data-free stand-in for inputs that are not its own (``others``), so
+    experts whose scores live on different scales become comparable. Reads no real image."""
+    on_sets, fn = inputs.synthetic(synthesizer), SCORES[score]
+    columns = []
+    for k, logits in enumerate(inputs.logits):
+        own = [j for j in range(len(inputs.logits)) if (j == k) == (reference == "own")]
+        reference_scores = torch.cat([fn(on_sets[k][j]) for j in own])
+        columns.append((fn(logits) - reference_scores.mean()) / reference_scores.std().clamp(min=1e-6))
+    return choose(inputs, torch.stack(columns, dim=1).argmax(dim=1))
 
 
 # ---------------------------------------------------------------- bound
@@ -387,10 +454,11 @@ Regime = Literal[REGIMES]  # type: ignore[valid-type]
 
 @register("gate_hard", code=GATE_CODE)
 def gate_hard(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
-              gates_from: str = "") -> Decision:
+              gates_from: str = "", synthesizer: str = "") -> Decision:
     """The paper's rule: if exactly one gate says yes (p > 0.5), trust its expert; otherwise naive.
-    ``gates_from`` names the problem whose gates to use (empty: the problem evaluated)."""
-    says_yes = inputs.gates(gate, regime, gates_from) > 0.5
+    ``gates_from`` names the problem whose gates to use (empty: the problem evaluated); ``synthesizer`` the
+    synthetic sets the data-free gates were trained on (empty: dafl)."""
+    says_yes = inputs.gates(gate, regime, gates_from, synthesizer) > 0.5
     single = (says_yes.sum(dim=1) == 1).cpu()
     routed = choose(inputs, says_yes.int().argmax(dim=1))
     fallback = naive(inputs)
@@ -400,16 +468,16 @@ def gate_hard(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime
 
 @register("gate_confident", code=GATE_CODE)
 def gate_confident(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
-                   gates_from: str = "") -> Decision:
+                   gates_from: str = "", synthesizer: str = "") -> Decision:
     """Trust the expert whose gate is most confident that the sample is its own."""
-    return choose(inputs, inputs.gates(gate, regime, gates_from).argmax(dim=1))
+    return choose(inputs, inputs.gates(gate, regime, gates_from, synthesizer).argmax(dim=1))
 
 
 @register("gate_soft", code=GATE_CODE)
 def gate_soft(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
-              gates_from: str = "") -> Decision:
+              gates_from: str = "", synthesizer: str = "") -> Decision:
     """Mixture: each expert's softmax weighted by its gate's probability, argmax over all classes."""
-    weights = inputs.gates(gate, regime, gates_from)
+    weights = inputs.gates(gate, regime, gates_from, synthesizer)
     mixture = torch.cat([weights[:, k:k + 1] * o.softmax(dim=1) for k, o in enumerate(inputs.logits)], dim=1)
     return concat_argmax(mixture, inputs.label_maps)
 

@@ -1,84 +1,108 @@
-"""Data-free synthesis: DAFL generators trained against one frozen expert, their samples and their quality.
+"""Synthesizers: the registry of data-free image makers, the stored image sets they write, and their quality.
 
-No real image is read here. The generator speaks its expert's normalised input space; ``sample_images``
-turns its output back into [0,1] pixels, which any expert then reads in its own format.
+A synthesizer makes, for one expert and seed, a set of images from that expert alone (DESIGN.md section 4,
+"Synthesizers"); the gate stage reads the sets through ``synthesizer=NAME``. Its settings are the config
+section of the same name (config.DaflTraining, InversionSettings, DeepInversionSettings), typed and checked
+when the config loads. A *mixture* ``a+b`` pools the sets of its synthesizers (the gates read both).
+
+A stored set is ``{"images": uint8 [N, C, 32, 32], "meta": {...}}``: 8-bit pixels, like real images, read
+with ``torch.load(weights_only=True)``; its ``meta["digest"]`` names the images exactly.
 """
 from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchvision.utils import save_image
 
 import config
-from archs import build_model
-from common import make_generator, progress
+from common import UserError, atomic_torch_save, state_digest
 from data import InputFormat, prepare_input
-from training import Resume, Saver
 
 GRID_SAMPLES = 64
 
 
-def dafl_loss(logits: torch.Tensor, features: torch.Tensor, oh_weight: float, ie_weight: float,
-              a_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """DAFL's generator loss on the expert's outputs for a batch of generated images."""
-    one_hot = F.cross_entropy(logits, logits.argmax(dim=1))
-    mean_prob = logits.softmax(dim=1).mean(dim=0)
-    info_entropy = (mean_prob * torch.log(mean_prob + 1e-12)).sum()  # -H: minimising balances classes
-    activation = features.abs().mean()
-    loss = oh_weight * one_hot + ie_weight * info_entropy - a_weight * activation
-    return loss, {"one_hot": one_hot.item(), "info_entropy": info_entropy.item(), "activation": activation.item()}
+@dataclass(frozen=True)
+class Synthesizer:
+    name: str
+    summary: str
+    needs_batchnorm: bool = False  # it matches BatchNorm statistics, so its experts must have BatchNorm layers
+
+    @property
+    def section(self) -> str:
+        """The config section holding its settings."""
+        return self.name
+
+    def settings(self, cfg) -> object:
+        return getattr(cfg, self.section)
 
 
-def train_generator(expert: nn.Module, fmt: InputFormat, dafl: config.DaflTraining, noise_seed: int,
-                    device: torch.device, desc: str, resume: Resume | None = None) -> tuple[nn.Module, list[dict]]:
-    """Adam on the DAFL loss against the frozen ``expert``; returns the generator (eval mode) and a log
-    (one entry per epoch). With ``resume`` a killed run continues from its last saved epoch."""
-    generator = build_model("generator", latent_dim=dafl.latent_dim, out_channels=fmt.channels,
-                            img_size=32, width=dafl.width).to(device)
-    optimiser = torch.optim.Adam(generator.parameters(), lr=dafl.lr)
-    noise = make_generator(noise_seed, device)
-    expert.eval().requires_grad_(False)
-    saver = Saver(resume, generator, optimiser, noise)
-    log: list[dict] = saver.restore()
-    generator.train()
-    for epoch in progress(range(len(log), dafl.epochs), desc=desc, leave=False, initial=len(log),
-                          total=dafl.epochs):
-        for _ in range(dafl.iters_per_epoch):
-            z = torch.randn(dafl.batch_size, dafl.latent_dim, generator=noise, device=device)
-            logits, features = expert(generator(z), return_features=True)
-            loss, parts = dafl_loss(logits, features, dafl.oh_weight, dafl.ie_weight, dafl.a_weight)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-        log.append({"epoch": epoch, "loss": loss.item(), **parts})
-        saver.epoch_done(log, dafl.epochs)
-    return generator.eval(), log
+SYNTHESIZERS = {s.name: s for s in (
+    Synthesizer("dafl", "a generator trained from noise against the expert (DAFL)"),
+    Synthesizer("inversion", "class-conditional model inversion on pixels (data impressions)"),
+    Synthesizer("deepinversion", "model inversion matching the expert's BatchNorm statistics (DeepInversion)",
+                needs_batchnorm=True),
+)}
+assert set(SYNTHESIZERS) == set(config.SYNTHESIS_SECTIONS)
 
 
-@torch.no_grad()
-def sample_images(generator: nn.Module, fmt: InputFormat, n: int, seed: int, device: torch.device,
-                  batch_size: int = 1024) -> torch.Tensor:
-    """``n`` generated images as [0,1] pixels: the generator speaks its expert's normalised space, so
-    undo that normalisation and clamp, which lets any expert read them in its own format."""
-    noise = make_generator(seed, device)
-    mean = torch.tensor(fmt.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(fmt.std, device=device).view(1, -1, 1, 1)
-    latent = generator.project.in_features
-    chunks = []
-    for start in range(0, n, batch_size):
-        z = torch.randn(min(batch_size, n - start), latent, generator=noise, device=device)
-        chunks.append((generator(z) * std + mean).clamp(0, 1))
-    return torch.cat(chunks)
+def components(name: str) -> list[str]:
+    """The synthesizers of ``name`` (one, or the parts of a mixture ``a+b``); unknown names are ConfigErrors."""
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in SYNTHESIZERS]
+    if unknown or len(set(parts)) != len(parts):
+        raise config.ConfigError(f"synthesizer {name!r}: {'unknown ' + repr(unknown[0]) if unknown else 'a part twice'}; "
+                                 f"choices: {', '.join(SYNTHESIZERS)} or mixtures of them joined by '+' "
+                                 f"(e.g. dafl+inversion)")
+    return parts
 
+
+def check_experts(name: str, archs: list[str], arch_kwargs: list[dict]) -> None:
+    """Raise ConfigError before any work when a synthesizer cannot run on these experts (BatchNorm needed)."""
+    from archs import build_model
+
+    for part in components(name):
+        if not SYNTHESIZERS[part].needs_batchnorm:
+            continue
+        for arch, kwargs in zip(archs, arch_kwargs):
+            model = build_model(arch, **kwargs)
+            if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                raise config.ConfigError(f"synthesizer {part!r} matches BatchNorm statistics, and experts of arch "
+                                         f"{arch!r} have no BatchNorm layer; use inversion or dafl for them")
+
+
+# ---------------------------------------------------------------- stored sets
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0,1] float images -> 8-bit pixels, as real images are stored."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def save_set(path: Path, images: torch.Tensor, meta: dict) -> str:
+    """Write a set of uint8 images atomically; returns (and stores in meta) the digest of the images."""
+    digest = state_digest({"images": images})
+    atomic_torch_save({"images": images, "meta": {**meta, "digest": digest}}, path)
+    return digest
+
+
+def load_set(path: Path, hint: str = "") -> tuple[torch.Tensor, dict]:
+    if not path.is_file():
+        raise UserError(f"synthetic image set {path} does not exist" + (f"; create it with: {hint}" if hint else ""))
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    return stored["images"], stored["meta"]
+
+
+# ---------------------------------------------------------------- quality without real data
 
 @torch.no_grad()
 def sample_quality(expert: nn.Module, fmt: InputFormat, images: torch.Tensor,
                    other_expert: nn.Module | None) -> dict:
-    """Class balance and confidence of the expert on samples, and another seed's agreement with it."""
+    """Class balance and confidence of the expert on samples ([0,1] images), and the realism score: how often
+    an expert of another seed (trained on real data, used only for evaluation) agrees with its labels."""
     logits = expert(prepare_input(images, fmt))
     probs = logits.softmax(dim=1)
     labels = probs.argmax(dim=1)

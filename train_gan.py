@@ -1,15 +1,17 @@
-"""Train data-free generators: one per expert per seed, each against *its own* expert (DAFL).
+"""Data-free synthesis: per synthesizer, one stored set of images per expert per seed, made from that expert alone.
 
-    python train_gan.py problem=disjoint_mnist seeds=[770597] experiments/gan_cpu.yaml
+    python train_gan.py problem=disjoint_mnist seeds=[770597] synthesizers=[dafl,inversion] experiments/gan_cpu.yaml
 
-The expert is frozen in eval mode; the generator learns from noise to produce inputs the expert
-classifies confidently (one-hot cross-entropy against its own argmax), spread over its classes
-(information entropy of the batch-mean softmax) and that excite its features (mean absolute
-feature activation). No real image is read. Per generator: a checkpoint (its name carries the key of its
-recipe: section ``dafl`` and its expert's recipe), a PNG grid of samples from fixed noise, and quality
-figures measured without real data: the class balance of the expert's predictions on samples, its mean
-confidence, and how often an expert of another seed agrees with this expert's labels. A killed run
-continues from its last saved epoch.
+Synthesizers (synthesis.SYNTHESIZERS; settings in the sections of the same name):
+- ``dafl``: a generator trained from noise against the frozen expert (DAFL: it classifies the samples
+  confidently, spread over its classes, with strong feature activations); the set is drawn from it.
+- ``inversion``: class-conditional model inversion on pixels (data impressions).
+- ``deepinversion``: model inversion matching the expert's BatchNorm statistics (experts with batch norm).
+No real image is read. Per set: the images (checkpoints/synthetic/...), a PNG grid of the first 64, and
+quality figures measured without real data: the class balance of the expert's predictions on the images,
+its mean confidence, and the realism score: how often an expert of another seed (trained on real data, used
+for evaluation only) agrees with this expert's labels. File names carry the key of each recipe; a killed
+run continues from its last saved epoch (DAFL) or batch of images (inversions).
 """
 from __future__ import annotations
 
@@ -17,14 +19,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 import config
 from artifacts import ExpertId, Layout, check_reuse, digest_of, experts_of, recipe_key, tally
 from common import (CheckpointError, atomic_write_bytes, cli, derive_seed, load_model, mean_std, print_summary,
                     progress, resolve_device, save_checkpoint, seed_everything, write_rows)
+from dafl import build_generator, sample_images, train_generator
 from data import InputFormat
-from synthesis import GRID_SAMPLES, png_grid, sample_images, sample_quality, train_generator
+from inversion import data_impressions, deep_inversion
+from synthesis import (GRID_SAMPLES, check_experts, components, png_grid, sample_quality, save_set, to_uint8)
 from training import Resume
+
+INVERSIONS = {"inversion": data_impressions, "deepinversion": deep_inversion}
 
 
 def other_seed_expert(layout: Layout, expert: ExpertId, seed: int) -> Path | None:
@@ -36,56 +43,112 @@ def other_seed_expert(layout: Layout, expert: ExpertId, seed: int) -> Path | Non
     return others[0] if others else None
 
 
-def train_one(cfg: config.GanConfig, expert: ExpertId, seed: int, device: torch.device) -> tuple[dict, str]:
-    """The generator of ``expert`` of ``seed``: trained, or reused from its checkpoint; and why it was made."""
+def dafl_generator(cfg: config.GanConfig, expert: ExpertId, seed: int, model: nn.Module, fmt: InputFormat,
+                   device: torch.device) -> tuple[nn.Module, dict, str]:
+    """The DAFL generator of ``expert`` and ``seed``, its row, and why it was trained (or "reused")."""
     layout = Layout(cfg)
     path = layout.generator_path(expert, seed)
-    expert_file = layout.expert_path(expert, seed)
-    model, ckpt = load_model(expert_file, expect_arch=expert.arch, hint=layout.expert_command(expert, [seed]),
-                             device=device)
     recipe = layout.generator_recipe(expert)
-    upstream = {"expert": digest_of(expert_file)}
-    fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
-    grid = Path(cfg.results_dir) / "gan" / f"{path.stem}.png"
-    fixed_noise = derive_seed(seed, expert.task, "fixed noise")
+    upstream = {"expert": digest_of(layout.expert_path(expert, seed))}
     reuse = check_reuse(path, recipe, upstream, cfg.force)
     if reuse.reused:
-        if not grid.is_file():  # results moved or deleted: draw the same samples again from the checkpoint
-            generator = load_model(path, expect_arch="generator", device=device)[0]
-            images = sample_images(generator, fmt, cfg.eval_samples, fixed_noise, device)
-            atomic_write_bytes(grid, png_grid(images[:GRID_SAMPLES]))
-        return {**reuse.meta["row"], "grid": str(grid), "resumed": True}, reuse.why
+        return load_model(path, expect_arch="generator", device=device)[0], reuse.meta["row"], reuse.why
     seed_everything(derive_seed(seed, expert.task, expert.arch, "generator"), cfg.deterministic)
     resume = Resume.beside(path, recipe_key(recipe) + upstream["expert"])
     start = time.perf_counter()
     generator, log = train_generator(model, fmt, cfg.dafl, derive_seed(seed, f"{expert.task} seed {seed}", "noise"),
                                      device, desc=f"{expert.task} seed {seed}", resume=resume)
-    train_time = time.perf_counter() - start
-    images = sample_images(generator, fmt, cfg.eval_samples, fixed_noise, device)
+    row = {"generator": str(path), "final_loss": log[-1] if log else None,
+           "generator_train_time_s": time.perf_counter() - start}
+    save_checkpoint(path, generator, "generator", build_generator(cfg.dafl, fmt.channels)[1], config.to_dict(cfg),
+                    {"task": expert.task, "expert_arch": expert.arch, "input_format": fmt.as_dict(), "recipe": recipe,
+                     "upstream": upstream, "log": log, "row": row})
+    resume.clear()
+    return generator, row, reuse.why
+
+
+def inverted_images(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: int, model: nn.Module,
+                    fmt: InputFormat, device: torch.device, resume: Resume) -> torch.Tensor:
+    """The inversion's images as uint8, made a batch at a time; finished batches survive a kill."""
+    settings = getattr(cfg, synthesizer)
+    saved = resume.load()
+    batches: list[torch.Tensor] = list(saved["log"]) if saved else []
+    sizes = [min(settings.batch_size, settings.images - start) for start in range(0, settings.images,
+                                                                                   settings.batch_size)]
+    for b in progress(range(len(batches), len(sizes)), desc=f"{synthesizer} {expert.task} seed {seed}", leave=False,
+                      initial=len(batches), total=len(sizes)):
+        images = INVERSIONS[synthesizer](model, fmt, settings, sizes[b], derive_seed(seed, expert.task, synthesizer, b),
+                                         device)
+        batches.append(to_uint8(images))
+        if b < len(sizes) - 1:
+            resume.save({"log": batches})
+    return torch.cat(batches)
+
+
+def make_set(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: int, device: torch.device) -> list[tuple[dict, str]]:
+    """The stored set of ``synthesizer`` for ``expert`` and ``seed``: made, or reused; with the DAFL generator's
+    own (row, why) first when it is needed. Returns (row, why) pairs."""
+    layout = Layout(cfg)
+    path = layout.synthetic_path(synthesizer, expert, seed)
+    expert_file = layout.expert_path(expert, seed)
+    model, ckpt = load_model(expert_file, expect_arch=expert.arch, hint=layout.expert_command(expert, [seed]),
+                             device=device)
+    fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
+    recipe = layout.synthetic_recipe(synthesizer, expert)
+    grid = Path(cfg.results_dir) / "gan" / synthesizer / f"{path.stem}.png"
+    done = []
+    generator = None
+    if synthesizer == "dafl":
+        generator, generator_row, why = dafl_generator(cfg, expert, seed, model, fmt, device)
+        done.append(({"kind": "generator", **generator_row}, why))
+        upstream = {"generator": digest_of(layout.generator_path(expert, seed))}
+    else:
+        upstream = {"expert": digest_of(expert_file)}
+    reuse = check_reuse(path, recipe, upstream, cfg.force)
+    if reuse.reused:
+        if not grid.is_file():  # results moved or deleted: draw the grid again from the stored set
+            images = torch.load(path, weights_only=True)["images"]
+            atomic_write_bytes(grid, png_grid(images[:GRID_SAMPLES].float() / 255))
+        return done + [({**reuse.meta["row"], "grid": str(grid), "resumed": True}, reuse.why)]
+    seed_everything(derive_seed(seed, expert.task, synthesizer), cfg.deterministic)
+    start = time.perf_counter()
+    if generator is not None:
+        pixels = sample_images(generator, fmt, cfg.dafl.images, derive_seed(seed, expert.task, "synthetic set"),
+                               device, batch_size=cfg.dafl.batch_size, mode=cfg.dafl.sample_mode)
+        images = to_uint8(pixels)
+    else:
+        resume = Resume.beside(path, recipe_key(recipe) + upstream["expert"])
+        images = inverted_images(cfg, synthesizer, expert, seed, model, fmt, device, resume)
+    make_time = time.perf_counter() - start
+    scored = images[:cfg.eval_samples].to(device).float() / 255
     other_path = other_seed_expert(layout, expert, seed)
     other = load_model(other_path, device=device)[0] if other_path else None
-    quality = sample_quality(model, fmt, images, other)
-    atomic_write_bytes(grid, png_grid(images[:GRID_SAMPLES]))
-    row = {"task": expert.task, "arch": expert.arch, **({"arch_kwargs": expert.arch_kwargs} if expert.arch_kwargs else {}),
-           "seed": seed, "expert_checkpoint": str(expert_file), **quality,
-           "other_expert": str(other_path) if other_path else None, "final_loss": log[-1] if log else None,
-           "train_time_s": train_time, "device": str(device), "grid": str(grid), "checkpoint": str(path),
+    quality = sample_quality(model, fmt, scored, other)
+    atomic_write_bytes(grid, png_grid(scored[:GRID_SAMPLES].cpu()))
+    generator_time = done[0][0]["generator_train_time_s"] if done and done[0][1] != "reused" else 0.0
+    generator_fields = {k: v for k, v in done[0][0].items() if k != "kind"} if done else {}
+    row = {"kind": "set", "synthesizer": synthesizer, "task": expert.task, "arch": expert.arch, **generator_fields,
+           **({"arch_kwargs": expert.arch_kwargs} if expert.arch_kwargs else {}), "seed": seed, "images": len(images),
+           "expert_checkpoint": str(expert_file), **quality, "other_expert": str(other_path) if other_path else None,
+           "train_time_s": make_time + generator_time, "device": str(device), "grid": str(grid), "set": str(path),
            "resumed": False}
-    meta = {"task": expert.task, "expert_arch": expert.arch, "input_format": fmt.as_dict(), "recipe": recipe,
-            "upstream": upstream, "log": log, "row": row}
-    arch_kwargs = {"latent_dim": cfg.dafl.latent_dim, "out_channels": fmt.channels, "img_size": 32,
-                   "width": cfg.dafl.width}
-    save_checkpoint(path, generator, "generator", arch_kwargs, config.to_dict(cfg), meta)
-    resume.clear()
-    return row, reuse.why
+    save_set(path, images, {"synthesizer": synthesizer, "task": expert.task, "input_format": fmt.as_dict(),
+                            "recipe": recipe, "upstream": upstream, "row": row})
+    if generator is None:
+        resume.clear()
+    return done + [(row, reuse.why)]
 
 
 def main(cfg: config.GanConfig) -> dict:
     config.check(cfg)
     if cfg.problem not in cfg.problems:
         raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
+    synthesizers = list(dict.fromkeys(part for name in cfg.synthesizers for part in components(name)))
+    spec = cfg.problems[cfg.problem]
+    for name in synthesizers:
+        check_experts(name, [e.arch for e in spec.experts], [e.arch_kwargs for e in spec.experts])
     layout = Layout(cfg)
-    experts = list(dict.fromkeys(experts_of(cfg.problems[cfg.problem])))  # one checkpoint named twice: one generator
+    experts = list(dict.fromkeys(experts_of(spec)))  # one checkpoint named twice: one set
     tasks = [e.task for e in experts]
     names = [e.task if tasks.count(e.task) == 1 else e.tag for e in experts]
     missing = [layout.expert_command(e, [s]) for e in experts for s in cfg.seeds
@@ -95,21 +158,25 @@ def main(cfg: config.GanConfig) -> dict:
                               + "\n  ".join(dict.fromkeys(missing)))
     config.print_config(cfg)
     device = resolve_device(cfg.device)
-    rows, row_names, reasons = [], [], []
-    for seed in progress(cfg.seeds, desc=f"{cfg.problem} generators"):
+    rows, reasons = [], []
+    for seed in progress(cfg.seeds, desc=f"{cfg.problem} synthesis"):
         for name, expert in zip(names, experts):
-            row, why = train_one(cfg, expert, seed, device)
-            rows.append(row)
-            row_names.append(name)
-            reasons.append(why)
+            for synthesizer in synthesizers:
+                for row, why in make_set(cfg, synthesizer, expert, seed, device):
+                    rows.append({**row, "name": name})
+                    reasons.append(why)
     stem = Path(cfg.results_dir) / "gan" / cfg.problem
-    outputs = write_rows(stem, [{**r, "config": config.to_dict(cfg)} for r in rows])
+    sets = [r for r in rows if r["kind"] == "set"]
+    outputs = write_rows(stem, [{**r, "config": config.to_dict(cfg)} for r in sets])
     outputs["config"] = str(stem.with_name(stem.name + ".config.yaml"))
     config.save(cfg, outputs["config"])
-    summary = {"problem": cfg.problem, "seeds": cfg.seeds, "outputs": outputs, **tally(reasons)}
-    for name in names:  # the task, with the arch tag where experts share a task
-        group = [r for r, n in zip(rows, row_names) if n == name]
-        summary[name] = {key: mean_std(r[key] for r in group)[0] for key in ("balance", "mean_confidence")}
+    summary = {"problem": cfg.problem, "seeds": cfg.seeds, "synthesizers": synthesizers, "outputs": outputs,
+               **tally(reasons)}
+    for synthesizer in synthesizers:
+        for name in names:  # the task, with the arch tag where experts share a task
+            group = [r for r in sets if r["name"] == name and r["synthesizer"] == synthesizer]
+            summary[f"{synthesizer}/{name}"] = {key: mean_std(r[key] for r in group)[0]
+                                                for key in ("balance", "mean_confidence")}
     print_summary(summary)
     return summary
 

@@ -7,13 +7,16 @@ Regimes (DESIGN.md section 4, "The data question"):
 - ``real``: the real training images of every expert; target = the image's own domain (the original
   code's setting, an upper bound). On a problem with shared labels (fusion parents) each parent's real
   images are its own task's training split (its part of a split, e.g. its shard), as the trainer loads it;
-- ``synthetic`` (data-free): positives are the expert's activations on its own generator's samples,
-  negatives its activations on the other experts' generator samples and on noise;
-- ``noise``: positives from the generator, negatives noise only (ablation).
+- ``synthetic`` (data-free): positives are the expert's activations on its own synthetic images (the set its
+  synthesizer made from it alone: train_gan.py), negatives its activations on the other experts' synthetic
+  images and on noise; optionally also on augmented copies of the synthetic images (``gate.augment_copies``);
+- ``noise``: positives from the synthetic set, negatives noise only (ablation).
+The data-free regimes train one set of gates per entry of ``synthesizers`` (a synthesizer, or a mixture
+``a+b`` whose sets are pooled).
 The ``universal`` gate is one gate per problem and seed, trained on softmax statistics pooled over
 all the problem's experts, so it can later be used unchanged on experts it never saw.
 A gate's file name carries the key of its recipe (section ``gate``, its regime and type, the recipes of
-the experts and generators it reads: artifacts.py); it records the digests of the expert and generator
+the experts and synthetic sets it reads: artifacts.py); it records the digests of the expert and set
 files it was trained on, is retrained when one of them was retrained since, and those digests decide
 later whether an evaluated expert is one the gate has seen.
 Every gate's membership accuracy is measured on the real combined test set. With shared labels a test
@@ -35,17 +38,18 @@ from artifacts import Layout, check_reuse, digest_of, recipe_key, tally
 from common import (CheckpointError, cli, derive_seed, load_model, make_generator, print_summary,
                     progress, read_checkpoint, resolve_device, save_checkpoint, seed_everything, write_rows)
 from data import InputFormat, load_task, to_unit
+from diagnostics import set_diagnostics
 from gating import GATE_TYPES, REGIMES, gate_arch, gate_inputs, in_domain_probability
 from problems import Problem, build_problem, expert_activations, run_experts
-from synthesis import sample_images
+from synthesis import components, load_set
 from training import Resume, train_classifier
 
 
 @dataclass
 class ImageSet:
-    """Training images of one origin: expert ``source``'s real data or generator, or noise (-1)."""
+    """Training images of one origin: expert ``source``'s real or synthetic images, or noise (-1)."""
 
-    images: torch.Tensor  # uint8 (real) or [0,1] float (generated, noise)
+    images: torch.Tensor  # uint8 (real, synthetic) or [0,1] float (noise, augmented copies)
     source: int
     kind: str
 
@@ -56,21 +60,40 @@ def real_sets(cfg: config.PanConfig, problem: Problem) -> list[ImageSet]:
             for k, t in enumerate(problem.tasks)]
 
 
-def generated_sets(cfg: config.PanConfig, problem: Problem, seed: int, device: torch.device) -> list[ImageSet]:
-    """Each expert's generator samples, plus uniform noise; no real training image is read."""
+def synthetic_sets(cfg: config.PanConfig, problem: Problem, seed: int, synthesizer: str,
+                   device: torch.device) -> list[ImageSet]:
+    """Each expert's stored synthetic images (a mixture pools its synthesizers' sets) and their augmented
+    copies, plus uniform noise; no real training image is read."""
     layout, sets = Layout(cfg), []
     for k, expert in enumerate(problem.experts):
-        generator, ckpt = load_model(layout.generator_path(expert, seed), expect_arch="generator",
-                                     hint=layout.gan_command(problem.name, [seed]), device=device)
-        fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
-        images = sample_images(generator, fmt, cfg.gate.synthetic_samples,
-                               derive_seed(seed, expert.task, "gate samples"), device)
-        sets.append(ImageSet(images, k, "generated"))
+        parts = [load_set(layout.synthetic_path(part, expert, seed),
+                          hint=layout.gan_command(problem.name, [seed], [part]))[0] for part in components(synthesizer)]
+        images = torch.cat(parts)
+        sets.append(ImageSet(images, k, "synthetic"))
+        for copy in range(cfg.gate.augment_copies):
+            sets.append(ImageSet(augmented(images, derive_seed(seed, expert.task, "augment", copy), device), k,
+                                 "augmented"))
     channels = max(InputFormat.from_dict(read_checkpoint(p)["meta"]["input_format"]).channels
                    for p in problem.expert_paths(layout, seed))
     noise = torch.rand(cfg.gate.noise_samples, channels, 32, 32, generator=make_generator(derive_seed(seed, "noise")))
     sets.append(ImageSet(noise.to(device), -1, "noise"))
     return sets
+
+
+def augmented(images: torch.Tensor, seed: int, device: torch.device, shift: int = 3,
+              noise: float = 0.05) -> torch.Tensor:
+    """One augmented copy of uint8 images, as [0,1] pixels: each image shifted by up to ``shift`` pixels
+    (zeros fill in) and given Gaussian pixel noise of std ``noise``, so a gate cannot key on a synthetic
+    image's exact position or texture."""
+    generator = make_generator(seed, device)
+    x = to_unit(images, device)
+    dx, dy = (torch.randint(-shift, shift + 1, (len(x),), generator=generator, device=device) for _ in range(2))
+    theta = torch.zeros(len(x), 2, 3, device=device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, 0, 2], theta[:, 1, 2] = -2 * dx / x.shape[3], -2 * dy / x.shape[2]
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    moved = torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return (moved + noise * torch.randn(x.shape, generator=generator, device=device)).clamp(0, 1)
 
 
 def uses(regime: str, expert: int, image_set: ImageSet) -> bool:
@@ -138,23 +161,38 @@ def membership_truth(cfg: config.PanConfig, problem: Problem, seed: int) -> torc
     return problem.domain
 
 
-def upstream_files(layout: Layout, problem: Problem, regime: str, seed: int) -> dict[str, str]:
-    """``expert:TAG`` (and, data-free, ``generator:TAG``) -> digest of every file a gate of ``regime`` reads."""
+def synthesis_rows(cfg: config.PanConfig, problem: Problem, seed: int, synthesizer: str, models, formats,
+                   test_acts, domain: torch.Tensor, device: torch.device) -> list[dict]:
+    """Per expert: how its synthetic set compares with real test images in its own eyes (diagnostics.py)."""
+    layout, rows = Layout(cfg), []
+    for k, (name, expert) in enumerate(zip(problem.names, problem.experts)):
+        images = torch.cat([load_set(layout.synthetic_path(part, expert, seed))[0] for part in components(synthesizer)])
+        batches = (to_unit(images[i:i + 1024], device) for i in range(0, len(images), 1024))
+        on_own_set = run_experts([models[k]], [formats[k]], batches, features=True)[0]
+        rows.append({"problem": problem.name, "seed": seed, "synthesizer": synthesizer, "expert": name,
+                     **set_diagnostics(on_own_set, test_acts[k], domain == k)})
+    return rows
+
+
+def upstream_files(layout: Layout, problem: Problem, regime: str, seed: int, synthesizer: str) -> dict[str, str]:
+    """``expert:TAG`` (and, data-free, ``set:SYNTHESIZER:TAG``) -> digest of every file a gate of ``regime`` reads."""
     files = {f"expert:{e.tag}": layout.expert_path(e, seed) for e in problem.experts}
     if regime != "real":
-        files.update({f"generator:{e.tag}": layout.generator_path(e, seed) for e in problem.experts})
+        files.update({f"set:{part}:{e.tag}": layout.synthetic_path(part, e, seed)
+                      for part in components(synthesizer) for e in problem.experts})
     return {name: digest_of(path) for name, path in files.items()}
 
 
 def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int, models, formats,
-                 test_activations, device, domain: torch.Tensor | None = None) -> tuple[list[dict], list[str]]:
-    """All gates of one regime and seed, and why each was made (or "reused"); image sets and activations are
-    built only if a gate is missing.
+                 test_activations, device, domain: torch.Tensor | None = None,
+                 synthesizer: str = "dafl") -> tuple[list[dict], list[str]]:
+    """All gates of one regime (for the data-free regimes: of one synthesizer) and seed, and why each was made
+    (or "reused"); image sets and activations are built only if a gate is missing.
     ``test_activations()`` gives the experts' activations on the real combined test set (computed on demand);
     ``domain`` the expert each of its samples belongs to (None: ``membership_truth``)."""
     domain = membership_truth(cfg, problem, seed) if domain is None else domain
     layout = Layout(cfg)
-    upstream = upstream_files(layout, problem, regime, seed)
+    upstream = upstream_files(layout, problem, regime, seed, synthesizer)
     jobs = []  # (gate_type, experts the gate serves, the one it serves or None for the universal gate)
     for gate_type in cfg.gate_types:
         if gate_type == "universal":
@@ -163,8 +201,8 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int
             jobs += [(gate_type, [k], k) for k in range(len(problem.tasks))]
     rows, reasons, acts, sets = [], [], None, None
     for gate_type, experts, serves in jobs:
-        path = layout.gate_path(problem.name, regime, gate_type, serves, seed)
-        recipe = layout.gate_recipe(problem.name, regime, gate_type, serves)
+        path = layout.gate_path(problem.name, regime, gate_type, serves, seed, synthesizer)
+        recipe = layout.gate_recipe(problem.name, regime, gate_type, serves, synthesizer)
         reuse = check_reuse(path, recipe, upstream, cfg.force)
         reasons.append(reuse.why)
         if reuse.reused:
@@ -177,7 +215,8 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int
             rows += [{**r, "resumed": True} for r in stored]
             continue
         if acts is None:
-            sets = real_sets(cfg, problem) if regime == "real" else generated_sets(cfg, problem, seed, device)
+            sets = (real_sets(cfg, problem) if regime == "real"
+                    else synthetic_sets(cfg, problem, seed, synthesizer, device))
             acts = activations_on(sets, models, formats, device)
         inputs, targets = training_data(gate_type, regime, experts, sets, acts)
         resume = Resume.beside(path, recipe_key(recipe) + str(upstream))
@@ -187,13 +226,14 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int
             desc=f"{regime} {gate_type}", resume=resume)
         train_time = time.perf_counter() - start
         base = {"problem": problem.name, "regime": regime, "gate_type": gate_type, "seed": seed,
+                "synthesizer": None if regime == "real" else synthesizer,
                 "train_positives": int(counts[1]), "train_negatives": int(counts[0]),
                 "final_loss": losses[-1] if losses else None, "train_time_s": train_time,
                 "checkpoint": str(path), "device": str(device), "test_limit": cfg.test_limit, "resumed": False}
         gate_rows = [{**base, "expert": problem.tasks[k], "arch": problem.archs[k],
                       **({"arch_kwargs": problem.arch_kwargs[k]} if problem.arch_kwargs[k] else {}),
                       **membership(gate, gate_type, test_activations(), domain, k)} for k in experts]
-        meta = {"problem": problem.name, "regime": regime, "gate_type": gate_type,
+        meta = {"problem": problem.name, "regime": regime, "gate_type": gate_type, "synthesizer": synthesizer,
                 "experts": [problem.tasks[k] for k in experts], "recipe": recipe, "upstream": upstream,
                 "row": gate_rows}
         save_checkpoint(path, gate, arch, kwargs, config.to_dict(cfg), meta)
@@ -210,33 +250,44 @@ def main(cfg: config.PanConfig) -> dict:
         unknown = [v for v in values if v not in choices]
         if unknown:
             raise config.ConfigError(f"unknown {key} {unknown}; choices: {', '.join(choices)}")
+    for name in cfg.synthesizers:
+        components(name)
     config.print_config(cfg)
     device = resolve_device(cfg.device)
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)
     layout = Layout(cfg)
     missing = problem.missing_experts(layout, cfg.seeds)
     if any(r != "real" for r in cfg.regimes):
-        missing += [layout.gan_command(cfg.problem, [s]) for s in cfg.seeds for e in problem.experts
-                    if not layout.generator_path(e, s).exists()]
+        missing += [layout.gan_command(cfg.problem, [s], [part]) for s in cfg.seeds for name in cfg.synthesizers
+                    for part in components(name) for e in problem.experts
+                    if not layout.synthetic_path(part, e, s).exists()]
     if missing:
         raise CheckpointError("checkpoints are missing; create them with:\n  " + "\n  ".join(dict.fromkeys(missing)))
-    rows, reasons = [], []
+    rows, reasons, diagnostics = [], [], []
+    data_free = [r for r in cfg.regimes if r != "real"]
     for seed in progress(cfg.seeds, desc=f"{cfg.problem} gates"):
         models, formats = problem.load_experts(layout, seed, device)
         test_activations = functools.cache(lambda: expert_activations(problem, models, formats, device))
         domain = membership_truth(cfg, problem, seed)
         for regime in cfg.regimes:
-            regime_rows, regime_reasons = train_regime(cfg, problem, regime, seed, models, formats, test_activations,
-                                                       device, domain)
-            rows += regime_rows
-            reasons += regime_reasons
+            for synthesizer in ["dafl"] if regime == "real" else cfg.synthesizers:
+                regime_rows, regime_reasons = train_regime(cfg, problem, regime, seed, models, formats,
+                                                           test_activations, device, domain, synthesizer)
+                rows += regime_rows
+                reasons += regime_reasons
+        for synthesizer in cfg.synthesizers if data_free else []:
+            diagnostics += synthesis_rows(cfg, problem, seed, synthesizer, models, formats, test_activations(),
+                                          domain, device)
     stem = Path(cfg.results_dir) / "gates" / cfg.problem
+    if diagnostics:
+        write_rows(stem.with_name(f"{cfg.problem}_synthesis"), diagnostics)
     outputs = write_rows(stem, [{**r, "config": config.to_dict(cfg)} for r in rows])
     outputs["config"] = str(stem.with_name(stem.name + ".config.yaml"))
     config.save(cfg, outputs["config"])
     membership_acc = {}
     for r in rows:
-        membership_acc.setdefault(f"{r['regime']}/{r['gate_type']}", []).append(r["membership_acc"])
+        regime = r["regime"] if r.get("synthesizer") is None else f"{r['regime']}_{r['synthesizer']}"
+        membership_acc.setdefault(f"{regime}/{r['gate_type']}", []).append(r["membership_acc"])
     summary = {"problem": cfg.problem, "seeds": cfg.seeds, "outputs": outputs,
                "membership_acc": {k: sum(v) / len(v) for k, v in membership_acc.items()}, **tally(reasons)}
     print_summary(summary)

@@ -36,6 +36,7 @@ from common import (UserError, atomic_write_text, cli, hidden_inner_progress, pr
                     read_rows, resolve_device, write_rows)
 from report import best_of_families, reproduction_report, scaling_rows  # noqa: E402
 from strategies import parse_strategies  # noqa: E402
+from synthesis import components  # noqa: E402
 
 PROFILES = REPO / "experiments" / "profiles"
 NO_FIGURES = "matplotlib is not installed"
@@ -83,8 +84,10 @@ def plan(cfg: config.ReproduceConfig) -> list[Step]:
             raise config.ConfigError(f"problems.{problem}: unknown key(s) {bad}; choices: {', '.join(PROBLEM_STAGE_KEYS)}")
     experts = dict.fromkeys((e.task, e.arch) for p in problems for e in known[p].experts)
     steps = [Step("experts", f"{task} {arch}", [f"dataset={task}", f"arch={arch}"]) for task, arch in experts]
+    made = list(dict.fromkeys(part for name in cfg.synthesizers for part in components(name)))
+    synthesizers = {"gan": f"synthesizers=[{','.join(made)}]", "pan": f"synthesizers=[{','.join(cfg.synthesizers)}]"}
     for key, stage in PROBLEM_STAGE_KEYS.items():
-        steps += [Step(stage, p, [*cfg.problems[p].get(key, []), f"problem={p}"]) for p in problems]
+        steps += [Step(stage, p, [*cfg.problems[p].get(key, []), f"problem={p}", synthesizers[key]]) for p in problems]
     for table, extra in cfg.tables.items():
         args = [f"experiments/{table}.yaml", *extra]
         table_cfg = parse_step(Step("merge", table, args), cfg.seeds)
@@ -208,9 +211,10 @@ def build_report(cfg: config.ReproduceConfig, steps: list[Step]) -> dict:
     problems = list(dict.fromkeys(s.label for s in steps if s.stage == "gates"))
     experts_rows = [r for s in steps if s.stage == "experts"
                     for r in read_rows(results / "experts" / f"{s.label.replace(' ', '_')}.jsonl")]
-    generator_rows = list({(r["task"], r["arch"], r["seed"]): r for p in problems
+    generator_rows = list({(r["synthesizer"], r["task"], r["arch"], r["seed"]): r for p in problems
                            for r in read_rows(results / "gan" / f"{p}.jsonl")}.values())
     gates = {p: read_rows(results / "gates" / f"{p}.jsonl") for p in problems}
+    diagnostics = {p: rows for p in problems if (rows := read_rows(results / "gates" / f"{p}_synthesis.jsonl"))}
     tables = {s.label: read_rows(results / "merge" / f"{s.label}.jsonl") for s in steps if s.stage == "merge"}
     timings = read_rows(results / "timings.jsonl")
     series = {name: [p for p in members if p in problems] for name, members in cfg.scaling.items()}
@@ -228,7 +232,7 @@ def build_report(cfg: config.ReproduceConfig, steps: list[Step]) -> dict:
         outputs["scaling"] = write_rows(results / "scaling", [
             {k: v if not isinstance(v, dict) else {"best": v["best"], "mean": v["mean"], "std": v["std"]}
              for k, v in r.items()} for r in scaling])["csv"]
-    figures = draw_figures(results, best, generator_rows)
+    figures = draw_figures(results, best, generator_rows, diagnostics)
     outputs["figures"] = figures
     header = "\n".join([
         f"# Reproduction report: profile `{cfg.profile}`", "",
@@ -236,13 +240,15 @@ def build_report(cfg: config.ReproduceConfig, steps: list[Step]) -> dict:
         f"result rows beside this file. Figures: {'PNG files in figures/' if figures else 'not drawn (' + NO_FIGURES + ')'}.",
         ""])
     text = reproduction_report(header, tables, series, experts_per_problem, experts_rows, generator_rows, gates,
-                               timings, figures)
+                               timings, figures, diagnostics)
     outputs["report"] = str(results / "report.md")
     atomic_write_text(outputs["report"], text)
     return outputs
 
 
-def draw_figures(results: Path, best: dict[str, list[dict]], generator_rows: list[dict]) -> dict[str, str]:
+def draw_figures(results: Path, best: dict[str, list[dict]], generator_rows: list[dict],
+                 diagnostics: dict[str, list[dict]]) -> dict[str, str]:
+    """The family bars, one figure of sample grids per synthesizer, one of max-softmax curves per problem."""
     if not figures.available():
         return {}
     drawn = {}
@@ -251,13 +257,17 @@ def draw_figures(results: Path, best: dict[str, list[dict]], generator_rows: lis
         drawn["families"] = "figures/families.png"
     first_seed = {}
     for r in generator_rows:
-        first_seed.setdefault((r["task"], r["arch"]), r)
-    grids = [(f"{task} ({arch}), seed {r['seed']}", results / "gan" / Path(r["grid"]).name)
-             for (task, arch), r in first_seed.items()]
-    grids = [(title, path) for title, path in grids if path.is_file()]
-    if grids:
-        figures.sample_grid_figure(grids, results / "figures" / "gan_samples.png")
-        drawn["gan_samples"] = "figures/gan_samples.png"
+        first_seed.setdefault((r["synthesizer"], r["task"], r["arch"]), r)
+    for synthesizer in dict.fromkeys(key[0] for key in first_seed):
+        grids = [(f"{task} ({arch}), seed {r['seed']}", results / "gan" / synthesizer / Path(r["grid"]).name)
+                 for (name, task, arch), r in first_seed.items() if name == synthesizer]
+        grids = [(title, path) for title, path in grids if path.is_file()]
+        if grids:
+            figures.sample_grid_figure(grids, results / "figures" / f"samples_{synthesizer}.png")
+            drawn[f"samples_{synthesizer}"] = f"figures/samples_{synthesizer}.png"
+    for problem, rows in diagnostics.items():
+        figures.msp_figure(rows, results / "figures" / f"msp_{problem}.png")
+        drawn[f"msp_{problem}"] = f"figures/msp_{problem}.png"
     return drawn
 
 

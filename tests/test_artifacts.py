@@ -62,11 +62,25 @@ def test_generators_follow_their_expert_and_their_own_settings(tmp_path):
     assert layout(tmp_path, "dafl.epochs=3").generator_path(FIRST5, 1) != base
     assert layout(tmp_path, "expert.epochs=3").generator_path(FIRST5, 1) != base  # a new expert, a new generator
     assert layout(tmp_path, "gate.epochs=3").generator_path(FIRST5, 1) == base
+    # how many images are drawn from it, and how, is the set's business, not the generator's
+    assert layout(tmp_path, "dafl.images=5", "dafl.sample_mode=eval").generator_path(FIRST5, 1) == base
+
+
+def test_synthetic_sets_follow_their_synthesizer_settings_and_upstream(tmp_path):
+    def path(synthesizer, *args):
+        return layout(tmp_path, *args).synthetic_path(synthesizer, FIRST5, 1)
+
+    assert path("dafl").parent == tmp_path / "synthetic" / "dafl"
+    assert path("inversion").parent == tmp_path / "synthetic" / "inversion"
+    assert path("dafl", "dafl.images=5") != path("dafl") and path("dafl", "dafl.epochs=3") != path("dafl")
+    assert path("inversion", "inversion.steps=5") != path("inversion")
+    assert path("inversion", "dafl.epochs=3") == path("inversion")
+    assert path("inversion", "expert.epochs=3") != path("inversion")
 
 
 def test_gate_keys_hold_exactly_what_each_regime_reads(tmp_path):
-    def path(regime, *args, gate_type="feature", serves=0):
-        return layout(tmp_path, *args).gate_path("disjoint_mnist", regime, gate_type, serves, 1)
+    def path(regime, *args, gate_type="feature", serves=0, synthesizer="dafl"):
+        return layout(tmp_path, *args).gate_path("disjoint_mnist", regime, gate_type, serves, 1, synthesizer)
 
     for regime in ("real", "synthetic", "noise"):
         assert path(regime, "gate.epochs=3") != path(regime)
@@ -74,8 +88,12 @@ def test_gate_keys_hold_exactly_what_each_regime_reads(tmp_path):
     # data-free gates read the generators and their sample counts; real gates read real images
     assert path("real", "dafl.epochs=3") == path("real")
     assert path("synthetic", "dafl.epochs=3") != path("synthetic")
-    assert path("real", "gate.synthetic_samples=5") == path("real")
-    assert path("synthetic", "gate.synthetic_samples=5") != path("synthetic")
+    assert path("real", "gate.noise_samples=5") == path("real")
+    assert path("synthetic", "gate.noise_samples=5") != path("synthetic")
+    assert path("synthetic", "dafl.images=5") != path("synthetic")  # the set it reads is another one
+    assert path("synthetic", "inversion.steps=5") == path("synthetic")  # a synthesizer it does not read
+    assert path("synthetic", "inversion.steps=5", synthesizer="inversion") != path("synthetic", synthesizer="inversion")
+    assert path("synthetic", synthesizer="inversion").parent.parent.name == "synthetic_inversion"
     assert path("synthetic", "gate.train_limit=5") == path("synthetic")
     assert path("real", "gate.train_limit=5") != path("real")
     # one gate per expert, one universal gate per problem
@@ -92,7 +110,7 @@ def test_the_gate_command_names_the_sections_it_reads(tmp_path):
         "python train_pan.py problem=disjoint_mnist regimes=[real] gate_types=[feature] seeds=[7] "
         "expert.epochs=2 gate.epochs=3")
     assert cfg.gate_command("disjoint_mnist", "synthetic", "feature", 7).endswith(
-        "expert.epochs=2 gate.epochs=3 dafl.width=8")
+        "synthesizers=[dafl] expert.epochs=2 gate.epochs=3 dafl.width=8")
 
 
 def test_section_args_round_trip():

@@ -27,8 +27,8 @@ SEEDS = [1, 2]
 WIDE = {"widths": [16]}
 TASKS = ("s_p0", "s_p1")
 EXPERT = ["expert.epochs=2", "expert.batch_size=32", "expert.lr=0.05"]
-DAFL = ["dafl.epochs=2", "dafl.iters_per_epoch=3", "dafl.batch_size=16", "dafl.width=8"]
-GATE = ["gate.epochs=2", "gate.synthetic_samples=64", "gate.noise_samples=48"]
+DAFL = ["dafl.epochs=2", "dafl.iters_per_epoch=3", "dafl.batch_size=16", "dafl.width=8", "dafl.images=64"]
+GATE = ["gate.epochs=2", "gate.noise_samples=48"]
 GATE_RULES = ("[{name: gate_hard, gate: feature, regime: synthetic},"
               "{name: gate_soft, gate: feature, regime: synthetic},"
               "{name: gate_hard, gate: universal, regime: synthetic},"
@@ -73,18 +73,20 @@ def layout(env) -> Layout:
 
 def test_generators_are_named_like_their_parents(env):
     rows = read_rows(env["gan"]["outputs"]["jsonl"])
-    assert len(rows) == len(SEEDS) * 2 and env["gan"]["made"] == 4
+    assert len(rows) == len(SEEDS) * 2 and env["gan"]["made"] == 8  # a generator and its set per parent
     tag = arch_tag("mlp", WIDE)
     for row in rows:
         expert = ExpertId(row["task"], "mlp", WIDE)
         path = layout(env).generator_path(expert, row["seed"])
         assert re.fullmatch(rf"{row['task']}_{tag}_[0-9a-f]{{8}}_seed{row['seed']}\.pt", path.name) and path.is_file()
-        assert row["checkpoint"] == str(path) and row["arch_kwargs"] == WIDE
+        assert row["generator"] == str(path) and row["arch_kwargs"] == WIDE
         assert row["expert_checkpoint"] == str(layout(env).expert_path(expert, row["seed"]))
-        assert Path(row["grid"]).name == path.stem + ".png"
+        stored = layout(env).synthetic_path("dafl", expert, row["seed"])
+        assert row["set"] == str(stored) and stored.name.startswith(f"{row['task']}_{tag}_")
+        assert Path(row["grid"]).name == stored.stem + ".png"
         assert row["cross_seed_agreement"] is not None  # the other seed's parent was found under its arch tag
         load_model(path, expect_arch="generator")
-    assert set(TASKS) <= set(env["gan"])  # summary per parent
+    assert {f"dafl/{t}" for t in TASKS} <= set(env["gan"])  # summary per synthesizer and parent
 
 
 def test_gates_are_named_like_their_parents_and_judged_by_class_ownership(env):

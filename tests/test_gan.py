@@ -1,7 +1,8 @@
-"""train_gan.py: the DAFL loss, sampling, and the script end to end on tiny experts (fake data root).
+"""train_gan.py: the DAFL loss, sampling, and the synthesis stage end to end on tiny experts (fake data root).
 
 DESIGN.md section 4, "The data question": one generator per expert and seed, each trained against its
-own expert (the original trained every generator against expert 1), reading no real image.
+own expert (the original trained every generator against expert 1), reading no real image; and the stored
+synthetic sets of every synthesizer (DAFL's drawn from its generator, the inversions optimised directly).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+import dafl as synthesis
 import data
-import synthesis
 import train_gan
 import train_source_networks
 from archs.generator import Generator
@@ -33,7 +34,8 @@ TASKS = ["first5_mnist", "last5_mnist"]
 ARCH = "lenet5"
 # tiny experts, and a tiny generator profile: 6 Adam steps of batch 16 with an 8-channel generator
 EXPERT = ["expert.epochs=2", "expert.batch_size=16", "expert.lr=0.02"]
-DAFL = ["dafl.epochs=2", "dafl.iters_per_epoch=3", "dafl.batch_size=16", "dafl.width=8"]
+DAFL = ["dafl.epochs=2", "dafl.iters_per_epoch=3", "dafl.batch_size=16", "dafl.width=8", "dafl.images=80"]
+INVERSION = ["inversion.images=20", "inversion.steps=3", "inversion.batch_size=8"]
 GAN_PROFILE = [*EXPERT, *DAFL, "eval_samples=64"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -55,7 +57,7 @@ def train_experts(base: Path, seeds=SEEDS) -> dict:
 
 
 def gan_cfg(ckpt: Path, results: Path, *extra: str, seeds=SEEDS) -> GanConfig:
-    return parse_args(GanConfig, ["problem=disjoint_mnist", f"seeds={seeds}", *GAN_PROFILE, "device=cpu",
+    return parse_args(GanConfig, ["problem=disjoint_mnist", f"seeds={seeds}", *GAN_PROFILE, *INVERSION, "device=cpu",
                                   f"ckpt_dir={ckpt}", f"results_dir={results}", *extra])
 
 
@@ -65,6 +67,10 @@ def expert_file(ckpt: Path, task: str, seed: int) -> Path:
 
 def generator_file(ckpt: Path, task: str, seed: int, *extra: str) -> Path:
     return Layout(gan_cfg(ckpt, ckpt, *extra)).generator_path(ExpertId(task, ARCH, {}), seed)
+
+
+def set_file(ckpt: Path, task: str, seed: int, *extra: str, synthesizer: str = "dafl") -> Path:
+    return Layout(gan_cfg(ckpt, ckpt, *extra)).synthetic_path(synthesizer, ExpertId(task, ARCH, {}), seed)
 
 
 def copy_experts(source: Path, target: Path, pairs) -> None:
@@ -97,7 +103,7 @@ def test_dafl_loss_matches_the_formula():
     probs = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits.tolist()]
     one_hot = sum(-math.log(max(p)) for p in probs) / len(probs)  # cross-entropy against the argmax
     pbar = [sum(p[j] for p in probs) / len(probs) for j in range(3)]
-    info_entropy = sum(q * math.log(q) for q in pbar)  # -H(pbar)
+    info_entropy = sum(q * math.log10(q) for q in pbar)  # -H(pbar) in log base 10, as DAFL's reference
     activation = sum(abs(v) for row in features.tolist() for v in row) / features.numel()
     expected = oh_w * one_hot + ie_w * info_entropy - a_w * activation
 
@@ -121,7 +127,7 @@ def test_dafl_loss_rewards_balanced_classes_and_strong_features():
     _, bal = synthesis.dafl_loss(balanced, features, 1.0, 10.0, 0.1)
     _, col = synthesis.dafl_loss(collapsed, features, 1.0, 10.0, 0.1)
     assert bal["info_entropy"] < col["info_entropy"]
-    assert bal["info_entropy"] == pytest.approx(-math.log(k), abs=1e-3)  # the minimum: -log K
+    assert bal["info_entropy"] == pytest.approx(-math.log10(k), abs=1e-3)  # the minimum: -log10 K
     assert col["info_entropy"] == pytest.approx(0.0, abs=1e-3)
     assert bal["one_hot"] == pytest.approx(col["one_hot"], abs=1e-6)  # equally confident
     # larger activations lower the loss
@@ -158,7 +164,8 @@ def test_sample_images_are_pixels_in_the_experts_channels(source, channels):
     assert not torch.equal(images, synthesis.sample_images(generator, fmt, 10, seed=4,
                                                            device=torch.device("cpu"), batch_size=4))
     # the generator speaks the expert's normalised space: samples are its output un-normalised to pixels
-    one_batch = synthesis.sample_images(generator, fmt, 10, seed=3, device=torch.device("cpu"))
+    one_batch = synthesis.sample_images(generator, fmt, 10, seed=3, device=torch.device("cpu"), batch_size=10,
+                                        mode="eval")
     with torch.no_grad():
         z = torch.randn(10, 100, generator=make_generator(3))
         mean, std = torch.tensor(fmt.mean).view(1, -1, 1, 1), torch.tensor(fmt.std).view(1, -1, 1, 1)
@@ -217,8 +224,9 @@ def same_state(a: dict, b: dict) -> bool:
 def test_train_gan_end_to_end(env, gan_run):
     summary, rows, ckpt, results = gan_run["summary"], gan_run["rows"], env["ckpt"], gan_run["results"]
     assert summary["problem"] == "disjoint_mnist" and summary["seeds"] == SEEDS
-    assert summary["made"] == len(SEEDS) * len(TASKS) and summary["reused"] == 0
-    assert summary["why_made"] == {"no checkpoint": len(SEEDS) * len(TASKS)}
+    # a generator and its set per expert and seed
+    assert summary["made"] == 2 * len(SEEDS) * len(TASKS) and summary["reused"] == 0
+    assert summary["why_made"] == {"no checkpoint": 2 * len(SEEDS) * len(TASKS)}
     # the last printed line is the summary as JSON
     assert json.loads(gan_run["out"].strip().splitlines()[-1]) == json.loads(json.dumps(summary))
     stem = results / "gan" / "disjoint_mnist"
@@ -231,19 +239,24 @@ def test_train_gan_end_to_end(env, gan_run):
         assert row["arch"] == ARCH and row["resumed"] is False
         # the generator checkpoint: plain types only, the right arch and settings
         path = generator_file(ckpt, task, seed)
-        assert row["checkpoint"] == str(path)
+        assert row["generator"] == str(path) and row["synthesizer"] == "dafl"
         stored = torch.load(path, weights_only=True)
         assert stored["arch"] == "generator"
-        assert stored["arch_kwargs"] == {"latent_dim": 100, "out_channels": 1, "img_size": 32, "width": 8}
+        assert stored["arch_kwargs"] == {"latent_dim": 100, "out_channels": 1, "img_size": 32, "width": 8,
+                                         "bn_eps": 0.8}
         assert stored["meta"]["task"] == task and stored["meta"]["expert_arch"] == ARCH
         assert stored["meta"]["input_format"] == InputFormat.of("mnist").as_dict()
         assert len(stored["meta"]["log"]) == 2  # one entry per epoch
         generator, _ = load_model(path, expect_arch="generator")
         with torch.no_grad():
             assert generator(torch.randn(2, 100)).shape == (2, 1, 32, 32)
+        # the stored set: 8-bit images drawn from the generator
+        images = torch.load(set_file(ckpt, task, seed), weights_only=True)["images"]
+        assert row["set"] == str(set_file(ckpt, task, seed)) and images.dtype == torch.uint8
+        assert images.shape == (80, 1, 32, 32) and row["images"] == 80
         # the grid of samples: a PNG of 8 x 8 images of 32 pixels with 1-pixel padding
         grid = Path(row["grid"])
-        assert grid == results / "gan" / f"{path.stem}.png"
+        assert grid == results / "gan" / "dafl" / f"{set_file(ckpt, task, seed).stem}.png"
         assert grid.read_bytes()[:8] == PNG_SIGNATURE
         with Image.open(grid) as image:
             assert image.size == (8 * 33 + 1, 8 * 33 + 1)
@@ -262,8 +275,8 @@ def test_train_gan_end_to_end(env, gan_run):
         assert row["final_loss"]["epoch"] == 1
     for task in TASKS:
         group = [r for r in rows if r["task"] == task]
-        assert summary[task]["balance"] == pytest.approx(sum(r["balance"] for r in group) / len(group))
-        assert summary[task]["mean_confidence"] == pytest.approx(
+        assert summary[f"dafl/{task}"]["balance"] == pytest.approx(sum(r["balance"] for r in group) / len(group))
+        assert summary[f"dafl/{task}"]["mean_confidence"] == pytest.approx(
             sum(r["mean_confidence"] for r in group) / len(group))
 
 
@@ -313,7 +326,8 @@ def test_quality_figures_come_from_the_own_expert(env, gan_run):
 def test_rerun_trains_nothing_and_touches_no_file(env, gan_run, monkeypatch):
     ckpt, results = env["ckpt"], gan_run["results"]
     files = [generator_file(ckpt, t, s) for t in TASKS for s in SEEDS]
-    files += [results / "gan" / f"{generator_file(ckpt, t, s).stem}.png" for t in TASKS for s in SEEDS]
+    files += [set_file(ckpt, t, s) for t in TASKS for s in SEEDS]
+    files += [results / "gan" / "dafl" / f"{set_file(ckpt, t, s).stem}.png" for t in TASKS for s in SEEDS]
     before = mtimes(files)
 
     def forbidden(*args, **kwargs):
@@ -322,7 +336,7 @@ def test_rerun_trains_nothing_and_touches_no_file(env, gan_run, monkeypatch):
     monkeypatch.setattr(train_gan, "train_generator", forbidden)
     monkeypatch.setattr(train_gan, "sample_images", forbidden)
     summary = train_gan.main(gan_cfg(ckpt, results))
-    assert summary["made"] == 0 and summary["reused"] == len(files) // 2
+    assert summary["made"] == 0 and summary["reused"] == 2 * len(files) // 3
     assert mtimes(files) == before
     again = read_rows(summary["outputs"]["jsonl"])
     strip = ("resumed", "config")
@@ -340,9 +354,9 @@ def test_resume_into_new_results_redraws_the_same_grids_without_training(env, ga
     summary = train_gan.main(gan_cfg(env["ckpt"], moved))
     assert summary["made"] == 0
     for row in read_rows(summary["outputs"]["jsonl"]):
-        grid = moved / "gan" / f"{Path(row['checkpoint']).stem}.png"
+        grid = moved / "gan" / "dafl" / f"{Path(row['set']).stem}.png"
         assert row["grid"] == str(grid)
-        assert grid.read_bytes() == (gan_run["results"] / "gan" / grid.name).read_bytes()
+        assert grid.read_bytes() == (gan_run["results"] / "gan" / "dafl" / grid.name).read_bytes()
 
 
 def test_other_settings_train_beside_the_old_generators(env, gan_run, tmp_path):
@@ -352,7 +366,7 @@ def test_other_settings_train_beside_the_old_generators(env, gan_run, tmp_path):
     old = [generator_file(ckpt, t, s) for t in TASKS for s in SEEDS]
     before = mtimes(old)
     summary = train_gan.main(gan_cfg(ckpt, tmp_path / "results", "dafl.epochs=1", seeds=[1]))
-    assert summary["made"] == len(TASKS) and summary["why_made"] == {"no checkpoint": len(TASKS)}
+    assert summary["made"] == 2 * len(TASKS) and summary["why_made"] == {"no checkpoint": 2 * len(TASKS)}
     assert mtimes(old) == before  # nothing overwritten
     for task in TASKS:
         new = generator_file(ckpt, task, 1, "dafl.epochs=1")
@@ -365,7 +379,7 @@ def test_force_retrains_into_a_copy(env, gan_run, tmp_path):
     copy_experts(env["ckpt"], ckpt, [(t, 1) for t in TASKS])
     shutil.copytree(env["ckpt"] / "generators", ckpt / "generators")
     summary = train_gan.main(gan_cfg(ckpt, tmp_path / "results", "force=true", seeds=[1]))
-    assert summary["made"] == len(TASKS) and summary["why_made"] == {"force=true": len(TASKS)}
+    assert summary["made"] == 2 * len(TASKS) and summary["why_made"] == {"force=true": 2 * len(TASKS)}
     # with only one seed of each expert on disk there is no other seed to agree with
     rows = read_rows(summary["outputs"]["jsonl"])
     assert all(r["cross_seed_agreement"] is None and r["other_expert"] is None for r in rows)
@@ -427,9 +441,55 @@ def test_an_interrupted_generator_resumes_and_ends_with_the_uninterrupted_weight
     first = generator_file(ckpt, TASKS[0], 1, *longer)
     assert not first.exists() and first.with_name(first.stem + ".resume.pt").is_file()
     resumed = train_gan.main(gan_cfg(ckpt, tmp_path / "cut", *longer, seeds=[1]))
-    assert resumed["made"] == len(TASKS)
+    assert resumed["made"] == 2 * len(TASKS)
     for task in TASKS:
         stored = torch.load(generator_file(ckpt, task, 1, *longer), weights_only=True)
         assert same_state(stored["state_dict"], reference[task]["state_dict"])
         assert stored["meta"]["log"] == reference[task]["meta"]["log"] and len(stored["meta"]["log"]) == 4
-    assert resumed["first5_mnist"] == whole["first5_mnist"]
+    assert resumed["dafl/first5_mnist"] == whole["dafl/first5_mnist"]
+
+
+
+# ---------------------------------------------------------------- model inversion through the stage
+
+def test_inversion_sets_are_made_by_the_stage_and_a_killed_run_keeps_its_finished_batches(env, tmp_path, monkeypatch):
+    import training
+
+    ckpt = tmp_path / "ckpt"
+    copy_experts(env["ckpt"], ckpt, [(t, s) for t in TASKS for s in SEEDS])
+    whole = train_gan.main(gan_cfg(ckpt, tmp_path / "whole", "synthesizers=[inversion]", seeds=[1]))
+    assert whole["made"] == len(TASKS) and "inversion/first5_mnist" in whole
+    path = set_file(ckpt, "first5_mnist", 1, synthesizer="inversion")
+    reference = torch.load(path, weights_only=True)
+    assert reference["images"].shape == (20, 1, 32, 32) and reference["meta"]["recipe"]["synthesizer"] == "inversion"
+    for p in (ckpt / "synthetic").rglob("*.pt"):
+        p.unlink()
+    saves = []
+    original = training.Resume.save
+
+    def killed_after_two_batches(self, state):
+        original(self, state)
+        saves.append(len(state["log"]))
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.Resume, "save", killed_after_two_batches)
+        with pytest.raises(KeyboardInterrupt):
+            train_gan.main(gan_cfg(ckpt, tmp_path / "cut", "synthesizers=[inversion]", seeds=[1]))
+    made = []
+    real_invert = train_gan.INVERSIONS["inversion"]
+    monkeypatch.setitem(train_gan.INVERSIONS, "inversion",
+                        lambda *args: made.append(args[3]) or real_invert(*args))
+    train_gan.main(gan_cfg(ckpt, tmp_path / "cut", "synthesizers=[inversion]", seeds=[1]))
+    assert made == [4] + [8, 8, 4]  # first5: only its last batch (of 8, 8, 4) was left; last5: all three
+    assert torch.equal(torch.load(path, weights_only=True)["images"], reference["images"])
+
+
+def test_deepinversion_on_experts_without_batchnorm_fails_before_any_work(env, tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise Forbidden("nothing may run")
+
+    monkeypatch.setattr(train_gan, "make_set", forbidden)
+    with pytest.raises(ConfigError, match="no BatchNorm layer"):
+        train_gan.main(gan_cfg(env["ckpt"], tmp_path / "results", "synthesizers=[deepinversion]"))

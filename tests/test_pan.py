@@ -28,12 +28,11 @@ from gating import GATE_TYPES, REGIMES, gate_inputs
 from strategies import parse_strategies
 from test_gan import ARCH, DAFL, EXPERT, SEEDS, TASKS, Forbidden, copy_experts, gan_cfg, mtimes, train_experts
 
-SYNTHETIC = 64  # synthetic_samples: images drawn from each expert's generator
+SYNTHETIC = 80  # dafl.images (test_gan's DAFL): images in each expert's stored set
 NOISE = 48  # noise_samples
 TRAIN_LIMIT = 60  # real regime: first 60 training images of each task
 TEST_LIMIT = 32  # 32 test digits of 0-4 and all 30 of 5-9: the two domains differ in size
-GATE = ["gate.epochs=2", f"gate.synthetic_samples={SYNTHETIC}", f"gate.noise_samples={NOISE}",
-        f"gate.train_limit={TRAIN_LIMIT}"]
+GATE = ["gate.epochs=2", f"gate.noise_samples={NOISE}", f"gate.train_limit={TRAIN_LIMIT}"]
 SECTIONS = [*EXPERT, *DAFL, *GATE]  # the settings every stage must agree on to find each other's files
 PAN_PROFILE = [*SECTIONS, f"test_limit={TEST_LIMIT}"]
 E = len(TASKS)
@@ -184,9 +183,10 @@ def test_gates_rows_and_summary(env, pan_run, test_activations):
             universal = {r["checkpoint"] for r in rows if r["gate_type"] == "universal"
                          and r["regime"] == regime and r["seed"] == seed}
             assert universal == {str(gate_file(ckpt, regime, "universal", "", seed))}
-    assert set(summary["membership_acc"]) == {f"{r}/{t}" for r in REGIMES for t in GATE_TYPES}
+    names = {"real": "real", "synthetic": "synthetic_dafl", "noise": "noise_dafl"}  # regime and synthesizer
+    assert set(summary["membership_acc"]) == {f"{names[r]}/{t}" for r in REGIMES for t in GATE_TYPES}
     for key, value in summary["membership_acc"].items():
-        group = [r["membership_acc"] for r in rows if f"{r['regime']}/{r['gate_type']}" == key]
+        group = [r["membership_acc"] for r in rows if f"{names[r['regime']]}/{r['gate_type']}" == key]
         assert value == pytest.approx(sum(group) / len(group))
 
 
@@ -210,16 +210,16 @@ def test_training_counts_follow_the_regime(env, pan_run):
         assert (row["train_positives"], row["train_negatives"]) == (positives, negatives), row["checkpoint"]
     # spot values, so the helper above cannot drift with the code
     by_key = {(r["regime"], r["gate_type"], r["expert"]): r for r in pan_run["rows"] if r["seed"] == SEEDS[0]}
-    assert by_key[("synthetic", "feature", "first5_mnist")]["train_negatives"] == 64 + 48
+    assert by_key[("synthetic", "feature", "first5_mnist")]["train_negatives"] == 80 + 48
     assert by_key[("noise", "logits", "last5_mnist")]["train_negatives"] == 48
-    assert by_key[("synthetic", "universal", "first5_mnist")]["train_positives"] == 2 * 64
+    assert by_key[("synthetic", "universal", "first5_mnist")]["train_positives"] == 2 * 80
     assert by_key[("real", "universal", "last5_mnist")]["train_negatives"] == 2 * 60
 
 
 def test_data_free_regimes_read_no_training_data(env, tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     copy_experts(env["ckpt"], ckpt, [(t, s) for t in TASKS for s in SEEDS])
-    shutil.copytree(env["ckpt"] / "generators", ckpt / "generators")
+    shutil.copytree(env["ckpt"] / "synthetic", ckpt / "synthetic")
     splits = []
 
     def guarded(real):
@@ -251,7 +251,7 @@ def test_rerun_trains_nothing_and_touches_no_gate(env, pan_run, monkeypatch):
     def forbidden(*args, **kwargs):
         raise Forbidden("a rerun must not build training data or train")
 
-    for name in ("train_gate", "generated_sets", "real_sets", "activations_on"):
+    for name in ("train_gate", "synthetic_sets", "real_sets", "activations_on"):
         monkeypatch.setattr(train_pan, name, forbidden)
     summary = train_pan.main(pan_cfg(env, env["ckpt"], pan_run["results"]))
     assert summary["made"] == 0 and summary["reused"] == len(files)
@@ -308,20 +308,21 @@ def test_missing_generators_name_the_gan_command(env, tmp_path, monkeypatch):
                 train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=regimes))
             message = str(err.value)
             for seed in SEEDS:
-                assert f"python train_gan.py problem=disjoint_mnist seeds=[{seed}]" in message
+                assert f"python train_gan.py problem=disjoint_mnist seeds=[{seed}] synthesizers=[dafl]" in message
         assert not (tmp_path / "results").exists() and not (ckpt / "gates").exists()
 
         # only the missing seed is named
-        (ckpt / "generators").mkdir()
+        (ckpt / "synthetic" / "dafl").mkdir(parents=True)
         for task in TASKS:
-            shutil.copy(layout(env["ckpt"]).generator_path(ExpertId(task, ARCH, {}), 1), ckpt / "generators")
+            shutil.copy(layout(env["ckpt"]).synthetic_path("dafl", ExpertId(task, ARCH, {}), 1),
+                        ckpt / "synthetic" / "dafl")
         with pytest.raises(CheckpointError) as err:
             train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=["synthetic"]))
         assert "python train_gan.py problem=disjoint_mnist seeds=[2]" in str(err.value)
         assert "seeds=[1]" not in str(err.value)
 
-    # the real regime needs no generator
-    shutil.rmtree(ckpt / "generators")
+    # the real regime needs no synthetic set
+    shutil.rmtree(ckpt / "synthetic")
     summary = train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=["real"], gate_types=["logits"],
                                      seeds=[2]))
     assert summary["made"] == E
@@ -420,8 +421,8 @@ def test_merge_with_gate_strategies(env, pan_run, test_activations, tmp_path):
 def test_merge_names_the_missing_gates_before_any_evaluation(env, pan_run, tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     copy_experts(env["ckpt"], ckpt, [(t, s) for t in TASKS for s in SEEDS])
-    shutil.copytree(env["ckpt"] / "gates" / "disjoint_mnist" / "synthetic",
-                    ckpt / "gates" / "disjoint_mnist" / "synthetic")
+    shutil.copytree(env["ckpt"] / "gates" / "disjoint_mnist" / "synthetic_dafl",
+                    ckpt / "gates" / "disjoint_mnist" / "synthetic_dafl")
 
     def forbidden(*args, **kwargs):
         raise Forbidden("no evaluation may start")
@@ -439,7 +440,7 @@ def test_merge_names_the_missing_gates_before_any_evaluation(env, pan_run, tmp_p
         assert (f"python train_pan.py problem=disjoint_mnist regimes=[real] gate_types=[feature] "
                 f"seeds=[{seed}]") in message
         assert (f"python train_pan.py problem=mnist_cifar10 regimes=[synthetic] gate_types=[universal] "
-                f"seeds=[{seed}]") in message
+                f"seeds=[{seed}] synthesizers=[dafl]") in message
     assert "regimes=[synthetic] gate_types=[feature]" not in message  # those gates are there
     assert "train_source_networks" not in message
     assert not (tmp_path / "results").exists()

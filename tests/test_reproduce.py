@@ -129,8 +129,8 @@ def tiny_config(root: Path, tmp_path: Path, **changes) -> config.ReproduceConfig
     cfg = config.ReproduceConfig(
         profile="tiny", seeds=[1, 2],
         expert=config.ExpertTraining(epochs=1, train_limit=120),
-        dafl=config.DaflTraining(epochs=1, iters_per_epoch=2, batch_size=8, width=8),
-        gate=config.GateTraining(epochs=1, synthetic_samples=24, noise_samples=24),
+        dafl=config.DaflTraining(epochs=1, iters_per_epoch=2, batch_size=8, width=8, images=24),
+        gate=config.GateTraining(epochs=1, noise_samples=24),
         problems={"disjoint_mnist": {}, "mnist_cifar10": {"pan": ["gate_types=[universal]", "regimes=[real,synthetic]"]}},
         tables={t: [] for t in TINY_TABLES},
         scaling={"tiny series": ["disjoint_mnist", "mnist_cifar10"]},
@@ -151,7 +151,8 @@ def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, 
     results, ckpt = tmp_path / "results", tmp_path / "ckpt"
     report = (results / "report.md").read_text()
     for section in ("## Best rule of each family", "## Scaling with the number of experts", "## Experts",
-                    "## Data-free generators", "## Gate membership", "### gates_disjoint_mnist",
+                    "## Data-free synthesis", "## Why a synthetic set transfers", "## Gate membership",
+                    "### gates_disjoint_mnist",
                     "| setting | tta_mean | tta_voting |", "## Wall time"):
         assert section in report
     assert summary["outputs"]["report"] == str(results / "report.md")
@@ -165,19 +166,22 @@ def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, 
     assert {"oracle (bound)", "logit statistics", "multi-pass mean", "gates, data-free",
             "universal gate, data-free, unseen experts"} <= families
     assert summary["outputs"]["figures"] == {"families": "figures/families.png",
-                                             "gan_samples": "figures/gan_samples.png"}
+                                             "samples_dafl": "figures/samples_dafl.png",
+                                             "msp_disjoint_mnist": "figures/msp_disjoint_mnist.png",
+                                             "msp_mnist_cifar10": "figures/msp_mnist_cifar10.png"}
     for name in summary["outputs"]["figures"].values():
         assert (results / name).read_bytes()[:4] == b"\x89PNG"
 
     before = mtimes(ckpt)
-    for path in (ckpt / "generators").glob("first5_mnist_*"):
-        path.unlink()  # the interruption: one expert's generators are gone
+    for path in [*(ckpt / "generators").glob("first5_mnist_*"), *(ckpt / "synthetic").rglob("first5_mnist_*")]:
+        path.unlink()  # the interruption: one expert's generators and synthetic sets are gone
     reproduce.main(cfg)
     after = mtimes(ckpt)
     changed = {k for k in before if after.get(k) != before[k]}
-    # only the deleted generators are made again; retrained by the same recipe on the same expert, they hold
-    # the same weights (digest), so the gates trained on their samples stay valid and are reused
-    assert changed and all(k.startswith("generators/first5_mnist") for k in changed), changed
+    # only the deleted files are made again; remade by the same recipe from the same expert, they hold the
+    # same weights and images (digests), so the gates trained on them stay valid and are reused
+    assert changed and all(k.startswith(("generators/first5_mnist", "synthetic/dafl/first5_mnist"))
+                           for k in changed), changed
     assert set(after) == set(before)
     timings = {(t["stage"], t["step"], t["seed"]): t for t in read_rows(results / "timings.jsonl")}
     assert not timings[("generators", "disjoint_mnist", 1)]["reused"]
@@ -185,17 +189,15 @@ def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, 
 
 
 def retrained_differently(path: Path) -> None:
-    """Stand in for a retrain that gave other weights (same recipe): perturb the stored weights."""
+    """Stand in for a synthetic set made again with other images (same recipe): change one pixel."""
     import torch
 
-    from common import save_checkpoint
-    from archs import build_model
+    from synthesis import save_set
 
-    ckpt = torch.load(path, weights_only=True)
-    model = build_model(ckpt["arch"], **ckpt["arch_kwargs"])
-    model.load_state_dict({k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
-    save_checkpoint(path, model, ckpt["arch"], ckpt["arch_kwargs"], ckpt["config"],
-                    {k: v for k, v in ckpt["meta"].items() if k != "digest"})
+    stored = torch.load(path, weights_only=True)
+    images = stored["images"].clone()
+    images[0, 0, 0, 0] ^= 1
+    save_set(path, images, {k: v for k, v in stored["meta"].items() if k != "digest"})
 
 
 def test_a_retrained_upstream_file_makes_exactly_its_downstream_stale(make_fake_root, tmp_path, monkeypatch):
@@ -206,14 +208,14 @@ def test_a_retrained_upstream_file_makes_exactly_its_downstream_stale(make_fake_
     reproduce.main(cfg)
     ckpt = tmp_path / "ckpt"
     before = mtimes(ckpt)
-    [generator] = (ckpt / "generators").glob("first5_mnist_*")
-    retrained_differently(generator)
+    [remade] = (ckpt / "synthetic" / "dafl").glob("first5_mnist_*")
+    retrained_differently(remade)
     summary_rows = read_rows(tmp_path / "results" / "merge" / "gates_disjoint_mnist.jsonl")
     reproduce.main(cfg)
     after = mtimes(ckpt)
     changed = {k for k in before if after.get(k) != before[k]}
-    downstream = ("gates/disjoint_mnist/synthetic", "gates/disjoint_mnist/noise")
-    assert all(k.startswith((str(generator.relative_to(ckpt)), *downstream)) for k in changed), changed
+    downstream = ("gates/disjoint_mnist/synthetic_dafl", "gates/disjoint_mnist/noise_dafl")
+    assert all(k.startswith((str(remade.relative_to(ckpt)), *downstream)) for k in changed), changed
     assert all(any(k.startswith(d) for k in changed) for d in downstream)  # every data-free gate redone
     assert not any(k.startswith(("experts/", "gates/disjoint_mnist/real")) for k in changed)
     # the rows that read the redone gates are recomputed, the others reused

@@ -48,10 +48,18 @@ def with_runners(logits, label_maps, domain, num_passes, g, device, fusion=None)
     def run_passes(setting):
         return [logits] + [[o + e for o, e in zip(logits, eps)] for eps in noise]
 
-    def run_gates(gate, regime, gates_from):
+    def run_gates(gate, regime, gates_from, synthesizer):
         return gate_probs
 
-    return MergeInputs(logits, label_maps, domain, run_passes=run_passes, run_gates=run_gates, fusion=fusion)
+    # expert k's logits on expert j's synthetic images: its own ones shifted up, as inverted images are
+    on_sets = [[torch.randn(7, k, generator=g).to(device) + 2.0 * (j == i) for j in range(len(sizes))]
+               for i, k in enumerate(sizes)]
+
+    def run_synthetic(synthesizer):
+        return on_sets
+
+    return MergeInputs(logits, label_maps, domain, run_passes=run_passes, run_gates=run_gates,
+                       run_synthetic=run_synthetic, fusion=fusion)
 
 
 def shared_inputs(parents: int, classes: int, n: int, seed: int, num_passes: int, device: str) -> MergeInputs:
@@ -535,7 +543,7 @@ def gated_inputs(gate_rows) -> MergeInputs:
     e1 = [[0.0, 1.0, 0.0]] * len(gate_rows)  # expert 1 would say its class 1 (global 3)
     inputs = hand_inputs(e0, e1)
     probs = torch.tensor(gate_rows)
-    inputs.run_gates = lambda gate, regime, gates_from: probs
+    inputs.run_gates = lambda gate, regime, gates_from, synthesizer: probs
     return inputs
 
 
@@ -560,12 +568,50 @@ def test_gate_soft_weights_each_softmax_by_its_gate():
 def test_gates_are_computed_once_per_gate_and_regime():
     calls = []
     inputs = gated_inputs([[0.2, 0.9]])
-    probs = inputs.run_gates(None, None, None)
+    probs = inputs.run_gates(None, None, None, None)
     inputs.run_gates = lambda *key: calls.append(key) or probs
     for name in ("gate_hard", "gate_confident", "gate_soft"):
         run(name, inputs, gate="logits", regime="real")
     run("gate_hard", inputs, gate="logits", regime="synthetic")
-    assert calls == [("logits", "real", ""), ("logits", "synthetic", "")]
+    run("gate_soft", inputs, gate="logits", regime="synthetic", synthesizer="dafl")  # dafl is the default
+    run("gate_hard", inputs, gate="logits", regime="synthetic", synthesizer="inversion")
+    assert calls == [("logits", "real", "", "dafl"), ("logits", "synthetic", "", "dafl"),
+                     ("logits", "synthetic", "", "inversion")]
+
+
+def test_synthesizer_parameters_are_checked_and_dafl_is_the_default():
+    (default,) = parse_strategies([{"name": "gate_hard", "regime": "synthetic", "synthesizer": "dafl"}])
+    assert default.label == "gate_hard(gate=feature,regime=synthetic)" and default.param("synthesizer") == ""
+    (mixture,) = parse_strategies(["gate_soft(gate=logits,regime=noise,synthesizer=dafl+inversion)"])
+    assert mixture.param("synthesizer") == "dafl+inversion"
+    with pytest.raises(ConfigError, match="unknown 'gan'"):
+        parse_strategies([{"name": "calibrated", "synthesizer": "gan"}])
+    with pytest.raises(ConfigError, match="regime real read real images"):
+        parse_strategies([{"name": "gate_hard", "regime": "real", "synthesizer": "inversion"}])
+
+
+def test_strategy_grids_expand_in_key_order():
+    calls = parse_strategies([{"name": ["gate_hard", "gate_soft"], "gate": ["feature", "logits"], "regime": "real"},
+                              "naive"])
+    assert [c.label for c in calls] == ["gate_hard(gate=feature,regime=real)", "gate_hard(gate=logits,regime=real)",
+                                        "gate_soft(gate=feature,regime=real)", "gate_soft(gate=logits,regime=real)",
+                                        "naive"]
+
+
+def test_calibration_standardises_each_experts_score_by_its_synthetic_images():
+    """Expert 1's logits run on a larger scale than expert 0's: naive always trusts it; calibrated by each
+    expert's own synthetic images, expert 0 wins where it stands out from its own typical score."""
+    logits = [torch.tensor([[3.0, 0.0], [1.0, 0.0]]), torch.tensor([[5.0, 0.0], [5.0, 0.0]])]
+    own = [[torch.tensor([[2.0, 0.0], [4.0, 0.0]]), torch.zeros(2, 2)],  # expert 0's max logit: mean 3, std 1.41
+           [torch.zeros(2, 2), torch.tensor([[9.0, 0.0], [11.0, 0.0]])]]  # expert 1's: mean 10
+    inputs = MergeInputs(logits, consecutive_maps([2, 2]), run_synthetic=lambda name: own)
+    assert naive_experts(inputs) == [1, 1]
+    decision = run("calibrated", inputs, score="max_logit", reference="own")
+    assert decision.expert.tolist() == [0, 0]  # z = 0 and -1.4 for expert 0, -3.5 for expert 1
+
+
+def naive_experts(inputs) -> list[int]:
+    return run("naive", inputs).expert.tolist()
 
 
 def test_gate_parameters_are_checked():
