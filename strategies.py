@@ -393,18 +393,24 @@ def max_logit(inputs: MergeInputs) -> Decision:
 # ---------------------------------------------------------------- data-free calibration of the scores
 
 @register("calibrated")
-def calibrated(inputs: MergeInputs, *, score: Score = "energy", reference: Literal["own", "others"] = "own",
+def calibrated(inputs: MergeInputs, *, score: Score = "energy", reference: Literal["own", "others", "mid"] = "own",
                synthesizer: str = "") -> Decision:
-    """Trust the expert whose score stands highest against its own distribution on synthetic images: the
-    score standardised by its mean and std on the expert's own synthetic set (``reference=own``), or on the
-    other experts' synthetic sets, its data-free stand-in for inputs that are not its own (``others``), so
-    experts whose scores live on different scales become comparable. Reads no real image."""
+    """Trust the expert whose score stands highest against its distributions on synthetic images, so experts
+    whose scores live on different scales become comparable: the score minus its mean, over its std, on the
+    expert's own synthetic images (``reference=own``), on the other experts' synthetic images, its data-free
+    stand-in for inputs that are not its own (``others``), or halfway between the two, over their mean std
+    (``mid``: the boundary a one-dimensional linear discriminant would draw). Reads no real image."""
     on_sets, fn = inputs.synthetic(synthesizer), SCORES[score]
     columns = []
     for k, logits in enumerate(inputs.logits):
-        own = [j for j in range(len(inputs.logits)) if (j == k) == (reference == "own")]
-        reference_scores = torch.cat([fn(on_sets[k][j]) for j in own])
-        columns.append((fn(logits) - reference_scores.mean()) / reference_scores.std().clamp(min=1e-6))
+        own = fn(on_sets[k][k])
+        others = torch.cat([fn(on_sets[k][j]) for j in range(len(inputs.logits)) if j != k])
+        if reference == "mid":
+            centre, scale = (own.mean() + others.mean()) / 2, (own.std() + others.std()) / 2
+        else:
+            chosen = own if reference == "own" else others
+            centre, scale = chosen.mean(), chosen.std()
+        columns.append((fn(logits) - centre) / scale.clamp(min=1e-6))
     return choose(inputs, torch.stack(columns, dim=1).argmax(dim=1))
 
 

@@ -17,29 +17,33 @@ PY="${PYTHON:-python}"
 "$PY" train_source_networks.py dataset=mnist_45 arch=lenet5 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" train_source_networks.py dataset=mnist_67 arch=lenet5 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" train_source_networks.py dataset=mnist_89 arch=lenet5 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
-"$PY" train_gan.py problem=disjoint_mnist 'synthesizers=[dafl]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
-"$PY" train_gan.py problem=mnist_cifar10 'synthesizers=[dafl]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
-"$PY" train_gan.py problem=mnist_cifar10_half 'synthesizers=[dafl]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
-"$PY" train_gan.py problem=mnist_fashion_cifar10 'synthesizers=[dafl]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
-"$PY" train_gan.py problem=five_mnist 'synthesizers=[dafl]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
-"$PY" train_pan.py problem=disjoint_mnist 'synthesizers=[dafl]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
-"$PY" train_pan.py problem=mnist_cifar10 'synthesizers=[dafl]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
-"$PY" train_pan.py 'gate_types=[universal]' 'regimes=[real,synthetic]' problem=mnist_cifar10_half 'synthesizers=[dafl]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
-"$PY" train_pan.py 'regimes=[real,synthetic]' problem=mnist_fashion_cifar10 'synthesizers=[dafl]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
-"$PY" train_pan.py 'regimes=[real,synthetic]' problem=five_mnist 'synthesizers=[dafl]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" train_gan.py problem=disjoint_mnist 'synthesizers=[dafl,inversion]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" train_gan.py problem=mnist_cifar10 'synthesizers=[dafl,inversion]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" train_gan.py problem=mnist_cifar10_half 'synthesizers=[dafl,inversion]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" train_gan.py problem=mnist_fashion_cifar10 'synthesizers=[dafl,inversion]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" train_gan.py problem=five_mnist 'synthesizers=[dafl,inversion]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" train_pan.py problem=disjoint_mnist 'synthesizers=[dafl,inversion,dafl+inversion]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" train_pan.py problem=mnist_cifar10 'synthesizers=[dafl,inversion,dafl+inversion]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" train_pan.py 'gate_types=[universal]' 'regimes=[real,synthetic]' problem=mnist_cifar10_half 'synthesizers=[dafl,inversion,dafl+inversion]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" train_pan.py 'regimes=[real,synthetic]' problem=mnist_fashion_cifar10 'synthesizers=[dafl,inversion,dafl+inversion]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" train_pan.py 'regimes=[real,synthetic]' problem=five_mnist 'synthesizers=[dafl,inversion,dafl+inversion]' 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/logit_rules_disjoint_mnist.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/logit_rules_mnist_cifar10.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/multipass_disjoint_mnist.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/multipass_mnist_cifar10.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/gates_disjoint_mnist.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/gates_mnist_cifar10.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" merge.py experiments/synthesis_disjoint_mnist.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" merge.py experiments/synthesis_mnist_cifar10.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/universal_disjoint_mnist.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/universal_mnist_cifar10.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/universal_unseen_arch.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/logit_rules_mnist_fashion_cifar10.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/gates_mnist_fashion_cifar10.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" merge.py experiments/synthesis_mnist_fashion_cifar10.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/universal_leave_one_out.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/logit_rules_five_mnist.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/gates_five_mnist.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
+"$PY" merge.py experiments/synthesis_five_mnist.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" merge.py experiments/universal_five_mnist.yaml 'seeds=[770597,600522,416719,306890,201746,156886,929271,247945,5028,436287]' ckpt_dir=checkpoints results_dir=results/paper
 "$PY" experiments/reproduce.py profile=paper report_only=true

@@ -110,9 +110,9 @@ def test_generators_and_gates_reports_golden(tmp_path):
     gan_rows = [{"task": "mnist", "arch": "lenet5", "seed": s, "balance": b, "mean_confidence": 0.8,
                  "cross_seed_agreement": a, "train_time_s": 10.0} for s, b, a in ((1, 0.9, 0.5), (2, 1.0, None))]
     assert report.generators_report(gan_rows) == (
-        "| expert | seeds | class balance | mean confidence | other seed agrees | train time (s) |\n"
-        "|---|---|---|---|---|---|\n"
-        "| mnist (lenet5) | 2 | 95.00 ± 7.07 | 80.00 ± 0.00 | 50.00 ± 0.00 | 10 |\n")
+        "| synthesizer | expert | seeds | class balance | mean confidence | realism: other seed agrees | time (s) |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| dafl | mnist (lenet5) | 2 | 95.00 ± 7.07 | 80.00 ± 0.00 | 50.00 ± 0.00 | 10 |\n")
     gate_rows = [{"regime": "real", "gate_type": "feature", "expert": e, "seed": s, "membership_acc": a}
                  for e, s, a in (("a", 1, 0.9), ("a", 2, 0.8), ("b", 1, 0.7), ("b", 2, 0.7))]
     assert report.gates_report(gate_rows) == (
@@ -168,16 +168,23 @@ def test_reproduction_report_golden():
     tables = {**problem_tables("two", 0.0), **problem_tables("five", 0.05)}
     experts = [{"task": "mnist", "arch": "lenet5", "seed": s, "test_acc": a, "device": "cpu"}
                for s, a in ((1, 0.98), (2, 0.99))]
-    generators = [{"task": "mnist", "arch": "lenet5", "seed": s, "balance": 0.9, "mean_confidence": 0.8,
-                   "cross_seed_agreement": 0.5, "train_time_s": 10.0} for s in (1, 2)]
+    generators = [{"synthesizer": name, "task": "mnist", "arch": "lenet5", "seed": s, "balance": 0.9,
+                   "mean_confidence": 0.8, "cross_seed_agreement": 0.5, "train_time_s": 10.0}
+                  for name in ("dafl", "inversion") for s in (1, 2)]
+    diagnostics = {"two": [{"synthesizer": name, "expert": "a", "seed": s, "frechet_distance": fd,
+                            "mean_msp": {"synthetic": 0.99, "real_in": 0.97, "real_out": 0.7}}
+                           for name, fd in (("dafl", 30.0), ("inversion", 12.0)) for s in (1, 2)]}
     gates = {"two": [{"regime": "real", "gate_type": "feature", "expert": "a", "seed": s, "membership_acc": 0.9}
-                     for s in (1, 2)]}
+                     for s in (1, 2)]
+             + [{"regime": "synthetic", "synthesizer": "inversion", "gate_type": t, "expert": "a", "seed": s,
+                 "membership_acc": acc} for t, acc in (("feature", 0.6), ("universal", 0.8)) for s in (1, 2)]}
     timings = [{"stage": stage, "step": "x", "seed": s, "wall_s": wall, "reused": reused, "device": "cpu"}
                for stage, s, wall, reused in (("experts", 1, 10.0, False), ("experts", 2, 12.5, False),
                                               ("merge", 1, 3.0, True), ("merge", 2, 1.25, False))]
     text = report.reproduction_report(
         "# Report\n", tables, {"series": ["two", "five", "missing"]}, {"two": 2, "five": 5}, experts, generators,
-        gates, timings, {"families": "figures/families.png", "gan_samples": "figures/gan_samples.png"})
+        gates, timings, {"families": "figures/families.png", "samples_dafl": "figures/samples_dafl.png",
+                         "msp_two": "figures/msp_two.png"}, diagnostics)
     golden = Path(__file__).parent / "golden" / "reproduction_report.md"
     assert text == golden.read_text()
 

@@ -79,7 +79,7 @@ def test_key_value_arguments_override_the_profile():
     assert {s.label for s in steps if s.stage == "experts"} == {"first5_mnist lenet5", "last5_mnist lenet5"}
     # tables of other problems, and the universal table that needs mnist_cifar10's gates, drop out
     assert [s.label for s in steps if s.stage == "merge"] == [
-        "logit_rules_disjoint_mnist", "multipass_disjoint_mnist", "gates_disjoint_mnist"]
+        "logit_rules_disjoint_mnist", "multipass_disjoint_mnist", "gates_disjoint_mnist", "synthesis_disjoint_mnist"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -122,12 +122,13 @@ def test_reused_steps_keep_the_time_their_work_took():
 # ---------------------------------------------------------------- end to end on a tiny fake root
 
 TINY_TABLES = ["logit_rules_disjoint_mnist", "multipass_disjoint_mnist", "gates_disjoint_mnist",
-               "universal_mnist_cifar10"]
+               "synthesis_disjoint_mnist", "universal_mnist_cifar10"]
 
 
 def tiny_config(root: Path, tmp_path: Path, **changes) -> config.ReproduceConfig:
     cfg = config.ReproduceConfig(
-        profile="tiny", seeds=[1, 2],
+        profile="tiny", seeds=[1, 2], synthesizers=["dafl", "inversion", "dafl+inversion"],
+        inversion=config.InversionSettings(images=16, steps=2, batch_size=16),
         expert=config.ExpertTraining(epochs=1, train_limit=120),
         dafl=config.DaflTraining(epochs=1, iters_per_epoch=2, batch_size=8, width=8, images=24),
         gate=config.GateTraining(epochs=1, noise_samples=24),
@@ -149,6 +150,10 @@ def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, 
     summary = reproduce.main(cfg)
 
     results, ckpt = tmp_path / "results", tmp_path / "ckpt"
+    # every synthesizer's sets, and gates of each synthesizer and of the mixture
+    assert {p.parent.name for p in (ckpt / "synthetic").rglob("*.pt")} == {"dafl", "inversion"}
+    assert {"synthetic_dafl", "synthetic_inversion", "synthetic_dafl+inversion"} <= {
+        p.name for p in (ckpt / "gates" / "disjoint_mnist").iterdir()}
     report = (results / "report.md").read_text()
     for section in ("## Best rule of each family", "## Scaling with the number of experts", "## Experts",
                     "## Data-free synthesis", "## Why a synthetic set transfers", "## Gate membership",
@@ -163,10 +168,11 @@ def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, 
     assert sorted({r["seed"] for r in read_rows(results / "merge" / "gates_disjoint_mnist.jsonl")}) == [1, 2]
     assert sorted(r["seed"] for r in read_rows(results / "experts" / "first5_mnist_lenet5.jsonl")) == [1, 2]
     families = {r["family"] for r in read_rows(results / "families.jsonl")}
-    assert {"oracle (bound)", "logit statistics", "multi-pass mean", "gates, data-free",
+    assert {"oracle (bound)", "logit statistics", "multi-pass mean", "gates, data-free", "data-free calibration",
             "universal gate, data-free, unseen experts"} <= families
     assert summary["outputs"]["figures"] == {"families": "figures/families.png",
                                              "samples_dafl": "figures/samples_dafl.png",
+                                             "samples_inversion": "figures/samples_inversion.png",
                                              "msp_disjoint_mnist": "figures/msp_disjoint_mnist.png",
                                              "msp_mnist_cifar10": "figures/msp_mnist_cifar10.png"}
     for name in summary["outputs"]["figures"].values():
@@ -180,8 +186,8 @@ def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, 
     changed = {k for k in before if after.get(k) != before[k]}
     # only the deleted files are made again; remade by the same recipe from the same expert, they hold the
     # same weights and images (digests), so the gates trained on them stay valid and are reused
-    assert changed and all(k.startswith(("generators/first5_mnist", "synthetic/dafl/first5_mnist"))
-                           for k in changed), changed
+    assert changed and all(k.startswith(("generators/first5_mnist", "synthetic/dafl/first5_mnist",
+                                         "synthetic/inversion/first5_mnist")) for k in changed), changed
     assert set(after) == set(before)
     timings = {(t["stage"], t["step"], t["seed"]): t for t in read_rows(results / "timings.jsonl")}
     assert not timings[("generators", "disjoint_mnist", 1)]["reused"]
