@@ -115,3 +115,171 @@ def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch
     correct = sum((model(inputs[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
                   for i in range(0, len(inputs), batch_size))
     return correct / max(len(inputs), 1)
+
+
+# ---------------------------------------------------------------- many seeds at once (stacked.py)
+
+def train_classifiers(models: list[nn.Module], inputs: torch.Tensor | list[torch.Tensor],
+                      labels: torch.Tensor | list[torch.Tensor], *, epochs: int, lr: float, momentum: float,
+                      weight_decay: float, batch_size: int, seeds: list[int], desc: str = "epochs",
+                      class_weights: list[torch.Tensor | None] | None = None,
+                      resumes: list[Resume | None] | None = None) -> list[list[float]]:
+    """``train_classifier`` for many models of one architecture at once: model i is trained exactly as
+    ``train_classifier`` would train it alone with ``seeds[i]`` (its own initialisation, permutation of the
+    data, class weights and resumable state), within floating-point tolerance, in one stacked network
+    (stacked.py). ``inputs`` and ``labels`` are shared by all models, or given per model (lists of one length).
+    Models without a stacked form, or resumed at different epochs, are trained one group at a time."""
+    from stacked import stack, stackable, unstack_into
+
+    count = len(models)
+    class_weights = class_weights or [None] * count
+    resumes = resumes or [None] * count
+    per_model = isinstance(inputs, list)
+    saved = [r.load() if r else None for r in resumes]
+    done = [len(s["log"]) if s else 0 for s in saved]
+    if not stackable(models) or len(set(done)) > 1:
+        groups = [[i] for i in range(count)] if not stackable(models) else \
+            [[i for i in range(count) if done[i] == d] for d in sorted(set(done))]
+        losses: list[list[float]] = [[] for _ in range(count)]
+        for group in groups:
+            if len(group) == 1 and not stackable(models):
+                i = group[0]
+                losses[i] = train_classifier(models[i], inputs[i] if per_model else inputs,
+                                             labels[i] if per_model else labels, epochs=epochs, lr=lr,
+                                             momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+                                             seed=seeds[i], desc=desc, class_weight=class_weights[i],
+                                             resume=resumes[i])
+                continue
+            part = train_classifiers([models[i] for i in group], [inputs[i] for i in group] if per_model else inputs,
+                                     [labels[i] for i in group] if per_model else labels, epochs=epochs, lr=lr,
+                                     momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+                                     seeds=[seeds[i] for i in group], desc=desc,
+                                     class_weights=[class_weights[i] for i in group],
+                                     resumes=[resumes[i] for i in group])
+            for i, log in zip(group, part):
+                losses[i] = log
+        return losses
+    orders = [make_generator(seed, "cpu") for seed in seeds]
+    saver = StackedSaver(resumes, models, orders)
+    logs = saver.restore()
+    network = stack(models)
+    optimiser = torch.optim.SGD(network.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    saver.restore_optimiser(optimiser)
+    data = torch.stack(inputs) if per_model else inputs
+    targets = torch.stack(labels) if per_model else labels
+    n = data.shape[1] if per_model else len(data)
+    rows = torch.arange(count, device=data.device).unsqueeze(1)
+    network.train()
+    for _ in progress(range(done[0], epochs), desc=desc, leave=False, initial=done[0], total=epochs):
+        perms = torch.stack([torch.randperm(n, generator=order) for order in orders]).to(data.device)
+        totals = torch.zeros(count, device=data.device)
+        for start in range(0, n, batch_size):
+            index = perms[:, start:start + batch_size]
+            x, y = (data[rows, index], targets[rows, index]) if per_model else (data[index], targets[index])
+            logits = network(x)
+            per_seed = torch.stack([F.cross_entropy(logits[i], y[i], weight=class_weights[i]) for i in range(count)])
+            optimiser.zero_grad(set_to_none=True)
+            per_seed.sum().backward()  # each seed's slice of the gradient is its own loss's gradient
+            optimiser.step()
+            totals += per_seed.detach() * index.shape[1]
+        for log, total in zip(logs, (totals / n).tolist()):
+            log.append(total)
+        saver.epoch_done(network, optimiser, logs, epochs)
+    unstack_into(network, models)
+    for model in models:
+        model.eval()
+    return logs
+
+
+class StackedSaver:
+    """``Saver`` for models trained as one stacked network: each model's state goes to its own resume file
+    in the single-model format, so a killed stacked run may go on stacked or one model at a time."""
+
+    def __init__(self, resumes: list[Resume | None], models: list[nn.Module], rngs: list[torch.Generator]) -> None:
+        self.resumes, self.models, self.rngs = resumes, models, rngs
+        self.saved: list[dict | None] = [r.load() if r else None for r in resumes]
+        self.last = time.monotonic()
+
+    def restore(self) -> list[list]:
+        """Every model's log of finished epochs, after loading its weights and random state (call before
+        stacking: the stack copies the weights)."""
+        logs: list[list] = []
+        for model, rng, state in zip(self.models, self.rngs, self.saved):
+            if state is not None:
+                model.load_state_dict(state["model"])
+                rng.set_state(state["rng"])
+            logs.append(list(state["log"]) if state else [])
+        return logs
+
+    def restore_optimiser(self, optimiser: torch.optim.Optimizer) -> None:
+        if self.saved[0] is not None:
+            optimiser.load_state_dict(stacked_optimiser_state(self.models, [s["optimiser"] for s in self.saved],
+                                                              optimiser))
+
+    def epoch_done(self, network: nn.Module, optimiser: torch.optim.Optimizer, logs: list[list], epochs: int) -> None:
+        from stacked import unstack_into
+
+        if not any(self.resumes) or len(logs[0]) == epochs or time.monotonic() - self.last < RESUME_INTERVAL_S:
+            return
+        unstack_into(network, self.models)
+        for resume, model, rng, log, state in zip(self.resumes, self.models, self.rngs, logs,
+                                                  split_optimiser_state(self.models, network, optimiser)):
+            if resume is not None:
+                resume.save({"model": model.state_dict(), "optimiser": state, "rng": rng.get_state(), "log": log})
+        self.last = time.monotonic()
+
+
+def _holding(model: nn.Module, tensors: list[torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` whose parameters hold ``tensors`` (in parameter order), to stack or unstack
+    optimiser state the way the parameters themselves are stacked."""
+    import copy
+
+    holder = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter, tensor in zip(holder.parameters(), tensors):
+            parameter.copy_(tensor)
+    return holder
+
+
+def split_optimiser_state(models: list[nn.Module], network: nn.Module, optimiser: torch.optim.Optimizer) -> list[dict]:
+    """The stacked optimiser's state as one single-model state dict per model (the format ``train_classifier``
+    saves), so a resumed run may go on stacked or alone."""
+    from stacked import stack
+
+    full = optimiser.state_dict()
+    count = len(list(network.parameters()))
+    names = [name for name, _ in models[0].named_parameters()]
+    per_model: list[dict] = [{} for _ in models]
+    for key in full["state"][0]:
+        values = [full["state"][j][key] for j in range(count)]
+        if values[0].dim() == 0:  # a step count, the same for all models
+            for state in per_model:
+                state[key] = [value.clone() for value in values]  # one tensor each: optimisers count in place
+            continue
+        with torch.no_grad():
+            shadow = stack(models)
+            for p, value in zip(shadow.parameters(), values):
+                p.copy_(value)
+            for state, unstacked in zip(per_model, shadow.unstack()):
+                state[key] = [unstacked[name] for name in names]
+    group = {**full["param_groups"][0], "params": list(range(len(names)))}
+    return [{"state": {j: {key: value if not isinstance(value, list) else value[j] for key, value in state.items()}
+                       for j in range(len(names))}, "param_groups": [group]} for state in per_model]
+
+
+def stacked_optimiser_state(models: list[nn.Module], states: list[dict], optimiser: torch.optim.Optimizer) -> dict:
+    """The inverse of ``split_optimiser_state``: single-model optimiser states -> the stacked optimiser's."""
+    from stacked import stack
+
+    keys = list(states[0]["state"][0])
+    stacked_state: dict[int, dict] = {}
+    for key in keys:
+        if states[0]["state"][0][key].dim() == 0:  # a step count: one tensor each, optimisers count in place
+            for j in range(len(list(optimiser.param_groups[0]["params"]))):
+                stacked_state.setdefault(j, {})[key] = states[0]["state"][0][key].clone()
+            continue
+        holders = [_holding(m, [s["state"][j][key] for j in range(len(s["state"]))]) for m, s in zip(models, states)]
+        for j, p in enumerate(stack(holders).parameters()):
+            stacked_state.setdefault(j, {})[key] = p.detach().clone()
+    full = optimiser.state_dict()
+    return {"state": stacked_state, "param_groups": full["param_groups"]}
