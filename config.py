@@ -281,6 +281,7 @@ class TrainConfig:
     results_dir: str = "results"
     device: str = device_field()  # auto: cuda when available, else cpu
     deterministic: bool = False
+    stack_seeds: bool = True  # train the seeds together as one stacked network (stacked.py); false: one by one
     force: bool = False  # retrain seeds whose checkpoint already exists
 
 
@@ -315,6 +316,7 @@ class MergeConfig:
     results_dir: str = "results"
     device: str = device_field()
     deterministic: bool = False
+    stack_seeds: bool = True  # run every seed's experts together as one stacked network (stacked.py)
     force: bool = False  # recompute rows already stored for a seed
 
 
@@ -340,6 +342,7 @@ class GanConfig:
     results_dir: str = "results"
     device: str = device_field()
     deterministic: bool = False
+    stack_seeds: bool = True  # train the seeds' DAFL generators together as one stacked network (stacked.py)
     force: bool = False
 
 
@@ -370,6 +373,7 @@ class PanConfig:
     results_dir: str = "results"
     device: str = device_field()
     deterministic: bool = False
+    stack_seeds: bool = True  # train the gates of every seed that share a shape together (stacked.py)
     force: bool = False
 
 

@@ -22,16 +22,21 @@ from data import InputFormat
 from training import Resume, Saver
 
 
+def dafl_terms(logits: torch.Tensor, features: torch.Tensor, entropy_base: float = 10.0) -> dict[str, torch.Tensor]:
+    """DAFL's three loss terms on the expert's outputs for a batch of generated images."""
+    mean_prob = logits.softmax(dim=1).mean(dim=0)
+    return {"one_hot": F.cross_entropy(logits, logits.argmax(dim=1)),
+            # -H(mean_prob) in log base `entropy_base`: minimising it balances the classes
+            "info_entropy": (mean_prob * torch.log(mean_prob + 1e-12)).sum() / math.log(entropy_base),
+            "activation": features.abs().mean()}
+
+
 def dafl_loss(logits: torch.Tensor, features: torch.Tensor, oh_weight: float, ie_weight: float,
               a_weight: float, entropy_base: float = 10.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """DAFL's generator loss on the expert's outputs for a batch of generated images."""
-    one_hot = F.cross_entropy(logits, logits.argmax(dim=1))
-    mean_prob = logits.softmax(dim=1).mean(dim=0)
-    # -H(mean_prob) in log base `entropy_base`: minimising it balances the classes
-    info_entropy = (mean_prob * torch.log(mean_prob + 1e-12)).sum() / math.log(entropy_base)
-    activation = features.abs().mean()
-    loss = oh_weight * one_hot + ie_weight * info_entropy - a_weight * activation
-    return loss, {"one_hot": one_hot.item(), "info_entropy": info_entropy.item(), "activation": activation.item()}
+    """DAFL's generator loss on the expert's outputs for a batch of generated images, and its terms."""
+    terms = dafl_terms(logits, features, entropy_base)
+    loss = oh_weight * terms["one_hot"] + ie_weight * terms["info_entropy"] - a_weight * terms["activation"]
+    return loss, {name: value.item() for name, value in terms.items()}
 
 
 def build_generator(dafl: config.DaflTraining, channels: int) -> tuple[nn.Module, dict]:
@@ -40,11 +45,10 @@ def build_generator(dafl: config.DaflTraining, channels: int) -> tuple[nn.Module
     return build_model("generator", **kwargs), kwargs
 
 
-def train_generator(expert: nn.Module, fmt: InputFormat, dafl: config.DaflTraining, noise_seed: int,
-                    device: torch.device, desc: str, resume: Resume | None = None) -> tuple[nn.Module, list[dict]]:
-    """Adam on the DAFL loss against the frozen ``expert``; returns the generator and a log (one entry per
+def train_generator(expert: nn.Module, generator: nn.Module, dafl: config.DaflTraining, noise_seed: int,
+                    device: torch.device, desc: str, resume: Resume | None = None) -> list[dict]:
+    """Adam on the DAFL loss: ``generator`` learns against the frozen ``expert``; returns a log (one entry per
     epoch). With ``resume`` a killed run continues from its last saved epoch."""
-    generator = build_generator(dafl, fmt.channels)[0].to(device)
     optimiser = torch.optim.Adam(generator.parameters(), lr=dafl.lr)
     noise = make_generator(noise_seed, device)
     expert.eval().requires_grad_(False)
@@ -56,14 +60,55 @@ def train_generator(expert: nn.Module, fmt: InputFormat, dafl: config.DaflTraini
         for _ in range(dafl.iters_per_epoch):
             z = torch.randn(dafl.batch_size, dafl.latent_dim, generator=noise, device=device)
             logits, features = expert(generator(z), return_features=True)
-            loss, parts = dafl_loss(logits, features, dafl.oh_weight, dafl.ie_weight, dafl.a_weight,
-                                    dafl.entropy_base)
+            terms = dafl_terms(logits, features, dafl.entropy_base)
+            loss = dafl.oh_weight * terms["one_hot"] + dafl.ie_weight * terms["info_entropy"] - \
+                dafl.a_weight * terms["activation"]
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-        log.append({"epoch": epoch, "loss": loss.item(), **parts})
+        log.append({"epoch": epoch, "loss": loss.item(), **{name: value.item() for name, value in terms.items()}})
         saver.epoch_done(log, dafl.epochs)
-    return generator, log
+    return log
+
+
+def train_generators(experts: list[nn.Module], generators: list[nn.Module], dafl: config.DaflTraining,
+                     noise_seeds: list[int], device: torch.device, desc: str,
+                     resumes: list[Resume | None]) -> list[list[dict]]:
+    """``train_generator`` for many (expert, generator) pairs of one architecture at once, as one stacked
+    generator against one stacked expert (stacked.py): pair i is trained as it would be alone, with its own
+    noise, within floating-point tolerance. Returns the logs."""
+    from stacked import stack, unstack_into
+    from training import StackedSaver
+
+    for expert in experts:
+        expert.eval().requires_grad_(False)
+    noises = [make_generator(seed, device) for seed in noise_seeds]
+    saver = StackedSaver(resumes, generators, noises)
+    logs = saver.restore()
+    if len({len(log) for log in logs}) > 1:  # resumed at different epochs: one at a time
+        return [train_generator(e, g, dafl, s, device, desc, r)
+                for e, g, s, r in zip(experts, generators, noise_seeds, resumes)]
+    network, frozen = stack(generators), stack(experts).eval().requires_grad_(False)
+    optimiser = torch.optim.Adam(network.parameters(), lr=dafl.lr)
+    saver.restore_optimiser(optimiser)
+    network.train()
+    for epoch in progress(range(len(logs[0]), dafl.epochs), desc=desc, leave=False, initial=len(logs[0]),
+                          total=dafl.epochs):
+        for _ in range(dafl.iters_per_epoch):
+            z = torch.stack([torch.randn(dafl.batch_size, dafl.latent_dim, generator=noise, device=device)
+                             for noise in noises])
+            logits, features = frozen(network(z), return_features=True)
+            terms = [dafl_terms(logits[i], features[i], dafl.entropy_base) for i in range(len(generators))]
+            losses = torch.stack([dafl.oh_weight * t["one_hot"] + dafl.ie_weight * t["info_entropy"]
+                                  - dafl.a_weight * t["activation"] for t in terms])
+            optimiser.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimiser.step()
+        for log, loss, parts in zip(logs, losses.tolist(), terms):
+            log.append({"epoch": epoch, "loss": loss, **{name: value.item() for name, value in parts.items()}})
+        saver.epoch_done(network, optimiser, logs, dafl.epochs)
+    unstack_into(network, generators)
+    return logs
 
 
 @torch.no_grad()

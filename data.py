@@ -366,8 +366,8 @@ def task_identity(name: str, task: TaskSpec) -> dict:
 # ---------------------------------------------------------------- input formats
 
 def to_unit(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """uint8 images to float pixels in [0, 1] (on ``device``)."""
-    return images.to(device).float().div_(255.0)
+    """uint8 images to float pixels in [0, 1] (on ``device``, in torch's default float type)."""
+    return images.to(device=device, dtype=torch.get_default_dtype()).div_(255.0)
 
 
 def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -15,13 +17,16 @@ import torch
 HISTOGRAM_BINS = 20  # of max-softmax over [0, 1]
 
 
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+def frechet_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> float:
     """Frechet distance between Gaussians fitted to two sets of feature vectors ``[N, D]``:
-    |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)), computed in float64."""
+    |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)), computed in float64. ``eps`` is added to both
+    covariances' diagonals first: ReLU features that never fire make them singular (as pytorch-fid does)."""
     x, y = a.double().cpu().numpy(), b.double().cpu().numpy()
     mu_x, mu_y = x.mean(axis=0), y.mean(axis=0)
-    cov_x, cov_y = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
-    root = scipy.linalg.sqrtm(cov_x @ cov_y)
+    cov_x, cov_y = (np.atleast_2d(np.cov(v, rowvar=False)) + eps * np.eye(x.shape[1]) for v in (x, y))
+    with warnings.catch_warnings():  # sqrtm warns on near-singular products; the offset keeps the result finite
+        warnings.simplefilter("ignore")
+        root = scipy.linalg.sqrtm(cov_x @ cov_y)
     if np.iscomplexobj(root):  # round-off gives tiny imaginary parts
         root = root.real
     return float(((mu_x - mu_y) ** 2).sum() + np.trace(cov_x + cov_y - 2 * root))

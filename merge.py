@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +39,9 @@ from common import (CheckpointError, append_row, atomic_write_text, cli, derive_
                     mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
 from data import InputFormat, load_task, prepare_input, to_unit
 from gating import gate_inputs, in_domain_probability
-from problems import Problem, build_problem, expert_activations, expert_logits, run_experts, test_batches
+from problems import (Problem, build_problem, expert_activations, expert_logits, run_experts, run_stacked,
+                      test_batches, test_batches_with_units)
+from stacked import stack, stackable
 from report import merge_report
 from strategies import (BASE_CODE, DEFAULT_SYNTHESIZER, NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs,
                         StrategyCall, check_fusion, parse_strategies)
@@ -103,19 +106,61 @@ def why_recompute(latest: dict | None, key: dict) -> str:
     return "no stored row"
 
 
-def pass_runner(problem: Problem, models, formats, logits: list[torch.Tensor], device, seed: int,
-                batch_size: int):
-    """``run_passes(setting)``: the experts' logits on the original (``logits``) and each augmented copy.
+class ExpertRuns:
+    """Every expert of several seeds on the combined test set and on its augmented copies, computed once for
+    all those seeds. With ``stack_seeds``, expert k of every seed runs as one stacked network on each batch
+    (stacked.py), each seed on its own augmented copy drawn from its own generator, so a seed gets the logits
+    it would get alone. Each TTA setting draws from a generator seeded by the seed, the problem and the
+    setting, so results do not depend on which rules run first."""
 
-    Each setting draws from its own generator, so results do not depend on which rules run first."""
-    def run_passes(setting: str) -> list[list[torch.Tensor]]:
-        generator = make_generator(derive_seed(seed, problem.name, "tta", setting), device)
-        passes = [logits]
-        for name, params in TTA_SETTINGS[setting]:
-            augment = lambda x, unit, name=name, params=params: apply_augment(name, x, generator, unit, **params)  # noqa: E731
-            passes.append(expert_logits(problem, models, formats, device, batch_size, augment))
-        return passes
-    return run_passes
+    def __init__(self, cfg: config.MergeConfig, problem: Problem, seeds: list[int], device: torch.device) -> None:
+        self.problem, self.seeds, self.device, self.batch_size = problem, seeds, device, cfg.batch_size
+        layout = Layout(cfg)
+        self.experts = {seed: problem.load_experts(layout, seed, device) for seed in seeds}
+        self.formats = self.experts[seeds[0]][1]
+        positions = [[self.experts[seed][0][k] for seed in seeds] for k in range(len(problem.experts))]
+        self.stacks = ([stack(models).eval() for models in positions]
+                       if cfg.stack_seeds and len(seeds) > 1 and all(stackable(m) for m in positions) else None)
+        self._activations: dict[int, list] = {}
+        self._passes: dict[str, dict[int, list]] = {}
+        self.times: dict[str, float] = {}  # seconds per seed: the original pass ("") and each setting's
+
+    def activations(self, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every expert's (logits, features) on the combined test set."""
+        if not self._activations:
+            start = time.perf_counter()
+            if self.stacks is None:
+                self._activations = {seed: expert_activations(self.problem, *self.experts[seed], self.device,
+                                                              self.batch_size) for seed in self.seeds}
+            else:
+                batches = (x.unsqueeze(0).expand(len(self.seeds), *x.shape)
+                           for x in test_batches(self.problem, self.device, self.batch_size))
+                stacked = run_stacked(self.stacks, self.formats, batches, features=True)
+                self._activations = {seed: [(lo[i], fe[i]) for lo, fe in stacked] for i, seed in enumerate(self.seeds)}
+            self.times[""] = (time.perf_counter() - start) / len(self.seeds)
+        return self._activations[seed]
+
+    def passes(self, seed: int, setting: str) -> list[list[torch.Tensor]]:
+        """Logits per pass (pass 0 = the original images) per expert, for a TTA setting."""
+        if setting not in self._passes:
+            start = time.perf_counter()
+            self._passes[setting] = {s: [[lo for lo, _ in self.activations(s)]] for s in self.seeds}
+            generators = [make_generator(derive_seed(s, self.problem.name, "tta", setting), self.device)
+                          for s in self.seeds]
+            for name, params in TTA_SETTINGS[setting]:
+                if self.stacks is None:
+                    for s, generator in zip(self.seeds, generators):
+                        augment = lambda x, unit, g=generator: apply_augment(name, x, g, unit, **params)  # noqa: E731
+                        self._passes[setting][s].append(expert_logits(self.problem, *self.experts[s], self.device,
+                                                                      self.batch_size, augment))
+                    continue
+                batches = (torch.stack([apply_augment(name, x, g, unit, **params) for g in generators])
+                           for x, unit in test_batches_with_units(self.problem, self.device, self.batch_size))
+                stacked = run_stacked(self.stacks, self.formats, batches)
+                for i, s in enumerate(self.seeds):
+                    self._passes[setting][s].append([lo[i] for lo, _ in stacked])
+            self.times[setting] = (time.perf_counter() - start) / len(self.seeds)
+        return self._passes[setting][seed]
 
 
 def gate_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) -> list[Path]:
@@ -215,10 +260,26 @@ def build_fusion_inputs(cfg: config.MergeConfig, problem: Problem, models: list[
                         class_counts, predict, training_data, seed=derive_seed(seed, problem.name, "fusion"))
 
 
-def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[StrategyCall], seed: int,
-                  device: torch.device, cache_path: Path) -> tuple[list[dict], list[str]]:
-    """The rows of one seed (experts' own accuracies first, then every call) and why each was computed
-    ("reused" for rows whose stored key matches)."""
+@dataclass
+class SeedPlan:
+    """One seed's rows: their keys, the rows stored under them, and why the others must be computed."""
+
+    seed: int
+    keys: dict[str, dict]
+    rows: dict[str, dict]
+    reasons: dict[str, str]
+    stored: dict[tuple[str, str], dict]
+    expert_digests: list[str]
+
+    @property
+    def todo(self) -> dict[str, dict]:
+        return {label: key for label, key in self.keys.items() if label not in self.rows}
+
+
+def plan_seed(cfg: config.MergeConfig, problem: Problem, calls: list[StrategyCall], seed: int,
+              cache_path: Path) -> SeedPlan:
+    """Which rows of one seed (experts' own accuracies first, then every call) are stored under their
+    current key, and why the others must be computed."""
     layout = Layout(cfg)
     expert_digests = [digest_of(p) for p in problem.expert_paths(layout, seed)]
     common = {"problem": problem_key(cfg.problems[cfg.problem], cfg.tasks), "test_limit": cfg.test_limit,
@@ -241,31 +302,31 @@ def evaluate_seed(cfg: config.MergeConfig, problem: Problem, calls: list[Strateg
             rows[label], reasons[label] = row, "reused"
         else:
             reasons[label] = "force=true" if cfg.force else why_recompute(latest.get(label), key)
-    if len(rows) < len(keys):
-        todo = {label for label in keys if label not in rows}
-        computed = compute_rows(cfg, layout, problem, [c for c in calls if c.label in todo], seed, device,
-                                {label: keys[label] for label in todo}, expert_digests, cache_path)
-        rows.update(computed)
-        # rows of other settings, and of strategies not asked for this time, stay stored
-        stored.update({(label, json.dumps(r["key"], sort_keys=True)): r for label, r in computed.items()})
-        atomic_write_text(cache_path, "".join(json.dumps(r) + "\n" for r in stored.values()))
-    return [rows[label] for label in keys], list(reasons.values())
+    return SeedPlan(seed, keys, rows, reasons, stored, expert_digests)
 
 
-def compute_rows(cfg: config.MergeConfig, layout: Layout, problem: Problem, calls: list[StrategyCall], seed: int,
-                 device: torch.device, keys: dict[str, dict], expert_digests: list[str],
-                 cache_path: Path) -> dict[str, dict]:
-    """Run the experts once and compute the rows named in ``keys`` (experts' own accuracies and ``calls``),
-    appending each to the cache as soon as it is done (an interrupted seed keeps them)."""
-    models, formats = problem.load_experts(layout, seed, device)
+def finish_seed(plan: SeedPlan, computed: dict[str, dict], cache_path: Path) -> list[dict]:
+    """One seed's rows in order; the cache rewritten to hold the computed rows beside every stored one (rows
+    of other settings, and of strategies not asked for this time, stay stored)."""
+    if computed:
+        plan.rows.update(computed)
+        plan.stored.update({(label, json.dumps(r["key"], sort_keys=True)): r for label, r in computed.items()})
+        atomic_write_text(cache_path, "".join(json.dumps(r) + "\n" for r in plan.stored.values()))
+    return [plan.rows[label] for label in plan.keys]
+
+
+def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[StrategyCall], plan: SeedPlan,
+                 runs: ExpertRuns, device: torch.device, cache_path: Path) -> dict[str, dict]:
+    """The rows of ``plan.todo`` (experts' own accuracies and ``calls``) from the experts' runs, each appended
+    to the cache as soon as it is done (an interrupted seed keeps them)."""
+    layout, seed, keys, expert_digests = Layout(cfg), plan.seed, plan.todo, plan.expert_digests
+    models, formats = runs.experts[seed]
     labels = problem.labels
     class_counts = problem.class_counts(layout, seed) if problem.shared_labels else None
     domain = problem.owner_domain(class_counts) if problem.shared_labels else problem.domain
     select = selection_half(domain, problem.name)
-    start = time.perf_counter()
-    activations = expert_activations(problem, models, formats, device, cfg.batch_size)
+    activations = runs.activations(seed)
     logits = [lo for lo, _ in activations]
-    logits_time = time.perf_counter() - start
     base = {"problem": cfg.problem, "name": cfg.name or cfg.problem, "seed": seed, "device": str(device),
             "n": len(labels)}
     rows = {}
@@ -283,16 +344,13 @@ def compute_rows(cfg: config.MergeConfig, layout: Layout, problem: Problem, call
         finish(f"expert:{name}", {"kind": "expert", "acc": local_correct.float().mean().item()})
 
     inputs = MergeInputs(logits, problem.label_maps, domain.to(device),
-                         run_passes=pass_runner(problem, models, formats, logits, device, seed, cfg.batch_size),
+                         run_passes=functools.partial(runs.passes, seed),
                          run_gates=gate_runner(layout, problem, activations, seed, device),
                          run_synthetic=synthetic_runner(layout, problem, models, formats, seed, device))
-    pass_times: dict[str, float] = {}
     for call in calls:
         setting = call.param("setting")
-        if setting is not None and setting not in pass_times:  # expert passes, timed apart from the rule
-            start = time.perf_counter()
+        if setting is not None:  # expert passes, timed apart from the rule
             inputs.passes(setting)
-            pass_times[setting] = time.perf_counter() - start
         if REGISTRY[call.name].fusion is not None and inputs.fusion is None:  # built once, for the first fusion rule
             inputs.fusion = build_fusion_inputs(cfg, problem, models, formats, class_counts, seed, device)
         start = time.perf_counter()
@@ -308,7 +366,8 @@ def compute_rows(cfg: config.MergeConfig, layout: Layout, problem: Problem, call
             extra = gate_identity(paths, problem, expert_digests, probs, domain)
         finish(call.label, {"kind": "strategy", "rule": call.name, "params": call.params,
                             **score(decision, problem, labels, domain, select), **decision.row, **extra,
-                            "time_s": rule_time, "expert_time_s": logits_time + pass_times.get(setting, 0.0)})
+                            "time_s": rule_time, "expert_time_s": runs.times[""] + runs.times.get(setting, 0.0),
+                            "stacked_seeds": len(runs.seeds) if runs.stacks is not None else 1})
     return rows
 
 
@@ -352,11 +411,17 @@ def main(cfg: config.MergeConfig) -> dict:
                               f"{cfg.ckpt_dir}; create them with:\n  " + "\n  ".join(dict.fromkeys(missing)))
     name = cfg.name or cfg.problem
     out = Path(cfg.results_dir) / "merge"
+    caches = {seed: out / name / f"seed{seed}.jsonl" for seed in cfg.seeds}
+    plans = {seed: plan_seed(cfg, problem, calls, seed, caches[seed]) for seed in cfg.seeds}
+    todo = [seed for seed in cfg.seeds if plans[seed].todo]
+    runs = ExpertRuns(cfg, problem, todo, device) if todo else None
     rows, reasons = [], []
     for seed in progress(cfg.seeds, desc=f"{name} seeds"):
-        seed_rows, seed_reasons = evaluate_seed(cfg, problem, calls, seed, device, out / name / f"seed{seed}.jsonl")
-        rows += seed_rows
-        reasons += seed_reasons
+        plan = plans[seed]
+        computed = compute_rows(cfg, problem, [c for c in calls if c.label in plan.todo], plan, runs, device,
+                                caches[seed]) if plan.todo else {}
+        rows += finish_seed(plan, computed, caches[seed])
+        reasons += list(plan.reasons.values())
     outputs = write_rows(out / name, [{**r, "config": config.to_dict(cfg)} for r in rows])
     outputs["report"] = str(out / f"{name}.md")
     atomic_write_text(outputs["report"], merge_report(rows, title=f"{name} ({cfg.problem})"))

@@ -170,7 +170,12 @@ def _shared_label_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpe
 
 def test_batches(problem: Problem, device: torch.device, batch_size: int):
     """The combined test set as [0,1] batches in ``problem.labels`` order, each in its native channels."""
-    return (to_unit(d.images[i:i + batch_size], device) for d in problem.domains
+    return (x for x, _ in test_batches_with_units(problem, device, batch_size))
+
+
+def test_batches_with_units(problem: Problem, device: torch.device, batch_size: int):
+    """``test_batches`` with each batch's noise unit: the per-channel std of its source dataset."""
+    return ((to_unit(d.images[i:i + batch_size], device), d.unit) for d in problem.domains
             for i in range(0, len(d.images), batch_size))
 
 
@@ -186,8 +191,7 @@ def expert_logits(problem: Problem, models: list[nn.Module], formats: list[Input
     if augment is None:
         batches = test_batches(problem, device, batch_size)
     else:
-        batches = (augment(to_unit(d.images[i:i + batch_size], device), d.unit) for d in problem.domains
-                   for i in range(0, len(d.images), batch_size))
+        batches = (augment(x, unit) for x, unit in test_batches_with_units(problem, device, batch_size))
     return [logits for logits, _ in run_experts(models, formats, batches)]
 
 
@@ -217,3 +221,22 @@ def run_experts(models: list[nn.Module], formats: list[InputFormat], batches,
                 out = model(inputs)
             logits[k].append(out.float())
     return [(torch.cat(lo), torch.cat(fe) if features else None) for lo, fe in zip(logits, feats)]
+
+
+@torch.no_grad()
+def run_stacked(stacks: list[nn.Module], formats: list[InputFormat], batches,
+                features: bool = False) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``run_experts`` for stacked experts (stacked.py: expert k of every seed as one network): each batch is
+    ``[S, B, C, H, W]``, seed s's [0,1] images; returns per expert ``(logits [S, N, K], features or None)``."""
+    logits: list[list[torch.Tensor]] = [[] for _ in stacks]
+    feats: list[list[torch.Tensor]] = [[] for _ in stacks]
+    for x in batches:
+        seeds, size = x.shape[:2]
+        for k, (network, fmt) in enumerate(zip(stacks, formats)):
+            inputs = prepare_input(x.flatten(0, 1), fmt).unflatten(0, (seeds, size))
+            out = network(inputs, return_features=features)
+            if features:
+                out, feat = out
+                feats[k].append(feat.float())
+            logits[k].append(out.float())
+    return [(torch.cat(lo, dim=1), torch.cat(fe, dim=1) if features else None) for lo, fe in zip(logits, feats)]

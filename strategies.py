@@ -27,8 +27,8 @@ from torch import Tensor
 
 from augments import TTA_SETTINGS
 from config import ConfigError, ProblemSpec, coerce
-from fusion import (class_share_weights, clafusion, conductance_importance, ensemble_softmax, finetune,
-                    hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg)
+from fusion import (HAS_POT, POT_MISSING, class_share_weights, clafusion, conductance_importance, ensemble_softmax,
+                    finetune, hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg)
 from gating import GATE_TYPES, REGIMES
 from synthesis import components
 
@@ -106,6 +106,7 @@ class FusionNeeds:
 
     mlp: bool = True  # it fuses weights, so every expert must be an MLP (archs/mlp.py)
     parents: int | None = None  # it fuses exactly this many experts (None: any number)
+    pot: bool = False  # it solves optimal transport with POT (an optional dependency here)
 
 
 # The source files every rule's row depends on (running the experts, scoring); a rule's own ``code`` adds the
@@ -170,6 +171,8 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
     needs = REGISTRY[call.name].fusion
     if needs is None:
         return
+    if needs.pot and not HAS_POT:
+        raise ConfigError(f"strategy {call.name!r}: {POT_MISSING}")
     if not spec.shared_labels:
         raise ConfigError(f"strategy {call.name!r} combines experts that share one label space: it needs a problem "
                           f"with shared_labels: true (fusion parents), and {problem!r} is a routing problem")
@@ -528,7 +531,7 @@ def vanilla_avg_rule(inputs: MergeInputs) -> Decision:
     return network_decision(fusion, lambda: vanilla_avg(fusion.parents), samples_used=0)
 
 
-@register("otfusion", fusion=FusionNeeds())
+@register("otfusion", fusion=FusionNeeds(pot=True))
 def otfusion_rule(inputs: MergeInputs, *, cost: Literal["weight", "activation"] = "weight") -> Decision:
     """OTFusion: align the parents' neurons to the first parent's by exact optimal transport, then average."""
     fusion = fusion_inputs(inputs, "otfusion")
@@ -562,7 +565,7 @@ def kf_gradient_rule(inputs: MergeInputs, *, importance: Importance = "uniform")
         seed=fusion.seed), samples_used=len(fusion.samples))
 
 
-@register("clafusion", fusion=FusionNeeds(parents=2))
+@register("clafusion", fusion=FusionNeeds(parents=2, pot=True))
 def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0) -> Decision:
     """CLAFusion: align the hidden layers of two parents of any depths, then OTFusion; optionally fine-tune.
 

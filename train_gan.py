@@ -25,8 +25,8 @@ import config
 from artifacts import ExpertId, Layout, check_reuse, digest_of, experts_of, recipe_key, tally
 from common import (CheckpointError, atomic_write_bytes, cli, derive_seed, load_model, mean_std, print_summary,
                     progress, resolve_device, save_checkpoint, seed_everything, write_rows)
-from dafl import build_generator, sample_images, train_generator
-from data import InputFormat
+from dafl import build_generator, sample_images, train_generator, train_generators
+from data import InputFormat, to_unit
 from inversion import data_impressions, deep_inversion
 from synthesis import (GRID_SAMPLES, check_experts, components, png_grid, sample_quality, save_set, to_uint8)
 from training import Resume
@@ -43,28 +43,51 @@ def other_seed_expert(layout: Layout, expert: ExpertId, seed: int) -> Path | Non
     return others[0] if others else None
 
 
-def dafl_generator(cfg: config.GanConfig, expert: ExpertId, seed: int, model: nn.Module, fmt: InputFormat,
-                   device: torch.device) -> tuple[nn.Module, dict, str]:
-    """The DAFL generator of ``expert`` and ``seed``, its row, and why it was trained (or "reused")."""
+def dafl_generators(cfg: config.GanConfig, expert: ExpertId, seeds: list[int],
+                    device: torch.device) -> dict[int, tuple[nn.Module, dict, str]]:
+    """The DAFL generator of ``expert`` for every seed, its row, and why it was trained (or "reused"). The
+    seeds to train are trained together as one stacked generator against one stacked expert
+    (``stack_seeds``), each from its own initialisation and noise."""
     layout = Layout(cfg)
-    path = layout.generator_path(expert, seed)
     recipe = layout.generator_recipe(expert)
-    upstream = {"expert": digest_of(layout.expert_path(expert, seed))}
-    reuse = check_reuse(path, recipe, upstream, cfg.force)
-    if reuse.reused:
-        return load_model(path, expect_arch="generator", device=device)[0], reuse.meta["row"], reuse.why
-    seed_everything(derive_seed(seed, expert.task, expert.arch, "generator"), cfg.deterministic)
-    resume = Resume.beside(path, recipe_key(recipe) + upstream["expert"])
+    out, todo = {}, []
+    for seed in seeds:
+        path = layout.generator_path(expert, seed)
+        upstream = {"expert": digest_of(layout.expert_path(expert, seed))}
+        reuse = check_reuse(path, recipe, upstream, cfg.force)
+        if reuse.reused:
+            out[seed] = (load_model(path, expect_arch="generator", device=device)[0], reuse.meta["row"], reuse.why)
+        else:
+            todo.append((seed, path, upstream, reuse.why))
+    if not todo:
+        return out
+    experts, generators, fmts = [], [], []
+    for seed, *_ in todo:
+        model, ckpt = load_model(layout.expert_path(expert, seed), expect_arch=expert.arch,
+                                 hint=layout.expert_command(expert, [seed]), device=device)
+        fmts.append(InputFormat.from_dict(ckpt["meta"]["input_format"]))
+        experts.append(model)
+        seed_everything(derive_seed(seed, expert.task, expert.arch, "generator"), cfg.deterministic)
+        generators.append(build_generator(cfg.dafl, fmts[-1].channels)[0].to(device))
+    resumes = [Resume.beside(path, recipe_key(recipe) + upstream["expert"]) for _, path, upstream, _ in todo]
+    noise_seeds = [derive_seed(seed, f"{expert.task} seed {seed}", "noise") for seed, *_ in todo]
+    desc = f"{expert.task} seeds {[seed for seed, *_ in todo]}"
     start = time.perf_counter()
-    generator, log = train_generator(model, fmt, cfg.dafl, derive_seed(seed, f"{expert.task} seed {seed}", "noise"),
-                                     device, desc=f"{expert.task} seed {seed}", resume=resume)
-    row = {"generator": str(path), "final_loss": log[-1] if log else None,
-           "generator_train_time_s": time.perf_counter() - start}
-    save_checkpoint(path, generator, "generator", build_generator(cfg.dafl, fmt.channels)[1], config.to_dict(cfg),
-                    {"task": expert.task, "expert_arch": expert.arch, "input_format": fmt.as_dict(), "recipe": recipe,
-                     "upstream": upstream, "log": log, "row": row})
-    resume.clear()
-    return generator, row, reuse.why
+    if cfg.stack_seeds:
+        logs = train_generators(experts, generators, cfg.dafl, noise_seeds, device, desc, resumes)
+    else:
+        logs = [train_generator(e, g, cfg.dafl, n, device, desc, r)
+                for e, g, n, r in zip(experts, generators, noise_seeds, resumes)]
+    train_time = (time.perf_counter() - start) / len(todo)  # per seed: stacked seeds share the time
+    for (seed, path, upstream, why), generator, fmt, log, resume in zip(todo, generators, fmts, logs, resumes):
+        row = {"generator": str(path), "final_loss": log[-1] if log else None, "generator_train_time_s": train_time,
+               "stacked_seeds": len(todo) if cfg.stack_seeds else 1}
+        save_checkpoint(path, generator, "generator", build_generator(cfg.dafl, fmt.channels)[1], config.to_dict(cfg),
+                        {"task": expert.task, "expert_arch": expert.arch, "input_format": fmt.as_dict(),
+                         "recipe": recipe, "upstream": upstream, "log": log, "row": row})
+        resume.clear()
+        out[seed] = (generator, row, why)
+    return out
 
 
 def inverted_images(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: int, model: nn.Module,
@@ -85,9 +108,10 @@ def inverted_images(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, s
     return torch.cat(batches)
 
 
-def make_set(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: int, device: torch.device) -> list[tuple[dict, str]]:
-    """The stored set of ``synthesizer`` for ``expert`` and ``seed``: made, or reused; with the DAFL generator's
-    own (row, why) first when it is needed. Returns (row, why) pairs."""
+def make_set(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: int, device: torch.device,
+             dafl: tuple[nn.Module, dict, str] | None = None) -> list[tuple[dict, str]]:
+    """The stored set of ``synthesizer`` for ``expert`` and ``seed``: made, or reused; DAFL's is drawn from
+    ``dafl`` = (generator, its row, why it was made), whose (row, why) come first. Returns (row, why) pairs."""
     layout = Layout(cfg)
     path = layout.synthetic_path(synthesizer, expert, seed)
     expert_file = layout.expert_path(expert, seed)
@@ -99,7 +123,7 @@ def make_set(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: in
     done = []
     generator = None
     if synthesizer == "dafl":
-        generator, generator_row, why = dafl_generator(cfg, expert, seed, model, fmt, device)
+        generator, generator_row, why = dafl
         done.append(({"kind": "generator", **generator_row}, why))
         upstream = {"generator": digest_of(layout.generator_path(expert, seed))}
     else:
@@ -120,7 +144,7 @@ def make_set(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: in
         resume = Resume.beside(path, recipe_key(recipe) + upstream["expert"])
         images = inverted_images(cfg, synthesizer, expert, seed, model, fmt, device, resume)
     make_time = time.perf_counter() - start
-    scored = images[:cfg.eval_samples].to(device).float() / 255
+    scored = to_unit(images[:cfg.eval_samples], device)
     other_path = other_seed_expert(layout, expert, seed)
     other = load_model(other_path, device=device)[0] if other_path else None
     quality = sample_quality(model, fmt, scored, other)
@@ -158,13 +182,16 @@ def main(cfg: config.GanConfig) -> dict:
                               + "\n  ".join(dict.fromkeys(missing)))
     config.print_config(cfg)
     device = resolve_device(cfg.device)
-    rows, reasons = [], []
-    for seed in progress(cfg.seeds, desc=f"{cfg.problem} synthesis"):
-        for name, expert in zip(names, experts):
+    made: dict[tuple[int, str], list[dict]] = {}
+    reasons = []
+    for name, expert in zip(progress(names, desc=f"{cfg.problem} synthesis"), experts):
+        generators = dafl_generators(cfg, expert, cfg.seeds, device) if "dafl" in synthesizers else {}
+        for seed in cfg.seeds:
             for synthesizer in synthesizers:
-                for row, why in make_set(cfg, synthesizer, expert, seed, device):
-                    rows.append({**row, "name": name})
+                for row, why in make_set(cfg, synthesizer, expert, seed, device, generators.get(seed)):
+                    made.setdefault((seed, name), []).append({**row, "name": name})
                     reasons.append(why)
+    rows = [row for seed in cfg.seeds for name in names for row in made[(seed, name)]]
     stem = Path(cfg.results_dir) / "gan" / cfg.problem
     sets = [r for r in rows if r["kind"] == "set"]
     outputs = write_rows(stem, [{**r, "config": config.to_dict(cfg)} for r in sets])

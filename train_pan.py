@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 import config
 from archs import build_model
@@ -42,7 +43,7 @@ from diagnostics import set_diagnostics
 from gating import GATE_TYPES, REGIMES, gate_arch, gate_inputs, in_domain_probability
 from problems import Problem, build_problem, expert_activations, run_experts
 from synthesis import components, load_set
-from training import Resume, train_classifier
+from training import Resume, train_classifiers
 
 
 @dataclass
@@ -138,19 +139,62 @@ def membership(gate, gate_type: str, test_acts, domain: torch.Tensor, k: int) ->
             "true_negative_rate": (~says_in[~is_in]).float().mean().item()}
 
 
-def train_gate(cfg: config.PanConfig, gate_type: str, inputs: torch.Tensor, targets: torch.Tensor,
-               seed: int, desc: str, resume: Resume):
-    arch, kwargs = gate_arch(gate_type, inputs.shape[1])
-    seed_everything(seed, cfg.deterministic)
-    gate = build_model(arch, **kwargs).to(inputs.device)
-    if cfg.gate.standardise_inputs:
-        gate.fit_standardisation(inputs)
-    counts = torch.bincount(targets, minlength=2).float().clamp(min=1)
-    weight = (counts.sum() / (2 * counts)) if cfg.gate.balance_classes else None
-    losses = train_classifier(gate, inputs, targets, epochs=cfg.gate.epochs, lr=cfg.gate.lr,
-                              momentum=cfg.gate.momentum, weight_decay=0.0, batch_size=cfg.gate.batch_size,
-                              seed=derive_seed(seed, "order"), desc=desc, class_weight=weight, resume=resume)
-    return gate, arch, kwargs, losses, counts
+@dataclass
+class PendingGate:
+    """A gate to train: where it goes, what made it, and its training data."""
+
+    problem: str
+    seed: int
+    regime: str
+    synthesizer: str
+    gate_type: str
+    experts: list[int]  # the experts it serves (one, or all for the universal gate)
+    path: Path
+    recipe: dict
+    upstream: dict[str, str]
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def build(self, cfg: config.PanConfig) -> tuple[nn.Module, str, dict, torch.Tensor | None]:
+        """The untrained gate (its own initialisation and input standardisation) and its class weights."""
+        arch, kwargs = gate_arch(self.gate_type, self.inputs.shape[1])
+        seed_everything(self.init_seed, cfg.deterministic)
+        gate = build_model(arch, **kwargs).to(self.inputs.device)
+        if cfg.gate.standardise_inputs:
+            gate.fit_standardisation(self.inputs)
+        counts = torch.bincount(self.targets, minlength=2).float().clamp(min=1)
+        return gate, arch, kwargs, (counts.sum() / (2 * counts)) if cfg.gate.balance_classes else None
+
+    @property
+    def init_seed(self) -> int:
+        return derive_seed(self.seed, self.problem, self.regime, self.gate_type, *self.experts)
+
+
+def train_gates(cfg: config.PanConfig, pending: list[PendingGate]) -> list[tuple[nn.Module, str, dict, list[float],
+                                                                                 float]]:
+    """Train the pending gates: with ``stack_seeds``, every group of one architecture, width and amount of
+    data as one stacked network (each gate as it would train alone); returns (gate, arch, kwargs, losses,
+    train time per gate) in the order given."""
+    built = [gate.build(cfg) for gate in pending]
+    settings = dict(epochs=cfg.gate.epochs, lr=cfg.gate.lr, momentum=cfg.gate.momentum, weight_decay=0.0,
+                    batch_size=cfg.gate.batch_size)
+    groups: dict[tuple, list[int]] = {}
+    for i, (gate, arch, kwargs, _) in enumerate(built):
+        key = (arch, tuple(sorted(kwargs.items())), len(pending[i].inputs)) if cfg.stack_seeds else (i,)
+        groups.setdefault(key, []).append(i)
+    out: list = [None] * len(pending)
+    for members in progress(list(groups.values()), desc="gates", leave=False):
+        start = time.perf_counter()
+        losses = train_classifiers(
+            [built[i][0] for i in members], [pending[i].inputs for i in members], [pending[i].targets for i in members],
+            seeds=[derive_seed(pending[i].init_seed, "order") for i in members],
+            class_weights=[built[i][3] for i in members], desc=f"{len(members)} gates",
+            resumes=[Resume.beside(pending[i].path, recipe_key(pending[i].recipe) + str(pending[i].upstream))
+                     for i in members], **settings)
+        per_gate = (time.perf_counter() - start) / len(members)
+        for i, log in zip(members, losses):
+            out[i] = (built[i][0], built[i][1], built[i][2], log, per_gate)
+    return out
 
 
 def membership_truth(cfg: config.PanConfig, problem: Problem, seed: int) -> torch.Tensor:
@@ -183,63 +227,66 @@ def upstream_files(layout: Layout, problem: Problem, regime: str, seed: int, syn
     return {name: digest_of(path) for name, path in files.items()}
 
 
-def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, seed: int, models, formats,
-                 test_activations, device, domain: torch.Tensor | None = None,
-                 synthesizer: str = "dafl") -> tuple[list[dict], list[str]]:
-    """All gates of one regime (for the data-free regimes: of one synthesizer) and seed, and why each was made
-    (or "reused"); image sets and activations are built only if a gate is missing.
-    ``test_activations()`` gives the experts' activations on the real combined test set (computed on demand);
-    ``domain`` the expert each of its samples belongs to (None: ``membership_truth``)."""
-    domain = membership_truth(cfg, problem, seed) if domain is None else domain
+def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, synthesizer: str,
+                 experts_of_seed: dict[int, tuple[list, list]], test_activations, domains: dict[int, torch.Tensor],
+                 device: torch.device) -> tuple[list[dict], list[str]]:
+    """All gates of one regime (for the data-free regimes: of one synthesizer) for every seed, and why each
+    was made (or "reused"). Image sets and activations are built only for a seed with a gate missing; the
+    missing gates of all seeds are then trained together (``train_gates``). ``test_activations(seed)`` gives
+    the experts' activations on the real combined test set, ``domains[seed]`` the expert each of its samples
+    belongs to."""
     layout = Layout(cfg)
-    upstream = upstream_files(layout, problem, regime, seed, synthesizer)
     jobs = []  # (gate_type, experts the gate serves, the one it serves or None for the universal gate)
     for gate_type in cfg.gate_types:
         if gate_type == "universal":
             jobs.append((gate_type, list(range(len(problem.tasks))), None))
         else:
             jobs += [(gate_type, [k], k) for k in range(len(problem.tasks))]
-    rows, reasons, acts, sets = [], [], None, None
-    for gate_type, experts, serves in jobs:
-        path = layout.gate_path(problem.name, regime, gate_type, serves, seed, synthesizer)
-        recipe = layout.gate_recipe(problem.name, regime, gate_type, serves, synthesizer)
-        reuse = check_reuse(path, recipe, upstream, cfg.force)
-        reasons.append(reuse.why)
-        if reuse.reused:
-            stored = reuse.meta["row"]
-            if any(r.get("test_limit", "unknown") != cfg.test_limit for r in stored):  # measured on another subset
-                gate = load_model(path, device=device)[0]
-                # a gate's rows follow its experts' order
-                stored = [{**r, **membership(gate, gate_type, test_activations(), domain, k),
-                           "test_limit": cfg.test_limit} for r, k in zip(stored, experts)]
-            rows += [{**r, "resumed": True} for r in stored]
-            continue
-        if acts is None:
-            sets = (real_sets(cfg, problem) if regime == "real"
-                    else synthetic_sets(cfg, problem, seed, synthesizer, device))
-            acts = activations_on(sets, models, formats, device)
-        inputs, targets = training_data(gate_type, regime, experts, sets, acts)
-        resume = Resume.beside(path, recipe_key(recipe) + str(upstream))
-        start = time.perf_counter()
-        gate, arch, kwargs, losses, counts = train_gate(
-            cfg, gate_type, inputs, targets, derive_seed(seed, problem.name, regime, gate_type, *experts),
-            desc=f"{regime} {gate_type}", resume=resume)
-        train_time = time.perf_counter() - start
-        base = {"problem": problem.name, "regime": regime, "gate_type": gate_type, "seed": seed,
+    rows: dict[tuple, list[dict]] = {}
+    reasons, pending = [], []
+    for seed, (models, formats) in experts_of_seed.items():
+        upstream = upstream_files(layout, problem, regime, seed, synthesizer)
+        sets = acts = None
+        for gate_type, experts, serves in jobs:
+            path = layout.gate_path(problem.name, regime, gate_type, serves, seed, synthesizer)
+            recipe = layout.gate_recipe(problem.name, regime, gate_type, serves, synthesizer)
+            reuse = check_reuse(path, recipe, upstream, cfg.force)
+            reasons.append(reuse.why)
+            if reuse.reused:
+                stored = reuse.meta["row"]
+                if any(r.get("test_limit", "unknown") != cfg.test_limit for r in stored):  # another test subset
+                    gate = load_model(path, device=device)[0]
+                    # a gate's rows follow its experts' order
+                    stored = [{**r, **membership(gate, gate_type, test_activations(seed), domains[seed], k),
+                               "test_limit": cfg.test_limit} for r, k in zip(stored, experts)]
+                rows[(seed, gate_type, serves)] = [{**r, "resumed": True} for r in stored]
+                continue
+            if acts is None:
+                sets = (real_sets(cfg, problem) if regime == "real"
+                        else synthetic_sets(cfg, problem, seed, synthesizer, device))
+                acts = activations_on(sets, models, formats, device)
+            inputs, targets = training_data(gate_type, regime, experts, sets, acts)
+            pending.append(PendingGate(problem.name, seed, regime, synthesizer, gate_type, experts, path, recipe,
+                                       upstream, inputs, targets))
+    for gate, (model, arch, kwargs, losses, train_time) in zip(pending, train_gates(cfg, pending) if pending else []):
+        counts = torch.bincount(gate.targets, minlength=2)
+        base = {"problem": problem.name, "regime": regime, "gate_type": gate.gate_type, "seed": gate.seed,
                 "synthesizer": None if regime == "real" else synthesizer,
                 "train_positives": int(counts[1]), "train_negatives": int(counts[0]),
                 "final_loss": losses[-1] if losses else None, "train_time_s": train_time,
-                "checkpoint": str(path), "device": str(device), "test_limit": cfg.test_limit, "resumed": False}
+                "checkpoint": str(gate.path), "device": str(device), "test_limit": cfg.test_limit, "resumed": False}
         gate_rows = [{**base, "expert": problem.tasks[k], "arch": problem.archs[k],
                       **({"arch_kwargs": problem.arch_kwargs[k]} if problem.arch_kwargs[k] else {}),
-                      **membership(gate, gate_type, test_activations(), domain, k)} for k in experts]
-        meta = {"problem": problem.name, "regime": regime, "gate_type": gate_type, "synthesizer": synthesizer,
-                "experts": [problem.tasks[k] for k in experts], "recipe": recipe, "upstream": upstream,
-                "row": gate_rows}
-        save_checkpoint(path, gate, arch, kwargs, config.to_dict(cfg), meta)
-        resume.clear()
-        rows += gate_rows
-    return rows, reasons
+                      **membership(model, gate.gate_type, test_activations(gate.seed), domains[gate.seed], k)}
+                     for k in gate.experts]
+        meta = {"problem": problem.name, "regime": regime, "gate_type": gate.gate_type, "synthesizer": synthesizer,
+                "experts": [problem.tasks[k] for k in gate.experts], "recipe": gate.recipe,
+                "upstream": gate.upstream, "row": gate_rows}
+        save_checkpoint(gate.path, model, arch, kwargs, config.to_dict(cfg), meta)
+        Resume.beside(gate.path, "").clear()
+        rows[(gate.seed, gate.gate_type, None if gate.gate_type == "universal" else gate.experts[0])] = gate_rows
+    order = [(seed, gate_type, serves) for seed in experts_of_seed for gate_type, _, serves in jobs]
+    return [row for key in order for row in rows[key]], reasons
 
 
 def main(cfg: config.PanConfig) -> dict:
@@ -263,21 +310,21 @@ def main(cfg: config.PanConfig) -> dict:
                     if not layout.synthetic_path(part, e, s).exists()]
     if missing:
         raise CheckpointError("checkpoints are missing; create them with:\n  " + "\n  ".join(dict.fromkeys(missing)))
+    experts_of_seed = {seed: problem.load_experts(layout, seed, device) for seed in cfg.seeds}
+    test_activations = functools.cache(lambda seed: expert_activations(problem, *experts_of_seed[seed], device))
+    domains = {seed: membership_truth(cfg, problem, seed) for seed in cfg.seeds}
     rows, reasons, diagnostics = [], [], []
     data_free = [r for r in cfg.regimes if r != "real"]
-    for seed in progress(cfg.seeds, desc=f"{cfg.problem} gates"):
-        models, formats = problem.load_experts(layout, seed, device)
-        test_activations = functools.cache(lambda: expert_activations(problem, models, formats, device))
-        domain = membership_truth(cfg, problem, seed)
-        for regime in cfg.regimes:
-            for synthesizer in ["dafl"] if regime == "real" else cfg.synthesizers:
-                regime_rows, regime_reasons = train_regime(cfg, problem, regime, seed, models, formats,
-                                                           test_activations, device, domain, synthesizer)
-                rows += regime_rows
-                reasons += regime_reasons
+    for regime in progress(cfg.regimes, desc=f"{cfg.problem} gates"):
+        for synthesizer in ["dafl"] if regime == "real" else cfg.synthesizers:
+            regime_rows, regime_reasons = train_regime(cfg, problem, regime, synthesizer, experts_of_seed,
+                                                       test_activations, domains, device)
+            rows += regime_rows
+            reasons += regime_reasons
+    for seed in cfg.seeds:
         for synthesizer in cfg.synthesizers if data_free else []:
-            diagnostics += synthesis_rows(cfg, problem, seed, synthesizer, models, formats, test_activations(),
-                                          domain, device)
+            diagnostics += synthesis_rows(cfg, problem, seed, synthesizer, *experts_of_seed[seed],
+                                          test_activations(seed), domains[seed], device)
     stem = Path(cfg.results_dir) / "gates" / cfg.problem
     if diagnostics:
         write_rows(stem.with_name(f"{cfg.problem}_synthesis"), diagnostics)

@@ -6,9 +6,11 @@ The parents of weight-space fusion train here too: ``arch=mlp arch_kwargs='{widt
 bias: false}'`` on tasks that keep one part of a split of MNIST (experiments/fusion_parents.yaml).
 
 The training set lives on the device as one normalised float tensor and batches are sliced from a
-seeded permutation, so an epoch does no per-image Python work. Each seed's checkpoint is written
-atomically under a name that carries its recipe's key (artifacts.py); a rerun reuses it, and a killed
-run continues from its last saved epoch (training.Resume). ``force=true`` retrains.
+seeded permutation, so an epoch does no per-image Python work. The seeds to train are trained together as
+one stacked network (stacked.py; ``stack_seeds=false`` trains them one by one), each from its own
+initialisation and batch order, as it would be trained alone. Each seed's checkpoint is written atomically
+under a name that carries its recipe's key (artifacts.py); a rerun reuses it, and a killed run continues
+from its last saved epoch (training.Resume). ``force=true`` retrains.
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ import torch
 import config
 from archs import ARCHS, build_model
 from artifacts import ExpertId, Layout, arch_tag, check_reuse, recipe_key, tally
-from common import (cli, derive_seed, load_model, mean_std, print_summary, progress, resolve_device,
-                    save_checkpoint, seed_everything, write_rows)
+from common import (cli, derive_seed, load_model, mean_std, print_summary, resolve_device, save_checkpoint,
+                    seed_everything, write_rows)
 from data import InputFormat, check_split, get_source, load_task, prepare_input, task_classes, to_unit
-from training import Resume, accuracy, train_classifier
+from training import Resume, accuracy, train_classifier, train_classifiers
 
 
 def model_kwargs(cfg: config.TrainConfig) -> dict:
@@ -33,42 +35,65 @@ def model_kwargs(cfg: config.TrainConfig) -> dict:
             **cfg.arch_kwargs}
 
 
-def train_expert(cfg: config.TrainConfig, seed: int, train, test, device: torch.device) -> tuple[dict, str]:
-    """The row of one seed's expert, trained or reused, and why it was made (or "reused")."""
+def reused_row(cfg: config.TrainConfig, seed: int, test, device: torch.device) -> tuple[dict | None, str]:
+    """The stored row of one seed's expert when its checkpoint can be reused (accuracy measured again on
+    another test subset), else None; and why it is reused or must be made."""
+    layout = Layout(cfg)
+    expert = ExpertId(cfg.dataset, cfg.arch, dict(cfg.arch_kwargs))
+    path = layout.expert_path(expert, seed)
+    reuse = check_reuse(path, layout.expert_recipe(expert), upstream={}, force=cfg.force)
+    if not reuse.reused:
+        return None, reuse.why
+    row = reuse.meta["row"]
+    if row.get("test_limit", "unknown") != cfg.test_limit:  # accuracy measured on another test subset
+        model = load_model(path, expect_arch=cfg.arch, device=device)[0]
+        fmt = InputFormat.of(test.source)
+        row = {**row, "test_limit": cfg.test_limit, "test_acc": accuracy(
+            model, prepare_input(to_unit(test.images, device), fmt), test.labels.to(device))}
+    return {**row, "resumed": True}, reuse.why
+
+
+def train_experts(cfg: config.TrainConfig, seeds: list[int], train, test, device: torch.device) -> list[dict]:
+    """Train the experts of ``seeds`` (together as one stacked network with ``stack_seeds``, each from its own
+    initialisation, batch order and resumable state) and write one checkpoint per seed; returns their rows."""
     layout = Layout(cfg)
     expert = ExpertId(cfg.dataset, cfg.arch, dict(cfg.arch_kwargs))
     recipe = layout.expert_recipe(expert)
-    path = layout.expert_path(expert, seed)
     fmt = InputFormat.of(train.source)
-    reuse = check_reuse(path, recipe, upstream={}, force=cfg.force)
-    if reuse.reused:
-        row = reuse.meta["row"]
-        if row.get("test_limit", "unknown") != cfg.test_limit:  # accuracy measured on another test subset
-            model = load_model(path, expect_arch=cfg.arch, device=device)[0]
-            row = {**row, "test_limit": cfg.test_limit, "test_acc": accuracy(
-                model, prepare_input(to_unit(test.images, device), fmt), test.labels.to(device))}
-        return {**row, "resumed": True}, reuse.why
-    seed_everything(derive_seed(seed, cfg.dataset, cfg.arch, "init"), cfg.deterministic)
-    model = build_model(cfg.arch, **model_kwargs(cfg)).to(device)
-    resume = Resume.beside(path, recipe_key(recipe))
+    models = []
+    for seed in seeds:
+        seed_everything(derive_seed(seed, cfg.dataset, cfg.arch, "init"), cfg.deterministic)
+        models.append(build_model(cfg.arch, **model_kwargs(cfg)).to(device))
+    paths = [layout.expert_path(expert, seed) for seed in seeds]
+    resumes = [Resume.beside(path, recipe_key(recipe)) for path in paths]
+    inputs, labels = prepare_input(to_unit(train.images, device), fmt), train.labels.to(device)
+    settings = dict(epochs=cfg.expert.epochs, lr=cfg.expert.lr, momentum=cfg.expert.momentum,
+                    weight_decay=cfg.expert.weight_decay, batch_size=recipe["batch_size"])
+    orders = [derive_seed(seed, cfg.dataset, "order") for seed in seeds]
     start = time.perf_counter()
-    losses = train_classifier(
-        model, prepare_input(to_unit(train.images, device), fmt), train.labels.to(device),
-        epochs=cfg.expert.epochs, lr=cfg.expert.lr, momentum=cfg.expert.momentum,
-        weight_decay=cfg.expert.weight_decay, batch_size=recipe["batch_size"],
-        seed=derive_seed(seed, cfg.dataset, "order"), desc=f"seed {seed}", resume=resume)
-    train_time = time.perf_counter() - start
-    test_acc = accuracy(model, prepare_input(to_unit(test.images, device), fmt), test.labels.to(device))
-    row = {"task": cfg.dataset, "arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "seed": seed,
-           "test_acc": test_acc, "test_limit": cfg.test_limit, "final_train_loss": losses[-1] if losses else None,
-           "train_time_s": train_time, "device": str(device), "checkpoint": str(path),
-           # training images per class: ensembles weight each parent by its share of a class
-           "class_counts": torch.bincount(train.labels, minlength=len(train.classes)).tolist(), "resumed": False}
-    meta = {"task": recipe["task"], "classes": train.classes, "input_format": fmt.as_dict(), "recipe": recipe,
-            "upstream": {}, "train_losses": losses, "row": row}
-    save_checkpoint(path, model, cfg.arch, model_kwargs(cfg), config.to_dict(cfg), meta)
-    resume.clear()
-    return row, reuse.why
+    if cfg.stack_seeds:
+        losses = train_classifiers(models, inputs, labels, seeds=orders, desc=f"seeds {seeds}", resumes=resumes,
+                                   **settings)
+    else:
+        losses = [train_classifier(m, inputs, labels, seed=order, desc=f"seed {seed}", resume=resume, **settings)
+                  for m, order, seed, resume in zip(models, orders, seeds, resumes)]
+    train_time = (time.perf_counter() - start) / len(seeds)  # per seed: stacked seeds share the time
+    test_inputs = prepare_input(to_unit(test.images, device), fmt)
+    rows = []
+    for seed, model, path, log, resume in zip(seeds, models, paths, losses, resumes):
+        row = {"task": cfg.dataset, "arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "seed": seed,
+               "test_acc": accuracy(model, test_inputs, test.labels.to(device)), "test_limit": cfg.test_limit,
+               "final_train_loss": log[-1] if log else None, "train_time_s": train_time,
+               "stacked_seeds": len(seeds) if cfg.stack_seeds else 1, "device": str(device), "checkpoint": str(path),
+               # training images per class: ensembles weight each parent by its share of a class
+               "class_counts": torch.bincount(train.labels, minlength=len(train.classes)).tolist(),
+               "resumed": False}
+        meta = {"task": recipe["task"], "classes": train.classes, "input_format": fmt.as_dict(), "recipe": recipe,
+                "upstream": {}, "train_losses": log, "row": row}
+        save_checkpoint(path, model, cfg.arch, model_kwargs(cfg), config.to_dict(cfg), meta)
+        resume.clear()
+        rows.append(row)
+    return rows
 
 
 def check_arch_kwargs(cfg: config.TrainConfig) -> None:
@@ -99,16 +124,17 @@ def main(cfg: config.TrainConfig) -> dict:
     task = cfg.tasks[cfg.dataset]
     train = load_task(task, "train", cfg.data_dir, cfg.expert.train_limit)
     test = load_task(task, "test", cfg.data_dir, cfg.test_limit)
-    done = [train_expert(cfg, seed, train, test, device)
-            for seed in progress(cfg.seeds, desc=f"{cfg.dataset} {cfg.arch} seeds")]
-    rows = [row for row, _ in done]
+    reused = {seed: reused_row(cfg, seed, test, device) for seed in cfg.seeds}
+    todo = [seed for seed, (row, _) in reused.items() if row is None]
+    trained = dict(zip(todo, train_experts(cfg, todo, train, test, device))) if todo else {}
+    rows = [trained[seed] if seed in trained else reused[seed][0] for seed in cfg.seeds]
     stem = Path(cfg.results_dir) / "experts" / f"{cfg.dataset}_{arch_tag(cfg.arch, cfg.arch_kwargs)}"
     outputs = write_rows(stem, [{**row, "config": config.to_dict(cfg)} for row in rows])
     outputs["config"] = str(stem.with_name(stem.name + ".config.yaml"))
     config.save(cfg, outputs["config"])
     mean, std = mean_std(r["test_acc"] for r in rows)
     summary = {"task": cfg.dataset, "arch": cfg.arch, "test_acc": {str(r["seed"]): r["test_acc"] for r in rows},
-               "mean": mean, "std": std, **tally([why for _, why in done]), "outputs": outputs}
+               "mean": mean, "std": std, **tally([why for _, why in reused.values()]), "outputs": outputs}
     print_summary(summary)
     return summary
 

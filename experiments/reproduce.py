@@ -5,10 +5,9 @@
     python experiments/reproduce.py profile=cpu only_problems=[disjoint_mnist]
 
 A profile (``experiments/profiles/NAME.yaml``) lists the seeds, what its budgets change from the
-defaults of config.py (the sections ``expert``, ``dafl`` and ``gate``, which every stage that reads them
-gets), the problems and the merge tables. Every step calls a stage script's ``main`` in-process, one seed
-at a time under a single progress bar, then once more over all seeds to write the stage's result files
-(cheap: every seed is finished by then). The stage scripts reuse checkpoints and cached rows whose recipe
+defaults of config.py (the settings sections, which every stage that reads them gets), the problems and the
+merge tables. Every step calls a stage script's ``main`` in-process for all seeds at once, under a single
+progress bar, so a stage trains and evaluates its seeds together where its models stack. The stage scripts reuse checkpoints and cached rows whose recipe
 and upstream files are unchanged (artifacts.py), so a rerun after an interruption redoes only what is
 missing or stale, and a changed setting trains beside the old files instead of over them. Run from the
 repository root. ``write_script=true`` writes ``experiments/reproduce_PROFILE.sh``: the same steps as
@@ -171,36 +170,34 @@ def render_script(cfg: config.ReproduceConfig, steps: list[Step]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def timing_row(step: Step, seed: int, wall_s: float, summary: dict, device: str) -> dict:
+def timing_row(step: Step, seeds: list[int], wall_s: float, summary: dict, device: str) -> dict:
     # a step that found all its work finished "reused" it; its time is not the time the work took
     reused = summary["made"] == 0
-    return {"stage": step.stage, "step": step.label, "seed": seed, "wall_s": wall_s, "reused": reused, "device": device}
+    return {"stage": step.stage, "step": step.label, "seeds": seeds, "wall_s": wall_s, "reused": reused,
+            "device": device}
 
 
 def keep_work_timings(previous: list[dict], current: list[dict]) -> list[dict]:
     """This run's timings, except that a step which only reused finished work keeps the time its
     work took in an earlier run, so the table reports the cost of the work, not of the check."""
-    earlier = {(t["stage"], t["step"], t["seed"]): t for t in previous if not t["reused"]}
-    return [earlier.get((t["stage"], t["step"], t["seed"]), t) if t["reused"] else t for t in current]
+    earlier = {(t["stage"], t["step"], str(t.get("seeds"))): t for t in previous if not t["reused"]}
+    return [earlier.get((t["stage"], t["step"], str(t["seeds"])), t) if t["reused"] else t for t in current]
 
 
 def run_pipeline(cfg: config.ReproduceConfig, steps: list[Step], log_path: Path) -> list[dict]:
-    """Every step for every seed under one bar, then each step over all seeds to write its results."""
+    """Every step under one bar, each for all seeds at once: a stage trains (or evaluates) its seeds
+    together where its models stack (stacked.py)."""
     device = str(resolve_device(cfg.device))
     timings = []
-    units = [(step, seed) for step in steps for seed in cfg.seeds]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log, hidden_inner_progress():
-        bar = progress(units, outer=True, desc="reproduce", unit="step")
-        for step, seed in bar:
-            bar.set_postfix_str(f"{step.stage}: {step.label}, seed {seed}")
+        bar = progress(steps, outer=True, desc="reproduce", unit="step")
+        for step in bar:
+            bar.set_postfix_str(f"{step.stage}: {step.label}")
             start = time.perf_counter()
             with contextlib.redirect_stdout(log):
-                summary = run_step(step, cfg, [seed], cfg.force)
-            timings.append(timing_row(step, seed, time.perf_counter() - start, summary, device))
-        for step in progress(steps, outer=True, desc="results files", unit="step"):
-            with contextlib.redirect_stdout(log):
-                run_step(step, cfg, cfg.seeds, force=False)
+                summary = run_step(step, cfg, cfg.seeds, cfg.force)
+            timings.append(timing_row(step, cfg.seeds, time.perf_counter() - start, summary, device))
     return timings
 
 

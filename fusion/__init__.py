@@ -18,10 +18,10 @@ from fusion.cross_layer import align_layers, clafusion, finetune, insert_identit
 from fusion.ensemble import class_share_weights, ensemble_softmax
 from fusion.interpolation import (conductance_importance, hungarian_fusion, kf_gradient, kf_linear,
                                   uniform_importance)
-from fusion.transport import otfusion, vanilla_avg
+from fusion.transport import HAS_POT, POT_MISSING, otfusion, vanilla_avg
 
 __all__ = [
-    "align_layers", "class_share_weights", "clafusion", "conductance_importance", "ensemble_softmax", "finetune",
+    "HAS_POT", "POT_MISSING", "align_layers", "class_share_weights", "clafusion", "conductance_importance", "ensemble_softmax", "finetune",
     "hungarian_fusion", "insert_identity_layers", "kf_gradient", "kf_linear", "layer_cost_matrix", "linear_cka",
     "otfusion", "uniform_importance", "vanilla_avg",
 ]

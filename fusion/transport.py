@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import ot
+import importlib.util
+
 import torch
 from torch import Tensor
 
@@ -25,9 +26,23 @@ def _emd_transport(cost: Tensor) -> Tensor:
     Column j then holds the convex combination of the parent's neurons that becomes anchor neuron j;
     between layers of equal width the plan is a permutation (a vertex of the Birkhoff polytope).
     """
+    import ot  # imported here: the rest of the project runs where POT is not installed (POT_MISSING says so)
+
     plan = torch.from_numpy(ot.emd(ot.unif(cost.shape[0]), ot.unif(cost.shape[1]), cost.numpy(),
                                    numItermax=EMD_MAX_ITER))
     return plan / plan.sum(0)
+
+
+def _pot_installed() -> bool:
+    try:
+        return importlib.util.find_spec("ot") is not None
+    except ValueError:  # sys.modules["ot"] set to None: as good as missing
+        return False
+
+
+HAS_POT = _pot_installed()
+POT_MISSING = ("POT is not installed, and OTFusion and CLAFusion align neurons with its exact EMD: pip install POT "
+               "(pinned in requirements.txt)")
 
 
 def _with_bias(w: Tensor, b: Tensor | None) -> Tensor:

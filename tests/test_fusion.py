@@ -115,6 +115,7 @@ def test_self_fusion_is_the_same_function(method, bias, n_samples):
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the parent is untouched
 
 
+@pytest.mark.pot
 def test_self_fusion_is_not_trivially_true():
     net = make_mlp()
     x = images(200)
@@ -296,6 +297,7 @@ def test_linear_cka():
 
 # ---------------------------------------------------------------- errors
 
+@pytest.mark.pot
 def test_mismatched_parents_are_rejected():
     net, wider, deeper = make_mlp(), make_mlp((13, 8)), make_mlp((12, 8, 6))
     x = images(20)

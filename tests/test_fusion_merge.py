@@ -137,6 +137,7 @@ def test_shared_labels_need_one_label_space(tmp_path):
 
 # ---------------------------------------------------------------- fusion rules through merge.py
 
+@pytest.mark.pot
 def test_every_fusion_rule_on_sharded_parents(env, tmp_path):
     summary = merge.main(merge_cfg(env, tmp_path, "shard", FUSION, "fusion_samples=50"))
     rows = rows_by_label(summary)
@@ -169,6 +170,7 @@ def test_every_fusion_rule_on_sharded_parents(env, tmp_path):
     assert "| vanilla_avg |" in report and "n/a" in report
 
 
+@pytest.mark.pot
 def test_fusing_one_network_with_itself_gives_it_back(env, tmp_path):
     rules = "[vanilla_avg,{name: otfusion, cost: weight},{name: otfusion, cost: activation},hf,kf_linear,ensemble]"
     summary = merge.main(merge_cfg(env, tmp_path, "twice", rules, "fusion_samples=850"))
@@ -182,6 +184,7 @@ def test_fusing_one_network_with_itself_gives_it_back(env, tmp_path):
     assert rows["kf_linear(importance=uniform)"]["fusion_samples"] == 850
 
 
+@pytest.mark.pot
 def test_self_fusion_predicts_exactly_like_the_parent(env):
     """Sharper than accuracy: the same prediction on every test image, including the digits the shard
     parent never saw (where what it answers is arbitrary)."""
@@ -260,7 +263,7 @@ def forbid_work(monkeypatch):
         raise Forbidden("no data may be loaded")
 
     monkeypatch.setattr(merge, "build_problem", forbidden)
-    monkeypatch.setattr(merge, "evaluate_seed", forbidden)
+    monkeypatch.setattr(merge, "plan_seed", forbidden)
 
 
 @pytest.mark.parametrize("problem, rule, words", [
@@ -312,6 +315,7 @@ FUSION_YAMLS = ["fusion_clafusion.yaml", "fusion_noniid2.yaml", "fusion_noniid4.
                 "fusion_shard2.yaml"]
 
 
+@pytest.mark.pot
 @pytest.mark.parametrize("name", FUSION_YAMLS)
 def test_fusion_experiments_parse_and_fit_their_problems(name):
     path = REPO_ROOT / "experiments" / name

@@ -187,9 +187,9 @@ def test_rerun_reads_the_cache_and_computes_only_what_is_new(env, tmp_path, monk
     assert [{k: v for k, v in r.items() if k != "config"} for r in again] == \
            [{k: v for k, v in r.items() if k != "config"} for r in first]  # time_s too: not recomputed
 
-    # 2. one more strategy: only it is computed, from one pass of the experts per seed
+    # 2. one more strategy: only it is computed, from one pass of the experts for all seeds (stacked)
     called, activation_runs = [], []
-    original_call, original_activations = strategies.StrategyCall.__call__, merge.expert_activations
+    original_call, original_activations = strategies.StrategyCall.__call__, merge.run_stacked
 
     def recording_call(self, inputs):
         called.append(self.label)
@@ -201,12 +201,13 @@ def test_rerun_reads_the_cache_and_computes_only_what_is_new(env, tmp_path, monk
 
     with monkeypatch.context() as patch:
         patch.setattr(strategies.StrategyCall, "__call__", recording_call)
-        patch.setattr(merge, "expert_activations", counting_activations)
+        patch.setattr(merge, "run_stacked", counting_activations)
+        patch.setattr(merge, "expert_activations", forbidden)
         patch.setattr(merge, "expert_logits", forbidden)  # no augmented pass is needed
         more = STRATEGIES[:-1] + ",std_lower]"
         extended = read_rows(merge.main(merge_cfg(env, tmp_path, strategies=more))["outputs"]["jsonl"])
     assert called == ["std_lower"] * len(SEEDS)
-    assert activation_runs == [1] * len(SEEDS)
+    assert activation_runs == [1]
     for seed in SEEDS:
         old, new = by_label(first, seed), by_label(extended, seed)
         assert list(new) == [f"expert:{t}" for t in TASKS] + LABELS[:-1] + ["std_lower", "oracle"]
@@ -230,7 +231,7 @@ def forbid_evaluation(monkeypatch):
     monkeypatch.setattr(problems.Problem, "load_experts", forbidden)
     monkeypatch.setattr(merge, "expert_logits", forbidden)
     monkeypatch.setattr(merge, "expert_activations", forbidden)
-    monkeypatch.setattr(merge, "evaluate_seed", forbidden)
+    monkeypatch.setattr(merge, "plan_seed", forbidden)
 
 
 def test_missing_checkpoints_name_the_command(env, tmp_path, monkeypatch):
@@ -410,3 +411,20 @@ def test_multi_pass_noise_reaches_the_experts_in_their_sources_units(env, tmp_pa
     monkeypatch.setattr(merge, "apply_augment", recording)
     merge.main(merge_cfg(env, tmp_path, strategies="[{name: tta_mean, setting: gaussian_1}]", seeds=[1]))
     assert units and all(unit == (0.3081,) for name, unit in units)  # MNIST's std: one normalised unit
+
+
+
+def test_stacked_seeds_give_the_rows_of_each_seed_alone(env, tmp_path):
+    """All seeds' experts run as one stacked network (each seed on its own augmented copies) give every seed
+    the rows it gets alone."""
+    strategies_ = ("[naive,energy,{name: tta_mean, setting: gaussian_5},{name: tta_voting, setting: poisson_1},"
+                   "{name: tta_mean, setting: random_resized_crop}]")
+    stacked = read_rows(merge.main(merge_cfg(env, tmp_path / "a", strategies=strategies_))["outputs"]["jsonl"])
+    alone = read_rows(merge.main(merge_cfg(env, tmp_path / "b", "stack_seeds=false",
+                                           strategies=strategies_))["outputs"]["jsonl"])
+    assert len(stacked) == len(alone)
+    for a, b in zip(stacked, alone):
+        assert a["strategy"] == b["strategy"] and a["seed"] == b["seed"]
+        assert a["acc"] == pytest.approx(b["acc"], abs=2 / a["n"]), a["strategy"]  # a near tie may flip a sample
+        if a["kind"] == "strategy":
+            assert a["stacked_seeds"] == len(SEEDS) and b["stacked_seeds"] == 1

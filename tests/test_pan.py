@@ -251,7 +251,7 @@ def test_rerun_trains_nothing_and_touches_no_gate(env, pan_run, monkeypatch):
     def forbidden(*args, **kwargs):
         raise Forbidden("a rerun must not build training data or train")
 
-    for name in ("train_gate", "synthetic_sets", "real_sets", "activations_on"):
+    for name in ("train_gates", "synthetic_sets", "real_sets", "activations_on"):
         monkeypatch.setattr(train_pan, name, forbidden)
     summary = train_pan.main(pan_cfg(env, env["ckpt"], pan_run["results"]))
     assert summary["made"] == 0 and summary["reused"] == len(files)
@@ -270,13 +270,13 @@ def test_other_settings_train_beside_and_force_retrains(env, pan_run, tmp_path, 
     retrained = all_gate_files(ckpt, regimes=["synthetic"], gate_types=["feature", "universal"], seeds=[1])
     before = mtimes(files)
     trained = []
-    original = train_pan.train_gate
+    original = train_pan.train_gates
 
-    def counting(cfg, gate_type, inputs, targets, seed, desc, resume):
-        trained.append(gate_type)
-        return original(cfg, gate_type, inputs, targets, seed, desc, resume)
+    def counting(cfg, pending):
+        trained.extend(gate.gate_type for gate in pending)
+        return original(cfg, pending)
 
-    monkeypatch.setattr(train_pan, "train_gate", counting)
+    monkeypatch.setattr(train_pan, "train_gates", counting)
     # other settings: new gates beside the old ones, which stay as they were
     summary = train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", "gate.epochs=3", regimes=["synthetic"],
                                      gate_types=["feature"], seeds=[1]))
@@ -302,7 +302,7 @@ def test_missing_generators_name_the_gan_command(env, tmp_path, monkeypatch):
         raise Forbidden("nothing may be trained")
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_pan, "train_gate", forbidden)
+        patch.setattr(train_pan, "train_gates", forbidden)
         for regimes in (["synthetic"], ["noise"], ["real", "noise"]):
             with pytest.raises(CheckpointError) as err:
                 train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=regimes))
@@ -429,7 +429,7 @@ def test_merge_names_the_missing_gates_before_any_evaluation(env, pan_run, tmp_p
 
     monkeypatch.setattr(problems.Problem, "load_experts", forbidden)
     monkeypatch.setattr(merge, "expert_activations", forbidden)
-    monkeypatch.setattr(merge, "evaluate_seed", forbidden)
+    monkeypatch.setattr(merge, "plan_seed", forbidden)
     strategies = ("[{name: gate_hard, gate: feature, regime: synthetic},"
                   "{name: gate_soft, gate: feature, regime: real},"
                   "{name: gate_confident, gate: universal, regime: synthetic, gates_from: mnist_cifar10}]")
@@ -476,3 +476,22 @@ def test_seen_or_unseen_is_decided_by_checkpoint_identity_not_by_problem_name(en
         assert all(0 <= e["membership_acc"] <= 1 for r in rows for e in r["gate_experts"].values())
     assert status == {"mixed": {"first5_mnist": True, "mid": False, "top": False},
                       "fresh": {"low": False, "mid": False, "top": False}}
+
+
+
+def test_stacked_gates_train_as_each_gate_alone(env, tmp_path):
+    """Every seed's gates of one shape trained as one stacked network end as each trained alone."""
+    runs = {}
+    for name, stacked in (("together", "true"), ("apart", "false")):
+        ckpt = tmp_path / name
+        shutil.copytree(env["ckpt"], ckpt, ignore=shutil.ignore_patterns("gates"))
+        train_pan.main(pan_cfg(env, ckpt, tmp_path / f"r_{name}", f"stack_seeds={stacked}",
+                               regimes=["real", "synthetic"]))
+        runs[name] = ckpt
+    files = all_gate_files(runs["together"], regimes=["real", "synthetic"])
+    assert files
+    for together in files:
+        apart = runs["apart"] / together.relative_to(runs["together"])
+        a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (together, apart))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=f"{together.name} {key}")

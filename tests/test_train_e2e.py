@@ -265,14 +265,14 @@ def test_an_interrupted_expert_resumes_and_ends_with_the_uninterrupted_weights(s
     path = expert_file(tmp_path / "cut", "mnist", "lenet5", 1, None, "expert.epochs=4")
     assert not path.exists() and path.with_name(path.stem + ".resume.pt").is_file()
     epochs_run = []
-    original_train = training.train_classifier
+    original_train = training.train_classifiers
 
     def counting(*args, **kwargs):
         losses = original_train(*args, **kwargs)
-        epochs_run.append(len(losses))
+        epochs_run.extend(len(log) for log in losses)
         return losses
 
-    monkeypatch.setattr(tsn, "train_classifier", counting)
+    monkeypatch.setattr(tsn, "train_classifiers", counting)
     resumed = train(squares, tmp_path, "seeds=[1]", "expert.epochs=4", ckpt="cut", results="rc")
     assert resumed["made"] == 1 and epochs_run == [4]
     assert not path.with_name(path.stem + ".resume.pt").exists()  # cleared once the checkpoint is written
@@ -330,3 +330,19 @@ def test_real_first5_mnist_learns(data_dir, tmp_path):
         f"results_dir={tmp_path / 'results'}", "device=cpu", "deterministic=true"]))
     assert summary["made"] == 1
     assert summary["test_acc"]["0"] > 0.9
+
+
+
+def test_stacked_seeds_train_as_each_seed_alone(squares, tmp_path):
+    """Seeds trained together (one stacked network) end with the weights each seed gets trained alone."""
+    together = train(squares, tmp_path, "seeds=[1,2,3]", ckpt="together", results="rt")
+    apart = train(squares, tmp_path, "seeds=[1,2,3]", "stack_seeds=false", ckpt="apart", results="ra")
+    assert together["made"] == apart["made"] == 3
+    for seed in (1, 2, 3):
+        a = state(expert_file(tmp_path / "together", "mnist", "lenet5", seed))
+        b = state(expert_file(tmp_path / "apart", "mnist", "lenet5", seed))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3, msg=key)
+    assert together["test_acc"] == pytest.approx(apart["test_acc"], abs=0.02)
+    rows = read_rows(together["outputs"]["jsonl"])
+    assert all(r["stacked_seeds"] == 3 for r in rows)
