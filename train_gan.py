@@ -43,50 +43,56 @@ def other_seed_expert(layout: Layout, expert: ExpertId, seed: int) -> Path | Non
     return others[0] if others else None
 
 
-def dafl_generators(cfg: config.GanConfig, expert: ExpertId, seeds: list[int],
-                    device: torch.device) -> dict[int, tuple[nn.Module, dict, str]]:
-    """The DAFL generator of ``expert`` for every seed, its row, and why it was trained (or "reused"). The
-    seeds to train are trained together as one stacked generator against one stacked expert
-    (``stack_seeds``), each from its own initialisation and noise."""
+def dafl_generators(cfg: config.GanConfig, experts: list[ExpertId], seeds: list[int],
+                    device: torch.device) -> dict[tuple[ExpertId, int], tuple[nn.Module, dict, str]]:
+    """The DAFL generator of every (expert, seed), its row, and why it was trained (or "reused"). With
+    ``stack_seeds`` the ones to train are trained together, one stacked generator against one stacked expert
+    per architecture and shape (every seed, and experts of one shape such as disjoint_mnist's two), each pair
+    from its own initialisation and noise as it would train alone."""
     layout = Layout(cfg)
-    recipe = layout.generator_recipe(expert)
     out, todo = {}, []
-    for seed in seeds:
-        path = layout.generator_path(expert, seed)
-        upstream = {"expert": digest_of(layout.expert_path(expert, seed))}
-        reuse = check_reuse(path, recipe, upstream, cfg.force)
-        if reuse.reused:
-            out[seed] = (load_model(path, expect_arch="generator", device=device)[0], reuse.meta["row"], reuse.why)
+    for expert in experts:
+        for seed in seeds:
+            path, recipe = layout.generator_path(expert, seed), layout.generator_recipe(expert)
+            upstream = {"expert": digest_of(layout.expert_path(expert, seed))}
+            reuse = check_reuse(path, recipe, upstream, cfg.force)
+            if reuse.reused:
+                out[(expert, seed)] = (load_model(path, expect_arch="generator", device=device)[0],
+                                       reuse.meta["row"], reuse.why)
+                continue
+            model, ckpt = load_model(layout.expert_path(expert, seed), expect_arch=expert.arch,
+                                     hint=layout.expert_command(expert, [seed]), device=device)
+            fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
+            seed_everything(derive_seed(seed, expert.task, expert.arch, "generator"), cfg.deterministic)
+            todo.append({"expert": expert, "seed": seed, "path": path, "recipe": recipe, "upstream": upstream,
+                         "why": reuse.why, "model": model, "fmt": fmt,
+                         "generator": build_generator(cfg.dafl, fmt.channels)[0].to(device),
+                         "noise": derive_seed(seed, f"{expert.task} seed {seed}", "noise")})
+    groups: dict[tuple, list[dict]] = {}
+    for job in todo:  # one stack per shape of expert and generator
+        shape = tuple((k, tuple(v.shape)) for k, v in [*job["model"].state_dict().items(),
+                                                        *job["generator"].state_dict().items()])
+        groups.setdefault((type(job["model"]), shape) if cfg.stack_seeds else (id(job),), []).append(job)
+    for group in groups.values():
+        resumes = [Resume.beside(j["path"], recipe_key(j["recipe"]) + j["upstream"]["expert"]) for j in group]
+        desc = f"{len(group)} generator(s)"
+        start = time.perf_counter()
+        if cfg.stack_seeds:
+            logs = train_generators([j["model"] for j in group], [j["generator"] for j in group], cfg.dafl,
+                                    [j["noise"] for j in group], device, desc, resumes)
         else:
-            todo.append((seed, path, upstream, reuse.why))
-    if not todo:
-        return out
-    experts, generators, fmts = [], [], []
-    for seed, *_ in todo:
-        model, ckpt = load_model(layout.expert_path(expert, seed), expect_arch=expert.arch,
-                                 hint=layout.expert_command(expert, [seed]), device=device)
-        fmts.append(InputFormat.from_dict(ckpt["meta"]["input_format"]))
-        experts.append(model)
-        seed_everything(derive_seed(seed, expert.task, expert.arch, "generator"), cfg.deterministic)
-        generators.append(build_generator(cfg.dafl, fmts[-1].channels)[0].to(device))
-    resumes = [Resume.beside(path, recipe_key(recipe) + upstream["expert"]) for _, path, upstream, _ in todo]
-    noise_seeds = [derive_seed(seed, f"{expert.task} seed {seed}", "noise") for seed, *_ in todo]
-    desc = f"{expert.task} seeds {[seed for seed, *_ in todo]}"
-    start = time.perf_counter()
-    if cfg.stack_seeds:
-        logs = train_generators(experts, generators, cfg.dafl, noise_seeds, device, desc, resumes)
-    else:
-        logs = [train_generator(e, g, cfg.dafl, n, device, desc, r)
-                for e, g, n, r in zip(experts, generators, noise_seeds, resumes)]
-    train_time = (time.perf_counter() - start) / len(todo)  # per seed: stacked seeds share the time
-    for (seed, path, upstream, why), generator, fmt, log, resume in zip(todo, generators, fmts, logs, resumes):
-        row = {"generator": str(path), "final_loss": log[-1] if log else None, "generator_train_time_s": train_time,
-               "stacked_seeds": len(todo) if cfg.stack_seeds else 1}
-        save_checkpoint(path, generator, "generator", build_generator(cfg.dafl, fmt.channels)[1], config.to_dict(cfg),
-                        {"task": expert.task, "expert_arch": expert.arch, "input_format": fmt.as_dict(),
-                         "recipe": recipe, "upstream": upstream, "log": log, "row": row})
-        resume.clear()
-        out[seed] = (generator, row, why)
+            logs = [train_generator(j["model"], j["generator"], cfg.dafl, j["noise"], device, desc, r)
+                    for j, r in zip(group, resumes)]
+        train_time = (time.perf_counter() - start) / len(group)  # per generator: stacked ones share the time
+        for job, log, resume in zip(group, logs, resumes):
+            row = {"generator": str(job["path"]), "final_loss": log[-1] if log else None,
+                   "generator_train_time_s": train_time, "stacked_generators": len(group) if cfg.stack_seeds else 1}
+            save_checkpoint(job["path"], job["generator"], "generator", build_generator(cfg.dafl, job["fmt"].channels)[1],
+                            config.to_dict(cfg), {"task": job["expert"].task, "expert_arch": job["expert"].arch,
+                                                  "input_format": job["fmt"].as_dict(), "recipe": job["recipe"],
+                                                  "upstream": job["upstream"], "log": log, "row": row})
+            resume.clear()
+            out[(job["expert"], job["seed"])] = (job["generator"], row, job["why"])
     return out
 
 
@@ -184,11 +190,11 @@ def main(cfg: config.GanConfig) -> dict:
     device = resolve_device(cfg.device)
     made: dict[tuple[int, str], list[dict]] = {}
     reasons = []
+    generators = dafl_generators(cfg, experts, cfg.seeds, device) if "dafl" in synthesizers else {}
     for name, expert in zip(progress(names, desc=f"{cfg.problem} synthesis"), experts):
-        generators = dafl_generators(cfg, expert, cfg.seeds, device) if "dafl" in synthesizers else {}
         for seed in cfg.seeds:
             for synthesizer in synthesizers:
-                for row, why in make_set(cfg, synthesizer, expert, seed, device, generators.get(seed)):
+                for row, why in make_set(cfg, synthesizer, expert, seed, device, generators.get((expert, seed))):
                     made.setdefault((seed, name), []).append({**row, "name": name})
                     reasons.append(why)
     rows = [row for seed in cfg.seeds for name in names for row in made[(seed, name)]]

@@ -169,6 +169,8 @@ def train_classifiers(models: list[nn.Module], inputs: torch.Tensor | list[torch
     targets = torch.stack(labels) if per_model else labels
     n = data.shape[1] if per_model else len(data)
     rows = torch.arange(count, device=data.device).unsqueeze(1)
+    given = [w for w in class_weights if w is not None]
+    weights = torch.stack([w if w is not None else torch.ones_like(given[0]) for w in class_weights]) if given else None
     network.train()
     for _ in progress(range(done[0], epochs), desc=desc, leave=False, initial=done[0], total=epochs):
         perms = torch.stack([torch.randperm(n, generator=order) for order in orders]).to(data.device)
@@ -176,8 +178,7 @@ def train_classifiers(models: list[nn.Module], inputs: torch.Tensor | list[torch
         for start in range(0, n, batch_size):
             index = perms[:, start:start + batch_size]
             x, y = (data[rows, index], targets[rows, index]) if per_model else (data[index], targets[index])
-            logits = network(x)
-            per_seed = torch.stack([F.cross_entropy(logits[i], y[i], weight=class_weights[i]) for i in range(count)])
+            per_seed = stacked_cross_entropy(network(x), y, weights)
             optimiser.zero_grad(set_to_none=True)
             per_seed.sum().backward()  # each seed's slice of the gradient is its own loss's gradient
             optimiser.step()
@@ -189,6 +190,16 @@ def train_classifiers(models: list[nn.Module], inputs: torch.Tensor | list[torch
     for model in models:
         model.eval()
     return logs
+
+
+def stacked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Each model's mean cross-entropy, ``[S]``, from ``logits [S, B, K]`` and ``labels [S, B]``: with class
+    ``weights [S, K]``, the weighted mean ``F.cross_entropy(weight=...)`` computes, in one pass for all models."""
+    nll = -logits.log_softmax(dim=2).gather(2, labels.unsqueeze(2)).squeeze(2)
+    if weights is None:
+        return nll.mean(dim=1)
+    w = weights.gather(1, labels)
+    return (w * nll).sum(dim=1) / w.sum(dim=1)
 
 
 class StackedSaver:

@@ -299,7 +299,7 @@ def test_each_generator_trains_against_its_own_expert(env, gan_run):
             call = matching[0]
             own = same_state(call["expert"], experts[(task, seed)])
             assert own, f"the generator of {task} seed {seed} was trained against another expert"
-            assert call["desc"] == f"{task} seeds {SEEDS}" and call["channels"] == 1
+            assert call["desc"] == f"{len(SEEDS) * len(TASKS)} generator(s)" and call["channels"] == 1
     # and the generators themselves differ
     generators = [c["generator"] for c in calls]
     assert all(not same_state(a, b) for i, a in enumerate(generators) for b in generators[i + 1:])
@@ -523,4 +523,6 @@ def compare_stacked_and_apart_generators(env, tmp_path):
             b = torch.load(generator_file(apart, task, seed), weights_only=True)
             for key in a["state_dict"]:
                 torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], atol=1e-7, rtol=1e-6, msg=key)
-            assert a["meta"]["row"]["stacked_seeds"] == len(SEEDS) and b["meta"]["row"]["stacked_seeds"] == 1
+            # both experts (one shape) and both seeds were one stack
+            assert a["meta"]["row"]["stacked_generators"] == len(SEEDS) * len(TASKS)
+            assert b["meta"]["row"]["stacked_generators"] == 1
