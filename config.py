@@ -126,13 +126,37 @@ def default_tasks() -> dict[str, TaskSpec]:
 
 
 @dataclass
+class ExpertFile:
+    """An expert this repository did not train, given by file (DESIGN.md section 3, "Experts from files").
+
+    The file is TorchScript (``torch.jit.save``), a ``torch.export`` program (``.pt2``), or, when ``model``
+    names its class as ``package.module:Class``, a state dict built into ``Class(**model_kwargs)``. The
+    expert takes ``channels`` x ``size`` x ``size`` images normalised with ``mean`` and ``std`` (the
+    problem's 32x32 images are resized to ``size``), and its logits are ``classes``, in order: their names
+    become the problem's global class names. ``feature_layer`` names the submodule whose output is its
+    feature vector (read with a forward hook), for the rules that read features."""
+
+    path: str
+    channels: int
+    size: int
+    mean: list[float]
+    std: list[float]
+    classes: list[str]
+    model: str | None = None  # package.module:Class of a state dict; None for TorchScript and torch.export files
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    feature_layer: str | None = None
+
+
+@dataclass
 class ExpertSpec:
     """One expert of a problem: the task it was trained on, its architecture and the arch's extra
-    arguments (e.g. an MLP's widths; they are part of the checkpoint's name)."""
+    arguments (e.g. an MLP's widths; they are part of the checkpoint's name). An expert given by ``file``
+    was trained elsewhere: its ``arch`` is ignored, and its task names the test set it is scored on."""
 
     task: str
     arch: str = "lenet5"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    file: ExpertFile | None = None
 
 
 @dataclass
