@@ -402,6 +402,31 @@ class PanConfig:
 
 
 @dataclass
+class PredictConfig:
+    """Classify your own images with a mixture (predict.py): one seed of ``problem``'s experts combined by
+    ``rule`` (a logit rule or a gate rule; the sections name the checkpoints it reads)."""
+
+    # a merge table's keys that only evaluation reads, in a YAML file
+    YAML_SKIPS: ClassVar[tuple[str, ...]] = MERGE_ONLY_KEYS + ("seeds", "test_limit", "data_dir", "results_dir")
+
+    problem: str = "disjoint_mnist"
+    seed: int = PAPER_SEEDS[0]
+    rule: Any = "naive"  # a strategy: name, label such as gate_hard(gate=universal,regime=real), or mapping
+    inputs: str = ""  # a folder of PNG/JPEG images, one image, or a tensor file ([N, C, H, W] uint8 or [0,1] float)
+    output: str = ""  # also write the predictions to this CSV file; empty: print them only
+    batch_size: int = at_least(1, 512)
+    expert: ExpertTraining = field(default_factory=ExpertTraining)
+    dafl: DaflTraining = field(default_factory=DaflTraining)
+    inversion: InversionSettings = field(default_factory=InversionSettings)
+    deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
+    gate: GateTraining = field(default_factory=GateTraining)
+    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
+    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
+    ckpt_dir: str = "checkpoints"
+    device: str = device_field()
+
+
+@dataclass
 class ReproduceConfig:
     """The whole pipeline (experiments/reproduce.py): experts -> generators -> gates -> merges -> report.
 

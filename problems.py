@@ -156,8 +156,23 @@ def check_files(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec]) -> Non
 
 def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data_dir: str,
                   test_limit: int | None = None) -> Problem:
-    """Load the combined test set of problem ``name``; tasks must exist and not share classes (or, with
-    ``spec.shared_labels``, all learn the same classes of one source)."""
+    """Load the combined test set of problem ``name`` (its experts and labels as ``describe_problem`` checks
+    them): every expert's task's test images, or with ``spec.shared_labels`` the common task's, once."""
+    problem = describe_problem(name, spec, tasks)
+    if spec.shared_labels:
+        test = load_task(tasks[spec.experts[0].task], "test", data_dir, test_limit)
+        problem.domains = [Domain(test.images, test.labels, -1, InputFormat.of(test.source).std)]
+        return problem
+    for k, (expert, label_map) in enumerate(zip(spec.experts, problem.label_maps)):
+        test = load_task(tasks[expert.task], "test", data_dir, test_limit)
+        problem.domains.append(Domain(test.images, label_map[test.labels], k, InputFormat.of(test.source).std))
+    return problem
+
+
+def describe_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec]) -> Problem:
+    """Problem ``name``'s experts and global labels, checked, without reading any test set (no domains):
+    tasks must exist and not share classes (or, with ``spec.shared_labels``, all learn the same classes of one
+    source), archs must be registered, and experts given by file must be what their entries say."""
     unknown = [e.task for e in spec.experts if e.task not in tasks]
     if unknown:
         raise ConfigError(f"problem {name!r} names unknown task(s) {unknown}; choices: {', '.join(tasks)}")
@@ -172,43 +187,33 @@ def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data
                          specs={e.task: tasks[e.task] for e in spec.experts},
                          arch_kwargs=[dict(e.arch_kwargs) for e in spec.experts], shared_labels=spec.shared_labels,
                          files=[e.file for e in spec.experts])
+    spaces = [(tasks[e.task].source, task_classes(tasks[e.task])) for e in spec.experts]
     if spec.shared_labels:
-        return _shared_label_problem(name, spec, tasks, data_dir, test_limit, expert_fields)
+        if len({(source, tuple(classes)) for source, classes in spaces}) > 1:
+            listed = "; ".join(f"{e.task}: {source} classes {classes}" for e, (source, classes) in zip(spec.experts,
+                                                                                                       spaces))
+            raise ConfigError(f"problem {name!r} has shared_labels: true, so every expert must learn the same "
+                              f"classes of the same source, in the same order; its tasks differ ({listed})")
+        source, classes = spaces[0]
+        names = get_source(source).class_names
+        return Problem(name, label_maps=[torch.arange(len(classes)) for _ in spec.experts], domains=[],
+                       num_classes=len(classes), class_names=[names[c] for c in classes], **expert_fields)
     owners: dict[tuple[str, int], int] = {}
-    label_maps, domains, class_names, next_id = [], [], [], 0
-    for k, expert in enumerate(spec.experts):
-        test = load_task(tasks[expert.task], "test", data_dir, test_limit)
-        names = get_source(test.source).class_names
-        class_names += expert.file.classes if expert.file else [names[c] for c in test.classes]
-        for c in test.classes:
-            owner = owners.setdefault((test.source, c), k)
+    label_maps, class_names, next_id = [], [], 0
+    for k, (expert, (source, classes)) in enumerate(zip(spec.experts, spaces)):
+        names = get_source(source).class_names
+        class_names += expert.file.classes if expert.file else [names[c] for c in classes]
+        for c in classes:
+            owner = owners.setdefault((source, c), k)
             if owner != k:
-                raise ConfigError(f"problem {name!r}: class {c} of {test.source} belongs to both "
+                raise ConfigError(f"problem {name!r}: class {c} of {source} belongs to both "
                                   f"{spec.experts[owner].task} and {expert.task}; a routing problem "
                                   f"needs experts with disjoint classes (fusion parents that share their "
                                   f"classes need shared_labels: true)")
-        label_map = torch.arange(next_id, next_id + len(test.classes))
-        next_id += len(test.classes)
-        label_maps.append(label_map)
-        domains.append(Domain(test.images, label_map[test.labels], k, InputFormat.of(test.source).std))
-    return Problem(name, label_maps=label_maps, domains=domains, num_classes=next_id, class_names=class_names,
+        label_maps.append(torch.arange(next_id, next_id + len(classes)))
+        next_id += len(classes)
+    return Problem(name, label_maps=label_maps, domains=[], num_classes=next_id, class_names=class_names,
                    **expert_fields)
-
-
-def _shared_label_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data_dir: str,
-                          test_limit: int | None, expert_fields: dict) -> Problem:
-    """The test set of the experts' common task, once, with every expert's labels as the global ones."""
-    spaces = {e.task: (tasks[e.task].source, task_classes(tasks[e.task])) for e in spec.experts}
-    if len({(source, tuple(classes)) for source, classes in spaces.values()}) > 1:
-        listed = "; ".join(f"{t}: {source} classes {classes}" for t, (source, classes) in spaces.items())
-        raise ConfigError(f"problem {name!r} has shared_labels: true, so every expert must learn the same classes "
-                          f"of the same source, in the same order; its tasks differ ({listed})")
-    test = load_task(tasks[spec.experts[0].task], "test", data_dir, test_limit)
-    label_maps = [torch.arange(len(test.classes)) for _ in spec.experts]
-    names = get_source(test.source).class_names
-    return Problem(name, label_maps=label_maps, domains=[Domain(test.images, test.labels, -1,
-                                                                InputFormat.of(test.source).std)],
-                   num_classes=len(test.classes), class_names=[names[c] for c in test.classes], **expert_fields)
 
 
 def test_batches(problem: Problem, device: torch.device, batch_size: int):
