@@ -132,7 +132,7 @@ class ExpertFile:
     The file is TorchScript (``torch.jit.save``), a ``torch.export`` program (``.pt2``), or, when ``model``
     names its class as ``package.module:Class``, a state dict built into ``Class(**model_kwargs)``. The
     expert takes ``channels`` x ``size`` x ``size`` images normalised with ``mean`` and ``std`` (the
-    problem's 32x32 images are resized to ``size``), and its logits are ``classes``, in order: their names
+    problem's 32x32 images lose ``crop`` border pixels, then are resized to ``size``), and its logits are ``classes``, in order: their names
     become the problem's global class names. ``feature_layer`` names the submodule whose output is its
     feature vector (read with a forward hook), for the rules that read features."""
 
@@ -145,6 +145,9 @@ class ExpertFile:
     model: str | None = None  # package.module:Class of a state dict; None for TorchScript and torch.export files
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     feature_layer: str | None = None
+    # pixels cut from every border of the problem's images before resizing: 2 undoes MNIST's Pad(2), for a
+    # model trained on the 28x28 originals (resizing the padded image instead shrinks every digit by 1/8)
+    crop: int = 0
 
 
 @dataclass

@@ -69,14 +69,14 @@ class FileExpert(nn.Module):
     """A classifier loaded from a file, with the interface of this project's experts:
     ``forward(x, return_features=False)`` -> logits, or ``(logits, features)``.
 
-    Inputs of another size than the file's are resized (bilinear, antialiased: resizing commutes with the
-    per-channel normalisation, so normalised images may come in). Features are the output of
+    Inputs of another size than the file's lose ``crop`` border pixels and are resized (bilinear, antialiased:
+    resizing commutes with the per-channel normalisation, so normalised images may come in). Features are the output of
     ``feature_layer``, flattened, read with a forward hook; without one they are ``[N, 0]`` (the rules that
     read features are refused at config load for such experts)."""
 
     def __init__(self, net: nn.Module, spec: ExpertFile, kind: str, where: str) -> None:
         super().__init__()
-        self.net, self.kind, self.size = net, kind, spec.size
+        self.net, self.kind, self.size, self.crop = net, kind, spec.size, spec.crop
         self.num_classes = len(spec.classes)
         self.feature_layer = spec.feature_layer
         self._features: torch.Tensor | None = None
@@ -97,7 +97,10 @@ class FileExpert(nn.Module):
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         if tuple(x.shape[-2:]) != (self.size, self.size):
-            x = resize(x, [self.size, self.size], antialias=True)
+            if self.crop:
+                x = x[..., self.crop:x.shape[-2] - self.crop, self.crop:x.shape[-1] - self.crop]
+            if tuple(x.shape[-2:]) != (self.size, self.size):
+                x = resize(x, [self.size, self.size], antialias=True)
         # contiguous: models written elsewhere may .view() their input, which a channels-last batch refuses
         logits = self.net(x.contiguous())
         if not return_features:
@@ -205,6 +208,8 @@ def load_file_expert(spec: ExpertFile, where: str, device: torch.device | str = 
     path = Path(spec.path)
     if not path.is_file():
         raise ExpertFileError(f"{where}: expert file {path} does not exist")
+    if spec.crop < 0 or spec.size < 1 or spec.channels < 1:
+        raise ExpertFileError(f"{where}: channels and size must be positive and crop at least 0")
     if len(spec.mean) != spec.channels or len(spec.std) != spec.channels:
         raise ExpertFileError(f"{where}: mean and std need one value per channel (channels: {spec.channels})")
     kind = file_kind(spec)

@@ -121,6 +121,12 @@ def test_a_file_expert_loads_in_each_form_and_matches_the_model(env, form):
     torch.testing.assert_close(expert.class_weights(), env["tiny"].head.weight)
 
 
+def test_crop_gives_a_model_trained_on_28x28_originals_its_images_back(env):
+    expert = load_file_expert(ExpertFile(**{**env["entries"]["export"], "crop": 2}), "test")
+    x = torch.randn(4, 1, 32, 32)
+    torch.testing.assert_close(expert(x), env["tiny"](x[..., 2:30, 2:30]))  # no resize left to do
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_rules_and_gates_run_on_a_file_expert(env, tmp_path, form):
     yaml_file = write_problem(tmp_path / "mixed.yaml", env["entries"][form])
