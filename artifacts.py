@@ -32,6 +32,7 @@ import torch
 import config
 from common import CheckpointError, read_checkpoint
 from data import get_source, task_identity
+from expert_files import file_digest
 
 KEY_LENGTH = 8
 REPO = Path(__file__).resolve().parent
@@ -134,14 +135,18 @@ def tally(reasons: list[str]) -> dict:
 
 @dataclass(frozen=True)
 class ExpertId:
-    """One expert of a problem as the layout names it: task, arch and the arch's extra arguments."""
+    """One expert of a problem as the layout names it: task, arch and the arch's extra arguments; or, for an
+    expert given by file, its task and the file (named by the digest of its bytes)."""
 
     task: str
     arch: str
     arch_kwargs: dict
+    file: config.ExpertFile | None = None
 
     @property
     def tag(self) -> str:
+        if self.file is not None:
+            return f"{self.task}_file-{file_digest(self.file.path)[:KEY_LENGTH]}"
         return f"{self.task}_{arch_tag(self.arch, self.arch_kwargs)}"
 
     def __hash__(self) -> int:
@@ -149,7 +154,7 @@ class ExpertId:
 
 
 def experts_of(spec: config.ProblemSpec) -> list[ExpertId]:
-    return [ExpertId(e.task, e.arch, dict(e.arch_kwargs)) for e in spec.experts]
+    return [ExpertId(e.task, "file" if e.file else e.arch, dict(e.arch_kwargs), e.file) for e in spec.experts]
 
 
 class Layout:
@@ -168,16 +173,31 @@ class Layout:
 
     def expert_recipe(self, expert: ExpertId) -> dict:
         task = self.tasks[expert.task]
+        if expert.file is not None:  # trained elsewhere: its bytes and how it is read, no training settings
+            return {"task": task_identity(expert.task, task), "file": file_digest(expert.file.path),
+                    **{k: v for k, v in dataclasses.asdict(expert.file).items() if k != "path"}}
         training = dataclasses.asdict(self.expert_training)
         training["batch_size"] = training["batch_size"] or get_source(task.source).batch_size
         return {"task": task_identity(expert.task, task), "arch": expert.arch, "arch_kwargs": expert.arch_kwargs,
                 **training}
 
     def expert_path(self, expert: ExpertId, seed: int) -> Path:
+        """Where the expert's weights are: its checkpoint, or the file it was given by (the same for every seed)."""
+        if expert.file is not None:
+            return Path(expert.file.path)
         key = recipe_key(self.expert_recipe(expert))
         return self.ckpt_dir / "experts" / f"{expert.tag}_{key}_seed{seed}.pt"
 
+    def expert_digest(self, expert: ExpertId, seed: int) -> str:
+        """The identity of the expert's weights, which downstream artifacts record: its checkpoint's stored
+        digest, or the digest of the bytes of its file."""
+        if expert.file is not None:
+            return file_digest(expert.file.path)
+        return digest_of(self.expert_path(expert, seed))
+
     def expert_command(self, expert: ExpertId, seeds: list[int]) -> str:
+        if expert.file is not None:
+            return f"(nothing to train: the expert is the file {expert.file.path})"
         extra = f" arch_kwargs='{json.dumps(expert.arch_kwargs)}'" if expert.arch_kwargs else ""
         settings = "".join(f" {a}" for a in section_args("expert", self.expert_training))
         return (f"python train_source_networks.py dataset={expert.task} arch={expert.arch}{extra} "

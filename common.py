@@ -137,7 +137,11 @@ def load_model(path: str | os.PathLike, expect_arch: str | None = None, hint: st
     ckpt = read_checkpoint(path, hint)
     if expect_arch is not None and ckpt["arch"] != expect_arch:
         raise CheckpointError(f"{path} holds a {ckpt['arch']!r} model, expected {expect_arch!r}")
-    model = build_model(ckpt["arch"], **ckpt["arch_kwargs"])
+    try:
+        model = build_model(ckpt["arch"], **ckpt["arch_kwargs"])
+    except ValueError as err:  # an arch archs/ does not register, or arguments it does not take
+        raise CheckpointError(f"{path}: {err}; a model trained elsewhere is given by file instead (README, "
+                              f"\"Experts from files\")") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

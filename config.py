@@ -126,13 +126,40 @@ def default_tasks() -> dict[str, TaskSpec]:
 
 
 @dataclass
+class ExpertFile:
+    """An expert this repository did not train, given by file (DESIGN.md section 3, "Experts from files").
+
+    The file is TorchScript (``torch.jit.save``), a ``torch.export`` program (``.pt2``), or, when ``model``
+    names its class as ``package.module:Class``, a state dict built into ``Class(**model_kwargs)``. The
+    expert takes ``channels`` x ``size`` x ``size`` images normalised with ``mean`` and ``std`` (the
+    problem's 32x32 images lose ``crop`` border pixels, then are resized to ``size``), and its logits are ``classes``, in order: their names
+    become the problem's global class names. ``feature_layer`` names the submodule whose output is its
+    feature vector (read with a forward hook), for the rules that read features."""
+
+    path: str
+    channels: int
+    size: int
+    mean: list[float]
+    std: list[float]
+    classes: list[str]
+    model: str | None = None  # package.module:Class of a state dict; None for TorchScript and torch.export files
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    feature_layer: str | None = None
+    # pixels cut from every border of the problem's images before resizing: 2 undoes MNIST's Pad(2), for a
+    # model trained on the 28x28 originals (resizing the padded image instead shrinks every digit by 1/8)
+    crop: int = 0
+
+
+@dataclass
 class ExpertSpec:
     """One expert of a problem: the task it was trained on, its architecture and the arch's extra
-    arguments (e.g. an MLP's widths; they are part of the checkpoint's name)."""
+    arguments (e.g. an MLP's widths; they are part of the checkpoint's name). An expert given by ``file``
+    was trained elsewhere: its ``arch`` is ignored, and its task names the test set it is scored on."""
 
     task: str
     arch: str = "lenet5"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    file: ExpertFile | None = None
 
 
 @dataclass
@@ -375,6 +402,31 @@ class PanConfig:
     deterministic: bool = False
     stack_seeds: bool = True  # train the gates of every seed that share a shape together (stacked.py)
     force: bool = False
+
+
+@dataclass
+class PredictConfig:
+    """Classify your own images with a mixture (predict.py): one seed of ``problem``'s experts combined by
+    ``rule`` (a logit rule or a gate rule; the sections name the checkpoints it reads)."""
+
+    # a merge table's keys that only evaluation reads, in a YAML file
+    YAML_SKIPS: ClassVar[tuple[str, ...]] = MERGE_ONLY_KEYS + ("seeds", "test_limit", "data_dir", "results_dir")
+
+    problem: str = "disjoint_mnist"
+    seed: int = PAPER_SEEDS[0]
+    rule: Any = "naive"  # a strategy: name, label such as gate_hard(gate=universal,regime=real), or mapping
+    inputs: str = ""  # a folder of PNG/JPEG images, one image, or a tensor file ([N, C, H, W] uint8 or [0,1] float)
+    output: str = ""  # also write the predictions to this CSV file; empty: print them only
+    batch_size: int = at_least(1, 512)
+    expert: ExpertTraining = field(default_factory=ExpertTraining)
+    dafl: DaflTraining = field(default_factory=DaflTraining)
+    inversion: InversionSettings = field(default_factory=InversionSettings)
+    deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
+    gate: GateTraining = field(default_factory=GateTraining)
+    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
+    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
+    ckpt_dir: str = "checkpoints"
+    device: str = device_field()
 
 
 @dataclass

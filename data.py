@@ -45,13 +45,20 @@ class Source:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     batch_size: int
-    num_classes: int = 10
+    class_names: tuple[str, ...] = tuple(str(d) for d in range(10))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 SOURCES = {
     "mnist": Source("MNIST", 1, (0.1307,), (0.3081,), 512),
-    "fashion_mnist": Source("FashionMNIST", 1, (0.2860,), (0.3530,), 512),
-    "cifar10": Source("cifar-10-batches-py", 3, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), 128),
+    "fashion_mnist": Source("FashionMNIST", 1, (0.2860,), (0.3530,), 512,
+                            ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                             "ankle boot")),
+    "cifar10": Source("cifar-10-batches-py", 3, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), 128,
+                      ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")),
 }
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}

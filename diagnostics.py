@@ -48,7 +48,8 @@ def set_diagnostics(synthetic: tuple[torch.Tensor, torch.Tensor], real: tuple[to
     msp = {name: logits.float().softmax(dim=1).max(dim=1).values.mean().item()
            for name, logits in (("synthetic", syn_logits), ("real_in", real_logits[is_own]),
                                 ("real_out", real_logits[~is_own]))}
-    return {"frechet_distance": frechet_distance(syn_features, real_features[is_own]),
+    # an expert given by file without a feature layer has no feature vector to compare
+    return {"frechet_distance": frechet_distance(syn_features, real_features[is_own]) if syn_features.shape[1] else None,
             "mean_msp": msp,
             "msp_histogram": {"synthetic": msp_histogram(syn_logits), "real_in": msp_histogram(real_logits[is_own]),
                               "real_out": msp_histogram(real_logits[~is_own])}}

@@ -1,4 +1,4 @@
-"""What a gate reads, and where gates live: the inputs of each gate type and the gate checkpoints.
+"""What a gate reads, and where gates live: the inputs of each gate type and the gate checkpoints a rule reads.
 
 Gate types (DESIGN.md section 4): ``feature`` (the expert's feature vector), ``logits``,
 ``agnostic_logits`` and ``agnostic_feature`` (mean, std and max of those vectors), and
@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
+
+from artifacts import Layout
+from common import load_model
+from problems import Problem
 
 GATE_TYPES = ("feature", "logits", "agnostic_logits", "agnostic_feature", "universal")
 REGIMES = ("real", "synthetic", "noise")
@@ -57,3 +63,23 @@ def in_domain_probability(gate: nn.Module, inputs: torch.Tensor, batch_size: int
     """The gate's probability that each input belongs to its expert (class 1 of its two outputs)."""
     return torch.cat([gate(inputs[i:i + batch_size]).softmax(dim=1)[:, 1]
                       for i in range(0, len(inputs), batch_size)])
+
+
+def gate_paths(layout: Layout, problem: Problem, gate_type: str, regime: str, gates_from: str, seed: int,
+               synthesizer: str) -> list[Path]:
+    """Per evaluated expert, the gate file it reads; another problem's gates (``gates_from``) are universal
+    gates, one file that serves every expert."""
+    if gates_from:
+        return [layout.gate_path(gates_from, regime, gate_type, None, seed, synthesizer)] * len(problem.experts)
+    return layout.gate_paths(problem.name, regime, gate_type, seed, synthesizer)
+
+
+def gate_runner(layout: Layout, problem: Problem, activations, seed: int, device: torch.device):
+    """``run_gates(gate, regime, gates_from, synthesizer)``: every expert's gate probability on the test set."""
+    def run_gates(gate_type: str, regime: str, gates_from: str, synthesizer: str) -> torch.Tensor:
+        paths = gate_paths(layout, problem, gate_type, regime, gates_from, seed, synthesizer)
+        hint = layout.gate_command(gates_from or problem.name, regime, gate_type, seed, synthesizer)
+        gates = {p: load_model(p, hint=hint, device=device)[0] for p in dict.fromkeys(paths)}
+        return torch.stack([in_domain_probability(gates[p], gate_inputs(gate_type, logits, features))
+                            for p, (logits, features) in zip(paths, activations)], dim=1)
+    return run_gates

@@ -32,10 +32,18 @@ def final_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def class_weights(model: nn.Module) -> torch.Tensor:
+    """``[K, D]``: the expert's final-layer class weights; an expert given by file says where they are
+    (expert_files.FileExpert.class_weights), others hold them in their last nn.Linear."""
+    if hasattr(model, "class_weights"):
+        return model.class_weights()
+    return final_linear(model).weight
+
+
 def class_similarity(model: nn.Module) -> torch.Tensor:
     """``[K, K]``: cosine similarity of the final-layer class weight vectors, each row min-max normalised
     to [0, 1] (Nayak et al.'s class similarity matrix: the diagonal is 1)."""
-    weights = F.normalize(final_linear(model).weight.detach().float(), dim=1)
+    weights = F.normalize(class_weights(model).detach().float(), dim=1)
     similarity = weights @ weights.T
     low = similarity.min(dim=1, keepdim=True).values
     high = similarity.max(dim=1, keepdim=True).values
@@ -109,7 +117,7 @@ def deep_inversion(expert: nn.Module, fmt: InputFormat, settings: config.DeepInv
     if not layers:
         raise ValueError("deepinversion matches BatchNorm statistics, and this expert has no BatchNorm layer")
     expert.eval().requires_grad_(False)
-    num_classes = final_linear(expert).out_features
+    num_classes = class_weights(expert).shape[0]
     labels = torch.from_numpy(np.random.default_rng(seed).permutation(np.arange(n) % num_classes)).to(device)
     distances: list[torch.Tensor] = []
 

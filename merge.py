@@ -35,10 +35,11 @@ import torch.nn as nn
 import config
 from artifacts import Layout, code_digest, digest_of, recipe_key, tally
 from augments import TTA_SETTINGS, apply_augment
-from common import (CheckpointError, append_row, atomic_write_text, cli, derive_seed, load_model, make_generator,
+from common import (CheckpointError, append_row, atomic_write_text, cli, derive_seed, make_generator,
                     mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
 from data import InputFormat, load_task, prepare_input, to_unit
-from gating import gate_inputs, in_domain_probability
+from expert_files import FEATURE_TYPES, require
+from gating import gate_paths, gate_runner
 from problems import (Problem, build_problem, expert_activations, expert_logits, run_experts, run_stacked,
                       test_batches, test_batches_with_units)
 from stacked import stack, stackable
@@ -172,15 +173,6 @@ def gate_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) 
                       synthesizer_of(call))
 
 
-def gate_paths(layout: Layout, problem: Problem, gate_type: str, regime: str, gates_from: str, seed: int,
-               synthesizer: str) -> list[Path]:
-    """Per evaluated expert, the gate file it reads; another problem's gates (``gates_from``) are universal
-    gates, one file that serves every expert."""
-    if gates_from:
-        return [layout.gate_path(gates_from, regime, gate_type, None, seed, synthesizer)] * len(problem.experts)
-    return layout.gate_paths(problem.name, regime, gate_type, seed, synthesizer)
-
-
 def set_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) -> list[Path]:
     """The synthetic image sets a calibration rule reads (none for other strategies)."""
     if call.name != "calibrated":
@@ -190,17 +182,6 @@ def set_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) -
 
 def synthesizer_of(call: StrategyCall) -> str:
     return call.param("synthesizer") or DEFAULT_SYNTHESIZER
-
-
-def gate_runner(layout: Layout, problem: Problem, activations, seed: int, device: torch.device):
-    """``run_gates(gate, regime, gates_from, synthesizer)``: every expert's gate probability on the test set."""
-    def run_gates(gate_type: str, regime: str, gates_from: str, synthesizer: str) -> torch.Tensor:
-        paths = gate_paths(layout, problem, gate_type, regime, gates_from, seed, synthesizer)
-        hint = layout.gate_command(gates_from or problem.name, regime, gate_type, seed, synthesizer)
-        gates = {p: load_model(p, hint=hint, device=device)[0] for p in dict.fromkeys(paths)}
-        return torch.stack([in_domain_probability(gates[p], gate_inputs(gate_type, logits, features))
-                            for p, (logits, features) in zip(paths, activations)], dim=1)
-    return run_gates
 
 
 def synthetic_runner(layout: Layout, problem: Problem, models, formats, seed: int, device: torch.device):
@@ -281,7 +262,7 @@ def plan_seed(cfg: config.MergeConfig, problem: Problem, calls: list[StrategyCal
     """Which rows of one seed (experts' own accuracies first, then every call) are stored under their
     current key, and why the others must be computed."""
     layout = Layout(cfg)
-    expert_digests = [digest_of(p) for p in problem.expert_paths(layout, seed)]
+    expert_digests = [layout.expert_digest(e, seed) for e in problem.experts]
     common = {"problem": problem_key(cfg.problems[cfg.problem], cfg.tasks), "test_limit": cfg.test_limit,
               "batch_size": cfg.batch_size}
     keys = {f"expert:{name}": row_key(common, {"experts": expert_digests}, BASE_CODE) for name in problem.names}
@@ -396,6 +377,9 @@ def main(cfg: config.MergeConfig) -> dict:
     for call in calls:
         check_fusion(call, cfg.problem, cfg.problems[cfg.problem])
     check_gates_from(calls, cfg.problems)
+    for call in calls:
+        if call.param("gate") in FEATURE_TYPES:
+            require(cfg.problem, cfg.problems[cfg.problem], features=f"strategy {call.label}")
     config.print_config(cfg)
     device = resolve_device(cfg.device)
     layout = Layout(cfg)

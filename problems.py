@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 
 from archs import ARCHS
-from artifacts import ExpertId, Layout, arch_tag
+from artifacts import ExpertId, Layout
 from common import CheckpointError, load_model, read_checkpoint
-from config import ConfigError, ProblemSpec, TaskSpec
-from data import InputFormat, load_task, prepare_input, task_classes, task_identity, to_unit
+from config import ConfigError, ExpertFile, ProblemSpec, TaskSpec
+from data import InputFormat, get_source, load_task, prepare_input, task_classes, task_identity, to_unit
+from expert_files import load_file_expert
 
 
 @dataclass
@@ -46,17 +47,22 @@ class Problem:
     specs: dict[str, TaskSpec]  # the experts' tasks as the config defines them
     arch_kwargs: list[dict] | None = None  # per expert (ExpertSpec.arch_kwargs); None: none has any
     shared_labels: bool = False
+    files: list[ExpertFile | None] | None = None  # per expert given by file (arch "file"); None: none is
+    class_names: list[str] | None = None  # of the global classes; None: their ids
 
     def __post_init__(self) -> None:
         if self.arch_kwargs is None:
             self.arch_kwargs = [{} for _ in self.tasks]
+        if self.files is None:
+            self.files = [None for _ in self.tasks]
+        if self.class_names is None:
+            self.class_names = [str(c) for c in range(self.num_classes)]
 
     @property
     def names(self) -> list[str]:
         """Each expert's name in rows and tables: its task; experts of one task (fusion parents of other
         shapes, or one checkpoint twice) add their arch tag, then, if still alike, their position."""
-        names = [t if self.tasks.count(t) == 1 else f"{t}_{arch_tag(a, kw)}"
-                 for t, a, kw in zip(self.tasks, self.archs, self.arch_kwargs)]
+        names = [t if self.tasks.count(t) == 1 else e.tag for t, e in zip(self.tasks, self.experts)]
         return [n if names.count(n) == 1 else f"{n}#{k}" for k, n in enumerate(names)]
 
     @property
@@ -79,7 +85,7 @@ class Problem:
 
     @property
     def experts(self) -> list[ExpertId]:
-        return [ExpertId(t, a, kw) for t, a, kw in zip(self.tasks, self.archs, self.arch_kwargs)]
+        return [ExpertId(t, a, kw, f) for t, a, kw, f in zip(self.tasks, self.archs, self.arch_kwargs, self.files)]
 
     def expert_paths(self, layout: Layout, seed: int) -> list[Path]:
         return [layout.expert_path(e, seed) for e in self.experts]
@@ -97,19 +103,9 @@ class Problem:
 
     def load_experts(self, layout: Layout, seed: int,
                      device: torch.device) -> tuple[list[nn.Module], list[InputFormat]]:
-        models, formats = [], []
-        for expert in self.experts:
-            path = layout.expert_path(expert, seed)
-            hint = layout.expert_command(expert, [seed])
-            model, ckpt = load_model(path, expect_arch=expert.arch, hint=hint, device=device)
-            trained = ckpt["meta"]["task"]
-            wanted = task_identity(expert.task, self.specs[expert.task])
-            if trained != wanted:
-                raise CheckpointError(f"{path} holds an expert of {trained}, but the config defines {wanted}; "
-                                      f"retrain it: {hint} force=true")
-            models.append(model.to(memory_format=torch.channels_last))
-            formats.append(InputFormat.from_dict(ckpt["meta"]["input_format"]))
-        return models, formats
+        pairs = [load_expert(layout, e, seed, device, self.specs[e.task], f"problem {self.name!r}")
+                 for e in self.experts]
+        return [model for model, _ in pairs], [fmt for _, fmt in pairs]
 
     def class_counts(self, layout: Layout, seed: int) -> torch.Tensor:
         """``[experts, classes]``: the training images of each class every expert learnt from, as its
@@ -118,54 +114,106 @@ class Problem:
                              for e in self.experts], dtype=torch.long)
 
 
+def load_expert(layout: Layout, expert: ExpertId, seed: int, device: torch.device, task: TaskSpec,
+                where: str = "") -> tuple[nn.Module, InputFormat]:
+    """One expert of ``seed`` in eval mode and its input format: a checkpoint of this project (checked against
+    the task the config defines), or a file trained elsewhere (the same for every seed)."""
+    if expert.file is not None:
+        f = expert.file
+        return load_file_expert(f, where or f"expert {expert.task}", device), InputFormat(f.channels, tuple(f.mean),
+                                                                                          tuple(f.std))
+    path = layout.expert_path(expert, seed)
+    hint = layout.expert_command(expert, [seed])
+    model, ckpt = load_model(path, expect_arch=expert.arch, hint=hint, device=device)
+    if "meta" not in ckpt:
+        raise CheckpointError(f"{path} was not written by train_source_networks.py (no meta); give a model trained "
+                              f"elsewhere by file instead (README, \"Experts from files\")")
+    trained = ckpt["meta"]["task"]
+    wanted = task_identity(expert.task, task)
+    if trained != wanted:
+        raise CheckpointError(f"{path} holds an expert of {trained}, but the config defines {wanted}; "
+                              f"retrain it: {hint} force=true")
+    # channels-last runs LeNet's convolutions about a quarter faster on CPU
+    return model.to(memory_format=torch.channels_last), InputFormat.from_dict(ckpt["meta"]["input_format"])
+
+
+def check_files(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec]) -> None:
+    """Load and check every expert of ``spec`` given by file, before any work (one ConfigError or
+    ExpertFileError line each): its class list fits its task's test set, and the file is the classifier its
+    entry describes (expert_files.load_file_expert)."""
+    for k, expert in enumerate(spec.experts):
+        if expert.file is None:
+            continue
+        where = f"problem {name!r}, expert {k} ({expert.file.path})"
+        if spec.shared_labels:
+            raise ConfigError(f"{where}: a problem with shared_labels (fusion parents) takes experts trained here only")
+        n_task = len(task_classes(tasks[expert.task]))
+        if len(expert.file.classes) != n_task:
+            raise ConfigError(f"{where}: the entry lists {len(expert.file.classes)} classes, but its task "
+                              f"{expert.task!r}, whose test set it is scored on, has {n_task}")
+        load_file_expert(expert.file, where)
+
+
 def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data_dir: str,
                   test_limit: int | None = None) -> Problem:
-    """Load the combined test set of problem ``name``; tasks must exist and not share classes (or, with
-    ``spec.shared_labels``, all learn the same classes of one source)."""
+    """Load the combined test set of problem ``name`` (its experts and labels as ``describe_problem`` checks
+    them): every expert's task's test images, or with ``spec.shared_labels`` the common task's, once."""
+    problem = describe_problem(name, spec, tasks)
+    if spec.shared_labels:
+        test = load_task(tasks[spec.experts[0].task], "test", data_dir, test_limit)
+        problem.domains = [Domain(test.images, test.labels, -1, InputFormat.of(test.source).std)]
+        return problem
+    for k, (expert, label_map) in enumerate(zip(spec.experts, problem.label_maps)):
+        test = load_task(tasks[expert.task], "test", data_dir, test_limit)
+        problem.domains.append(Domain(test.images, label_map[test.labels], k, InputFormat.of(test.source).std))
+    return problem
+
+
+def describe_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec]) -> Problem:
+    """Problem ``name``'s experts and global labels, checked, without reading any test set (no domains):
+    tasks must exist and not share classes (or, with ``spec.shared_labels``, all learn the same classes of one
+    source), archs must be registered, and experts given by file must be what their entries say."""
     unknown = [e.task for e in spec.experts if e.task not in tasks]
     if unknown:
         raise ConfigError(f"problem {name!r} names unknown task(s) {unknown}; choices: {', '.join(tasks)}")
-    bad_archs = [e.arch for e in spec.experts if e.arch not in ARCHS]
+    bad_archs = [e.arch for e in spec.experts if e.file is None and e.arch not in ARCHS]
     if bad_archs:
         raise ConfigError(f"problem {name!r} names unknown arch(s) {bad_archs}; choices: {', '.join(ARCHS)}")
     if len(spec.experts) < 2:
         raise ConfigError(f"problem {name!r} needs at least two experts")
-    expert_fields = dict(tasks=[e.task for e in spec.experts], archs=[e.arch for e in spec.experts],
+    check_files(name, spec, tasks)
+    expert_fields = dict(tasks=[e.task for e in spec.experts], archs=[e.arch if e.file is None else "file"
+                                                                      for e in spec.experts],
                          specs={e.task: tasks[e.task] for e in spec.experts},
-                         arch_kwargs=[dict(e.arch_kwargs) for e in spec.experts], shared_labels=spec.shared_labels)
+                         arch_kwargs=[dict(e.arch_kwargs) for e in spec.experts], shared_labels=spec.shared_labels,
+                         files=[e.file for e in spec.experts])
+    spaces = [(tasks[e.task].source, task_classes(tasks[e.task])) for e in spec.experts]
     if spec.shared_labels:
-        return _shared_label_problem(name, spec, tasks, data_dir, test_limit, expert_fields)
+        if len({(source, tuple(classes)) for source, classes in spaces}) > 1:
+            listed = "; ".join(f"{e.task}: {source} classes {classes}" for e, (source, classes) in zip(spec.experts,
+                                                                                                       spaces))
+            raise ConfigError(f"problem {name!r} has shared_labels: true, so every expert must learn the same "
+                              f"classes of the same source, in the same order; its tasks differ ({listed})")
+        source, classes = spaces[0]
+        names = get_source(source).class_names
+        return Problem(name, label_maps=[torch.arange(len(classes)) for _ in spec.experts], domains=[],
+                       num_classes=len(classes), class_names=[names[c] for c in classes], **expert_fields)
     owners: dict[tuple[str, int], int] = {}
-    label_maps, domains, next_id = [], [], 0
-    for k, expert in enumerate(spec.experts):
-        test = load_task(tasks[expert.task], "test", data_dir, test_limit)
-        for c in test.classes:
-            owner = owners.setdefault((test.source, c), k)
+    label_maps, class_names, next_id = [], [], 0
+    for k, (expert, (source, classes)) in enumerate(zip(spec.experts, spaces)):
+        names = get_source(source).class_names
+        class_names += expert.file.classes if expert.file else [names[c] for c in classes]
+        for c in classes:
+            owner = owners.setdefault((source, c), k)
             if owner != k:
-                raise ConfigError(f"problem {name!r}: class {c} of {test.source} belongs to both "
+                raise ConfigError(f"problem {name!r}: class {c} of {source} belongs to both "
                                   f"{spec.experts[owner].task} and {expert.task}; a routing problem "
                                   f"needs experts with disjoint classes (fusion parents that share their "
                                   f"classes need shared_labels: true)")
-        label_map = torch.arange(next_id, next_id + len(test.classes))
-        next_id += len(test.classes)
-        label_maps.append(label_map)
-        domains.append(Domain(test.images, label_map[test.labels], k, InputFormat.of(test.source).std))
-    return Problem(name, label_maps=label_maps, domains=domains, num_classes=next_id, **expert_fields)
-
-
-def _shared_label_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data_dir: str,
-                          test_limit: int | None, expert_fields: dict) -> Problem:
-    """The test set of the experts' common task, once, with every expert's labels as the global ones."""
-    spaces = {e.task: (tasks[e.task].source, task_classes(tasks[e.task])) for e in spec.experts}
-    if len({(source, tuple(classes)) for source, classes in spaces.values()}) > 1:
-        listed = "; ".join(f"{t}: {source} classes {classes}" for t, (source, classes) in spaces.items())
-        raise ConfigError(f"problem {name!r} has shared_labels: true, so every expert must learn the same classes "
-                          f"of the same source, in the same order; its tasks differ ({listed})")
-    test = load_task(tasks[spec.experts[0].task], "test", data_dir, test_limit)
-    label_maps = [torch.arange(len(test.classes)) for _ in spec.experts]
-    return Problem(name, label_maps=label_maps, domains=[Domain(test.images, test.labels, -1,
-                                                                InputFormat.of(test.source).std)],
-                   num_classes=len(test.classes), **expert_fields)
+        label_maps.append(torch.arange(next_id, next_id + len(classes)))
+        next_id += len(classes)
+    return Problem(name, label_maps=label_maps, domains=[], num_classes=next_id, class_names=class_names,
+                   **expert_fields)
 
 
 def test_batches(problem: Problem, device: torch.device, batch_size: int):

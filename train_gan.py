@@ -27,7 +27,10 @@ from common import (CheckpointError, atomic_write_bytes, cli, derive_seed, load_
                     progress, resolve_device, save_checkpoint, seed_everything, write_rows)
 from dafl import build_generator, sample_images, train_generator, train_generators
 from data import InputFormat, to_unit
+from expert_files import require
 from inversion import data_impressions, deep_inversion
+from problems import load_expert
+from stacked import stackable
 from synthesis import (GRID_SAMPLES, check_experts, components, png_grid, sample_quality, save_set, to_uint8)
 from training import Resume
 
@@ -37,6 +40,8 @@ INVERSIONS = {"inversion": data_impressions, "deepinversion": deep_inversion}
 def other_seed_expert(layout: Layout, expert: ExpertId, seed: int) -> Path | None:
     """An expert of the same recipe but another seed, to check that samples carry the class this expert
     gives them rather than exploiting its particular weights (evaluation only)."""
+    if expert.file is not None:  # one file serves every seed
+        return None
     mine = layout.expert_path(expert, seed)
     stem = mine.name.rsplit("_seed", 1)[0]
     others = sorted(p for p in mine.parent.glob(f"{stem}_seed*.pt") if p != mine)
@@ -54,15 +59,13 @@ def dafl_generators(cfg: config.GanConfig, experts: list[ExpertId], seeds: list[
     for expert in experts:
         for seed in seeds:
             path, recipe = layout.generator_path(expert, seed), layout.generator_recipe(expert)
-            upstream = {"expert": digest_of(layout.expert_path(expert, seed))}
+            upstream = {"expert": layout.expert_digest(expert, seed)}
             reuse = check_reuse(path, recipe, upstream, cfg.force)
             if reuse.reused:
                 out[(expert, seed)] = (load_model(path, expect_arch="generator", device=device)[0],
                                        reuse.meta["row"], reuse.why)
                 continue
-            model, ckpt = load_model(layout.expert_path(expert, seed), expect_arch=expert.arch,
-                                     hint=layout.expert_command(expert, [seed]), device=device)
-            fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
+            model, fmt = load_expert(layout, expert, seed, device, cfg.tasks[expert.task])
             seed_everything(derive_seed(seed, expert.task, expert.arch, "generator"), cfg.deterministic)
             todo.append({"expert": expert, "seed": seed, "path": path, "recipe": recipe, "upstream": upstream,
                          "why": reuse.why, "model": model, "fmt": fmt,
@@ -72,12 +75,14 @@ def dafl_generators(cfg: config.GanConfig, experts: list[ExpertId], seeds: list[
     for job in todo:  # one stack per shape of expert and generator
         shape = tuple((k, tuple(v.shape)) for k, v in [*job["model"].state_dict().items(),
                                                         *job["generator"].state_dict().items()])
-        groups.setdefault((type(job["model"]), shape) if cfg.stack_seeds else (id(job),), []).append(job)
+        together = cfg.stack_seeds and stackable([job["model"]])  # experts given by file train alone
+        groups.setdefault((type(job["model"]), shape) if together else (id(job),), []).append(job)
     for group in groups.values():
         resumes = [Resume.beside(j["path"], recipe_key(j["recipe"]) + j["upstream"]["expert"]) for j in group]
         desc = f"{len(group)} generator(s)"
         start = time.perf_counter()
-        if cfg.stack_seeds:
+        stacked = cfg.stack_seeds and stackable([j["model"] for j in group])
+        if stacked:
             logs = train_generators([j["model"] for j in group], [j["generator"] for j in group], cfg.dafl,
                                     [j["noise"] for j in group], device, desc, resumes)
         else:
@@ -86,7 +91,7 @@ def dafl_generators(cfg: config.GanConfig, experts: list[ExpertId], seeds: list[
         train_time = (time.perf_counter() - start) / len(group)  # per generator: stacked ones share the time
         for job, log, resume in zip(group, logs, resumes):
             row = {"generator": str(job["path"]), "final_loss": log[-1] if log else None,
-                   "generator_train_time_s": train_time, "stacked_generators": len(group) if cfg.stack_seeds else 1}
+                   "generator_train_time_s": train_time, "stacked_generators": len(group) if stacked else 1}
             save_checkpoint(job["path"], job["generator"], "generator", build_generator(cfg.dafl, job["fmt"].channels)[1],
                             config.to_dict(cfg), {"task": job["expert"].task, "expert_arch": job["expert"].arch,
                                                   "input_format": job["fmt"].as_dict(), "recipe": job["recipe"],
@@ -121,9 +126,7 @@ def make_set(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: in
     layout = Layout(cfg)
     path = layout.synthetic_path(synthesizer, expert, seed)
     expert_file = layout.expert_path(expert, seed)
-    model, ckpt = load_model(expert_file, expect_arch=expert.arch, hint=layout.expert_command(expert, [seed]),
-                             device=device)
-    fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
+    model, fmt = load_expert(layout, expert, seed, device, cfg.tasks[expert.task])
     recipe = layout.synthetic_recipe(synthesizer, expert)
     grid = Path(cfg.results_dir) / "gan" / synthesizer / f"{path.stem}.png"
     done = []
@@ -133,7 +136,7 @@ def make_set(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: in
         done.append(({"kind": "generator", **generator_row}, why))
         upstream = {"generator": digest_of(layout.generator_path(expert, seed))}
     else:
-        upstream = {"expert": digest_of(expert_file)}
+        upstream = {"expert": layout.expert_digest(expert, seed)}
     reuse = check_reuse(path, recipe, upstream, cfg.force)
     if reuse.reused:
         if not grid.is_file():  # results moved or deleted: draw the grid again from the stored set
@@ -175,8 +178,12 @@ def main(cfg: config.GanConfig) -> dict:
         raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
     synthesizers = list(dict.fromkeys(part for name in cfg.synthesizers for part in components(name)))
     spec = cfg.problems[cfg.problem]
+    trained_here = [e for e in spec.experts if e.file is None]
     for name in synthesizers:
-        check_experts(name, [e.arch for e in spec.experts], [e.arch_kwargs for e in spec.experts])
+        check_experts(name, [e.arch for e in trained_here], [e.arch_kwargs for e in trained_here])
+    needs = {"dafl": "features", "inversion": "class_weights", "deepinversion": "batchnorm"}
+    for name in synthesizers:  # what a synthesizer needs of an expert given by file
+        require(cfg.problem, spec, **{needs[name]: f"synthesizer {name!r}"})
     layout = Layout(cfg)
     experts = list(dict.fromkeys(experts_of(spec)))  # one checkpoint named twice: one set
     tasks = [e.task for e in experts]

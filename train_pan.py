@@ -37,9 +37,10 @@ import config
 from archs import build_model
 from artifacts import Layout, check_reuse, digest_of, recipe_key, tally
 from common import (CheckpointError, cli, derive_seed, load_model, make_generator, print_summary,
-                    progress, read_checkpoint, resolve_device, save_checkpoint, seed_everything, write_rows)
-from data import InputFormat, load_task, to_unit
+                    progress, resolve_device, save_checkpoint, seed_everything, write_rows)
+from data import load_task, to_unit
 from diagnostics import set_diagnostics
+from expert_files import FEATURE_TYPES, require
 from gating import GATE_TYPES, REGIMES, gate_arch, gate_inputs, in_domain_probability
 from problems import Problem, build_problem, expert_activations, run_experts
 from synthesis import components, load_set
@@ -61,10 +62,10 @@ def real_sets(cfg: config.PanConfig, problem: Problem) -> list[ImageSet]:
             for k, t in enumerate(problem.tasks)]
 
 
-def synthetic_sets(cfg: config.PanConfig, problem: Problem, seed: int, synthesizer: str,
+def synthetic_sets(cfg: config.PanConfig, problem: Problem, seed: int, synthesizer: str, channels: int,
                    device: torch.device) -> list[ImageSet]:
     """Each expert's stored synthetic images (a mixture pools its synthesizers' sets) and their augmented
-    copies, plus uniform noise; no real training image is read."""
+    copies, plus uniform noise of ``channels`` channels; no real training image is read."""
     layout, sets = Layout(cfg), []
     for k, expert in enumerate(problem.experts):
         parts = [load_set(layout.synthetic_path(part, expert, seed),
@@ -74,8 +75,6 @@ def synthetic_sets(cfg: config.PanConfig, problem: Problem, seed: int, synthesiz
         for copy in range(cfg.gate.augment_copies):
             sets.append(ImageSet(augmented(images, derive_seed(seed, expert.task, "augment", copy), device), k,
                                  "augmented"))
-    channels = max(InputFormat.from_dict(read_checkpoint(p)["meta"]["input_format"]).channels
-                   for p in problem.expert_paths(layout, seed))
     noise = torch.rand(cfg.gate.noise_samples, channels, 32, 32, generator=make_generator(derive_seed(seed, "noise")))
     sets.append(ImageSet(noise.to(device), -1, "noise"))
     return sets
@@ -220,11 +219,11 @@ def synthesis_rows(cfg: config.PanConfig, problem: Problem, seed: int, synthesiz
 
 def upstream_files(layout: Layout, problem: Problem, regime: str, seed: int, synthesizer: str) -> dict[str, str]:
     """``expert:TAG`` (and, data-free, ``set:SYNTHESIZER:TAG``) -> digest of every file a gate of ``regime`` reads."""
-    files = {f"expert:{e.tag}": layout.expert_path(e, seed) for e in problem.experts}
+    digests = {f"expert:{e.tag}": layout.expert_digest(e, seed) for e in problem.experts}
     if regime != "real":
-        files.update({f"set:{part}:{e.tag}": layout.synthetic_path(part, e, seed)
-                      for part in components(synthesizer) for e in problem.experts})
-    return {name: digest_of(path) for name, path in files.items()}
+        digests.update({f"set:{part}:{e.tag}": digest_of(layout.synthetic_path(part, e, seed))
+                        for part in components(synthesizer) for e in problem.experts})
+    return digests
 
 
 def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, synthesizer: str,
@@ -263,7 +262,8 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, synthesiz
                 continue
             if acts is None:
                 sets = (real_sets(cfg, problem) if regime == "real"
-                        else synthetic_sets(cfg, problem, seed, synthesizer, device))
+                        else synthetic_sets(cfg, problem, seed, synthesizer, max(f.channels for f in formats),
+                                            device))
                 acts = activations_on(sets, models, formats, device)
             inputs, targets = training_data(gate_type, regime, experts, sets, acts)
             pending.append(PendingGate(problem.name, seed, regime, synthesizer, gate_type, experts, path, recipe,
@@ -299,6 +299,8 @@ def main(cfg: config.PanConfig) -> dict:
             raise config.ConfigError(f"unknown {key} {unknown}; choices: {', '.join(choices)}")
     for name in cfg.synthesizers:
         components(name)
+    for gate_type in set(cfg.gate_types) & set(FEATURE_TYPES):
+        require(cfg.problem, cfg.problems[cfg.problem], features=f"gate type {gate_type!r}")
     config.print_config(cfg)
     device = resolve_device(cfg.device)
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import REPO_ROOT
 
-STAGES = {"train_source_networks", "train_gan", "train_pan", "merge"}
+STAGES = {"train_source_networks", "train_gan", "train_pan", "merge", "predict"}
 LIBRARY = sorted(p.stem for p in REPO_ROOT.glob("*.py") if p.stem not in STAGES) + ["fusion", "archs"]
 
 

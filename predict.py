@@ -1,0 +1,192 @@
+"""Classify your own images with a mixture of a problem's experts.
+
+    python predict.py problem=disjoint_mnist seed=770597 rule=naive inputs=my_digits/
+    python predict.py experiments/my_problem.yaml rule="gate_hard(gate=universal,regime=real)" inputs=batch.pt
+
+``inputs`` is a folder of PNG/JPEG images (sorted by name), one such image, or a tensor file
+(``torch.save`` of ``[N, C, H, W]`` uint8 pixels or [0,1] floats; read with ``weights_only=True``). Images
+are brought to the problem's 32x32 (antialiased resize) and, when grey and colour images are mixed, grey
+ones repeat their channel; every expert then sees them in its own input format, as the combined test set.
+The experts of ``seed`` (checkpoints of this project or files: README, "Experts from files") run in batches
+on ``device``, and ``rule`` (a logit rule such as naive or energy, or a gate rule with its gates) picks per
+image. One line per image: the file, the global class name, the chosen expert and its confidence (the
+chosen expert's softmax probability of its top class), tab-separated; ``output=FILE.csv`` also writes them.
+``predict`` does the same for a tensor of images in Python.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2.functional import resize
+
+import config
+from artifacts import Layout
+from common import CheckpointError, UserError, atomic_write_text, cli, print_summary, progress, resolve_device
+from expert_files import FEATURE_TYPES, require
+from gating import gate_paths, gate_runner
+from problems import Problem, describe_problem, run_experts
+from strategies import NO_EXPERT, REGISTRY, MergeInputs, StrategyCall, parse_strategies
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SIZE = 32  # the problems' image size, which this project's experts take
+
+
+@dataclass
+class Prediction:
+    name: str  # the image file, or ``FILE[i]`` for image i of a tensor file
+    class_id: int  # global class id
+    class_name: str
+    expert: str  # the expert the rule trusted (its name in result rows)
+    confidence: float  # that expert's softmax probability of its top class
+
+
+def check_rule(cfg: config.PredictConfig) -> StrategyCall:
+    """The rule, if predict can run it: it may read the experts' logits and gates, not the true domain, augmented
+    passes, synthetic sets or a fused network."""
+    calls = parse_strategies([cfg.rule])
+    if len(calls) != 1:
+        raise config.ConfigError(f"rule={cfg.rule!r} names {len(calls)} strategies; predict takes one")
+    call = calls[0]
+    reason = ("reads the true domain of each sample" if call.name == "oracle" else
+              "runs augmented passes" if call.param("setting") is not None else
+              "reads synthetic image sets" if call.name == "calibrated" else
+              "fuses weights of fusion parents" if REGISTRY[call.name].fusion is not None else "")
+    if reason:
+        raise config.ConfigError(f"rule {call.label} {reason}; predict takes the logit rules and the gate rules")
+    if call.param("gate") in FEATURE_TYPES:
+        require(cfg.problem, cfg.problems[cfg.problem], features=f"rule {call.label}")
+    return call
+
+
+def load_mixture(cfg: config.PredictConfig) -> tuple[Problem, StrategyCall]:
+    """The problem (its experts and labels, no test set) and the rule, checked; every file they need exists."""
+    config.check(cfg)
+    if cfg.problem not in cfg.problems:
+        raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
+    call = check_rule(cfg)
+    problem = describe_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks)
+    layout = Layout(cfg)
+    missing = problem.missing_experts(layout, [cfg.seed])
+    if call.param("regime") is not None:
+        synthesizer = call.param("synthesizer") or "dafl"
+        gates_from = call.param("gates_from") or ""
+        if gates_from and gates_from not in cfg.problems:
+            raise config.ConfigError(f"rule {call.label}: gates_from={gates_from!r} is not a problem")
+        paths = gate_paths(layout, problem, call.param("gate"), call.param("regime"), gates_from, cfg.seed, synthesizer)
+        if not all(p.exists() for p in paths):
+            missing.append(layout.gate_command(gates_from or cfg.problem, call.param("regime"), call.param("gate"),
+                                               cfg.seed, synthesizer))
+    if missing:
+        raise CheckpointError(f"checkpoints are missing under {cfg.ckpt_dir}; create them with:\n  "
+                              + "\n  ".join(dict.fromkeys(missing)))
+    return problem, call
+
+
+def predict(cfg: config.PredictConfig, images: torch.Tensor, names: list[str] | None = None) -> list[Prediction]:
+    """Classify ``images`` (``[N, C, H, W]``, uint8 pixels or [0,1] floats, 1 or 3 channels) with the mixture
+    ``cfg`` describes; ``names`` label the predictions (default: their index)."""
+    problem, call = load_mixture(cfg)
+    device = resolve_device(cfg.device)
+    x = as_unit_images(images, "images")
+    layout = Layout(cfg)
+    models, formats = problem.load_experts(layout, cfg.seed, device)
+    starts = range(0, len(x), cfg.batch_size)
+    batches = (x[i:i + cfg.batch_size].to(device) for i in progress(starts, desc="predict", total=len(starts)))
+    activations = run_experts(models, formats, batches, features=True)
+    logits = [lo for lo, _ in activations]
+    inputs = MergeInputs(logits, problem.label_maps, run_gates=gate_runner(layout, problem, activations, cfg.seed,
+                                                                           device))
+    decision = call(inputs)
+    top = torch.stack([lo.softmax(dim=1).max(dim=1).values for lo in logits], dim=1)
+    chosen = decision.expert.to(top.device)
+    confidence = top.gather(1, chosen.clamp(min=0).unsqueeze(1)).squeeze(1).where(chosen != NO_EXPERT, torch.nan)
+    expert_names = problem.names
+    names = names or [str(i) for i in range(len(x))]
+    return [Prediction(name, c, problem.class_names[c], expert_names[e] if e != NO_EXPERT else "", p)
+            for name, c, e, p in zip(names, decision.pred.tolist(), chosen.tolist(), confidence.tolist())]
+
+
+def as_unit_images(images: torch.Tensor, where: str) -> torch.Tensor:
+    """``[N, C, H, W]`` (or grey ``[N, H, W]``) uint8 or [0,1] float images -> float [0,1] at the problems' size."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or not len(images):
+        raise UserError(f"{where}: expected images [N, C, H, W] with 1 or 3 channels, got shape {list(images.shape)}")
+    if images.dtype == torch.uint8:
+        x = images.float() / 255
+    elif images.is_floating_point():
+        if images.min() < 0 or images.max() > 1:
+            raise UserError(f"{where}: float images must hold [0,1] pixels, got values in "
+                            f"[{images.min().item():.3g}, {images.max().item():.3g}]")
+        x = images.float()
+    else:
+        raise UserError(f"{where}: images must be uint8 or float, got {images.dtype}")
+    if tuple(x.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        x = resize(x, [IMAGE_SIZE, IMAGE_SIZE], antialias=True).clamp(0, 1)
+    return x
+
+
+def read_inputs(path: str) -> tuple[list[str], torch.Tensor]:
+    """The images at ``path`` (a folder, an image, or a tensor file) and their names, as [0,1] 32x32 images."""
+    source = Path(path)
+    if not path or not source.exists():
+        raise UserError(f"inputs={path!r} does not exist; give a folder of PNG/JPEG images, an image or a tensor file")
+    if source.is_dir() or source.suffix.lower() in IMAGE_SUFFIXES:
+        files = ([source] if source.is_file() else
+                 sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
+        if not files:
+            raise UserError(f"{source} holds no PNG or JPEG image")
+        images = [read_image(f) for f in progress(files, desc="reading images")]
+        channels = max(im.shape[0] for im in images)
+        return [str(f) for f in files], torch.cat([im.expand(channels, -1, -1).unsqueeze(0) for im in images])
+    try:
+        tensor = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for a file of another kind
+        raise UserError(f"{source} is neither a PNG/JPEG image nor a tensor file ({type(err).__name__})") from None
+    if not isinstance(tensor, torch.Tensor):
+        raise UserError(f"{source} holds a {type(tensor).__name__}, not a tensor of images")
+    x = as_unit_images(tensor, str(source))
+    return [f"{source.name}[{i}]" for i in range(len(x))], x
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """One PNG/JPEG file as [0,1] ``[C, 32, 32]``: grey or RGB (an alpha channel is dropped)."""
+    try:
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+    except RuntimeError as err:
+        raise UserError(f"cannot decode {path} as an image ({str(err).strip().splitlines()[0]})") from None
+    image = image[:1] if image.shape[0] == 2 else image[:3]  # grey+alpha -> grey, RGBA -> RGB
+    return as_unit_images(image.unsqueeze(0), str(path))[0]
+
+
+def main(cfg: config.PredictConfig) -> dict:
+    load_mixture(cfg)  # refuse a bad problem, rule or missing checkpoint before reading any image
+    config.print_config(cfg)
+    names, images = read_inputs(cfg.inputs)
+    predictions = predict(cfg, images, names)
+    for p in predictions:
+        print(f"{p.name}\t{p.class_name}\t{p.expert}\t{p.confidence:.4f}")
+    outputs = {}
+    if cfg.output:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(asdict(predictions[0])))
+        writer.writeheader()
+        writer.writerows(asdict(p) for p in predictions)
+        atomic_write_text(cfg.output, buffer.getvalue())
+        outputs["csv"] = cfg.output
+    counts: dict[str, int] = {}
+    for p in predictions:
+        counts[p.expert] = counts.get(p.expert, 0) + 1
+    summary = {"problem": cfg.problem, "seed": cfg.seed, "rule": parse_strategies([cfg.rule])[0].label,
+               "images": len(predictions), "routing_counts": counts, "outputs": outputs}
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    cli(main, lambda: config.parse_args(config.PredictConfig))
