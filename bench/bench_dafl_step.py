@@ -10,7 +10,6 @@ With ``--seeds N`` the N seeds' generators run as one stacked network. Target (i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import torch
+from summary import finish  # bench/ is on sys.path when a benchmark runs as a script
 
 import config
 from archs import build_model
@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"(target under {TARGET_MS:g} ms per step: {verdict})")
     summary = {"device": str(device), "torch": torch.__version__, "seeds": args.seeds, "ms_per_step": ms,
                "target_ms": TARGET_MS, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    print(json.dumps(summary))
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=1))
-    return summary
+    return finish(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import shutil
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import torch
+from summary import finish  # bench/ is on sys.path when a benchmark runs as a script
 
 import merge
 import train_gan
@@ -139,10 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"(target: {kind} {'>=' if kind == 'ratio' else '<='} {target:g}: {verdict}){extra}", flush=True)
     summary = {"seeds": len(seeds), "device": str(device), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "results": results}
-    print(json.dumps(summary))
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=1))
-    return summary
+    return finish(summary, args.out)
 
 
 if __name__ == "__main__":
