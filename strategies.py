@@ -100,11 +100,14 @@ class MergeInputs:
         return self._synthetic[name]
 
 
+FUSABLE_ARCHS = ("mlp", "vgg", "lenet5")  # the registered archs fusion/ reads layer by layer (fusion.FUSABLE)
+
+
 @dataclass(frozen=True)
 class FusionNeeds:
     """What a rule reading ``MergeInputs.fusion`` needs of its problem, beside shared labels."""
 
-    mlp: bool = True  # it fuses weights, so every expert must be an MLP (archs/mlp.py)
+    weights: bool = True  # it fuses weights, so the experts must be of one fusable arch (FUSABLE_ARCHS)
     parents: int | None = None  # it fuses exactly this many experts (None: any number)
     pot: bool = False  # it solves optimal transport with POT (an optional dependency here)
 
@@ -112,7 +115,7 @@ class FusionNeeds:
 # The source files every rule's row depends on (running the experts, scoring); a rule's own ``code`` adds the
 # modules of its family. A cached row is recomputed when any of them changes (merge.row_key).
 BASE_CODE = ("strategies.py", "merge.py", "problems.py", "data.py", "archs/__init__.py", "archs/lenet.py",
-             "archs/resnet.py", "archs/mlp.py")
+             "archs/resnet.py", "archs/mlp.py", "archs/vgg.py")
 TTA_CODE = BASE_CODE + ("augments.py",)
 GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py")
 DEFAULT_SYNTHESIZER = "dafl"  # what a rule's ``synthesizer=""`` reads: the paper's generator
@@ -177,9 +180,10 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
         raise ConfigError(f"strategy {call.name!r} combines experts that share one label space: it needs a problem "
                           f"with shared_labels: true (fusion parents), and {problem!r} is a routing problem")
     archs = [e.arch for e in spec.experts]
-    if needs.mlp and any(a != "mlp" for a in archs):
-        raise ConfigError(f"strategy {call.name!r} fuses weights and needs MLP experts (arch: mlp), but problem "
-                          f"{problem!r} has experts of arch {archs}; ensemble and ensemble_weighted take any arch")
+    if needs.weights and (any(a not in FUSABLE_ARCHS for a in archs) or len(set(archs)) > 1):
+        raise ConfigError(f"strategy {call.name!r} fuses weights and needs experts of one of the archs "
+                          f"{', '.join(FUSABLE_ARCHS)}, all the same, but problem {problem!r} has experts of arch "
+                          f"{archs}; ensemble and ensemble_weighted take any arch")
     if needs.parents is not None and len(archs) != needs.parents:
         raise ConfigError(f"strategy {call.name!r} fuses exactly {needs.parents} experts, but problem {problem!r} "
                           f"has {len(archs)}")
@@ -521,7 +525,7 @@ def importance_scores(parents: list[nn.Module], samples: Tensor, importance: str
     """Per parent and level, each neuron's importance: None (uniform) or its conductance on ``samples``."""
     if importance == "uniform":
         return None
-    return [[conductance_importance(p, samples, level) for level in range(len(p.layers))] for p in parents]
+    return [conductance_importance(p, samples) for p in parents]
 
 
 @register("vanilla_avg", fusion=FusionNeeds())
@@ -585,14 +589,23 @@ def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0) -> Decision
                             finetune_images=len(fusion.training_data()[0]) if finetune_epochs else 0)
 
 
-@register("ensemble", fusion=FusionNeeds(mlp=False))
+@register("parent", fusion=FusionNeeds(weights=False))
+def parent_rule(inputs: MergeInputs, *, index: int = 0) -> Decision:
+    """One parent alone, answering every test sample: what fusion has to improve on (any architecture)."""
+    fusion = fusion_inputs(inputs, "parent")
+    if not 0 <= index < len(fusion.parents):
+        raise ValueError(f"parent: index={index} is not a parent of this problem (0..{len(fusion.parents) - 1})")
+    return network_decision(fusion, lambda: fusion.parents[index], samples_used=0)
+
+
+@register("ensemble", fusion=FusionNeeds(weights=False))
 def ensemble_rule(inputs: MergeInputs) -> Decision:
     """Output-space baseline: the mean of the parents' softmax outputs (any architecture)."""
     fusion = fusion_inputs(inputs, "ensemble")
     return network_decision(fusion, lambda: lambda x: ensemble_softmax(fusion.parents, x), samples_used=0)
 
 
-@register("ensemble_weighted", fusion=FusionNeeds(mlp=False))
+@register("ensemble_weighted", fusion=FusionNeeds(weights=False))
 def ensemble_weighted_rule(inputs: MergeInputs) -> Decision:
     """The parents' softmax outputs, each class weighted by the parent's share of that class's training data."""
     fusion = fusion_inputs(inputs, "ensemble_weighted")

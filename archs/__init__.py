@@ -14,6 +14,7 @@ from archs.generator import Discriminator, Generator
 from archs.lenet import LeNet5
 from archs.mlp import MLP
 from archs.resnet import ResNet18
+from archs.vgg import VGG
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": lambda in_channels=1, num_classes=10: LeNet5(in_channels, num_classes),
@@ -21,6 +22,8 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": lambda in_channels=3, num_classes=10: ResNet18(in_channels, num_classes),
     # widths, bias, img_size and crop pass through (archs/mlp.py); fusion builds MLPs of any widths.
     "mlp": lambda in_channels=1, num_classes=10, **kw: MLP(in_channels, num_classes, **kw),
+    # layers (VGG notation, 'M' a max-pool), hidden, bias and img_size pass through (archs/vgg.py).
+    "vgg": lambda in_channels=3, num_classes=10, **kw: VGG(in_channels, num_classes, **kw),
 }
 # Gates and generators are built through the same registry, with their own arguments.
 AUX_ARCHS: dict[str, Callable[..., nn.Module]] = {

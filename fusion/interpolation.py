@@ -6,67 +6,96 @@ number); a group's target is the importance-weighted mean of its members' pre-ac
 fused level is fitted to the targets from the fused network's own previous level. Output neuron c
 of every parent forms group c. Importance is one non-negative vector per level per parent, output
 layer included: uniform, or conductance.
+
+A convolution's channel is a neuron: it is grouped by its pre-activations at every sample and position
+(or averaged over positions, ``positions='pool'``), its group's target is a map, and the fused
+convolution is fitted to the target maps by least squares over every sample and position (through the
+normal equations of the image patches, since the patch matrix of a few hundred CIFAR images has
+hundreds of thousands of rows).
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from archs.mlp import MLP
-from fusion._common import Layers, check_parents, flat_samples, layers_of, linear, pre_acts, to_mlp
+from fusion._common import (POSITIONS, SAMPLE_CHUNK, Level, Levels, activate, apply_level, check_parents, columns,
+                            hidden_widths, inputs_of, levels_of, pre_acts, to_network)
 
 KMEANS_MAX_ITER = 100
 
 
 # ---------------------------------------------------------------- importance scores
 
-def uniform_importance(model: MLP) -> list[Tensor]:
-    """Importance 1 for every neuron of every level (hidden layers and output layer)."""
-    return [torch.ones(layer.out_features, dtype=torch.float64) for layer in model.layers]
+def uniform_importance(model: nn.Module) -> list[Tensor]:
+    """Importance 1 for every neuron (channel) of every level (hidden layers and output layer)."""
+    return [torch.ones(level.width, dtype=torch.float64) for level in levels_of(model)]
 
 
-def conductance_importance(model: MLP, samples: Tensor, layer: int, steps: int = 16) -> Tensor:
-    """Mean absolute conductance of each neuron of ``model.layers[layer]`` (its pre-activation).
+def conductance_importance(model: nn.Module, samples: Tensor, layer: int | None = None,
+                           steps: int = 16) -> Tensor | list[Tensor]:
+    """Mean absolute conductance of each neuron of level ``layer`` (its pre-activation; a channel's summed over
+    its positions), or with ``layer=None`` one such vector per level, all from one pass.
 
     Conductance (Dhamdhere et al. 2019) towards the logit of the class the model predicts for each
     sample, from the all-zero baseline: a right Riemann sum over ``steps`` points of the straight
-    path, ``sum_k dF/dz(alpha_k x) * (z(alpha_k x) - z(alpha_{k-1} x))``. Written here, in float64
-    over all path points in one batch, with Captum's ``LayerConductance`` as the reference it is
+    path, ``sum_k dF/dz(alpha_k x) * (z(alpha_k x) - z(alpha_{k-1} x))``. Written here, over all path
+    points of a chunk of samples at once, with Captum's ``LayerConductance`` as the reference it is
     tested against (the two Riemann sums converge to the same integral); for bias-free ReLU
     networks the activation pattern is constant along the path and the sum is exact (gradient
     times pre-activation).
     """
-    if not 0 <= layer < len(model.layers):
-        raise ValueError(f"layer={layer} is not a level of this MLP (0..{len(model.layers) - 1})")
-    layers = layers_of(model)
-    alphas = torch.arange(steps + 1, dtype=torch.float64) / steps
-    h = alphas[:, None, None] * flat_samples(model, samples)  # [steps + 1, N, D]
+    levels = levels_of(model)
+    if layer is not None and not 0 <= layer < len(levels):
+        raise ValueError(f"layer={layer} is not a level of this network (0..{len(levels) - 1})")
+    # float64 like the rest of fusion/, except for convolutional networks, which run in their own precision:
+    # importance needs no float64 there, and float64 convolutions are several times slower on CPUs
+    dtype = next(model.parameters()).dtype if any(level.conv for level in levels) else torch.float64
+    levels = [level.with_weights(level.weight.to(dtype), None if level.bias is None else level.bias.to(dtype))
+              for level in levels]
+    x = inputs_of(model, samples).to(dtype)
+    totals = [torch.zeros(level.width, dtype=torch.float64) for level in levels]
+    for chunk in x.split(SAMPLE_CHUNK):  # every path point of a chunk at once; chunks bound the memory
+        for total, conductance in zip(totals, _conductance(levels, chunk, steps)):
+            total += conductance.abs().sum(0).double()
+    scores = [total / len(x) for total in totals]
+    return scores if layer is None else scores[layer]
+
+
+def _conductance(levels: Levels, x: Tensor, steps: int) -> list[Tensor]:
+    """Per level, ``[n, width]``: each sample's conductance of each neuron, from one forward and backward pass."""
+    alphas = torch.arange(steps + 1, dtype=x.dtype) / steps
+    h = (alphas.view(-1, *[1] * x.dim()) * x).flatten(0, 1)  # [(steps + 1) * n, ...]
+    zs = []
     with torch.enable_grad():
-        for i, (w, b) in enumerate(layers):
-            z = linear(h, w, b)
-            if i == layer:
-                z = z.detach().requires_grad_()
-                z_layer = z
-            h = F.relu(z) if i < len(layers) - 1 else z
-        pred = h[-1].argmax(1)  # the class predicted on the sample itself (alpha = 1)
-        target = h.gather(2, pred[None, :, None].expand(steps + 1, -1, 1)).sum()
-        grad = torch.autograd.grad(target, z_layer)[0]
-    conductance = (grad[1:] * (z_layer[1:] - z_layer[:-1]).detach()).sum(0)  # [N, width]
-    return conductance.abs().mean(0)
+        h.requires_grad_()  # so that every level's pre-activation is in the graph, biases or not
+        for i, level in enumerate(levels):
+            zs.append(apply_level(level, h))
+            h = activate(level, zs[-1]) if i < len(levels) - 1 else zs[-1]
+        logits = h.view(steps + 1, len(x), -1)
+        pred = logits[-1].argmax(1)  # the class predicted on the sample itself (alpha = 1)
+        target = logits.gather(2, pred[None, :, None].expand(steps + 1, -1, 1)).sum()
+        grads = torch.autograd.grad(target, zs)
+    out = []
+    for z, grad in zip(zs, grads):
+        z_path = z.detach().view(steps + 1, len(x), *z.shape[1:])
+        conductance = (grad.view_as(z_path)[1:] * (z_path[1:] - z_path[:-1])).sum(0)  # [n, width, (H, W)]
+        out.append(conductance.flatten(2).sum(2) if conductance.dim() > 2 else conductance)
+    return out
 
 
-def _importance(parents: Sequence[MLP], importance: Sequence[Sequence[Tensor]] | None) -> list[list[Tensor]]:
+def _importance(parents: Sequence[nn.Module], importance: Sequence[Sequence[Tensor]] | None) -> list[list[Tensor]]:
     if importance is None:
         return [uniform_importance(p) for p in parents]
     if len(importance) != len(parents):
         raise ValueError(f"importance has {len(importance)} entries for {len(parents)} parents")
     scores = []
     for k, (parent, per_layer) in enumerate(zip(parents, importance)):
-        widths = [layer.out_features for layer in parent.layers]
+        widths = [level.width for level in levels_of(parent)]
         per_layer = [torch.as_tensor(s).detach().double().cpu() for s in per_layer]
         if [tuple(s.shape) for s in per_layer] != [(w,) for w in widths]:
             raise ValueError(f"importance of parent {k} must be one vector per level of sizes {widths}, "
@@ -159,26 +188,21 @@ def _least_squares(h: Tensor, target: Tensor, bias: bool) -> tuple[Tensor, Tenso
     return (sol[:-1].T.contiguous(), sol[-1].clone()) if bias else (sol.T.contiguous(), None)
 
 
-def _adam_refine(h: Tensor, target: Tensor, group_weights: Tensor, w: Tensor, b: Tensor | None,
-                 steps: int, lr: float) -> tuple[Tensor, Tensor | None]:
-    """Adam on the importance-weighted MSE to the targets, from the least-squares fit; keeps the best iterate.
+def _best_of_adam(params: list[Tensor], loss_of: Callable[[], Tensor], steps: int, lr: float) -> list[Tensor]:
+    """Adam on ``loss_of()`` from ``params``; returns the best iterate's values.
 
-    Keeping the best iterate matters: the least-squares start already minimises this loss on these
-    samples (the loss separates over neurons), and Adam's normalised steps would otherwise jitter
-    around it at the scale of ``lr``.
+    Keeping the best iterate matters: the least-squares start already minimises the weighted MSE on
+    these samples (the loss separates over neurons), and Adam's normalised steps would otherwise
+    jitter around it at the scale of ``lr``.
     """
-    total = group_weights.sum()
-    weights = group_weights / total if total > 0 else torch.full_like(group_weights, 1 / len(group_weights))
-    w = w.clone().requires_grad_()
-    b = None if b is None else b.clone().requires_grad_()
-    params = [w] if b is None else [w, b]
+    params = [p.clone().requires_grad_() for p in params]
     optimiser = torch.optim.Adam(params, lr=lr)
-    best_loss, best = float("inf"), (w, b)
+    best_loss, best = float("inf"), params
     with torch.enable_grad():
         for step in range(steps + 1):
-            loss = (linear(h, w, b) - target).pow(2).mean(0) @ weights
+            loss = loss_of(*params)
             if loss.item() < best_loss:
-                best_loss, best = loss.item(), (w.detach().clone(), None if b is None else b.detach().clone())
+                best_loss, best = loss.item(), [p.detach().clone() for p in params]
             if step == steps:
                 break
             optimiser.zero_grad()
@@ -187,87 +211,164 @@ def _adam_refine(h: Tensor, target: Tensor, group_weights: Tensor, w: Tensor, b:
     return best
 
 
-def _neuron_interpolation(parents: Sequence[MLP], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None,
-                          widths: Sequence[int], grouping: Callable[[list[Tensor], Tensor, int], Tensor],
-                          steps: int = 0, lr: float = 0.0) -> MLP:
-    """Fit the fused MLP level by level to group targets; ``grouping(level_acts, weights, width)`` forms the groups.
+def _normalised(group_weights: Tensor) -> Tensor:
+    total = group_weights.sum()
+    return group_weights / total if total > 0 else torch.full_like(group_weights, 1 / len(group_weights))
+
+
+def _fit_linear(h: Tensor, target: Tensor, template: Level, group_weights: Tensor, steps: int, lr: float) -> Level:
+    """A Linear level fitted to ``target`` ``[N, width]`` from inputs ``h`` (least squares, then Adam if ``steps``)."""
+    h = h.flatten(1)
+    w, b = _least_squares(h, target, template.bias is not None)
+    if steps:
+        weights = _normalised(group_weights)
+        w, *rest = _best_of_adam([w] if b is None else [w, b],
+                                 lambda w, b=None: (F.linear(h, w, b) - target).pow(2).mean(0) @ weights, steps, lr)
+        b = rest[0] if rest else None
+    return template.with_weights(w, b)
+
+
+def _patches(h: Tensor, template: Level, bias: bool) -> Tensor:
+    """``[n * positions, in * kh * kw (+ 1)]``: every input patch a stride-1 convolution like ``template`` reads,
+    rows in the order of ``columns`` (sample, then position), columns in the order of a flattened kernel.
+
+    Cut from strided views of the padded maps instead of ``F.unfold``, which is about three times
+    slower in float64 on the CPU and gives the same matrix."""
+    kh, kw = template.weight.shape[2:]
+    pad = template.padding
+    windows = F.pad(h, (pad, pad, pad, pad)).unfold(2, kh, 1).unfold(3, kw, 1)  # [n, in, H, W, kh, kw]
+    patches = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, h.shape[1] * kh * kw)
+    return torch.cat([patches, torch.ones(len(patches), 1, dtype=h.dtype)], 1) if bias else patches
+
+
+def _fit_conv(h: Tensor, target: Tensor, template: Level, width: int, group_weights: Tensor, steps: int,
+              lr: float) -> Level:
+    """A convolution like ``template`` with ``width`` channels fitted to ``target`` ``[N * positions, width]``.
+
+    The least-squares problem over every patch is solved through its normal equations, accumulated over
+    chunks of samples: ``gram = A^T A`` is only ``in * kh * kw + 1`` square. The minimum-norm solution of
+    the normal equations is the minimum-norm least-squares solution. The gradient variant runs Adam on
+    the same weighted MSE written through ``gram``, so a step costs no pass over the patches.
+    """
+    bias = template.bias is not None
+    rows_per_sample = len(target) // len(h)
+    gram = cross = None
+    for i, chunk in enumerate(h.split(SAMPLE_CHUNK)):
+        a = _patches(chunk, template, bias)
+        y = target[i * SAMPLE_CHUNK * rows_per_sample:][:len(a)]
+        gram = a.T @ a if gram is None else gram + a.T @ a
+        cross = a.T @ y if cross is None else cross + a.T @ y
+    sol = torch.linalg.lstsq(gram, cross, driver="gelsd").solution  # [in * kh * kw (+ 1), width]
+    if steps:
+        weights, square, count = _normalised(group_weights), target.pow(2).sum(0), len(target)
+        sol, = _best_of_adam([sol], lambda s: (((s * (gram @ s)).sum(0) - 2 * (s * cross).sum(0) + square) / count)
+                             @ weights, steps, lr)
+    kernel = sol[:-1] if bias else sol
+    weight = kernel.T.reshape(width, h.shape[1], *template.weight.shape[2:]).contiguous()
+    return template.with_weights(weight, sol[-1].clone() if bias else None)
+
+
+def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
+                          importance: Sequence[Sequence[Tensor]] | None, widths: Sequence[int],
+                          grouping: Callable[[list[Tensor], Tensor, int], Tensor], steps: int = 0, lr: float = 0.0,
+                          positions: str = "flatten") -> nn.Module:
+    """Fit the fused network level by level to group targets; ``grouping(level_columns, weights, width)`` forms
+    the groups from each parent's ``columns`` of the level (``positions``: how a channel's map becomes one).
 
     Targets come from each parent's own network; the inputs of level l are the fused network's own
     activations at level l - 1 on the same samples, so each level corrects for the ones before it.
+    The fused network keeps the first parent's kernels and pools.
     """
-    x = flat_samples(parents[0], samples)
-    acts = [pre_acts(layers_of(p), x) for p in parents]
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    x = inputs_of(parents[0], samples)
+    acts = [pre_acts(levels_of(p), x) for p in parents]
     scores = _importance(parents, importance)
-    bias = parents[0].bias
-    fused: Layers = []
+    templates = levels_of(parents[0])
+    fused: Levels = []
     h = x
-    for level in range(len(widths) + 1):
-        level_acts = [a[level] for a in acts]
+    for level, template in enumerate(templates):
         weights = torch.cat([s[level] for s in scores])
         if level < len(widths):
             width = widths[level]
-            groups = grouping(level_acts, weights, width)
+            groups = grouping([columns(a[level], positions) for a in acts], weights, width)
         else:  # output neuron c of every parent is class c
-            width = parents[0].num_classes
+            width = template.width
             groups = torch.arange(width).repeat(len(parents))
-        target = _group_means(torch.cat(level_acts, 1), weights, groups, width)
-        w, b = _least_squares(h, target, bias)
-        if steps:
-            w, b = _adam_refine(h, target, weights @ F.one_hot(groups, width).double(), w, b, steps, lr)
-        fused.append((w, b))
-        h = F.relu(linear(h, w, b))
-    return to_mlp(parents[0], widths, fused)
+        target = _group_means(torch.cat([columns(a[level]) for a in acts], 1), weights, groups, width)
+        group_weights = weights @ F.one_hot(groups, width).double()
+        if template.conv:
+            fused.append(_fit_conv(h, target, template, width, group_weights, steps, lr))
+        else:
+            fused.append(_fit_linear(h, target, template, group_weights, steps, lr))
+        h = activate(fused[-1], apply_level(fused[-1], h))
+    return to_network(parents[0], fused)
 
 
-def hungarian_fusion(parents: Sequence[MLP], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
-                     match: str = "correlation") -> MLP:
+def hungarian_fusion(parents: Sequence[nn.Module], samples: Tensor,
+                     importance: Sequence[Sequence[Tensor]] | None = None, match: str = "correlation",
+                     positions: str = "flatten") -> nn.Module:
     """HF: two parents of equal widths; pair B's neurons with A's by the Hungarian algorithm, fit each level.
 
     Pairs are matched on the pre-activations over ``samples`` (``match='correlation'`` maximises the
-    total correlation, ``'euclidean'`` minimises the total distance). Permuting B's hidden units only
+    total correlation, ``'euclidean'`` minimises the total distance; a channel's values at every position
+    count as samples, or their mean with ``positions='pool'``). Permuting B's hidden units only
     reorders the columns of its pre-activations, so matching columns level by level is the same as
     permuting B as one goes. Each pair's target is the importance-weighted mean of its two
     pre-activations; each fused level is a least-squares fit from the fused previous level.
     """
-    check_parents(parents, "hungarian_fusion", count=2, same_widths=True)
+    check_parents(parents, "hungarian_fusion", count=2, same_widths=True, same_depth=True)
     if match not in ("correlation", "euclidean"):
         raise ValueError(f"match must be 'correlation' or 'euclidean', got {match!r}")
-    return _neuron_interpolation(parents, samples, importance, parents[0].widths,
-                                 lambda level_acts, weights, width: _hungarian_groups(level_acts, match))
+    return _neuron_interpolation(parents, samples, importance, hidden_widths(parents[0]),
+                                 lambda level_columns, weights, width: _hungarian_groups(level_columns, match),
+                                 positions=positions)
 
 
 def _kmeans_grouping(seed: int) -> Callable[[list[Tensor], Tensor, int], Tensor]:
     generator = torch.Generator().manual_seed(seed)
 
-    def grouping(level_acts: list[Tensor], weights: Tensor, width: int) -> Tensor:
-        return _weighted_kmeans(torch.cat(level_acts, 1).T, weights, width, generator)
+    def grouping(level_columns: list[Tensor], weights: Tensor, width: int) -> Tensor:
+        points = torch.cat(level_columns, 1).T  # [neurons, rows]
+        if points.shape[1] > points.shape[0]:
+            # a channel's vector over every sample and position is long (400 x 1024 for CIFAR maps); the rows of
+            # R from points.T = QR keep every distance between neurons in as many coordinates as there are
+            # neurons, and k-means only reads distances and weighted means
+            points = torch.linalg.qr(points.T, mode="r").R.T
+        return _weighted_kmeans(points, weights, width, generator)
 
     return grouping
 
 
-def _fused_widths(parents: Sequence[MLP], widths: Sequence[int] | None) -> list[int]:
+def _fused_widths(parents: Sequence[nn.Module], widths: Sequence[int] | None) -> list[int]:
+    own = hidden_widths(parents[0])
     if widths is None:
-        return list(parents[0].widths)
-    if len(widths) != len(parents[0].widths):
-        raise ValueError(f"widths {list(widths)} must give one width per hidden layer ({len(parents[0].widths)})")
+        return own
+    if len(widths) != len(own):
+        raise ValueError(f"widths {list(widths)} must give one width per hidden layer ({len(own)}; a convolution's "
+                         "width is its channel count)")
     return [int(w) for w in widths]
 
 
-def kf_linear(parents: Sequence[MLP], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
-              widths: Sequence[int] | None = None, seed: int = 0) -> MLP:
+def kf_linear(parents: Sequence[nn.Module], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
+              widths: Sequence[int] | None = None, seed: int = 0, positions: str = "flatten") -> nn.Module:
     """KF-linear: any number of parents of equal depth; group all neurons of a level by weighted k-means.
 
-    Each neuron is its pre-activation vector over ``samples``, weighted by its importance (uniform by
+    Each neuron is its pre-activation vector over ``samples`` (a channel's: over samples and positions,
+    or averaged over positions with ``positions='pool'``), weighted by its importance (uniform by
     default); k-means++ seeding draws from a generator seeded with ``seed``. A group's target is the
     importance-weighted mean of its members; each fused level is a least-squares fit from the fused
-    previous level. The fused widths default to the first parent's.
+    previous level. The fused widths (one per convolution and hidden Linear layer) default to the first
+    parent's.
     """
     check_parents(parents, "kf_linear", same_depth=True)
-    return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), _kmeans_grouping(seed))
+    return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), _kmeans_grouping(seed),
+                                 positions=positions)
 
 
-def kf_gradient(parents: Sequence[MLP], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
-                widths: Sequence[int] | None = None, steps: int = 200, lr: float = 1e-2, seed: int = 0) -> MLP:
+def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
+                widths: Sequence[int] | None = None, steps: int = 200, lr: float = 1e-2, seed: int = 0,
+                positions: str = "flatten") -> nn.Module:
     """KF-gradient: ``kf_linear``'s groups and targets, each level then trained by Adam from the least-squares fit.
 
     The loss is the MSE to the group targets, each fused neuron weighted by its group's total
@@ -277,4 +378,4 @@ def kf_gradient(parents: Sequence[MLP], samples: Tensor, importance: Sequence[Se
     """
     check_parents(parents, "kf_gradient", same_depth=True)
     return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), _kmeans_grouping(seed),
-                                 steps=steps, lr=lr)
+                                 steps=steps, lr=lr, positions=positions)

@@ -254,19 +254,19 @@ def test_align_layers_follows_a_cheap_path_and_rejects_bad_shapes():
 @pytest.mark.parametrize("mapping", [[0, 2], [0, 4], [0, 1], [0, 3]])
 def test_insert_identity_layers_keeps_the_function(bias, mapping):
     net = make_mlp(bias=bias)
-    deeper = insert_identity_layers(net, [12, 11, 10, 9, 8], mapping)
+    deeper = insert_identity_layers(net, make_mlp((12, 11, 10, 9, 8), seed=3), mapping)
     assert len(deeper.widths) == 5 and deeper.widths[0] == 12
     assert [deeper.widths[p] for p in mapping] == net.widths
     x = images(100, seed=2) * 3  # negative inputs too: they never reach an identity layer
     torch.testing.assert_close(out(deeper, x), out(net, x), **TIGHT)
     with pytest.raises(ValueError, match="start at 0"):
-        insert_identity_layers(net, [12, 11, 10], [1, 2])
+        insert_identity_layers(net, make_mlp((12, 11, 10)), [1, 2])
 
 
 @pytest.mark.parametrize("ot_cost", ["activation", "weight"])
 def test_clafusion_of_a_net_with_its_deepened_self(ot_cost):
     net = make_mlp()
-    deeper = insert_identity_layers(net, [12, 12, 8], [0, 2])
+    deeper = insert_identity_layers(net, make_mlp((12, 12, 8)), [0, 2])
     x = images(200)
     for parents in ([net, deeper], [deeper, net]):
         fused = clafusion(parents, x, ot_cost=ot_cost)
@@ -307,7 +307,7 @@ def test_mismatched_parents_are_rejected():
         hungarian_fusion([net, net, net], x)
     with pytest.raises(ValueError, match="clafusion"):
         otfusion([net, deeper])
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match="predicts 3 classes"):
         otfusion([net, make_mlp(classes=3)])
     with pytest.raises(ValueError, match="needs samples"):
         otfusion([net, net], cost="activation")

@@ -35,6 +35,14 @@ PROBLEMS_YAML = SHARD_PROBLEMS_YAML + """\
   lenets:
     shared_labels: true
     experts: [{task: s_p0}, {task: s_p1}]
+  mixed:
+    shared_labels: true
+    experts: [{task: s_p0}, {task: s_p1, arch: mlp, arch_kwargs: {widths: [16]}}]
+  vggs:
+    shared_labels: true
+    experts:
+      - {task: s_p0, arch: vgg, arch_kwargs: {layers: [4, M, 6, 6, M], hidden: [8, 8]}}
+      - {task: s_p1, arch: vgg, arch_kwargs: {layers: [4, M, 6, M], hidden: [8]}}
 """
 # every fusion rule with every parameter value, beside two routing rules
 FUSION = ("[vanilla_avg,{name: otfusion, cost: weight},{name: otfusion, cost: activation},hf,"
@@ -269,8 +277,8 @@ def forbid_work(monkeypatch):
 @pytest.mark.parametrize("problem, rule, words", [
     ("disjoint_mnist", "vanilla_avg", ["shared_labels: true", "routing problem"]),
     ("disjoint_mnist", "ensemble", ["shared_labels: true"]),
-    ("lenets", "kf_linear", ["MLP experts", "lenet5", "ensemble"]),
-    ("lenets", "otfusion", ["MLP experts"]),
+    ("mixed", "kf_linear", ["one of the archs", "lenet5", "mlp", "all the same", "ensemble"]),
+    ("mixed", "otfusion", ["one of the archs"]),
 ])
 def test_fusion_rules_refuse_problems_they_cannot_fuse(env, tmp_path, monkeypatch, problem, rule, words):
     forbid_work(monkeypatch)
@@ -297,16 +305,36 @@ def test_hf_refuses_more_than_two_parents():
         check_fusion(parse_strategies(["hf"])[0], cfg.problem, cfg.problems[cfg.problem])
 
 
-def test_an_ensemble_takes_any_arch(env, tmp_path):
-    for task in ("s_p0", "s_p1"):  # LeNet5 parents on the two shards
+@pytest.mark.pot
+def test_convolutional_parents_fuse_through_merge(env, tmp_path):
+    """LeNet5 parents on the two shards go through every fusion rule that fits parents of one shape; VGGs of two
+    depths through CLAFusion; each parent alone is a row of its own."""
+    for task in ("s_p0", "s_p1"):
         tsn.main(parse_args(TrainConfig, [
             str(env["base"] / "tasks.yaml"), f"dataset={task}", f"seeds=[{SEED}]", *EXPERT,
             "device=cpu", f"data_dir={env['root']}", f"ckpt_dir={tmp_path / 'ckpt'}",
             f"results_dir={tmp_path / 'train_results'}"]))
-    rows = rows_by_label(merge.main(merge_cfg(env, tmp_path, "lenets", "[ensemble,ensemble_weighted]",
+    for task, kwargs in (("s_p0", "{layers: [4, M, 6, 6, M], hidden: [8, 8]}"), ("s_p1", "{layers: [4, M, 6, M], hidden: [8]}")):
+        tsn.main(parse_args(TrainConfig, [
+            str(env["base"] / "tasks.yaml"), f"dataset={task}", "arch=vgg", f"arch_kwargs={kwargs}", f"seeds=[{SEED}]",
+            *EXPERT, "device=cpu", f"data_dir={env['root']}", f"ckpt_dir={tmp_path / 'ckpt'}",
+            f"results_dir={tmp_path / 'train_results'}"]))
+    rules = ("[{name: parent, index: 0},{name: parent, index: 1},vanilla_avg,{name: otfusion, cost: activation},hf,"
+             "{name: kf_gradient, importance: conductance},ensemble,ensemble_weighted]")
+    rows = rows_by_label(merge.main(merge_cfg(env, tmp_path, "lenets", rules, "fusion_samples=30",
                                               f"ckpt_dir={tmp_path / 'ckpt'}")))
-    for label in ("ensemble", "ensemble_weighted"):
-        assert 0 <= rows[label]["acc"] <= 1 and rows[label]["routing_acc"] is None
+    for label in ("vanilla_avg", "otfusion(cost=activation)", "hf", "kf_gradient(importance=conductance)", "ensemble",
+                  "ensemble_weighted"):
+        assert 0 <= rows[label]["acc"] <= 1 and rows[label]["routing_acc"] is None, label
+    for k, task in enumerate(("s_p0", "s_p1")):  # a parent alone scores what its own row scores
+        assert rows[f"parent(index={k})"]["acc"] == rows[f"expert:{task}"]["acc"]
+    assert rows["kf_gradient(importance=conductance)"]["fusion_samples"] == 30
+    rows = rows_by_label(merge.main(merge_cfg(env, tmp_path / "vgg", "vggs", "[{name: clafusion, finetune_epochs: 1}]",
+                                              "fusion_samples=30", f"ckpt_dir={tmp_path / 'ckpt'}")))
+    assert 0 <= rows["clafusion(finetune_epochs=1)"]["acc"] <= 1
+    with pytest.raises(ValueError, match="index=2 is not a parent"):
+        merge.main(merge_cfg(env, tmp_path / "bad", "lenets", "[{name: parent, index: 2}]",
+                             f"ckpt_dir={tmp_path / 'ckpt'}"))
 
 
 # ---------------------------------------------------------------- the experiment files
@@ -354,3 +382,32 @@ def test_the_fusion_experiments_cover_the_design():
     cfg, spec, labels = problem_of("fusion_shard2.yaml")
     assert [cfg.tasks[e.task].split for e in spec.experts] == ["shard", "shard"]
     assert {"hf", "energy", "max_softmax", "naive", "oracle", "kf_linear(importance=conductance)"} <= set(labels)
+
+
+CNN_YAMLS = {"fusion_cnn_noniid2.yaml": "fusion_cnn.yaml", "fusion_cnn_noniid4.yaml": "fusion_cnn.yaml",
+             "fusion_cnn_shard2.yaml": "fusion_cnn.yaml", "fusion_cnn_clafusion.yaml": "fusion_cnn_full.yaml",
+             "fusion_lenet_shard2.yaml": None}
+
+
+@pytest.mark.pot
+@pytest.mark.parametrize("name, recipe", CNN_YAMLS.items())
+def test_cnn_fusion_experiments_parse_and_name_their_recipe(name, recipe):
+    files = [REPO_ROOT / "experiments" / f for f in ("fusion_parents.yaml", recipe, name) if f]
+    cfg = parse_args(MergeConfig, [str(f) for f in files])
+    spec = cfg.problems[cfg.problem]
+    assert spec.shared_labels and cfg.seeds == [770597, 600522, 416719]
+    assert all(e.task in cfg.tasks and e.arch in ("vgg", "lenet5") for e in spec.experts)
+    calls = parse_strategies(cfg.strategies)
+    for call in calls:
+        check_fusion(call, cfg.problem, spec)
+    labels = [c.label for c in calls]
+    assert [f"parent(index={k})" for k in range(len(spec.experts))] == labels[:len(spec.experts)]
+    header = (REPO_ROOT / "experiments" / name).read_text().split("\nproblem:")[0]
+    assert "python train_source_networks.py" in header and "python merge.py" in header and name in header
+    assert recipe is None or recipe in header
+    for expert in spec.experts:  # the training command names the arch_kwargs the problem reads
+        if expert.arch_kwargs:
+            layers = ", ".join(map(str, expert.arch_kwargs["layers"]))
+            assert f"{{layers: [{layers}], hidden: {expert.arch_kwargs['hidden']}}}" in header
+    script = (REPO_ROOT / "experiments" / "run_fusion_cnn.sh").read_text()
+    assert name in script or name.removeprefix("fusion_cnn_").removesuffix(".yaml") in script
