@@ -544,29 +544,31 @@ def otfusion_rule(inputs: MergeInputs, *, cost: Literal["weight", "activation"] 
 
 
 @register("hf", fusion=FusionNeeds(parents=2))
-def hf_rule(inputs: MergeInputs) -> Decision:
-    """Neuron-interpolation fusion HF: Hungarian matching of two parents' neurons, each level fitted to the pairs."""
+def hf_rule(inputs: MergeInputs, *, ridge: float = 0.0) -> Decision:
+    """Neuron-interpolation fusion HF: Hungarian matching of two parents' neurons, each level fitted to the pairs.
+
+    ``ridge > 0``: every level fitted by ridge regression (fusion/interpolation.py), not plain least squares."""
     fusion = fusion_inputs(inputs, "hf")
-    return network_decision(fusion, lambda: hungarian_fusion(fusion.parents, fusion.samples),
+    return network_decision(fusion, lambda: hungarian_fusion(fusion.parents, fusion.samples, ridge=ridge),
                             samples_used=len(fusion.samples))
 
 
 @register("kf_linear", fusion=FusionNeeds())
-def kf_linear_rule(inputs: MergeInputs, *, importance: Importance = "uniform") -> Decision:
+def kf_linear_rule(inputs: MergeInputs, *, importance: Importance = "uniform", ridge: float = 0.0) -> Decision:
     """Neuron-interpolation fusion KF-linear: k-means groups of all parents' neurons, levels fitted by least squares."""
     fusion = fusion_inputs(inputs, "kf_linear")
     return network_decision(fusion, lambda: kf_linear(
         fusion.parents, fusion.samples, importance_scores(fusion.parents, fusion.samples, importance),
-        seed=fusion.seed), samples_used=len(fusion.samples))
+        seed=fusion.seed, ridge=ridge), samples_used=len(fusion.samples))
 
 
 @register("kf_gradient", fusion=FusionNeeds())
-def kf_gradient_rule(inputs: MergeInputs, *, importance: Importance = "uniform") -> Decision:
+def kf_gradient_rule(inputs: MergeInputs, *, importance: Importance = "uniform", ridge: float = 0.0) -> Decision:
     """Neuron-interpolation fusion KF-gradient: KF-linear's groups, each level then refined by Adam."""
     fusion = fusion_inputs(inputs, "kf_gradient")
     return network_decision(fusion, lambda: kf_gradient(
         fusion.parents, fusion.samples, importance_scores(fusion.parents, fusion.samples, importance),
-        seed=fusion.seed), samples_used=len(fusion.samples))
+        seed=fusion.seed, ridge=ridge), samples_used=len(fusion.samples))
 
 
 @register("clafusion", fusion=FusionNeeds(parents=2, pot=True))

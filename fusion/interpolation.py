@@ -175,16 +175,28 @@ def _weighted_kmeans(points: Tensor, weights: Tensor, k: int, generator: torch.G
     return groups
 
 
-def _least_squares(h: Tensor, target: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
-    """Fit ``target ~ h @ w.T + b`` by least squares, taking the minimum-norm solution.
+def _least_squares(h: Tensor, target: Tensor, bias: bool, ridge: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    """Fit ``target ~ h @ w.T + b`` by least squares, taking the minimum-norm solution; with ``ridge > 0``, by
+    ridge regression with penalty ``ridge`` x the mean squared norm of an input row (bias column included).
 
     With fewer samples than inputs (a few hundred samples, 784 pixels) the system is
     under-determined: every exact solution reproduces the targets on the fusion samples, so fusing a
     network with itself gives back the same function there. The SVD-based 'gelsd' driver picks the
-    unique minimum-norm one, deliberately, instead of whatever a QR driver would return.
+    unique minimum-norm one, deliberately, instead of whatever a QR driver would return. Where the
+    samples barely outnumber the inputs (the Linear after a CNN's flatten: 1,025 inputs) the exact fit
+    is ill-conditioned and generalises badly; the ridge keeps it in check.
     """
     a = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1) if bias else h
-    sol = torch.linalg.lstsq(a, target, driver="gelsd").solution
+    if ridge:
+        penalty = ridge * a.pow(2).sum() / len(a)
+        if len(a) < a.shape[1]:  # the dual form: an [N, N] system instead of [inputs, inputs]
+            gram = a @ a.T
+            sol = a.T @ torch.linalg.solve(gram + penalty * torch.eye(len(a), dtype=a.dtype), target)
+        else:
+            gram = a.T @ a
+            sol = torch.linalg.solve(gram + penalty * torch.eye(len(gram), dtype=a.dtype), a.T @ target)
+    else:
+        sol = torch.linalg.lstsq(a, target, driver="gelsd").solution
     return (sol[:-1].T.contiguous(), sol[-1].clone()) if bias else (sol.T.contiguous(), None)
 
 
@@ -216,14 +228,21 @@ def _normalised(group_weights: Tensor) -> Tensor:
     return group_weights / total if total > 0 else torch.full_like(group_weights, 1 / len(group_weights))
 
 
-def _fit_linear(h: Tensor, target: Tensor, template: Level, group_weights: Tensor, steps: int, lr: float) -> Level:
-    """A Linear level fitted to ``target`` ``[N, width]`` from inputs ``h`` (least squares, then Adam if ``steps``)."""
+def _fit_linear(h: Tensor, target: Tensor, template: Level, group_weights: Tensor, steps: int, lr: float,
+                ridge: float) -> Level:
+    """A Linear level fitted to ``target`` ``[N, width]`` from inputs ``h`` (least squares, then Adam if ``steps``,
+    on the same objective: the weighted MSE plus the ridge penalty)."""
     h = h.flatten(1)
-    w, b = _least_squares(h, target, template.bias is not None)
+    w, b = _least_squares(h, target, template.bias is not None, ridge)
     if steps:
         weights = _normalised(group_weights)
-        w, *rest = _best_of_adam([w] if b is None else [w, b],
-                                 lambda w, b=None: (F.linear(h, w, b) - target).pow(2).mean(0) @ weights, steps, lr)
+        per_row = ridge * (h.pow(2).sum() + (len(h) if b is not None else 0)) / len(h) / len(h)
+
+        def loss_of(w: Tensor, b: Tensor | None = None) -> Tensor:
+            norm = w.pow(2).sum(1) + (0 if b is None else b.pow(2))
+            return ((F.linear(h, w, b) - target).pow(2).mean(0) + per_row * norm) @ weights
+
+        w, *rest = _best_of_adam([w] if b is None else [w, b], loss_of, steps, lr)
         b = rest[0] if rest else None
     return template.with_weights(w, b)
 
@@ -242,7 +261,7 @@ def _patches(h: Tensor, template: Level, bias: bool) -> Tensor:
 
 
 def _fit_conv(h: Tensor, target: Tensor, template: Level, width: int, group_weights: Tensor, steps: int,
-              lr: float) -> Level:
+              lr: float, ridge: float) -> Level:
     """A convolution like ``template`` with ``width`` channels fitted to ``target`` ``[N * positions, width]``.
 
     The least-squares problem over every patch is solved through its normal equations, accumulated over
@@ -258,9 +277,12 @@ def _fit_conv(h: Tensor, target: Tensor, template: Level, width: int, group_weig
         y = target[i * SAMPLE_CHUNK * rows_per_sample:][:len(a)]
         gram = a.T @ a if gram is None else gram + a.T @ a
         cross = a.T @ y if cross is None else cross + a.T @ y
+    count = len(target)
+    penalty = ridge * gram.diagonal().sum() / count  # ridge x the mean squared norm of a patch, as for a Linear
+    gram = gram + penalty * torch.eye(len(gram), dtype=gram.dtype)
     sol = torch.linalg.lstsq(gram, cross, driver="gelsd").solution  # [in * kh * kw (+ 1), width]
-    if steps:
-        weights, square, count = _normalised(group_weights), target.pow(2).sum(0), len(target)
+    if steps:  # the weighted MSE plus the ridge penalty, through the (penalised) Gram matrix
+        weights, square = _normalised(group_weights), target.pow(2).sum(0)
         sol, = _best_of_adam([sol], lambda s: (((s * (gram @ s)).sum(0) - 2 * (s * cross).sum(0) + square) / count)
                              @ weights, steps, lr)
     kernel = sol[:-1] if bias else sol
@@ -271,7 +293,7 @@ def _fit_conv(h: Tensor, target: Tensor, template: Level, width: int, group_weig
 def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
                           importance: Sequence[Sequence[Tensor]] | None, widths: Sequence[int],
                           grouping: Callable[[list[Tensor], Tensor, int], Tensor], steps: int = 0, lr: float = 0.0,
-                          positions: str = "flatten") -> nn.Module:
+                          positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
     """Fit the fused network level by level to group targets; ``grouping(level_columns, weights, width)`` forms
     the groups from each parent's ``columns`` of the level (``positions``: how a channel's map becomes one).
 
@@ -281,6 +303,8 @@ def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be 0 or more, got {ridge}")
     x = inputs_of(parents[0], samples)
     acts = [pre_acts(levels_of(p), x) for p in parents]
     scores = _importance(parents, importance)
@@ -298,16 +322,16 @@ def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
         target = _group_means(torch.cat([columns(a[level]) for a in acts], 1), weights, groups, width)
         group_weights = weights @ F.one_hot(groups, width).double()
         if template.conv:
-            fused.append(_fit_conv(h, target, template, width, group_weights, steps, lr))
+            fused.append(_fit_conv(h, target, template, width, group_weights, steps, lr, ridge))
         else:
-            fused.append(_fit_linear(h, target, template, group_weights, steps, lr))
+            fused.append(_fit_linear(h, target, template, group_weights, steps, lr, ridge))
         h = activate(fused[-1], apply_level(fused[-1], h))
     return to_network(parents[0], fused)
 
 
 def hungarian_fusion(parents: Sequence[nn.Module], samples: Tensor,
                      importance: Sequence[Sequence[Tensor]] | None = None, match: str = "correlation",
-                     positions: str = "flatten") -> nn.Module:
+                     positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
     """HF: two parents of equal widths; pair B's neurons with A's by the Hungarian algorithm, fit each level.
 
     Pairs are matched on the pre-activations over ``samples`` (``match='correlation'`` maximises the
@@ -322,7 +346,7 @@ def hungarian_fusion(parents: Sequence[nn.Module], samples: Tensor,
         raise ValueError(f"match must be 'correlation' or 'euclidean', got {match!r}")
     return _neuron_interpolation(parents, samples, importance, hidden_widths(parents[0]),
                                  lambda level_columns, weights, width: _hungarian_groups(level_columns, match),
-                                 positions=positions)
+                                 positions=positions, ridge=ridge)
 
 
 def _kmeans_grouping(seed: int) -> Callable[[list[Tensor], Tensor, int], Tensor]:
@@ -351,7 +375,8 @@ def _fused_widths(parents: Sequence[nn.Module], widths: Sequence[int] | None) ->
 
 
 def kf_linear(parents: Sequence[nn.Module], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
-              widths: Sequence[int] | None = None, seed: int = 0, positions: str = "flatten") -> nn.Module:
+              widths: Sequence[int] | None = None, seed: int = 0, positions: str = "flatten",
+              ridge: float = 0.0) -> nn.Module:
     """KF-linear: any number of parents of equal depth; group all neurons of a level by weighted k-means.
 
     Each neuron is its pre-activation vector over ``samples`` (a channel's: over samples and positions,
@@ -359,16 +384,17 @@ def kf_linear(parents: Sequence[nn.Module], samples: Tensor, importance: Sequenc
     default); k-means++ seeding draws from a generator seeded with ``seed``. A group's target is the
     importance-weighted mean of its members; each fused level is a least-squares fit from the fused
     previous level. The fused widths (one per convolution and hidden Linear layer) default to the first
-    parent's.
+    parent's. ``ridge > 0`` fits every level by ridge regression instead (``_least_squares`` says how it
+    is scaled); 0 is the plain minimum-norm least-squares fit.
     """
     check_parents(parents, "kf_linear", same_depth=True)
     return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), _kmeans_grouping(seed),
-                                 positions=positions)
+                                 positions=positions, ridge=ridge)
 
 
 def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
                 widths: Sequence[int] | None = None, steps: int = 200, lr: float = 1e-2, seed: int = 0,
-                positions: str = "flatten") -> nn.Module:
+                positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
     """KF-gradient: ``kf_linear``'s groups and targets, each level then trained by Adam from the least-squares fit.
 
     The loss is the MSE to the group targets, each fused neuron weighted by its group's total
@@ -378,4 +404,4 @@ def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Seque
     """
     check_parents(parents, "kf_gradient", same_depth=True)
     return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), _kmeans_grouping(seed),
-                                 steps=steps, lr=lr, positions=positions)
+                                 steps=steps, lr=lr, positions=positions, ridge=ridge)

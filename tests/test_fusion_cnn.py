@@ -210,3 +210,26 @@ def test_conductance_of_channels_adds_up_to_the_logit():
     torch.testing.assert_close(conductance_importance(net, x, layer=1), scores[1])
     with pytest.raises(ValueError, match="not a level"):
         conductance_importance(net, x, layer=9)
+
+
+def test_ridge_fits_solve_the_penalised_problem_in_both_forms():
+    from fusion.interpolation import _least_squares
+    generator = torch.Generator().manual_seed(0)
+    for rows in (30, 5):  # more samples than inputs (primal form), fewer (dual form)
+        h = torch.randn(rows, 10, generator=generator, dtype=torch.float64)
+        target = torch.randn(rows, 3, generator=generator, dtype=torch.float64)
+        a = torch.cat([h, torch.ones(rows, 1, dtype=torch.float64)], 1)
+        penalty = 0.1 * a.pow(2).sum() / rows
+        expected = torch.linalg.solve(a.T @ a + penalty * torch.eye(11, dtype=torch.float64), a.T @ target)
+        w, b = _least_squares(h, target, bias=True, ridge=0.1)
+        torch.testing.assert_close(torch.cat([w.T, b[None]]), expected, **TIGHT)
+        plain_w, _ = _least_squares(h, target, bias=True)
+        assert w.norm() < plain_w.norm()
+    net, x = make_vgg(), images(30)
+    shrunk = kf_linear([net, net], x, ridge=0.1)
+    assert shrunk.linears[0].weight.norm() < kf_linear([net, net], x).linears[0].weight.norm()
+    # the gradient variant minimises the same penalised objective, from its minimum: it cannot move away
+    torch.testing.assert_close(out(kf_gradient([net, net], x, ridge=0.1, steps=20), x), out(shrunk, x),
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="ridge must be 0 or more"):
+        hungarian_fusion([net, net], x, ridge=-1.0)
