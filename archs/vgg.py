@@ -44,8 +44,9 @@ class VGG(nn.Module):
     hidden activation (the flattened convolution output when ``hidden`` is empty).
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, layers: Sequence[int | str] = (16, "M", 32, "M", 64, "M"),
-                 hidden: Sequence[int] = (128,), bias: bool = True, img_size: int = 32) -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 10,
+                 layers: Sequence[int | str] = (16, "M", 32, "M", 64, "M"), hidden: Sequence[int] = (128,),
+                 bias: bool = True, img_size: int = 32) -> None:
         super().__init__()
         widths, pool_after = parse_layers(layers)
         side = img_size // 2 ** sum(pool_after)

@@ -18,8 +18,8 @@ samples (a channel's at every position, or averaged over positions). ``_common.p
 alignment moves the next level's input channels, across the flatten too.
 """
 from fusion._common import FUSABLE
-from fusion.cross_layer import (align_layers, clafusion, finetune, insert_identity_layers, layer_cost_matrix, linear_cka,
-                                 stages)
+from fusion.cross_layer import (align_layers, clafusion, finetune, insert_identity_layers, layer_cost_matrix,
+                                 linear_cka, stages)
 from fusion.ensemble import class_share_weights, ensemble_softmax
 from fusion.interpolation import (conductance_importance, hungarian_fusion, kf_gradient, kf_linear,
                                   uniform_importance)

@@ -198,9 +198,11 @@ def transport_out(level: Level, transport: Tensor) -> Level:
 
 
 def mean_levels(aligned: Sequence[Levels]) -> Levels:
-    return [levels[0].with_weights(torch.stack([p[i].weight for p in aligned]).mean(0),
-                                   None if levels[0].bias is None else torch.stack([p[i].bias for p in aligned]).mean(0))
-            for i, levels in enumerate(zip(*aligned))]
+    def mean(tensors: Sequence[Tensor | None]) -> Tensor | None:
+        return None if tensors[0] is None else torch.stack(list(tensors)).mean(0)
+
+    return [levels[0].with_weights(mean([lv.weight for lv in levels]), mean([lv.bias for lv in levels]))
+            for levels in zip(*aligned)]
 
 
 def to_network(template: nn.Module, levels: Levels) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Vanilla averaging and OTFusion (Singh & Jaggi 2020): align neurons (channels) by exact optimal transport, then average."""
+"""Vanilla averaging and OTFusion (Singh & Jaggi 2020): align neurons (channels) by exact optimal transport, then
+average."""
 from __future__ import annotations
 
 import importlib.util

@@ -50,9 +50,10 @@ FUSION = ("[vanilla_avg,{name: otfusion, cost: weight},{name: otfusion, cost: ac
           "{name: kf_gradient, importance: uniform},{name: kf_gradient, importance: conductance},"
           "{name: clafusion, finetune_epochs: 0},{name: clafusion, finetune_epochs: 1},ensemble,ensemble_weighted,"
           "naive,energy]")
-READS_SAMPLES = {"otfusion(cost=activation)", "hf", "kf_linear(importance=uniform)",
-                 "kf_linear(importance=conductance)", "kf_gradient(importance=uniform)",
-                 "kf_gradient(importance=conductance)", "clafusion(finetune_epochs=0)", "clafusion(finetune_epochs=1)"}
+READS_SAMPLES = {"otfusion(cost=activation)", "hf(ridge=0.0)", "kf_linear(importance=uniform,ridge=0.0)",
+                 "kf_linear(importance=conductance,ridge=0.0)", "kf_gradient(importance=uniform,ridge=0.0)",
+                 "kf_gradient(importance=conductance,ridge=0.0)", "clafusion(finetune_epochs=0)",
+                 "clafusion(finetune_epochs=1)"}
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +187,10 @@ def test_fusing_one_network_with_itself_gives_it_back(env, tmp_path):
     name = f"s_p0_{tsn.arch_tag('mlp', WIDE)}"
     parent = trained_acc(env, "s_p0", WIDE)
     assert rows[f"expert:{name}#0"]["acc"] == rows[f"expert:{name}#1"]["acc"] == pytest.approx(parent, abs=1e-6)
-    for label in ("vanilla_avg", "otfusion(cost=weight)", "otfusion(cost=activation)", "hf",
-                  "kf_linear(importance=uniform)", "ensemble"):
+    for label in ("vanilla_avg", "otfusion(cost=weight)", "otfusion(cost=activation)", "hf(ridge=0.0)",
+                  "kf_linear(importance=uniform,ridge=0.0)", "ensemble"):
         assert rows[label]["acc"] == pytest.approx(parent, abs=1e-6), label
-    assert rows["kf_linear(importance=uniform)"]["fusion_samples"] == 850
+    assert rows["kf_linear(importance=uniform,ridge=0.0)"]["fusion_samples"] == 850
 
 
 @pytest.mark.pot
@@ -226,7 +227,7 @@ def test_fusion_rows_are_cached_per_number_of_fusion_samples(env, tmp_path):
     assert first["made"] == 4 and again["made"] == 0  # the two parents' own rows, the rule and the oracle
     other = merge.main(merge_cfg(env, tmp_path, "shard", "[kf_linear]", "fusion_samples=30"))
     assert other["made"] == 1 and other["why_made"] == {"settings changed": 1}
-    assert rows_by_label(other)["kf_linear(importance=uniform)"]["fusion_samples"] == 30
+    assert rows_by_label(other)["kf_linear(importance=uniform,ridge=0.0)"]["fusion_samples"] == 30
 
 
 def test_fusion_samples_are_real_training_images_drawn_from_the_parents_data(env):
@@ -314,7 +315,8 @@ def test_convolutional_parents_fuse_through_merge(env, tmp_path):
             str(env["base"] / "tasks.yaml"), f"dataset={task}", f"seeds=[{SEED}]", *EXPERT,
             "device=cpu", f"data_dir={env['root']}", f"ckpt_dir={tmp_path / 'ckpt'}",
             f"results_dir={tmp_path / 'train_results'}"]))
-    for task, kwargs in (("s_p0", "{layers: [4, M, 6, 6, M], hidden: [8, 8]}"), ("s_p1", "{layers: [4, M, 6, M], hidden: [8]}")):
+    for task, kwargs in (("s_p0", "{layers: [4, M, 6, 6, M], hidden: [8, 8]}"),
+                         ("s_p1", "{layers: [4, M, 6, M], hidden: [8]}")):
         tsn.main(parse_args(TrainConfig, [
             str(env["base"] / "tasks.yaml"), f"dataset={task}", "arch=vgg", f"arch_kwargs={kwargs}", f"seeds=[{SEED}]",
             *EXPERT, "device=cpu", f"data_dir={env['root']}", f"ckpt_dir={tmp_path / 'ckpt'}",
@@ -323,12 +325,12 @@ def test_convolutional_parents_fuse_through_merge(env, tmp_path):
              "{name: kf_gradient, importance: conductance},ensemble,ensemble_weighted]")
     rows = rows_by_label(merge.main(merge_cfg(env, tmp_path, "lenets", rules, "fusion_samples=30",
                                               f"ckpt_dir={tmp_path / 'ckpt'}")))
-    for label in ("vanilla_avg", "otfusion(cost=activation)", "hf", "kf_gradient(importance=conductance)", "ensemble",
-                  "ensemble_weighted"):
+    for label in ("vanilla_avg", "otfusion(cost=activation)", "hf(ridge=0.0)",
+                  "kf_gradient(importance=conductance,ridge=0.0)", "ensemble", "ensemble_weighted"):
         assert 0 <= rows[label]["acc"] <= 1 and rows[label]["routing_acc"] is None, label
     for k, task in enumerate(("s_p0", "s_p1")):  # a parent alone scores what its own row scores
         assert rows[f"parent(index={k})"]["acc"] == rows[f"expert:{task}"]["acc"]
-    assert rows["kf_gradient(importance=conductance)"]["fusion_samples"] == 30
+    assert rows["kf_gradient(importance=conductance,ridge=0.0)"]["fusion_samples"] == 30
     rows = rows_by_label(merge.main(merge_cfg(env, tmp_path / "vgg", "vggs", "[{name: clafusion, finetune_epochs: 1}]",
                                               "fusion_samples=30", f"ckpt_dir={tmp_path / 'ckpt'}")))
     assert 0 <= rows["clafusion(finetune_epochs=1)"]["acc"] <= 1
@@ -377,11 +379,12 @@ def test_the_fusion_experiments_cover_the_design():
         cfg, spec, labels = problem_of(f"fusion_noniid{k}.yaml")
         assert [e.task for e in spec.experts] == [f"mnist_dir{k}_p{i}" for i in range(k)]
         assert all(e.arch_kwargs == {"widths": [256], "bias": True} for e in spec.experts)
-        assert ("hf" in labels) == (k == 2) and "kf_gradient(importance=conductance)" in labels
+        assert ("hf(ridge=0.0)" in labels) == (k == 2) and "kf_gradient(importance=conductance,ridge=0.0)" in labels
         assert {"vanilla_avg", "otfusion(cost=activation)", "ensemble_weighted", "naive", "oracle"} <= set(labels)
     cfg, spec, labels = problem_of("fusion_shard2.yaml")
     assert [cfg.tasks[e.task].split for e in spec.experts] == ["shard", "shard"]
-    assert {"hf", "energy", "max_softmax", "naive", "oracle", "kf_linear(importance=conductance)"} <= set(labels)
+    assert {"hf(ridge=0.0)", "energy", "max_softmax", "naive", "oracle",
+            "kf_linear(importance=conductance,ridge=0.0)"} <= set(labels)
 
 
 CNN_YAMLS = {"fusion_cnn_noniid2.yaml": "fusion_cnn.yaml", "fusion_cnn_noniid4.yaml": "fusion_cnn.yaml",

@@ -167,12 +167,14 @@ def test_split_tasks_from_the_command_line():
 
 def test_fusion_parents_yaml_defines_every_part():
     cfg = parse_args(TrainConfig, [str(REPO_ROOT / "experiments" / "fusion_parents.yaml")])
-    expected = {f"mnist_dir{k}_p{i}": ("dirichlet", k, i) for k in (2, 4, 8) for i in range(k)}
-    expected.update({f"mnist_shard2_p{i}": ("shard", 2, i) for i in range(2)})
-    for name, (split, parts, part) in expected.items():
+    expected = {f"mnist_dir{k}_p{i}": ("mnist", "dirichlet", k, i) for k in (2, 4, 8) for i in range(k)}
+    expected.update({f"mnist_shard2_p{i}": ("mnist", "shard", 2, i) for i in range(2)})
+    expected.update({f"cifar10_dir{k}_p{i}": ("cifar10", "dirichlet", k, i) for k in (2, 4) for i in range(k)})
+    expected.update({f"cifar10_shard2_p{i}": ("cifar10", "shard", 2, i) for i in range(2)})
+    for name, (source, split, parts, part) in expected.items():
         task = cfg.tasks[name]
         assert (task.source, task.classes, task.split, task.parts, task.part, task.alpha) == \
-            ("mnist", None, split, parts, part, None)
+            (source, None, split, parts, part, None)
         check_split(task, name)
     assert set(cfg.tasks) - set(TrainConfig().tasks) == set(expected)
 

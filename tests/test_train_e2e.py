@@ -160,10 +160,10 @@ def test_unknown_dataset_lists_choices(tmp_path):
 
 
 def test_unknown_arch_fails_before_loading_data(tmp_path):
-    cfg = parse_args(TrainConfig, ["arch=vgg", f"data_dir={tmp_path / 'no_data'}", "device=cpu"])
+    cfg = parse_args(TrainConfig, ["arch=vgg16", f"data_dir={tmp_path / 'no_data'}", "device=cpu"])
     with pytest.raises(ValueError) as err:  # not a DataError: the data root is empty
         tsn.main(cfg)
-    assert "'vgg'" in str(err.value) and "lenet5" in str(err.value)
+    assert "'vgg16'" in str(err.value) and "lenet5" in str(err.value)
 
 
 def test_resumed_accuracy_follows_test_limit(squares, tmp_path):
