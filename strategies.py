@@ -592,12 +592,22 @@ def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0) -> Decision
 
 
 @register("parent", fusion=FusionNeeds(weights=False))
-def parent_rule(inputs: MergeInputs, *, index: int = 0) -> Decision:
-    """One parent alone, answering every test sample: what fusion has to improve on (any architecture)."""
+def parent_rule(inputs: MergeInputs, *, index: int = 0, finetune_epochs: int = 0) -> Decision:
+    """One parent alone, answering every test sample: what fusion has to improve on (any architecture).
+
+    ``finetune_epochs > 0``: the parent after the same fine-tuning clafusion's fused network gets, the
+    control that tells what fine-tuning adds on its own."""
+    if finetune_epochs < 0:
+        raise ValueError(f"parent: finetune_epochs must be 0 or more, got {finetune_epochs}")
     fusion = fusion_inputs(inputs, "parent")
     if not 0 <= index < len(fusion.parents):
         raise ValueError(f"parent: index={index} is not a parent of this problem (0..{len(fusion.parents) - 1})")
-    return network_decision(fusion, lambda: fusion.parents[index], samples_used=0)
+    if not finetune_epochs:
+        return network_decision(fusion, lambda: fusion.parents[index], samples_used=0)
+    return network_decision(
+        fusion, lambda: finetune(fusion.parents[index], *fusion.training_data(), epochs=finetune_epochs,
+                                 seed=fusion.seed),
+        samples_used=0, finetune_epochs=finetune_epochs, finetune_images=len(fusion.training_data()[0]))
 
 
 @register("ensemble", fusion=FusionNeeds(weights=False))

@@ -329,11 +329,14 @@ def test_convolutional_parents_fuse_through_merge(env, tmp_path):
                   "kf_gradient(importance=conductance,ridge=0.0)", "ensemble", "ensemble_weighted"):
         assert 0 <= rows[label]["acc"] <= 1 and rows[label]["routing_acc"] is None, label
     for k, task in enumerate(("s_p0", "s_p1")):  # a parent alone scores what its own row scores
-        assert rows[f"parent(index={k})"]["acc"] == rows[f"expert:{task}"]["acc"]
+        assert rows[f"parent(index={k},finetune_epochs=0)"]["acc"] == rows[f"expert:{task}"]["acc"]
     assert rows["kf_gradient(importance=conductance,ridge=0.0)"]["fusion_samples"] == 30
-    rows = rows_by_label(merge.main(merge_cfg(env, tmp_path / "vgg", "vggs", "[{name: clafusion, finetune_epochs: 1}]",
-                                              "fusion_samples=30", f"ckpt_dir={tmp_path / 'ckpt'}")))
+    rules = "[{name: clafusion, finetune_epochs: 1},{name: parent, index: 1, finetune_epochs: 1}]"
+    rows = rows_by_label(merge.main(merge_cfg(env, tmp_path / "vgg", "vggs", rules, "fusion_samples=30",
+                                              f"ckpt_dir={tmp_path / 'ckpt'}")))
     assert 0 <= rows["clafusion(finetune_epochs=1)"]["acc"] <= 1
+    tuned = rows["parent(index=1,finetune_epochs=1)"]  # the control: the parent after the same fine-tuning
+    assert tuned["finetune_images"] == 1800 and 0 <= tuned["acc"] <= 1
     with pytest.raises(ValueError, match="index=2 is not a parent"):
         merge.main(merge_cfg(env, tmp_path / "bad", "lenets", "[{name: parent, index: 2}]",
                              f"ckpt_dir={tmp_path / 'ckpt'}"))
@@ -404,7 +407,7 @@ def test_cnn_fusion_experiments_parse_and_name_their_recipe(name, recipe):
     for call in calls:
         check_fusion(call, cfg.problem, spec)
     labels = [c.label for c in calls]
-    assert [f"parent(index={k})" for k in range(len(spec.experts))] == labels[:len(spec.experts)]
+    assert [f"parent(index={k},finetune_epochs=0)" for k in range(len(spec.experts))] == labels[:len(spec.experts)]
     header = (REPO_ROOT / "experiments" / name).read_text().split("\nproblem:")[0]
     assert "python train_source_networks.py" in header and "python merge.py" in header and name in header
     assert recipe is None or recipe in header
