@@ -313,13 +313,15 @@ def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
     h = x
     for level, template in enumerate(templates):
         weights = torch.cat([s[level] for s in scores])
+        flat = [columns(a[level]) for a in acts]  # a copy of every map: made once, read by grouping and targets
         if level < len(widths):
             width = widths[level]
-            groups = grouping([columns(a[level], positions) for a in acts], weights, width)
+            groups = grouping(flat if positions == "flatten" else [columns(a[level], positions) for a in acts],
+                              weights, width)
         else:  # output neuron c of every parent is class c
             width = template.width
             groups = torch.arange(width).repeat(len(parents))
-        target = _group_means(torch.cat([columns(a[level]) for a in acts], 1), weights, groups, width)
+        target = _group_means(torch.cat(flat, 1), weights, groups, width)
         group_weights = weights @ F.one_hot(groups, width).double()
         if template.conv:
             fused.append(_fit_conv(h, target, template, width, group_weights, steps, lr, ridge))
