@@ -33,6 +33,7 @@ import config
 from common import CheckpointError, read_checkpoint
 from data import get_source, task_identity
 from expert_files import file_digest
+from stacked import resolve_stacking
 
 KEY_LENGTH = 8
 REPO = Path(__file__).resolve().parent
@@ -131,6 +132,38 @@ def tally(reasons: list[str]) -> dict:
             "why_made": {why: made.count(why) for why in dict.fromkeys(made)}}
 
 
+# ---------------------------------------------------------------- artifacts that are not there
+
+@dataclass
+class Wanted:
+    """An artifact a stage needs: where it should be, the recipe it would be made by, the settings section that
+    sets that recipe (``expert``, ``dafl``, ``inversion``, ``deepinversion``, ``gate``), and the command that
+    makes it."""
+
+    path: Path
+    recipe: dict
+    section: str
+    command: str
+
+    @property
+    def stem(self) -> str:
+        """The name without its recipe key: ``TAG_seedS`` (artifacts of other settings share it)."""
+        tag, _, seed = self.path.stem.rpartition("_seed")
+        return f"{tag.rpartition('_')[0]}_seed{seed}"
+
+
+def as_yaml_line(overrides: list[str]) -> str:
+    """``expert.epochs=2 gate.epochs=3`` as the YAML a user adds to a file: ``{expert: {epochs: 2}, gate: ...}``."""
+    import yaml
+
+    nested: dict = {}
+    for override in overrides:
+        key, _, text = override.partition("=")
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})[name] = yaml.safe_load(text)
+    return yaml.safe_dump(nested, default_flow_style=True, sort_keys=False).strip()
+
+
 # ---------------------------------------------------------------- the layout
 
 @dataclass(frozen=True)
@@ -168,18 +201,32 @@ class Layout:
         self.expert_training: config.ExpertTraining = cfg.expert
         self.synthesis = {name: getattr(cfg, name, None) for name in config.SYNTHESIS_SECTIONS}
         self.gate: config.GateTraining | None = getattr(cfg, "gate", None)
+        self.device: str = getattr(cfg, "device", "auto")
+        self._recipes: dict[str, dict] = {}  # key -> every recipe this layout computed (alternatives() reads them)
+
+    def _known(self, recipe: dict) -> dict:
+        self._recipes[recipe_key(recipe)] = recipe
+        return recipe
+
+    def stacked(self, stage: str) -> bool:
+        """Whether ``stage`` (experts, generators or gates) trains its seeds as one stacked network here: its
+        section's ``stack_seeds`` resolved for this config's device. The two paths end at weights equal only
+        within float tolerance, so the resolved path is part of every trained artifact's recipe."""
+        section = {"experts": self.expert_training, "generators": self.synthesis["dafl"], "gates": self.gate}[stage]
+        return resolve_stacking(self._need(section, stage).stack_seeds, stage, self.device)
 
     # ------------------------------------------------------------ experts
 
     def expert_recipe(self, expert: ExpertId) -> dict:
         task = self.tasks[expert.task]
         if expert.file is not None:  # trained elsewhere: its bytes and how it is read, no training settings
-            return {"task": task_identity(expert.task, task), "file": file_digest(expert.file.path),
-                    **{k: v for k, v in dataclasses.asdict(expert.file).items() if k != "path"}}
+            return self._known({"task": task_identity(expert.task, task), "file": file_digest(expert.file.path),
+                                **{k: v for k, v in dataclasses.asdict(expert.file).items() if k != "path"}})
         training = dataclasses.asdict(self.expert_training)
         training["batch_size"] = training["batch_size"] or get_source(task.source).batch_size
-        return {"task": task_identity(expert.task, task), "arch": expert.arch, "arch_kwargs": expert.arch_kwargs,
-                **training}
+        training["stack_seeds"] = self.stacked("experts")
+        return self._known({"task": task_identity(expert.task, task), "arch": expert.arch,
+                            "arch_kwargs": expert.arch_kwargs, **training})
 
     def expert_path(self, expert: ExpertId, seed: int) -> Path:
         """Where the expert's weights are: its checkpoint, or the file it was given by (the same for every seed)."""
@@ -207,9 +254,9 @@ class Layout:
 
     def generator_recipe(self, expert: ExpertId) -> dict:
         """DAFL's generator: its training settings (not how many images are drawn from it, nor how)."""
-        dafl = dataclasses.asdict(self._need(self.synthesis["dafl"], "dafl"))
-        return {"synthesizer": "dafl", **{k: v for k, v in dafl.items() if k not in DRAWING},
-                "expert": recipe_key(self.expert_recipe(expert))}
+        dafl = {**dataclasses.asdict(self._need(self.synthesis["dafl"], "dafl")), "stack_seeds": self.stacked("generators")}
+        return self._known({"synthesizer": "dafl", **{k: v for k, v in dafl.items() if k not in DRAWING},
+                            "expert": recipe_key(self.expert_recipe(expert))})
 
     def generator_path(self, expert: ExpertId, seed: int) -> Path:
         key = recipe_key(self.generator_recipe(expert))
@@ -219,9 +266,9 @@ class Layout:
         """A stored image set of one synthesizer (not a mixture): its settings and what it was made from."""
         settings = dataclasses.asdict(self._need(self.synthesis[synthesizer], synthesizer))
         if synthesizer == "dafl":
-            return {"synthesizer": "dafl", **{k: settings[k] for k in DRAWING},
-                    "generator": recipe_key(self.generator_recipe(expert))}
-        return {"synthesizer": synthesizer, **settings, "expert": recipe_key(self.expert_recipe(expert))}
+            return self._known({"synthesizer": "dafl", **{k: settings[k] for k in DRAWING},
+                                "generator": recipe_key(self.generator_recipe(expert))})
+        return self._known({"synthesizer": synthesizer, **settings, "expert": recipe_key(self.expert_recipe(expert))})
 
     def synthetic_path(self, synthesizer: str, expert: ExpertId, seed: int) -> Path:
         key = recipe_key(self.synthetic_recipe(synthesizer, expert))
@@ -239,7 +286,7 @@ class Layout:
                     synthesizer: str = "dafl") -> dict:
         """A gate of ``problem``'s expert ``serves`` (None: the universal gate, serving all of them); the
         data-free regimes read the sets of ``synthesizer`` (one, or a mixture ``a+b``)."""
-        gate = dataclasses.asdict(self._need(self.gate, "gate"))
+        gate = {**dataclasses.asdict(self._need(self.gate, "gate")), "stack_seeds": self.stacked("gates")}
         data_keys = ("train_limit",) if regime == "real" else ("noise_samples", "augment_copies")
         unused = {"train_limit", "noise_samples", "augment_copies"} - set(data_keys)
         experts = experts_of(self.problems[problem])
@@ -273,6 +320,101 @@ class Layout:
             words.append(f"synthesizers=[{synthesizer}]")
             settings += [arg for part in synthesizer.split("+") for arg in section_args(part, self.synthesis[part])]
         return " ".join(words + settings)
+
+    # ------------------------------------------------------------ artifacts that are not there
+
+    def wanted_expert(self, expert: ExpertId, seed: int) -> Wanted:
+        return Wanted(self.expert_path(expert, seed), self.expert_recipe(expert), "expert",
+                      self.expert_command(expert, [seed]))
+
+    def wanted_set(self, problem: str, synthesizer: str, expert: ExpertId, seed: int) -> Wanted:
+        return Wanted(self.synthetic_path(synthesizer, expert, seed), self.synthetic_recipe(synthesizer, expert),
+                      synthesizer, self.gan_command(problem, [seed], [synthesizer]))
+
+    def wanted_gate(self, problem: str, regime: str, gate_type: str, serves: int | None, seed: int,
+                    synthesizer: str = "dafl") -> Wanted:
+        return Wanted(self.gate_path(problem, regime, gate_type, serves, seed, synthesizer),
+                      self.gate_recipe(problem, regime, gate_type, serves, synthesizer), "gate",
+                      self.gate_command(problem, regime, gate_type, seed, synthesizer))
+
+    def alternative(self, wanted: Wanted) -> tuple[Path, list[str]] | None:
+        """An artifact beside ``wanted.path`` of the same task, arch and seed (or gate) made under other settings
+        that ``key=value`` overrides of the settings sections select, and those overrides (the fewest first);
+        None when there is none."""
+        if "file" in wanted.recipe:  # an expert given by file has no settings to change
+            return None
+        found = []
+        for path in sorted(wanted.path.parent.glob(wanted.stem.replace("_seed", "_" + "?" * KEY_LENGTH + "_seed")
+                                                   + ".pt")):
+            try:
+                stored = stored_meta(path).get("recipe")
+            except CheckpointError:
+                continue
+            overrides = self._overrides(stored, wanted.recipe, wanted.section) if stored else None
+            if overrides:
+                found.append((len(overrides), -path.stat().st_mtime, path, overrides))
+        return (found[0][2], found[0][3]) if (found := sorted(found)) else None
+
+    def _overrides(self, stored: dict, wanted: dict, section: str) -> list[str] | None:
+        """The ``section.key=value`` overrides under which this layout would compute ``stored`` instead of
+        ``wanted`` (upstream recipes, named by key, compared in turn); None when no override of the settings
+        sections gets there (another task, arch or problem)."""
+        fields = {f.name for f in dataclasses.fields(config.SECTIONS[section])}
+        out: list[str] = []
+        for name in dict.fromkeys([*wanted, *stored]):
+            mine, theirs = wanted.get(name), stored.get(name)
+            if mine == theirs:
+                continue
+            if name in fields:
+                out.append(f"{section}.{name}={json.dumps(theirs)}")
+            elif name in ("expert", "generator", "experts", "sets") and type(mine) is type(theirs):
+                pairs = zip(mine, theirs) if isinstance(mine, list) and len(mine) == len(theirs) else [(mine, theirs)]
+                for want_key, have_key in pairs:
+                    if want_key == have_key:
+                        continue
+                    upstream = self._upstream(want_key, have_key)
+                    if upstream is None:
+                        return None
+                    out += upstream
+            else:
+                return None
+        return list(dict.fromkeys(out))
+
+    def _upstream(self, want_key: str, have_key: str) -> list[str] | None:
+        """Overrides that turn the upstream recipe of key ``want_key`` (computed by this layout) into the one of
+        ``have_key`` (a stored artifact's upstream, read from any file of that key under ``ckpt_dir``)."""
+        wanted = self._recipes.get(want_key)
+        files = next(iter(self.ckpt_dir.rglob(f"*_{have_key}_seed*.pt")), None) if wanted else None
+        if files is None:
+            return None
+        stored = stored_meta(files).get("recipe") or {}
+        # an upstream recipe is an expert's (no synthesizer) or a synthesizer's (a DAFL generator or any set)
+        return self._overrides(stored, wanted, wanted.get("synthesizer") or "expert")
+
+    def missing_error(self, wanted: list[Wanted]) -> CheckpointError | None:
+        """One error for every needed artifact not on disk (None when all are there): when each of them exists
+        under other settings that the same overrides select, one line naming those settings, the overrides to
+        pass and the YAML to add; otherwise the commands that make them, with any alternative beside its own."""
+        missing = list({w.path: w for w in wanted if not w.path.exists()}.values())
+        if not missing:
+            return None
+        alternatives = [self.alternative(w) for w in missing]
+        overrides = {tuple(a[1]) for a in alternatives if a}
+        if all(alternatives) and len(overrides) == 1:
+            chosen = list(overrides.pop())
+            names = sorted({w.stem for w in missing})
+            listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            kind = {"expert": "expert checkpoint", "gate": "gate"}.get(missing[0].section,
+                                                                       f"{missing[0].section} image set")
+            return CheckpointError(
+                f"no {kind} under the current settings in {self.ckpt_dir} for {listed}, but "
+                f"the same made with {' '.join(chosen)} is there ({alternatives[0][0].name}): pass "
+                f"{' '.join(chosen)} to use it (in a YAML file: {as_yaml_line(chosen)}), or make new ones with: "
+                + "; ".join(dict.fromkeys(w.command for w in missing)))
+        lines = [w.command + (f"   # or use {a[0].name}, made with {' '.join(a[1])}" if a else "")
+                 for w, a in zip(missing, alternatives)]
+        return CheckpointError(f"checkpoints are missing under {self.ckpt_dir}; create them with:\n  "
+                               + "\n  ".join(dict.fromkeys(lines)))
 
     @staticmethod
     def _need(section: Any, name: str) -> Any:

@@ -85,6 +85,16 @@ def device_field() -> Any:
     return field(default="auto", metadata={"device": True})
 
 
+STACKING = ("auto", "true", "false")
+
+
+def stacking_field() -> Any:
+    """How a stage runs its seeds: ``auto`` (the path bench/bench_vectorised.py measured faster for that stage on
+    the device at hand: stacked.resolve_stacking), ``true`` (all seeds as one stacked network) or ``false``
+    (one seed at a time). YAML's true/false are accepted."""
+    return field(default="auto", metadata={"choices": STACKING})
+
+
 # ---------------------------------------------------------------- tasks and problems (data, not code)
 
 @dataclass
@@ -204,6 +214,9 @@ class ExpertTraining:
     weight_decay: float = at_least(0, 0.0)
     batch_size: int | None = at_least(1, None)  # None: the source dataset's paper default (512 MNIST, 128 CIFAR)
     train_limit: int | None = at_least(1, None)  # only the first N training images (smoke runs, tests)
+    # the seeds trained together as one stacked network or one by one: the two paths end at weights equal only
+    # within float tolerance, so the resolved path is part of the recipe (artifacts.py)
+    stack_seeds: str = stacking_field()
 
 
 @dataclass
@@ -227,6 +240,8 @@ class DaflTraining:
     bn_eps: float = positive(0.8)  # eps of the BatchNorm layers after the generator's convolutions (DAFL: 0.8)
     sample_mode: str = choice("train", ("train", "eval"))  # train: batch statistics, as DAFL draws its samples
     images: int = at_least(1, 12000)  # images drawn into each expert's stored set
+    # the generators of every seed (and of experts of one shape) trained as one stacked network, or one by one
+    stack_seeds: str = stacking_field()
 
 
 @dataclass
@@ -281,6 +296,7 @@ class GateTraining:
     noise_samples: int = at_least(1, 12000)  # uniform-noise images (negatives of the data-free regimes)
     augment_copies: int = at_least(0, 0)  # data-free regimes: augmented copies of every synthetic image
     train_limit: int | None = at_least(1, None)  # `real` regime: first N training images of each expert's task
+    stack_seeds: str = stacking_field()  # the gates of one shape (every seed, type and expert) trained together
 
 
 SECTIONS = {"expert": ExpertTraining, "dafl": DaflTraining, "inversion": InversionSettings,
@@ -308,7 +324,6 @@ class TrainConfig:
     results_dir: str = "results"
     device: str = device_field()  # auto: cuda when available, else cpu
     deterministic: bool = False
-    stack_seeds: bool = True  # train the seeds together as one stacked network (stacked.py); false: one by one
     force: bool = False  # retrain seeds whose checkpoint already exists
 
 
@@ -343,7 +358,8 @@ class MergeConfig:
     results_dir: str = "results"
     device: str = device_field()
     deterministic: bool = False
-    stack_seeds: bool = True  # run every seed's experts together as one stacked network (stacked.py)
+    # evaluate every seed's experts together as one stacked network (stacked.py); the rows equal one seed's alone
+    stack_seeds: str = stacking_field()
     force: bool = False  # recompute rows already stored for a seed
 
 
@@ -369,7 +385,6 @@ class GanConfig:
     results_dir: str = "results"
     device: str = device_field()
     deterministic: bool = False
-    stack_seeds: bool = True  # train the seeds' DAFL generators together as one stacked network (stacked.py)
     force: bool = False
 
 
@@ -400,7 +415,6 @@ class PanConfig:
     results_dir: str = "results"
     device: str = device_field()
     deterministic: bool = False
-    stack_seeds: bool = True  # train the gates of every seed that share a shape together (stacked.py)
     force: bool = False
 
 
@@ -450,6 +464,13 @@ class ReproduceConfig:
     gate: GateTraining = field(default_factory=GateTraining)
     problems: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # name -> {gan: [...], pan: [...]}
     tables: dict[str, list[str]] = field(default_factory=dict)  # experiments/NAME.yaml -> extra merge arguments
+    # weight-space fusion tables: experiments/NAME.yaml -> {files: [recipe YAML files every step of the table
+    # reads], gan: [...], pan: [...]}: the parents (its problem's experts) are trained, then the generators and
+    # gates where `gan` / `pan` are given (their extra arguments), then the table
+    fusion: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    # what the report checks, met or missed, into answer.md and targets.csv (report.target_rows says the forms),
+    # e.g. {problem: disjoint_mnist, best: best data-free rule, than: naive, by: 2}
+    targets: list[dict[str, Any]] = field(default_factory=list)
     scaling: dict[str, list[str]] = field(default_factory=dict)  # series name -> problems, fewest experts first
     only_problems: list[str] = field(default_factory=list)  # run just these problems (and tables using only them)
     data_dir: str = field(default_factory=default_data_dir)
@@ -535,8 +556,25 @@ def _diff(value: Any, default: Any) -> Any:
     return value
 
 
+def digest(cfg: Any) -> str:
+    """A short hash of the whole resolved config: every result row carries it (``config_digest``), and the
+    config file written once beside its table starts with it."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def row_config(cfg: Any, table_keys: tuple[str, ...] = ()) -> dict:
+    """What one result row carries of the run that made it: the digest of the whole resolved config (saved once
+    beside the table, ``save``) and what it sets differently from config.py's defaults, without ``table_keys``
+    (keys that describe the table rather than the row, such as the list of every strategy it ran)."""
+    return {"config_digest": digest(cfg), "config": {k: v for k, v in changes(cfg).items() if k not in table_keys}}
+
+
 def save(cfg: Any, path: str | os.PathLike) -> None:
-    atomic_write_text(path, describe(cfg))
+    """The whole resolved config as YAML, headed by its digest (the ``config_digest`` of the rows beside it)."""
+    atomic_write_text(path, f"# config digest: {digest(cfg)}\n" + describe(cfg))
 
 
 # ---------------------------------------------------------------- range checks
@@ -604,13 +642,25 @@ def _merge_dataclass(obj: Any, overrides: dict, prefix: str) -> Any:
     changes = {}
     for key, value in overrides.items():
         if key not in fields:
-            raise ConfigError(_unknown_key_message(prefix + key, key, list(fields)))
+            raise ConfigError(_unknown_key_message(prefix + key, key, list(fields), [prefix + h for h in nested_homes(obj, key)]))
         current = getattr(obj, key)
         changes[key] = coerce(value, hints[key], prefix + key, current)
     return dataclasses.replace(obj, **changes)
 
 
-def _unknown_key_message(full_key: str, key: str, choices: list[str]) -> str:
+def nested_homes(obj: Any, key: str) -> list[str]:
+    """The dotted names under which ``key`` is a field of one of ``obj``'s settings sections (``epochs`` ->
+    ``expert.epochs``, ``gate.epochs``): where a flat key of the paper's scripts lives here."""
+    return [f"{f.name}.{key}" for f in dataclasses.fields(obj)
+            if dataclasses.is_dataclass(getattr(obj, f.name)) and key in {g.name for g in
+                                                                         dataclasses.fields(getattr(obj, f.name))}]
+
+
+def _unknown_key_message(full_key: str, key: str, choices: list[str], homes: list[str] = ()) -> str:
+    if homes:
+        listed = " or ".join(repr(h) for h in homes)
+        return (f"unknown config key {full_key!r}: it is a key of a settings section here; did you mean "
+                f"{listed}? (e.g. {homes[0]}=...)")
     close = difflib.get_close_matches(key, choices, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown config key {full_key!r}{hint} (valid keys: {', '.join(choices)})"
@@ -670,6 +720,8 @@ def coerce(value: Any, tp: Any, key: str, current: Any = None) -> Any:
             return int(number)
         return number
     if tp is str:
+        if isinstance(value, bool):  # YAML reads true/false as booleans; string choices spell them in lower case
+            return "true" if value else "false"
         if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{key} expects a string, got {value!r}")
         return str(value)

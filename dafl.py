@@ -47,8 +47,9 @@ def build_generator(dafl: config.DaflTraining, channels: int) -> tuple[nn.Module
 
 def train_generator(expert: nn.Module, generator: nn.Module, dafl: config.DaflTraining, noise_seed: int,
                     device: torch.device, desc: str, resume: Resume | None = None) -> list[dict]:
-    """Adam on the DAFL loss: ``generator`` learns against the frozen ``expert``; returns a log (one entry per
-    epoch). With ``resume`` a killed run continues from its last saved epoch."""
+    """Adam on the DAFL loss: ``generator`` learns against the frozen ``expert``; returns a log, one entry per
+    epoch: the loss and its terms on the epoch's last batch, and the expert's mean confidence (max softmax) on it,
+    the generator's analogue of accuracy (how surely the expert gives its images a class). With ``resume`` a killed run continues from its last saved epoch."""
     optimiser = torch.optim.Adam(generator.parameters(), lr=dafl.lr)
     noise = make_generator(noise_seed, device)
     expert.eval().requires_grad_(False)
@@ -66,7 +67,8 @@ def train_generator(expert: nn.Module, generator: nn.Module, dafl: config.DaflTr
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-        log.append({"epoch": epoch, "loss": loss.item(), **{name: value.item() for name, value in terms.items()}})
+        log.append({"epoch": epoch, "loss": loss.item(), **{name: value.item() for name, value in terms.items()},
+                    "confidence": logits.detach().softmax(dim=1).amax(dim=1).mean().item()})
         saver.epoch_done(log, dafl.epochs)
     return log
 
@@ -104,8 +106,10 @@ def train_generators(experts: list[nn.Module], generators: list[nn.Module], dafl
             optimiser.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimiser.step()
-        for log, loss, parts in zip(logs, losses.tolist(), terms):
-            log.append({"epoch": epoch, "loss": loss, **{name: value.item() for name, value in parts.items()}})
+        confidence = logits.detach().softmax(dim=2).amax(dim=2).mean(dim=1).tolist()
+        for log, loss, parts, sure in zip(logs, losses.tolist(), terms, confidence):
+            log.append({"epoch": epoch, "loss": loss, **{name: value.item() for name, value in parts.items()},
+                        "confidence": sure})
         saver.epoch_done(network, optimiser, logs, dafl.epochs)
     unstack_into(network, generators)
     return logs

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from artifacts import Layout
+from artifacts import Layout, Wanted
 from common import load_model
 from problems import Problem
 
@@ -72,6 +72,15 @@ def gate_paths(layout: Layout, problem: Problem, gate_type: str, regime: str, ga
     if gates_from:
         return [layout.gate_path(gates_from, regime, gate_type, None, seed, synthesizer)] * len(problem.experts)
     return layout.gate_paths(problem.name, regime, gate_type, seed, synthesizer)
+
+
+def wanted_gates(layout: Layout, problem: Problem, gate_type: str, regime: str, gates_from: str, seed: int,
+                 synthesizer: str) -> list[Wanted]:
+    """The gate files ``gate_paths`` names, as artifacts a stage needs (their recipes and commands)."""
+    if gates_from or gate_type == "universal":
+        return [layout.wanted_gate(gates_from or problem.name, regime, gate_type, None, seed, synthesizer)]
+    return [layout.wanted_gate(problem.name, regime, gate_type, k, seed, synthesizer)
+            for k in range(len(problem.experts))]
 
 
 def gate_runner(layout: Layout, problem: Problem, activations, seed: int, device: torch.device):

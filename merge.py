@@ -35,14 +35,14 @@ import torch.nn as nn
 import config
 from artifacts import Layout, code_digest, digest_of, recipe_key, tally
 from augments import TTA_SETTINGS, apply_augment
-from common import (CheckpointError, append_row, atomic_write_text, cli, derive_seed, make_generator,
+from common import (append_row, atomic_write_text, cli, derive_seed, make_generator,
                     mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
 from data import InputFormat, load_task, prepare_input, to_unit
 from expert_files import FEATURE_TYPES, require
-from gating import gate_paths, gate_runner
+from gating import gate_paths, gate_runner, wanted_gates
 from problems import (Problem, build_problem, expert_activations, expert_logits, run_experts, run_stacked,
                       test_batches, test_batches_with_units)
-from stacked import stack, stackable
+from stacked import resolve_stacking, stack, stackable
 from report import merge_report
 from strategies import (BASE_CODE, DEFAULT_SYNTHESIZER, NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs,
                         StrategyCall, check_fusion, parse_strategies)
@@ -109,7 +109,7 @@ def why_recompute(latest: dict | None, key: dict) -> str:
 
 class ExpertRuns:
     """Every expert of several seeds on the combined test set and on its augmented copies, computed once for
-    all those seeds. With ``stack_seeds``, expert k of every seed runs as one stacked network on each batch
+    all those seeds. Where ``stack_seeds`` resolves to stacking, expert k of every seed runs as one stacked network on each batch
     (stacked.py), each seed on its own augmented copy drawn from its own generator, so a seed gets the logits
     it would get alone. Each TTA setting draws from a generator seeded by the seed, the problem and the
     setting, so results do not depend on which rules run first."""
@@ -121,7 +121,7 @@ class ExpertRuns:
         self.formats = self.experts[seeds[0]][1]
         positions = [[self.experts[seed][0][k] for seed in seeds] for k in range(len(problem.experts))]
         self.stacks = ([stack(models).eval() for models in positions]
-                       if cfg.stack_seeds and len(seeds) > 1 and all(stackable(m) for m in positions) else None)
+                       if resolve_stacking(cfg.stack_seeds, "merge", device) and len(seeds) > 1 and all(stackable(m) for m in positions) else None)
         self._activations: dict[int, list] = {}
         self._passes: dict[str, dict[int, list]] = {}
         self.times: dict[str, float] = {}  # seconds per seed: the original pass ("") and each setting's
@@ -384,15 +384,14 @@ def main(cfg: config.MergeConfig) -> dict:
     device = resolve_device(cfg.device)
     layout = Layout(cfg)
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)
-    missing = problem.missing_experts(layout, cfg.seeds)
-    missing += [layout.gate_command(c.param("gates_from") or cfg.problem, c.param("regime"), c.param("gate"), seed,
-                                    synthesizer_of(c))
-                for seed in cfg.seeds for c in calls for p in gate_files(layout, problem, c, seed) if not p.exists()]
-    missing += [layout.gan_command(cfg.problem, [seed], components(synthesizer_of(c)))
-                for seed in cfg.seeds for c in calls for p in set_files(layout, problem, c, seed) if not p.exists()]
-    if missing:
-        raise CheckpointError("checkpoints are missing under "
-                              f"{cfg.ckpt_dir}; create them with:\n  " + "\n  ".join(dict.fromkeys(missing)))
+    wanted = problem.wanted_experts(layout, cfg.seeds)
+    wanted += [w for seed in cfg.seeds for c in calls if c.param("regime") is not None
+               for w in wanted_gates(layout, problem, c.param("gate"), c.param("regime"), c.param("gates_from"), seed,
+                                     synthesizer_of(c))]
+    wanted += [layout.wanted_set(cfg.problem, part, e, seed) for seed in cfg.seeds for c in calls
+               if c.name == "calibrated" for part in components(synthesizer_of(c)) for e in problem.experts]
+    if (error := layout.missing_error(wanted)) is not None:
+        raise error
     name = cfg.name or cfg.problem
     out = Path(cfg.results_dir) / "merge"
     caches = {seed: out / name / f"seed{seed}.jsonl" for seed in cfg.seeds}
@@ -406,7 +405,7 @@ def main(cfg: config.MergeConfig) -> dict:
                                 caches[seed]) if plan.todo else {}
         rows += finish_seed(plan, computed, caches[seed])
         reasons += list(plan.reasons.values())
-    outputs = write_rows(out / name, [{**r, "config": config.to_dict(cfg)} for r in rows])
+    outputs = write_rows(out / name, [{**r, **config.row_config(cfg, table_keys=("strategies",))} for r in rows])
     outputs["report"] = str(out / f"{name}.md")
     atomic_write_text(outputs["report"], merge_report(rows, title=f"{name} ({cfg.problem})"))
     outputs["config"] = str(out / f"{name}.config.yaml")

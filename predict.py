@@ -26,9 +26,9 @@ from torchvision.transforms.v2.functional import resize
 
 import config
 from artifacts import Layout
-from common import CheckpointError, UserError, atomic_write_text, cli, print_summary, progress, resolve_device
+from common import UserError, atomic_write_text, cli, print_summary, progress, resolve_device
 from expert_files import FEATURE_TYPES, require
-from gating import gate_paths, gate_runner
+from gating import gate_runner, wanted_gates
 from problems import Problem, describe_problem, run_experts
 from strategies import NO_EXPERT, REGISTRY, MergeInputs, StrategyCall, parse_strategies
 
@@ -71,19 +71,16 @@ def load_mixture(cfg: config.PredictConfig) -> tuple[Problem, StrategyCall]:
     call = check_rule(cfg)
     problem = describe_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks)
     layout = Layout(cfg)
-    missing = problem.missing_experts(layout, [cfg.seed])
+    wanted = problem.wanted_experts(layout, [cfg.seed])
     if call.param("regime") is not None:
         synthesizer = call.param("synthesizer") or "dafl"
         gates_from = call.param("gates_from") or ""
         if gates_from and gates_from not in cfg.problems:
             raise config.ConfigError(f"rule {call.label}: gates_from={gates_from!r} is not a problem")
-        paths = gate_paths(layout, problem, call.param("gate"), call.param("regime"), gates_from, cfg.seed, synthesizer)
-        if not all(p.exists() for p in paths):
-            missing.append(layout.gate_command(gates_from or cfg.problem, call.param("regime"), call.param("gate"),
-                                               cfg.seed, synthesizer))
-    if missing:
-        raise CheckpointError(f"checkpoints are missing under {cfg.ckpt_dir}; create them with:\n  "
-                              + "\n  ".join(dict.fromkeys(missing)))
+        wanted += wanted_gates(layout, problem, call.param("gate"), call.param("regime"), gates_from, cfg.seed,
+                               synthesizer)
+    if (error := layout.missing_error(wanted)) is not None:
+        raise error
     return problem, call
 
 

@@ -12,6 +12,7 @@ oracle and by routing accuracy): the expert whose training data holds the most s
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from archs import ARCHS
-from artifacts import ExpertId, Layout
+from artifacts import ExpertId, Layout, Wanted
 from common import CheckpointError, load_model, read_checkpoint
 from config import ConfigError, ExpertFile, ProblemSpec, TaskSpec
 from data import InputFormat, get_source, load_task, prepare_input, task_classes, task_identity, to_unit
@@ -90,8 +91,8 @@ class Problem:
     def expert_paths(self, layout: Layout, seed: int) -> list[Path]:
         return [layout.expert_path(e, seed) for e in self.experts]
 
-    def missing_experts(self, layout: Layout, seeds: list[int]) -> list[str]:
-        """Commands that create the expert checkpoints not yet on disk, one per expert (all its missing seeds)."""
+    def wanted_experts(self, layout: Layout, seeds: list[int]) -> list[Wanted]:
+        """Every expert checkpoint of ``seeds``; the command of one not yet on disk makes all its missing seeds."""
         missing: dict[ExpertId, list[int]] = {}
         for seed in seeds:
             for expert in self.experts:
@@ -99,7 +100,9 @@ class Problem:
                     seeds_missing = missing.setdefault(expert, [])
                     if seed not in seeds_missing:  # one checkpoint may serve two experts
                         seeds_missing.append(seed)
-        return [layout.expert_command(expert, seeds) for expert, seeds in missing.items()]
+        return [dataclasses.replace(layout.wanted_expert(expert, seed),
+                                    command=layout.expert_command(expert, missing.get(expert, [seed])))
+                for seed in seeds for expert in dict.fromkeys(self.experts)]
 
     def load_experts(self, layout: Layout, seed: int,
                      device: torch.device) -> tuple[list[nn.Module], list[InputFormat]]:

@@ -23,6 +23,7 @@ from archs.gates import _Standardised
 from archs.generator import Generator
 from archs.lenet import LeNet5
 from archs.mlp import MLP
+from common import resolve_device
 
 
 def to_channels(x: torch.Tensor) -> torch.Tensor:
@@ -254,3 +255,20 @@ def unstack_into(stacked: nn.Module, models: list[nn.Module]) -> None:
     """Copy each seed's slice of ``stacked`` back into its model."""
     for model, state in zip(models, stacked.unstack()):
         model.load_state_dict({k: v.clone() for k, v in state.items()})
+
+
+# stage -> device type -> whether ``stack_seeds: auto`` stacks: the path bench/bench_vectorised.py measured
+# faster (results/bench/vectorised.json). On CPU, LeNet5's convolutions are compute-bound, and grouped ones
+# leave the cache, so experts and DAFL generators train faster one seed at a time; the tiny gates gain from
+# stacking (one Python step for all), as does evaluation. On CUDA every stage stacks (one launch for all seeds).
+AUTO_STACKING = {"experts": {"cpu": False, "cuda": True}, "generators": {"cpu": False, "cuda": True},
+                 "gates": {"cpu": True, "cuda": True}, "merge": {"cpu": True, "cuda": True}}
+
+
+def resolve_stacking(setting: str, stage: str, device: torch.device | str) -> bool:
+    """Whether ``stage`` runs its seeds as one stacked network: ``stack_seeds`` true or false as given; ``auto``
+    as AUTO_STACKING says for the device's type."""
+    if setting != "auto":
+        return setting == "true"
+    kind = resolve_device(device).type if isinstance(device, str) else device.type
+    return AUTO_STACKING[stage].get(kind, False)

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 import config
 from artifacts import ExpertId, Layout, check_reuse, digest_of, experts_of, recipe_key, tally
-from common import (CheckpointError, atomic_write_bytes, cli, derive_seed, load_model, mean_std, print_summary,
+from common import (atomic_write_bytes, cli, derive_seed, load_model, mean_std, print_summary,
                     progress, resolve_device, save_checkpoint, seed_everything, write_rows)
 from dafl import build_generator, sample_images, train_generator, train_generators
 from data import InputFormat, to_unit
@@ -51,10 +51,11 @@ def other_seed_expert(layout: Layout, expert: ExpertId, seed: int) -> Path | Non
 def dafl_generators(cfg: config.GanConfig, experts: list[ExpertId], seeds: list[int],
                     device: torch.device) -> dict[tuple[ExpertId, int], tuple[nn.Module, dict, str]]:
     """The DAFL generator of every (expert, seed), its row, and why it was trained (or "reused"). With
-    ``stack_seeds`` the ones to train are trained together, one stacked generator against one stacked expert
+    ``dafl.stack_seeds`` resolved to true the ones to train are trained together, one stacked generator against one stacked expert
     per architecture and shape (every seed, and experts of one shape such as disjoint_mnist's two), each pair
     from its own initialisation and noise as it would train alone."""
     layout = Layout(cfg)
+    stack_seeds = layout.stacked("generators")
     out, todo = {}, []
     for expert in experts:
         for seed in seeds:
@@ -75,13 +76,13 @@ def dafl_generators(cfg: config.GanConfig, experts: list[ExpertId], seeds: list[
     for job in todo:  # one stack per shape of expert and generator
         shape = tuple((k, tuple(v.shape)) for k, v in [*job["model"].state_dict().items(),
                                                         *job["generator"].state_dict().items()])
-        together = cfg.stack_seeds and stackable([job["model"]])  # experts given by file train alone
+        together = stack_seeds and stackable([job["model"]])  # experts given by file train alone
         groups.setdefault((type(job["model"]), shape) if together else (id(job),), []).append(job)
     for group in groups.values():
         resumes = [Resume.beside(j["path"], recipe_key(j["recipe"]) + j["upstream"]["expert"]) for j in group]
         desc = f"{len(group)} generator(s)"
         start = time.perf_counter()
-        stacked = cfg.stack_seeds and stackable([j["model"] for j in group])
+        stacked = stack_seeds and stackable([j["model"] for j in group])
         if stacked:
             logs = train_generators([j["model"] for j in group], [j["generator"] for j in group], cfg.dafl,
                                     [j["noise"] for j in group], device, desc, resumes)
@@ -90,7 +91,7 @@ def dafl_generators(cfg: config.GanConfig, experts: list[ExpertId], seeds: list[
                     for j, r in zip(group, resumes)]
         train_time = (time.perf_counter() - start) / len(group)  # per generator: stacked ones share the time
         for job, log, resume in zip(group, logs, resumes):
-            row = {"generator": str(job["path"]), "final_loss": log[-1] if log else None,
+            row = {"generator": str(job["path"]), "final_loss": log[-1] if log else None, "history": log,
                    "generator_train_time_s": train_time, "stacked_generators": len(group) if stacked else 1}
             save_checkpoint(job["path"], job["generator"], "generator", build_generator(cfg.dafl, job["fmt"].channels)[1],
                             config.to_dict(cfg), {"task": job["expert"].task, "expert_arch": job["expert"].arch,
@@ -188,11 +189,8 @@ def main(cfg: config.GanConfig) -> dict:
     experts = list(dict.fromkeys(experts_of(spec)))  # one checkpoint named twice: one set
     tasks = [e.task for e in experts]
     names = [e.task if tasks.count(e.task) == 1 else e.tag for e in experts]
-    missing = [layout.expert_command(e, [s]) for e in experts for s in cfg.seeds
-               if not layout.expert_path(e, s).exists()]
-    if missing:
-        raise CheckpointError("expert checkpoints are missing; create them with:\n  "
-                              + "\n  ".join(dict.fromkeys(missing)))
+    if (error := layout.missing_error([layout.wanted_expert(e, s) for e in experts for s in cfg.seeds])) is not None:
+        raise error
     config.print_config(cfg)
     device = resolve_device(cfg.device)
     made: dict[tuple[int, str], list[dict]] = {}
@@ -207,7 +205,7 @@ def main(cfg: config.GanConfig) -> dict:
     rows = [row for seed in cfg.seeds for name in names for row in made[(seed, name)]]
     stem = Path(cfg.results_dir) / "gan" / cfg.problem
     sets = [r for r in rows if r["kind"] == "set"]
-    outputs = write_rows(stem, [{**r, "config": config.to_dict(cfg)} for r in sets])
+    outputs = write_rows(stem, [{**r, **config.row_config(cfg)} for r in sets])
     outputs["config"] = str(stem.with_name(stem.name + ".config.yaml"))
     config.save(cfg, outputs["config"])
     summary = {"problem": cfg.problem, "seeds": cfg.seeds, "synthesizers": synthesizers, "outputs": outputs,

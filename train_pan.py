@@ -36,7 +36,7 @@ import torch.nn as nn
 import config
 from archs import build_model
 from artifacts import Layout, check_reuse, digest_of, recipe_key, tally
-from common import (CheckpointError, cli, derive_seed, load_model, make_generator, print_summary,
+from common import (cli, derive_seed, load_model, make_generator, print_summary,
                     progress, resolve_device, save_checkpoint, seed_everything, write_rows)
 from data import load_task, to_unit
 from diagnostics import set_diagnostics
@@ -169,17 +169,18 @@ class PendingGate:
         return derive_seed(self.seed, self.problem, self.regime, self.gate_type, *self.experts)
 
 
-def train_gates(cfg: config.PanConfig, pending: list[PendingGate]) -> list[tuple[nn.Module, str, dict, list[float],
+def train_gates(cfg: config.PanConfig, pending: list[PendingGate]) -> list[tuple[nn.Module, str, dict, list[dict],
                                                                                  float]]:
-    """Train the pending gates: with ``stack_seeds``, every group of one architecture, width and amount of
-    data as one stacked network (each gate as it would train alone); returns (gate, arch, kwargs, losses,
+    """Train the pending gates: where ``gate.stack_seeds`` resolves to stacking, every group of one architecture, width and amount of
+    data as one stacked network (each gate as it would train alone); returns (gate, arch, kwargs, training history,
     train time per gate) in the order given."""
     built = [gate.build(cfg) for gate in pending]
+    stacked = Layout(cfg).stacked("gates")
     settings = dict(epochs=cfg.gate.epochs, lr=cfg.gate.lr, momentum=cfg.gate.momentum, weight_decay=0.0,
                     batch_size=cfg.gate.batch_size)
     groups: dict[tuple, list[int]] = {}
     for i, (gate, arch, kwargs, _) in enumerate(built):
-        key = (arch, tuple(sorted(kwargs.items())), len(pending[i].inputs)) if cfg.stack_seeds else (i,)
+        key = (arch, tuple(sorted(kwargs.items())), len(pending[i].inputs)) if stacked else (i,)
         groups.setdefault(key, []).append(i)
     out: list = [None] * len(pending)
     for members in progress(list(groups.values()), desc="gates", leave=False):
@@ -268,12 +269,12 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, synthesiz
             inputs, targets = training_data(gate_type, regime, experts, sets, acts)
             pending.append(PendingGate(problem.name, seed, regime, synthesizer, gate_type, experts, path, recipe,
                                        upstream, inputs, targets))
-    for gate, (model, arch, kwargs, losses, train_time) in zip(pending, train_gates(cfg, pending) if pending else []):
+    for gate, (model, arch, kwargs, history, train_time) in zip(pending, train_gates(cfg, pending) if pending else []):
         counts = torch.bincount(gate.targets, minlength=2)
         base = {"problem": problem.name, "regime": regime, "gate_type": gate.gate_type, "seed": gate.seed,
                 "synthesizer": None if regime == "real" else synthesizer,
                 "train_positives": int(counts[1]), "train_negatives": int(counts[0]),
-                "final_loss": losses[-1] if losses else None, "train_time_s": train_time,
+                "final_loss": history[-1]["loss"] if history else None, "history": history, "train_time_s": train_time,
                 "checkpoint": str(gate.path), "device": str(device), "test_limit": cfg.test_limit, "resumed": False}
         gate_rows = [{**base, "expert": problem.tasks[k], "arch": problem.archs[k],
                       **({"arch_kwargs": problem.arch_kwargs[k]} if problem.arch_kwargs[k] else {}),
@@ -305,13 +306,12 @@ def main(cfg: config.PanConfig) -> dict:
     device = resolve_device(cfg.device)
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)
     layout = Layout(cfg)
-    missing = problem.missing_experts(layout, cfg.seeds)
+    wanted = problem.wanted_experts(layout, cfg.seeds)
     if any(r != "real" for r in cfg.regimes):
-        missing += [layout.gan_command(cfg.problem, [s], [part]) for s in cfg.seeds for name in cfg.synthesizers
-                    for part in components(name) for e in problem.experts
-                    if not layout.synthetic_path(part, e, s).exists()]
-    if missing:
-        raise CheckpointError("checkpoints are missing; create them with:\n  " + "\n  ".join(dict.fromkeys(missing)))
+        wanted += [layout.wanted_set(cfg.problem, part, e, s) for s in cfg.seeds for name in cfg.synthesizers
+                   for part in components(name) for e in problem.experts]
+    if (error := layout.missing_error(wanted)) is not None:
+        raise error
     experts_of_seed = {seed: problem.load_experts(layout, seed, device) for seed in cfg.seeds}
     test_activations = functools.cache(lambda seed: expert_activations(problem, *experts_of_seed[seed], device))
     domains = {seed: membership_truth(cfg, problem, seed) for seed in cfg.seeds}
@@ -330,7 +330,7 @@ def main(cfg: config.PanConfig) -> dict:
     stem = Path(cfg.results_dir) / "gates" / cfg.problem
     if diagnostics:
         write_rows(stem.with_name(f"{cfg.problem}_synthesis"), diagnostics)
-    outputs = write_rows(stem, [{**r, "config": config.to_dict(cfg)} for r in rows])
+    outputs = write_rows(stem, [{**r, **config.row_config(cfg)} for r in rows])
     outputs["config"] = str(stem.with_name(stem.name + ".config.yaml"))
     config.save(cfg, outputs["config"])
     membership_acc = {}

@@ -7,7 +7,7 @@ bias: false}'`` on tasks that keep one part of a split of MNIST (experiments/fus
 
 The training set lives on the device as one normalised float tensor and batches are sliced from a
 seeded permutation, so an epoch does no per-image Python work. The seeds to train are trained together as
-one stacked network (stacked.py; ``stack_seeds=false`` trains them one by one), each from its own
+one stacked network (stacked.py) where that is faster on the device (``expert.stack_seeds``: auto, true or false), each from its own
 initialisation and batch order, as it would be trained alone. Each seed's checkpoint is written atomically
 under a name that carries its recipe's key (artifacts.py); a rerun reuses it, and a killed run continues
 from its last saved epoch (training.Resume). ``force=true`` retrains.
@@ -54,7 +54,7 @@ def reused_row(cfg: config.TrainConfig, seed: int, test, device: torch.device) -
 
 
 def train_experts(cfg: config.TrainConfig, seeds: list[int], train, test, device: torch.device) -> list[dict]:
-    """Train the experts of ``seeds`` (together as one stacked network with ``stack_seeds``, each from its own
+    """Train the experts of ``seeds`` (together as one stacked network when ``expert.stack_seeds`` resolves so, each from its own
     initialisation, batch order and resumable state) and write one checkpoint per seed; returns their rows."""
     layout = Layout(cfg)
     expert = ExpertId(cfg.dataset, cfg.arch, dict(cfg.arch_kwargs))
@@ -70,26 +70,28 @@ def train_experts(cfg: config.TrainConfig, seeds: list[int], train, test, device
     settings = dict(epochs=cfg.expert.epochs, lr=cfg.expert.lr, momentum=cfg.expert.momentum,
                     weight_decay=cfg.expert.weight_decay, batch_size=recipe["batch_size"])
     orders = [derive_seed(seed, cfg.dataset, "order") for seed in seeds]
+    stacked = layout.stacked("experts")
     start = time.perf_counter()
-    if cfg.stack_seeds:
-        losses = train_classifiers(models, inputs, labels, seeds=orders, desc=f"seeds {seeds}", resumes=resumes,
-                                   **settings)
+    if stacked:
+        histories = train_classifiers(models, inputs, labels, seeds=orders, desc=f"seeds {seeds}", resumes=resumes,
+                                      **settings)
     else:
-        losses = [train_classifier(m, inputs, labels, seed=order, desc=f"seed {seed}", resume=resume, **settings)
-                  for m, order, seed, resume in zip(models, orders, seeds, resumes)]
+        histories = [train_classifier(m, inputs, labels, seed=order, desc=f"seed {seed}", resume=resume, **settings)
+                     for m, order, seed, resume in zip(models, orders, seeds, resumes)]
     train_time = (time.perf_counter() - start) / len(seeds)  # per seed: stacked seeds share the time
     test_inputs = prepare_input(to_unit(test.images, device), fmt)
     rows = []
-    for seed, model, path, log, resume in zip(seeds, models, paths, losses, resumes):
+    for seed, model, path, history, resume in zip(seeds, models, paths, histories, resumes):
         row = {"task": cfg.dataset, "arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs, "seed": seed,
                "test_acc": accuracy(model, test_inputs, test.labels.to(device)), "test_limit": cfg.test_limit,
-               "final_train_loss": log[-1] if log else None, "train_time_s": train_time,
-               "stacked_seeds": len(seeds) if cfg.stack_seeds else 1, "device": str(device), "checkpoint": str(path),
+               "final_train_loss": history[-1]["loss"] if history else None, "train_time_s": train_time,
+               "history": history,  # per epoch: mean training loss and accuracy (report.py draws the curves)
+               "stacked_seeds": len(seeds) if stacked else 1, "device": str(device), "checkpoint": str(path),
                # training images per class: ensembles weight each parent by its share of a class
                "class_counts": torch.bincount(train.labels, minlength=len(train.classes)).tolist(),
                "resumed": False}
         meta = {"task": recipe["task"], "classes": train.classes, "input_format": fmt.as_dict(), "recipe": recipe,
-                "upstream": {}, "train_losses": log, "row": row}
+                "upstream": {}, "row": row}
         save_checkpoint(path, model, cfg.arch, model_kwargs(cfg), config.to_dict(cfg), meta)
         resume.clear()
         rows.append(row)
@@ -129,7 +131,7 @@ def main(cfg: config.TrainConfig) -> dict:
     trained = dict(zip(todo, train_experts(cfg, todo, train, test, device))) if todo else {}
     rows = [trained[seed] if seed in trained else reused[seed][0] for seed in cfg.seeds]
     stem = Path(cfg.results_dir) / "experts" / f"{cfg.dataset}_{arch_tag(cfg.arch, cfg.arch_kwargs)}"
-    outputs = write_rows(stem, [{**row, "config": config.to_dict(cfg)} for row in rows])
+    outputs = write_rows(stem, [{**row, **config.row_config(cfg)} for row in rows])
     outputs["config"] = str(stem.with_name(stem.name + ".config.yaml"))
     config.save(cfg, outputs["config"])
     mean, std = mean_std(r["test_acc"] for r in rows)

@@ -77,11 +77,17 @@ class Saver:
             self.last = time.monotonic()
 
 
+def epoch_entry(epoch: int, loss: float, correct: float, n: int) -> dict:
+    """One epoch of a classifier's training history: its mean loss and accuracy over the epoch's batches."""
+    return {"epoch": epoch, "loss": loss, "acc": correct / max(n, 1)}
+
+
 def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, epochs: int,
                      lr: float, momentum: float, weight_decay: float, batch_size: int, seed: int,
                      desc: str = "epochs", class_weight: torch.Tensor | None = None,
-                     resume: Resume | None = None) -> list[float]:
-    """SGD with cross-entropy on pre-normalised ``inputs``; returns the mean training loss per epoch.
+                     resume: Resume | None = None) -> list[dict]:
+    """SGD with cross-entropy on pre-normalised ``inputs``; returns the training history, one entry per epoch:
+    the mean loss and the accuracy over that epoch's batches (``epoch_entry``).
 
     Batches are slices of a permutation drawn per epoch from a generator seeded by ``seed``. With
     ``resume``, the state is saved at epoch ends and a rerun continues from the last one saved."""
@@ -91,22 +97,24 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     order = make_generator(seed, "cpu")
     saver = Saver(resume, model, optimiser, order)
-    losses: list[float] = saver.restore()
+    history: list[dict] = saver.restore()
     model.train()
-    for _ in progress(range(len(losses), epochs), desc=desc, leave=False, initial=len(losses), total=epochs):
+    for epoch in progress(range(len(history), epochs), desc=desc, leave=False, initial=len(history), total=epochs):
         perm = torch.randperm(len(inputs), generator=order).to(inputs.device)
-        total = torch.zeros((), device=inputs.device)
+        total = torch.zeros(2, device=inputs.device)  # summed loss, correct predictions: one host sync per epoch
         for start in range(0, len(inputs), batch_size):
             batch = perm[start:start + batch_size]
-            loss = F.cross_entropy(model(inputs[batch]), labels[batch], weight=class_weight)
+            out = model(inputs[batch])
+            loss = F.cross_entropy(out, labels[batch], weight=class_weight)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            total += loss.detach() * len(batch)
-        losses.append(total.item() / len(inputs))
-        saver.epoch_done(losses, epochs)
+            total += torch.stack([loss.detach() * len(batch), (out.detach().argmax(1) == labels[batch]).sum().to(total.dtype)])
+        loss_sum, correct = total.tolist()
+        history.append(epoch_entry(epoch, loss_sum / len(inputs), correct, len(inputs)))
+        saver.epoch_done(history, epochs)
     model.eval()
-    return losses
+    return history
 
 
 @torch.no_grad()
@@ -123,7 +131,7 @@ def train_classifiers(models: list[nn.Module], inputs: torch.Tensor | list[torch
                       labels: torch.Tensor | list[torch.Tensor], *, epochs: int, lr: float, momentum: float,
                       weight_decay: float, batch_size: int, seeds: list[int], desc: str = "epochs",
                       class_weights: list[torch.Tensor | None] | None = None,
-                      resumes: list[Resume | None] | None = None) -> list[list[float]]:
+                      resumes: list[Resume | None] | None = None) -> list[list[dict]]:
     """``train_classifier`` for many models of one architecture at once: model i is trained exactly as
     ``train_classifier`` would train it alone with ``seeds[i]`` (its own initialisation, permutation of the
     data, class weights and resumable state), within floating-point tolerance, in one stacked network
@@ -140,7 +148,7 @@ def train_classifiers(models: list[nn.Module], inputs: torch.Tensor | list[torch
     if not stackable(models) or len(set(done)) > 1:
         groups = [[i] for i in range(count)] if not stackable(models) else \
             [[i for i in range(count) if done[i] == d] for d in sorted(set(done))]
-        losses: list[list[float]] = [[] for _ in range(count)]
+        losses: list[list[dict]] = [[] for _ in range(count)]
         for group in groups:
             if len(group) == 1 and not stackable(models):
                 i = group[0]
@@ -172,19 +180,20 @@ def train_classifiers(models: list[nn.Module], inputs: torch.Tensor | list[torch
     given = [w for w in class_weights if w is not None]
     weights = torch.stack([w if w is not None else torch.ones_like(given[0]) for w in class_weights]) if given else None
     network.train()
-    for _ in progress(range(done[0], epochs), desc=desc, leave=False, initial=done[0], total=epochs):
+    for epoch in progress(range(done[0], epochs), desc=desc, leave=False, initial=done[0], total=epochs):
         perms = torch.stack([torch.randperm(n, generator=order) for order in orders]).to(data.device)
-        totals = torch.zeros(count, device=data.device)
+        totals = torch.zeros(2, count, device=data.device)  # per seed: summed loss, correct predictions
         for start in range(0, n, batch_size):
             index = perms[:, start:start + batch_size]
             x, y = (data[rows, index], targets[rows, index]) if per_model else (data[index], targets[index])
-            per_seed = stacked_cross_entropy(network(x), y, weights)
+            out = network(x)
+            per_seed = stacked_cross_entropy(out, y, weights)
             optimiser.zero_grad(set_to_none=True)
             per_seed.sum().backward()  # each seed's slice of the gradient is its own loss's gradient
             optimiser.step()
-            totals += per_seed.detach() * index.shape[1]
-        for log, total in zip(logs, (totals / n).tolist()):
-            log.append(total)
+            totals += torch.stack([per_seed.detach() * index.shape[1], (out.detach().argmax(2) == y).sum(1).to(totals.dtype)])
+        for log, loss_sum, correct in zip(logs, *totals.tolist()):
+            log.append(epoch_entry(epoch, loss_sum / n, correct, n))
         saver.epoch_done(network, optimiser, logs, epochs)
     unstack_into(network, models)
     for model in models:

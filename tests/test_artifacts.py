@@ -162,3 +162,47 @@ def test_code_digest_changes_with_the_source(tmp_path, monkeypatch):
 def test_recipe_key_is_stable_and_short():
     assert recipe_key({"b": 1, "a": [1, 2]}) == recipe_key({"a": [1, 2], "b": 1})
     assert len(recipe_key({})) == artifacts.KEY_LENGTH
+
+
+# ---------------------------------------------------------------- artifacts made under other settings
+
+def store(lay: Layout, path, recipe: dict, upstream: dict | None = None) -> None:
+    """A stored artifact with the meta a stage writes: its recipe, upstream digests and weights' digest."""
+    save_checkpoint(path, torch.nn.Linear(2, 2), "mlp", {}, {}, {"recipe": recipe, "upstream": upstream or {}})
+
+
+def test_a_missing_expert_made_under_other_settings_names_the_overrides_in_one_line(tmp_path):
+    other = layout(tmp_path, "expert.epochs=2", "expert.stack_seeds=true")
+    for seed in (1, 2):
+        store(other, other.expert_path(FIRST5, seed), other.expert_recipe(FIRST5))
+    current = layout(tmp_path, "device=cpu", "expert.stack_seeds=false")
+    error = current.missing_error([current.wanted_expert(FIRST5, s) for s in (1, 2)])
+    message = str(error)
+    assert "\n" not in message
+    assert "expert.epochs=2 expert.stack_seeds=true" in message
+    assert "{expert: {epochs: 2, stack_seeds: true}}" in message
+    assert "python train_source_networks.py dataset=first5_mnist" in message
+    # the overrides it names find the stored files
+    fixed = layout(tmp_path, "device=cpu", "expert.stack_seeds=false", "expert.epochs=2", "expert.stack_seeds=true")
+    assert fixed.missing_error([fixed.wanted_expert(FIRST5, s) for s in (1, 2)]) is None
+
+
+def test_a_missing_gate_names_its_own_and_its_experts_settings(tmp_path):
+    other = layout(tmp_path, "expert.epochs=2", "gate.epochs=3")
+    for expert in (FIRST5, LAST5):
+        store(other, other.expert_path(expert, 1), other.expert_recipe(expert))
+    store(other, other.gate_path("disjoint_mnist", "real", "feature", 0, 1),
+          other.gate_recipe("disjoint_mnist", "real", "feature", 0))
+    current = layout(tmp_path)
+    message = str(current.missing_error([current.wanted_gate("disjoint_mnist", "real", "feature", 0, 1)]))
+    assert "gate.epochs=3" in message and "expert.epochs=2" in message and "\n" not in message
+
+
+def test_without_an_alternative_the_error_lists_the_commands(tmp_path):
+    other = layout(tmp_path, "tasks.first5_mnist.classes=[0,1]")  # another task: no setting of a section reaches it
+    store(other, other.expert_path(FIRST5, 1), other.expert_recipe(FIRST5))
+    current = layout(tmp_path)
+    message = str(current.missing_error([current.wanted_expert(FIRST5, 1), current.wanted_expert(LAST5, 1)]))
+    assert message.startswith("checkpoints are missing under")
+    assert "dataset=first5_mnist" in message and "dataset=last5_mnist" in message and "made with" not in message
+    assert current.missing_error([]) is None

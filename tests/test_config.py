@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import config
-from config import ConfigError, TaskSpec, TrainConfig, describe, parse_args, save, to_dict
+from config import ConfigError, MergeConfig, PanConfig, TaskSpec, TrainConfig, describe, parse_args, save, to_dict
 
 # DESIGN.md section 3: the original seed list.
 DESIGN_SEEDS = [770597, 600522, 416719, 306890, 201746, 156886, 929271, 247945, 5028, 436287]
@@ -348,3 +348,30 @@ def test_a_run_prints_only_what_differs_from_the_defaults():
     assert "first5_mnist" not in text and "disjoint_mnist" not in text  # no pages of default tables
     assert "defaults of config.py" in text.splitlines()[0]
     assert config.describe_changes(TrainConfig()).strip().endswith("the defaults of config.py")
+
+
+@pytest.mark.parametrize("config_class, key, homes", [
+    (TrainConfig, "epochs", ["expert.epochs"]),
+    (TrainConfig, "lr", ["expert.lr"]),
+    (TrainConfig, "batch_size", ["expert.batch_size"]),
+    (TrainConfig, "train_limit", ["expert.train_limit"]),
+    (TrainConfig, "stack_seeds", ["expert.stack_seeds"]),
+    (MergeConfig, "epochs", ["expert.epochs", "dafl.epochs", "gate.epochs"]),
+    (PanConfig, "noise_samples", ["gate.noise_samples"]),
+])
+def test_a_flat_key_that_lives_in_a_section_names_the_nested_keys(config_class, key, homes):
+    """The paper's scripts took ``--epochs``; here it is a section's key: the message names every home."""
+    with pytest.raises(ConfigError) as err:
+        parse_args(config_class, [f"{key}=3"])
+    message = str(err.value)
+    assert "\n" not in message
+    for home in homes:
+        assert repr(home) in message
+
+
+def test_stack_seeds_takes_auto_true_false_and_yaml_booleans():
+    assert TrainConfig().expert.stack_seeds == "auto"
+    assert parse_args(TrainConfig, ["expert.stack_seeds=false"]).expert.stack_seeds == "false"
+    assert parse_args(PanConfig, ["gate.stack_seeds=True"]).gate.stack_seeds == "true"
+    with pytest.raises(ConfigError, match="expert.stack_seeds='sometimes' is not one of auto, true, false"):
+        parse_args(TrainConfig, ["expert.stack_seeds=sometimes"])

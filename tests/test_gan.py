@@ -34,7 +34,9 @@ TASKS = ["first5_mnist", "last5_mnist"]
 ARCH = "lenet5"
 # tiny experts, and a tiny generator profile: 6 Adam steps of batch 16 with an 8-channel generator
 EXPERT = ["expert.epochs=2", "expert.batch_size=16", "expert.lr=0.02"]
-DAFL = ["dafl.epochs=2", "dafl.iters_per_epoch=3", "dafl.batch_size=16", "dafl.width=8", "dafl.images=80"]
+# the stacked path, as on CUDA (auto trains them one by one on CPU); the one-by-one path is compared in its own test
+DAFL = ["dafl.epochs=2", "dafl.iters_per_epoch=3", "dafl.batch_size=16", "dafl.width=8", "dafl.images=80",
+        "dafl.stack_seeds=true"]
 INVERSION = ["inversion.images=20", "inversion.steps=3", "inversion.batch_size=8"]
 GAN_PROFILE = [*EXPERT, *DAFL, "eval_samples=64"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -273,8 +275,9 @@ def test_train_gan_end_to_end(env, gan_run):
         other_seed = next(s for s in SEEDS if s != seed)
         assert row["other_expert"] == str(expert_file(ckpt, task, other_seed))
         assert 0 <= row["cross_seed_agreement"] <= 1
-        assert set(row["final_loss"]) == {"epoch", "loss", "one_hot", "info_entropy", "activation"}
+        assert set(row["final_loss"]) == {"epoch", "loss", "one_hot", "info_entropy", "activation", "confidence"}
         assert row["final_loss"]["epoch"] == 1
+        assert [e["epoch"] for e in row["history"]] == [0, 1] and all(0 < e["confidence"] <= 1 for e in row["history"])
     for task in TASKS:
         group = [r for r in rows if r["task"] == task]
         assert summary[f"dafl/{task}"]["balance"] == pytest.approx(sum(r["balance"] for r in group) / len(group))
@@ -515,12 +518,12 @@ def compare_stacked_and_apart_generators(env, tmp_path):
     together, apart = tmp_path / "together", tmp_path / "apart"
     for folder in (together, apart):
         copy_experts(env["ckpt"], folder, [(t, s) for t in TASKS for s in SEEDS])
-    train_gan.main(gan_cfg(together, tmp_path / "r1"))
-    train_gan.main(gan_cfg(apart, tmp_path / "r2", "stack_seeds=false"))
+    train_gan.main(gan_cfg(together, tmp_path / "r1", "dafl.stack_seeds=true"))
+    train_gan.main(gan_cfg(apart, tmp_path / "r2", "dafl.stack_seeds=false"))
     for task in TASKS:
         for seed in SEEDS:
-            a = torch.load(generator_file(together, task, seed), weights_only=True)
-            b = torch.load(generator_file(apart, task, seed), weights_only=True)
+            a = torch.load(generator_file(together, task, seed, "dafl.stack_seeds=true"), weights_only=True)
+            b = torch.load(generator_file(apart, task, seed, "dafl.stack_seeds=false"), weights_only=True)
             for key in a["state_dict"]:
                 torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], atol=1e-7, rtol=1e-6, msg=key)
             # both experts (one shape) and both seeds were one stack

@@ -18,7 +18,7 @@ import strategies
 import train_source_networks
 from artifacts import ExpertId, Layout
 from common import CheckpointError, read_rows
-from config import ConfigError, MergeConfig, TrainConfig, load_yaml, parse_args, to_dict
+from config import ConfigError, MergeConfig, TrainConfig, changes, digest, load_yaml, parse_args, to_dict
 from conftest import Forbidden
 from test_problems import make_data_root
 
@@ -28,6 +28,7 @@ EXPERT = ["expert.epochs=2", "expert.batch_size=16", "expert.lr=0.02"]
 STRATEGIES = "[naive,energy,{name: tta_mean, setting: flips},{name: tta_voting, setting: flips}]"
 LABELS = ["naive", "energy", "tta_mean(setting=flips)", "tta_voting(setting=flips)", "oracle"]
 TIME_KEYS = ("time_s", "expert_time_s")
+CONFIG_KEYS = ("config", "config_digest")  # what a row says of the run that wrote the table, not of itself
 
 
 
@@ -60,7 +61,7 @@ def expert_file(env, task: str, seed: int) -> Path:
 
 
 def without_times(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in TIME_KEYS and k != "config"}
+    return {k: v for k, v in row.items() if k not in TIME_KEYS and k not in CONFIG_KEYS}
 
 
 def by_label(rows: list[dict], seed: int) -> dict[str, dict]:
@@ -88,16 +89,19 @@ def test_merge_end_to_end(env, tmp_path, capsys):
     assert all(Path(p).is_file() for p in outputs.values())
     assert load_yaml(outputs["config"]) == json.loads(json.dumps(to_dict(cfg)))
 
-    # rows: experts then strategies, per seed, each carrying the config
+    # rows: experts then strategies, per seed, each carrying the config's digest and what differs from the
+    # defaults (without the table's list of strategies); the whole config is the file beside them
     rows = read_rows(outputs["jsonl"])
     expected_order = [f"expert:{t}" for t in TASKS] + LABELS
     assert [(r["seed"], r["strategy"]) for r in rows] == [(s, label) for s in SEEDS for label in expected_order]
-    config_dict = json.loads(json.dumps(to_dict(cfg)))
-    assert all(r["config"] == config_dict for r in rows)
+    differs = json.loads(json.dumps({k: v for k, v in changes(cfg).items() if k != "strategies"}))
+    assert all(r["config"] == differs and r["config_digest"] == digest(cfg) for r in rows)
+    assert differs["expert"] == {"epochs": 2, "lr": 0.02, "batch_size": 16}
+    assert Path(outputs["config"]).read_text().startswith(f"# config digest: {digest(cfg)}\n")
     with open(outputs["csv"], newline="") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows)
-    assert all(json.loads(r["config"]) == config_dict for r in csv_rows)
+    assert all(json.loads(r["config"]) == differs for r in csv_rows)
     assert [r["strategy"] for r in csv_rows] == [r["strategy"] for r in rows]
     assert "routing_counts.first5_mnist" in csv_rows[0] and "acc_per_domain.last5_mnist" in csv_rows[0]
 
@@ -184,8 +188,8 @@ def test_rerun_reads_the_cache_and_computes_only_what_is_new(env, tmp_path, monk
         again_summary = merge.main(merge_cfg(env, tmp_path))
         again = read_rows(again_summary["outputs"]["jsonl"])
     assert again_summary["made"] == 0 and again_summary["reused"] == len(first)
-    assert [{k: v for k, v in r.items() if k != "config"} for r in again] == \
-           [{k: v for k, v in r.items() if k != "config"} for r in first]  # time_s too: not recomputed
+    assert [{k: v for k, v in r.items() if k not in CONFIG_KEYS} for r in again] == \
+           [{k: v for k, v in r.items() if k not in CONFIG_KEYS} for r in first]  # time_s too: not recomputed
 
     # 2. one more strategy: only it is computed, from one pass of the experts for all seeds (stacked)
     called, activation_runs = [], []
@@ -212,8 +216,8 @@ def test_rerun_reads_the_cache_and_computes_only_what_is_new(env, tmp_path, monk
         old, new = by_label(first, seed), by_label(extended, seed)
         assert list(new) == [f"expert:{t}" for t in TASKS] + LABELS[:-1] + ["std_lower", "oracle"]
         for label in LABELS:
-            assert {k: v for k, v in new[label].items() if k != "config"} == \
-                   {k: v for k, v in old[label].items() if k != "config"}
+            assert {k: v for k, v in new[label].items() if k not in CONFIG_KEYS} == \
+                   {k: v for k, v in old[label].items() if k not in CONFIG_KEYS}
 
     # 3. another test subset is another fingerprint: the cache must not be used
     with monkeypatch.context() as patch:

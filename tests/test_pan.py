@@ -67,14 +67,15 @@ def layout(ckpt: Path, *extra: str) -> Layout:
     return Layout(parse_args(PanConfig, [*SECTIONS, f"ckpt_dir={ckpt}", *extra]))
 
 
-def gate_file(ckpt: Path, regime: str, gate_type: str, task: str, seed: int, problem: str = "disjoint_mnist") -> Path:
+def gate_file(ckpt: Path, regime: str, gate_type: str, task: str, seed: int, problem: str = "disjoint_mnist",
+              extra: list[str] = ()) -> Path:
     serves = None if gate_type == "universal" else TASKS.index(task)
-    return layout(ckpt).gate_path(problem, regime, gate_type, serves, seed)
+    return layout(ckpt, *extra).gate_path(problem, regime, gate_type, serves, seed)
 
 
-def all_gate_files(ckpt: Path, regimes=REGIMES, gate_types=GATE_TYPES, seeds=SEEDS) -> list[Path]:
+def all_gate_files(ckpt: Path, regimes=REGIMES, gate_types=GATE_TYPES, seeds=SEEDS, extra: list[str] = ()) -> list[Path]:
     """Every gate checkpoint train_pan should write: per (regime, type, expert), one universal per regime."""
-    return list(dict.fromkeys(gate_file(ckpt, r, t, task, s)
+    return list(dict.fromkeys(gate_file(ckpt, r, t, task, s, extra=extra)
                               for s in seeds for r in regimes for t in gate_types for task in TASKS))
 
 
@@ -485,13 +486,13 @@ def test_stacked_gates_train_as_each_gate_alone(env, tmp_path):
     for name, stacked in (("together", "true"), ("apart", "false")):
         ckpt = tmp_path / name
         shutil.copytree(env["ckpt"], ckpt, ignore=shutil.ignore_patterns("gates"))
-        train_pan.main(pan_cfg(env, ckpt, tmp_path / f"r_{name}", f"stack_seeds={stacked}",
+        train_pan.main(pan_cfg(env, ckpt, tmp_path / f"r_{name}", f"gate.stack_seeds={stacked}",
                                regimes=["real", "synthetic"]))
         runs[name] = ckpt
-    files = all_gate_files(runs["together"], regimes=["real", "synthetic"])
-    assert files
-    for together in files:
-        apart = runs["apart"] / together.relative_to(runs["together"])
+    files = all_gate_files(runs["together"], regimes=["real", "synthetic"], extra=["gate.stack_seeds=true"])
+    alone = all_gate_files(runs["apart"], regimes=["real", "synthetic"], extra=["gate.stack_seeds=false"])
+    assert files and len(files) == len(alone)
+    for together, apart in zip(files, alone):
         a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (together, apart))
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=f"{together.name} {key}")

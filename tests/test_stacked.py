@@ -91,6 +91,11 @@ def train_alone(models, inputs, labels, seeds, weights=None, **kw):
     return losses
 
 
+def curves(histories: list[list[dict]]) -> list[float]:
+    """Every model's per-epoch loss and accuracy, in one flat list."""
+    return [entry[key] for history in histories for entry in history for key in ("loss", "acc")]
+
+
 SETTINGS = {"epochs": 3, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.001, "batch_size": 16}
 
 
@@ -103,7 +108,7 @@ def test_stacked_experts_train_as_each_would_alone():
     together = training.train_classifiers(models, x, y, seeds=seeds, **SETTINGS)
     separate = train_alone(alone, x, y, seeds, **SETTINGS)
     assert_same_weights(models, alone)
-    assert sum(together, []) == pytest.approx(sum(separate, []), abs=1e-5)
+    assert curves(together) == pytest.approx(curves(separate), abs=1e-5)
     assert not any(m.training for m in models)
 
 
@@ -118,7 +123,7 @@ def test_stacked_gates_train_on_their_own_data_and_class_weights():
     together = training.train_classifiers(models, xs, ys, seeds=seeds, class_weights=weights, **SETTINGS)
     separate = train_alone(alone, xs, ys, seeds, weights, **SETTINGS)
     assert_same_weights(models, alone)
-    assert sum(together, []) == pytest.approx(sum(separate, []), abs=1e-5)
+    assert curves(together) == pytest.approx(curves(separate), abs=1e-5)
 
 
 def test_a_stacked_run_resumes_alone_or_stacked_to_the_same_weights(tmp_path, monkeypatch):
@@ -159,3 +164,32 @@ def test_models_without_a_stacked_form_train_one_at_a_time():
     x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])
     losses = training.train_classifiers(models, x, y, seeds=[1, 2], **{**SETTINGS, "epochs": 1, "batch_size": 4})
     assert [len(log) for log in losses] == [1, 1]
+
+
+def test_auto_stacking_follows_the_measured_table_and_explicit_settings_win():
+    from stacked import AUTO_STACKING, resolve_stacking
+
+    for stage, by_device in AUTO_STACKING.items():
+        assert resolve_stacking("auto", stage, "cpu") is by_device["cpu"]
+        assert resolve_stacking("auto", stage, torch.device("cuda", 0)) is by_device["cuda"]
+        assert resolve_stacking("true", stage, "cpu") is True
+        assert resolve_stacking("false", stage, "cuda") is False
+
+
+def test_the_resolved_stacking_path_is_part_of_every_trained_recipe(tmp_path):
+    """Stacked and one-by-one training end at weights equal only within float tolerance: their artifacts are
+    keyed apart, so a changed stack_seeds never reuses an artifact made the other way."""
+    from artifacts import ExpertId, Layout
+    from config import MergeConfig, parse_args
+
+    expert = ExpertId("first5_mnist", "lenet5", {})
+    paths = {}
+    for setting in ("true", "false"):
+        layout = Layout(parse_args(MergeConfig, [f"ckpt_dir={tmp_path}", "device=cpu",
+                                                 f"expert.stack_seeds={setting}", f"dafl.stack_seeds={setting}",
+                                                 f"gate.stack_seeds={setting}"]))
+        paths[setting] = (layout.expert_path(expert, 1), layout.generator_path(expert, 1),
+                          layout.gate_path("disjoint_mnist", "real", "feature", 0, 1))
+    assert all(a != b for a, b in zip(paths["true"], paths["false"]))
+    auto = Layout(parse_args(MergeConfig, [f"ckpt_dir={tmp_path}", "device=cpu"]))
+    assert auto.expert_path(expert, 1) == paths["true" if auto.stacked("experts") else "false"][0]

@@ -69,7 +69,8 @@ def test_train_summary_checkpoints_and_results(squares, tmp_path, capsys):
         assert raw["arch"] == "lenet5" and raw["arch_kwargs"] == {"in_channels": 1, "num_classes": 10}
         assert raw["meta"]["recipe"]["epochs"] == 2 and raw["meta"]["recipe"]["batch_size"] == 20
         assert raw["meta"]["row"]["test_acc"] == summary["test_acc"][str(seed)]
-        assert len(raw["meta"]["train_losses"]) == 2
+        history = raw["meta"]["row"]["history"]
+        assert [e["epoch"] for e in history] == [0, 1] and all(0 <= e["acc"] <= 1 and e["loss"] > 0 for e in history)
         assert raw["config"]["seeds"] == [1, 2]
         model, ckpt = load_model(path, expect_arch="lenet5")
         fmt = InputFormat.from_dict(ckpt["meta"]["input_format"])
@@ -265,23 +266,29 @@ def test_an_interrupted_expert_resumes_and_ends_with_the_uninterrupted_weights(s
     path = expert_file(tmp_path / "cut", "mnist", "lenet5", 1, None, "expert.epochs=4")
     assert not path.exists() and path.with_name(path.stem + ".resume.pt").is_file()
     epochs_run = []
-    original_train = training.train_classifiers
+    original_train, original_stacked = training.train_classifier, training.train_classifiers
 
-    def counting(*args, **kwargs):
-        losses = original_train(*args, **kwargs)
-        epochs_run.extend(len(log) for log in losses)
-        return losses
+    def counting(*args, **kwargs):  # one seed alone (stack_seeds auto on CPU)
+        log = original_train(*args, **kwargs)
+        epochs_run.append(len(log))
+        return log
 
-    monkeypatch.setattr(tsn, "train_classifiers", counting)
+    def counting_stacked(*args, **kwargs):
+        logs = original_stacked(*args, **kwargs)
+        epochs_run.extend(len(log) for log in logs)
+        return logs
+
+    monkeypatch.setattr(tsn, "train_classifier", counting)
+    monkeypatch.setattr(tsn, "train_classifiers", counting_stacked)
     resumed = train(squares, tmp_path, "seeds=[1]", "expert.epochs=4", ckpt="cut", results="rc")
     assert resumed["made"] == 1 and epochs_run == [4]
     assert not path.with_name(path.stem + ".resume.pt").exists()  # cleared once the checkpoint is written
     reference = state(expert_file(tmp_path / "whole", "mnist", "lenet5", 1, None, "expert.epochs=4"))
     assert all(torch.equal(reference[k], v) for k, v in state(path).items())
     assert resumed["test_acc"] == whole["test_acc"]
-    assert torch.load(path, weights_only=True)["meta"]["train_losses"] == \
+    assert torch.load(path, weights_only=True)["meta"]["row"]["history"] == \
         torch.load(expert_file(tmp_path / "whole", "mnist", "lenet5", 1, None, "expert.epochs=4"),
-                   weights_only=True)["meta"]["train_losses"]
+                   weights_only=True)["meta"]["row"]["history"]
 
 
 def test_a_resume_state_of_other_work_is_ignored(tmp_path):
@@ -335,12 +342,12 @@ def test_real_first5_mnist_learns(data_dir, tmp_path):
 
 def test_stacked_seeds_train_as_each_seed_alone(squares, tmp_path):
     """Seeds trained together (one stacked network) end with the weights each seed gets trained alone."""
-    together = train(squares, tmp_path, "seeds=[1,2,3]", ckpt="together", results="rt")
-    apart = train(squares, tmp_path, "seeds=[1,2,3]", "stack_seeds=false", ckpt="apart", results="ra")
+    together = train(squares, tmp_path, "seeds=[1,2,3]", "expert.stack_seeds=true", ckpt="together", results="rt")
+    apart = train(squares, tmp_path, "seeds=[1,2,3]", "expert.stack_seeds=false", ckpt="apart", results="ra")
     assert together["made"] == apart["made"] == 3
     for seed in (1, 2, 3):
-        a = state(expert_file(tmp_path / "together", "mnist", "lenet5", seed))
-        b = state(expert_file(tmp_path / "apart", "mnist", "lenet5", seed))
+        a = state(expert_file(tmp_path / "together", "mnist", "lenet5", seed, None, "expert.stack_seeds=true"))
+        b = state(expert_file(tmp_path / "apart", "mnist", "lenet5", seed, None, "expert.stack_seeds=false"))
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3, msg=key)
     assert together["test_acc"] == pytest.approx(apart["test_acc"], abs=0.02)
