@@ -105,3 +105,28 @@ def msp_figure(rows: list[dict], path: str | Path) -> None:
     axes[0, -1].legend(fontsize=7)
     _save(fig, path)
     plt.close(fig)
+
+
+def training_curves(panels: dict[str, dict[str, list[list[dict]]]], metrics: tuple[str, str], path: str | Path,
+                    labels: tuple[str, str] = ("training loss", "training accuracy")) -> None:
+    """Training curves of one stage: per panel row (e.g. a gate regime), per line (e.g. an expert or a gate type),
+    the mean over its runs (seeds, experts) of each epoch's ``metrics[0]`` (left) and ``metrics[1]`` (right)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 2, figsize=(9, 2.4 * len(panels) + 0.4), squeeze=False)
+    for row, (panel, lines) in zip(axes, panels.items()):
+        for name, histories in lines.items():
+            epochs = min(len(h) for h in histories)
+            for ax, metric in zip(row, metrics):
+                values = np.mean([[entry[metric] for entry in h[:epochs]] for h in histories], axis=0)
+                ax.plot(np.arange(1, epochs + 1), values, marker="." if epochs < 30 else None, label=name)
+        for ax, label in zip(row, labels):
+            ax.set_ylabel(label, fontsize=8)
+            ax.tick_params(labelsize=7)
+        row[0].set_title(panel, fontsize=9, loc="left")
+        row[1].legend(fontsize=6, ncol=2 if len(lines) > 6 else 1)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch", fontsize=8)
+    _save(fig, path)
+    plt.close(fig)

@@ -114,12 +114,31 @@ LOGIT_STATISTICS = {"naive", "std_lower", "std_higher", "ratio", "overall_ratio"
 OOD_SCORES = {"max_softmax", "energy", "neg_entropy"}
 CALIBRATION = {"calibrated"}
 REGIME_NAMES = {"real": "real data", "synthetic": "data-free", "noise": "noise negatives"}
+# weight-space fusion (DESIGN.md section 8): every method its own family; fine-tuned rows apart from the others
+FUSION_FAMILIES = {"parent": "parents", "vanilla_avg": "fusion: vanilla averaging", "otfusion": "fusion: OTFusion",
+                   "hf": "fusion: neuron interpolation", "kf_linear": "fusion: neuron interpolation",
+                   "kf_gradient": "fusion: neuron interpolation", "clafusion": "fusion: CLAFusion",
+                   "ensemble": "ensembles", "ensemble_weighted": "ensembles"}
+FINETUNED = {"parents": "parents, fine-tuned (the control)", "fusion: CLAFusion": "fusion: CLAFusion, fine-tuned"}
 FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calibration", "multi-pass mean",
             "multi-pass voting",
             "gates, real data", "gates, data-free", "gates, noise negatives",
             "universal gate, real data", "universal gate, data-free",
             "universal gate, real data, some experts unseen", "universal gate, data-free, some experts unseen",
-            "universal gate, real data, unseen experts", "universal gate, data-free, unseen experts"]
+            "universal gate, real data, unseen experts", "universal gate, data-free, unseen experts",
+            "parents", "fusion: vanilla averaging", "fusion: OTFusion", "fusion: neuron interpolation",
+            "fusion: CLAFusion", "ensembles", "parents, fine-tuned (the control)", "fusion: CLAFusion, fine-tuned"]
+TRAINING_FREE = ["logit statistics", "OOD scores", "multi-pass mean", "multi-pass voting"]
+DATA_FREE_GATES = ["gates, data-free", "universal gate, data-free", "universal gate, data-free, some experts unseen",
+                   "universal gate, data-free, unseen experts"]
+# the answer's columns: groups of families whose best rule is picked together on the selection half. Data-free:
+# no real training image of any expert is read (training-free rules, synthetic sets, noise)
+ANSWER_GROUPS = {"best training-free rule": TRAINING_FREE,
+                 "best data-free gate": DATA_FREE_GATES,
+                 "best data-free rule": [*TRAINING_FREE, "data-free calibration", *DATA_FREE_GATES,
+                                         "gates, noise negatives"],
+                 "gates on real data": ["gates, real data"],
+                 "oracle": ["oracle (bound)"]}
 SELECTION_NOTE = ("Each family's best rule is picked by its mean accuracy on a seeded selection half of the "
                   "combined test set (half of every expert's test images) and reported on the other half.")
 
@@ -144,6 +163,9 @@ def family(row: dict) -> str | None:
         return "data-free calibration"
     if rule in ("tta_mean", "tta_voting"):
         return "multi-pass " + rule.removeprefix("tta_")
+    if rule in FUSION_FAMILIES:
+        name = FUSION_FAMILIES[rule]
+        return FINETUNED[name] if params.get("finetune_epochs") else name
     if rule.startswith("gate_"):
         regime = REGIME_NAMES[params["regime"]]
         if params["gate"] != "universal" or params["regime"] == "noise":
@@ -163,21 +185,34 @@ def strategy_rows(rows: list[dict]) -> dict[str, list[dict]]:
     return {label: list(per_seed.values()) for label, per_seed in by_label.items()}
 
 
+def pick(groups: dict[str, list[dict]]) -> dict | None:
+    """The best of several strategies (label -> one row per seed): the highest mean accuracy on the selection
+    half of the test set (``acc_select``), reported by its mean ± std on the other half (``acc_report``), so the
+    maximum over the candidates is not biased upward by the pick. None without candidates."""
+    best = None
+    for label, group in groups.items():
+        select = mean_std(r["acc_select"] for r in group)[0]
+        if best is None or select > best["select_mean"]:
+            mean, std = mean_std(r["acc_report"] for r in group)
+            best = {"problem": group[0]["problem"], "best": label, "select_mean": select, "mean": mean, "std": std,
+                    "seeds": len(group), "n": group[0].get("n_report")}
+    return best
+
+
 def best_of_families(rows: list[dict]) -> list[dict]:
-    """For one problem's rows: the best strategy of each family present, picked by mean accuracy on the
-    selection half of the test set (``acc_select``) and reported on the other half (``acc_report``), so the
-    maximum over a family's rules is not biased upward by the pick."""
-    best: dict[str, dict] = {}
+    """For one problem's rows: the best strategy of each family present, picked on the selection half and
+    reported on the other (``pick``)."""
+    by_family: dict[str, dict[str, list[dict]]] = {}
     for label, group in strategy_rows(rows).items():
         name = family(group[0])
-        if name is None:
-            continue
-        select = mean_std(r["acc_select"] for r in group)[0]
-        if name not in best or select > best[name]["select_mean"]:
-            mean, std = mean_std(r["acc_report"] for r in group)
-            best[name] = {"problem": group[0]["problem"], "family": name, "best": label, "select_mean": select,
-                          "mean": mean, "std": std, "seeds": len(group), "n": group[0].get("n_report")}
-    return [best[name] for name in FAMILIES if name in best]
+        if name is not None:
+            by_family.setdefault(name, {})[label] = group
+    return [{"family": name, **pick(by_family[name])} for name in FAMILIES if name in by_family]
+
+
+def best_of_group(rows: list[dict], families: list[str]) -> dict | None:
+    """The best strategy among every rule of ``families`` together, picked on the selection half (``pick``)."""
+    return pick({label: group for label, group in strategy_rows(rows).items() if family(group[0]) in families})
 
 
 def families_table(best: list[dict]) -> str:
@@ -185,6 +220,105 @@ def families_table(best: list[dict]) -> str:
              "test images (report half) |", "|---|---|---|---|---|"]
     lines += [f"| {b['family']} | {b['best']} | {100 * b['mean']:.2f} ± {100 * b['std']:.2f} | {b['seeds']} | "
               f"{b['n']} |" for b in best]
+    return "\n".join(lines) + "\n"
+
+
+def resolve(rows: list[dict], name: str) -> dict | None:
+    """A name of the answer's tables and targets: a group of families (ANSWER_GROUPS), one family, or one
+    strategy label; its best rule picked on the selection half, with its per-seed rows (``group``)."""
+    families = ANSWER_GROUPS.get(name) or ([name] if name in FAMILIES else None)
+    groups = strategy_rows(rows)
+    candidates = ({label: g for label, g in groups.items() if family(g[0]) in families} if families
+                  else {name: groups[name]} if name in groups else {})
+    best = pick(candidates)
+    return {**best, "group": candidates[best["best"]]} if best else None
+
+
+def paired_gain(better: dict, reference: dict) -> tuple[float, float]:
+    """Mean ± std over seeds of ``better``'s report-half accuracy minus ``reference``'s on the same seed."""
+    reference_by_seed = {r["seed"]: r["acc_report"] for r in reference["group"]}
+    return mean_std(r["acc_report"] - reference_by_seed[r["seed"]] for r in better["group"]
+                    if r["seed"] in reference_by_seed)
+
+
+def answer_rows(rows_by_problem: dict[str, list[dict]]) -> list[dict]:
+    """Per routing problem: naive, the best rule of each answer group (picked on the selection half, reported on
+    the other), and the paired gain of the best data-free rule over naive."""
+    out = []
+    for problem, rows in rows_by_problem.items():
+        naive = resolve(rows, "naive")
+        if naive is None:
+            continue
+        cells = {"naive": naive, **{name: resolve(rows, name) for name in ANSWER_GROUPS}}
+        free = cells["best data-free rule"]
+        gain = paired_gain(free, naive) if free else None
+        out.append({"problem": problem, "seeds": naive["seeds"], "n": naive["n"],
+                    **{name: {k: v for k, v in cell.items() if k != "group"} if cell else None
+                       for name, cell in cells.items()},
+                    "data-free gain over naive": {"mean": gain[0], "std": gain[1]} if gain else None})
+    return out
+
+
+ANSWER_COLUMNS = ["naive", *ANSWER_GROUPS]
+LABELLED = ("best training-free rule", "best data-free gate", "best data-free rule", "gates on real data")
+
+
+def answer_table(rows: list[dict]) -> str:
+    """The answer as one table: accuracy on the report half (%), mean ± std over seeds; the rule each column
+    picked on the selection half in backticks."""
+    header = ["problem", *ANSWER_COLUMNS, "best data-free rule - naive (points, paired)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = []
+        for column in ANSWER_COLUMNS:
+            cell = r[column]
+            text = f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f}" if cell else "not run"
+            cells.append(text + (f" `{cell['best']}`" if cell and column in LABELLED else ""))
+        gain = r["data-free gain over naive"]
+        cells.append(f"{100 * gain['mean']:+.2f} ± {100 * gain['std']:.2f}" if gain else "n/a")
+        lines.append(f"| `{r['problem']}` | " + " | ".join(cells) + " |")
+    seeds = sorted({r["seeds"] for r in rows})
+    return "\n".join(lines) + f"\n\nSeeds per problem: {', '.join(map(str, seeds))}. Every column's rule is picked " \
+        "on the selection half of the combined test set and reported on the other half.\n"
+
+
+def target_rows(targets: list[dict], rows_by_problem: dict[str, list[dict]]) -> list[dict]:
+    """Each target of a profile, met or missed, from rules picked on the selection half and reported on the other:
+    ``{problem, best, than, by}``: best >= than + by points (paired over seeds: the mean gain); or
+    ``{problem, best, than, chance, of_the_way}``: best at least that fraction of the way from ``chance`` (%) to
+    than. ``best`` and ``than`` name an answer group, a family or a strategy label."""
+    out = []
+    for target in targets:
+        rows = rows_by_problem.get(target["problem"], [])
+        best, than = resolve(rows, target["best"]), resolve(rows, target["than"])
+        row = {"problem": target["problem"], "best": target["best"], "than": target["than"],
+               "best_rule": best["best"] if best else None, "best_acc": 100 * best["mean"] if best else None,
+               "than_rule": than["best"] if than else None, "than_acc": 100 * than["mean"] if than else None}
+        if best is None or than is None:
+            out.append({**row, "target": "not run", "value": None, "met": None})
+            continue
+        if "of_the_way" in target:
+            chance = float(target["chance"])
+            value = (100 * best["mean"] - chance) / (100 * than["mean"] - chance)
+            out.append({**row, "target": f"at least {target['of_the_way']:.0%} of the way from chance ({chance:g}%)",
+                        "value": value, "met": value >= float(target["of_the_way"])})
+        else:
+            value = 100 * paired_gain(best, than)[0]
+            out.append({**row, "target": f"at least {float(target['by']):+g} points", "value": value,
+                        "met": value >= float(target["by"])})
+    return out
+
+
+def targets_table(rows: list[dict]) -> str:
+    lines = ["| problem | target | best (picked on the selection half) | accuracy | than | accuracy | measured | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        measured = "n/a" if r["value"] is None else (f"{r['value']:.0%}" if "way" in r["target"]
+                                                     else f"{r['value']:+.2f}")
+        acc = [f"{v:.2f}" if v is not None else "not run" for v in (r["best_acc"], r["than_acc"])]
+        verdict = "not run" if r["met"] is None else "met" if r["met"] else "**missed**"
+        lines.append(f"| `{r['problem']}` | {r['target']} | {r['best']}: `{r['best_rule']}` | {acc[0]} | "
+                     f"{r['than']}: `{r['than_rule']}` | {acc[1]} | {measured} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -346,10 +480,14 @@ def reproduction_report(header: str, tables: dict[str, list[dict]], series: dict
                   "Best rule of each family as a series of problems adds experts (mean ± std in %, on the report "
                   "half; picked on the selection half; naive and the oracle on the report half too).", "",
                   scaling_table(scaling_rows(series, rows_by_problem, experts_per_problem))]
+    def curves(stage: str) -> list[str]:
+        key = f"training_{stage}"
+        return [f"![training curves, {stage}]({figures[key]})", ""] if key in figures else []
+
     if experts:
-        parts += ["## Experts", "", experts_report(experts)]
+        parts += ["## Experts", "", experts_report(experts), *curves("experts")]
     if generators:
-        parts += ["## Data-free synthesis", "", generators_report(generators)]
+        parts += ["## Data-free synthesis", "", generators_report(generators), *curves("generators")]
         parts += [f"![{name.replace('_', ' ')}]({path})" + "\n" for name, path in figures.items()
                   if name.startswith("samples")]
     if diagnostics:
@@ -366,6 +504,7 @@ def reproduction_report(header: str, tables: dict[str, list[dict]], series: dict
         parts += ["## Gate membership accuracy on the real combined test set", ""]
         for problem, rows in gates.items():
             parts += [f"### {problem}", "", gates_report(rows)]
+        parts += curves("gates")
     parts += ["## Tables", ""]
     parts += [table_report(name, rows) for name, rows in tables.items() if rows]
     if timings:

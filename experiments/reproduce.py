@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import shlex
 import sys
 import time
@@ -30,10 +31,11 @@ if str(REPO) not in sys.path:
 
 import config  # noqa: E402
 import figures  # noqa: E402
-from artifacts import section_args  # noqa: E402
+from artifacts import arch_tag, section_args  # noqa: E402
 from common import (UserError, atomic_write_text, cli, hidden_inner_progress, print_summary, progress,  # noqa: E402
                     read_rows, resolve_device, write_rows)
-from report import best_of_families, reproduction_report, scaling_rows  # noqa: E402
+from report import (answer_rows, answer_table, best_of_families, reproduction_report, scaling_rows,  # noqa: E402
+                    target_rows, targets_table)
 from strategies import parse_strategies  # noqa: E402
 from synthesis import components  # noqa: E402
 
@@ -43,15 +45,20 @@ NO_FIGURES = "matplotlib is not installed"
 STAGES = {"experts": ("train_source_networks", config.TrainConfig), "generators": ("train_gan", config.GanConfig),
           "gates": ("train_pan", config.PanConfig), "merge": ("merge", config.MergeConfig)}
 PROBLEM_STAGE_KEYS = {"gan": "generators", "pan": "gates"}
+FUSION_PARENTS = "experiments/fusion_parents.yaml"  # the tasks (splits of MNIST and CIFAR-10) fusion parents learn
+FUSION_KEYS = ("files", *PROBLEM_STAGE_KEYS)
 
 
 @dataclass
 class Step:
-    """One call of a stage script: its stage, what it works on, and its arguments (seeds come later)."""
+    """One call of a stage script: its stage, what it works on, and its arguments (seeds come later). A step of
+    a fusion table reads the table's recipe files, which may set settings sections of its own (its parents'
+    training), the same in each of its steps."""
 
     stage: str
     label: str
     args: list[str]
+    fusion: bool = False
 
     @property
     def script(self) -> str:
@@ -96,8 +103,11 @@ def plan(cfg: config.ReproduceConfig) -> list[Step]:
         elif not cfg.only_problems:
             raise config.ConfigError(f"table {table} needs problem(s) {sorted(needs - set(problems))}; add them "
                                      f"under `problems`")
+    steps = sorted(unique(steps + fusion_steps(cfg)), key=lambda s: list(STAGES).index(s.stage))  # stable
     for step in steps:
         stage_cfg = parse_step(step, cfg.seeds)
+        if step.fusion:
+            continue
         changed = [name for name, section in config.SECTIONS.items()
                    if hasattr(stage_cfg, name) and getattr(stage_cfg, name) != section()]
         if changed:  # every stage must agree on them, so they are the profile's, not one step's
@@ -105,6 +115,41 @@ def plan(cfg: config.ReproduceConfig) -> list[Step]:
                                      f"sections in the profile (top-level keys {', '.join(config.SECTIONS)}), "
                                      f"so every stage reads the same")
     return steps
+
+
+def fusion_steps(cfg: config.ReproduceConfig) -> list[Step]:
+    """The steps of every fusion table of the profile: its parents (the experts of its problem, each trained with
+    the table's recipe files), generators and gates where the entry asks, and the table itself."""
+    steps = []
+    for table, entry in cfg.fusion.items():
+        bad = [k for k in entry if k not in FUSION_KEYS]
+        if bad:
+            raise config.ConfigError(f"fusion.{table}: unknown key(s) {bad}; choices: {', '.join(FUSION_KEYS)}")
+        files = [FUSION_PARENTS, *entry.get("files", [])]
+        merge_args = [*files, f"experiments/{table}.yaml", f"name={table}"]
+        table_cfg = parse_step(Step("merge", table, merge_args), cfg.seeds)
+        if cfg.only_problems and table_cfg.problem not in cfg.only_problems:
+            continue
+        for e in table_cfg.problems[table_cfg.problem].experts:
+            shape = [f"arch_kwargs={json.dumps(e.arch_kwargs)}"] if e.arch_kwargs else []
+            steps.append(Step("experts", f"{e.task} {arch_tag(e.arch, e.arch_kwargs)}",
+                              [*files, f"dataset={e.task}", f"arch={e.arch}", *shape], fusion=True))
+        steps += [Step(stage, table_cfg.problem, [*files, f"experiments/{table}.yaml", *entry[key],
+                                                  f"problem={table_cfg.problem}"], fusion=True)
+                  for key, stage in PROBLEM_STAGE_KEYS.items() if key in entry]
+        steps.append(Step("merge", table, merge_args, fusion=True))
+    return steps
+
+
+def unique(steps: list[Step]) -> list[Step]:
+    """Each step once (a parent shared by two fusion tables trains once); one label with two different
+    argument lists would write one rows file twice, so it is an error."""
+    out: dict[tuple[str, str], Step] = {}
+    for step in steps:
+        seen = out.setdefault((step.stage, step.label), step)
+        if seen.args != step.args:
+            raise config.ConfigError(f"two {step.stage} steps named {step.label!r} differ: {seen.args} vs {step.args}")
+    return list(out.values())
 
 
 def shared_args(cfg: config.ReproduceConfig, stage: str, seeds: list[int], force: bool) -> list[str]:
@@ -216,7 +261,7 @@ def build_report(cfg: config.ReproduceConfig, steps: list[Step]) -> dict:
     timings = read_rows(results / "timings.jsonl")
     series = {name: [p for p in members if p in problems] for name, members in cfg.scaling.items()}
     series = {name: members for name, members in series.items() if len(members) > 1}
-    experts_per_problem = {p: len(known[p].experts) for p in problems}
+    experts_per_problem = {p: len(known[p].experts) for p in problems if p in known}
 
     rows_by_problem: dict[str, list[dict]] = {}
     for rows in tables.values():
@@ -224,12 +269,14 @@ def build_report(cfg: config.ReproduceConfig, steps: list[Step]) -> dict:
             rows_by_problem.setdefault(r["problem"], []).append(r)
     best = {p: best_of_families(rows) for p, rows in rows_by_problem.items()}
     outputs = write_rows(results / "families", [b for rows in best.values() for b in rows])
+    outputs["answer"] = write_answer(cfg, results, rows_by_problem)
     scaling = scaling_rows(series, rows_by_problem, experts_per_problem)
     if scaling:
         outputs["scaling"] = write_rows(results / "scaling", [
             {k: v if not isinstance(v, dict) else {"best": v["best"], "mean": v["mean"], "std": v["std"]}
              for k, v in r.items()} for r in scaling])["csv"]
-    figures = draw_figures(results, best, generator_rows, diagnostics)
+    figures = draw_figures(results, best, generator_rows, diagnostics, experts_rows,
+                           [r for rows in gates.values() for r in rows])
     outputs["figures"] = figures
     header = "\n".join([
         f"# Reproduction report: profile `{cfg.profile}`", "",
@@ -243,12 +290,61 @@ def build_report(cfg: config.ReproduceConfig, steps: list[Step]) -> dict:
     return outputs
 
 
+def curve_panels(experts: list[dict], generators: list[dict], gates: list[dict]) -> dict[str, dict]:
+    """Per stage, its training histories for figures.training_curves: panel -> line -> one history per run.
+    Experts: one line per task and arch. Generators: one per expert (DAFL). Gates: one panel per regime, one line
+    per gate type, over experts and problems (a gate's rows share its history: counted once). Rows written
+    before histories were recorded are left out."""
+    stages: dict[str, dict[str, dict[str, list]]] = {"experts": {}, "generators": {}, "gates": {}}
+    for r in experts:
+        if r.get("history"):
+            stages["experts"].setdefault("experts", {}).setdefault(f"{r['task']} ({r['arch']})", []).append(r["history"])
+    for r in generators:
+        if r.get("history"):
+            stages["generators"].setdefault("DAFL generators", {}).setdefault(r["task"], []).append(r["history"])
+    seen = set()
+    for r in gates:
+        if r.get("history") and r["checkpoint"] not in seen:
+            seen.add(r["checkpoint"])
+            regime = r["regime"] if r.get("synthesizer") is None else f"{r['regime']} ({r['synthesizer']})"
+            stages["gates"].setdefault(f"gates, {regime}", {}).setdefault(r["gate_type"], []).append(r["history"])
+    return {stage: panels for stage, panels in stages.items() if panels}
+
+
+CURVE_METRICS = {"experts": (("loss", "acc"), ("training loss", "training accuracy")),
+                 "generators": (("loss", "confidence"), ("DAFL loss (last batch)", "expert's mean confidence")),
+                 "gates": (("loss", "acc"), ("training loss", "training accuracy (in/out)"))}
+
+
+def write_answer(cfg: config.ReproduceConfig, results: Path, rows_by_problem: dict[str, list[dict]]) -> str:
+    """results/PROFILE/answer.md: the answer table over the routing problems and the profile's targets, both
+    from rules picked on the selection half and reported on the other (report.answer_rows, report.target_rows);
+    their rows in answer.{jsonl,csv} and targets.{jsonl,csv}."""
+    routing = {p: rows for p, rows in rows_by_problem.items() if p in cfg.problems}
+    answer = answer_rows(routing)
+    targets = target_rows(cfg.targets, rows_by_problem)
+    write_rows(results / "answer", answer)
+    parts = [f"# The answer: profile `{cfg.profile}`", "",
+             f"Written by `python experiments/reproduce.py profile={cfg.profile}` from the merge rows beside it.", "",
+             "## Does data-free routing beat the training-free rules?", "", answer_table(answer)]
+    if targets:
+        write_rows(results / "targets", targets)
+        parts += ["## Targets", "", targets_table(targets)]
+    atomic_write_text(results / "answer.md", "\n".join(parts))
+    return str(results / "answer.md")
+
+
 def draw_figures(results: Path, best: dict[str, list[dict]], generator_rows: list[dict],
-                 diagnostics: dict[str, list[dict]]) -> dict[str, str]:
-    """The family bars, one figure of sample grids per synthesizer, one of max-softmax curves per problem."""
+                 diagnostics: dict[str, list[dict]], experts: list[dict] = (), gates: list[dict] = ()) -> dict[str, str]:
+    """The family bars, one figure of sample grids per synthesizer, one of max-softmax curves per problem, and
+    one of training curves per stage (experts, generators, gates)."""
     if not figures.available():
         return {}
     drawn = {}
+    for stage, panels in curve_panels(experts, generator_rows, gates).items():
+        metrics, labels = CURVE_METRICS[stage]
+        figures.training_curves(panels, metrics, results / "figures" / f"training_{stage}.png", labels)
+        drawn[f"training_{stage}"] = f"figures/training_{stage}.png"
     if best:
         figures.family_bars(best, results / "figures" / "families.png")
         drawn["families"] = "figures/families.png"

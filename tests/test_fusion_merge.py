@@ -377,7 +377,9 @@ def test_the_fusion_experiments_cover_the_design():
     cfg, spec, labels = problem_of("fusion_clafusion.yaml")
     assert [e.arch_kwargs for e in spec.experts] == [{"widths": [400, 200, 100, 50, 25], "bias": False},
                                                     {"widths": [400, 200, 100], "bias": False}]
-    assert labels == ["ensemble", "clafusion(finetune_epochs=0)", "clafusion(finetune_epochs=1)"]
+    assert labels == ["parent(index=0,finetune_epochs=0)", "parent(index=1,finetune_epochs=0)", "ensemble",
+                      "clafusion(finetune_epochs=0)", "clafusion(finetune_epochs=1)",
+                      "parent(index=0,finetune_epochs=1)", "parent(index=1,finetune_epochs=1)"]
     for k in (2, 4, 8):
         cfg, spec, labels = problem_of(f"fusion_noniid{k}.yaml")
         assert [e.task for e in spec.experts] == [f"mnist_dir{k}_p{i}" for i in range(k)]

@@ -34,8 +34,10 @@ def test_every_profile_plans_in_pipeline_order(profile):
     assert stages == sorted(stages, key=list(reproduce.STAGES).index)
     problems = config.MergeConfig().problems
     needed = {f"{e.task} {e.arch}" for p in cfg.problems for e in problems[p].experts}
-    assert {s.label for s in steps if s.stage == "experts"} == needed
-    assert [s.label for s in steps if s.stage == "merge"] == list(cfg.tables)
+    parents = {s.label for s in reproduce.fusion_steps(cfg) if s.stage == "experts"}
+    assert {s.label for s in steps if s.stage == "experts"} == needed | parents
+    assert [s.label for s in steps if s.stage == "merge"] == [*cfg.tables, *cfg.fusion]
+    assert all(s.fusion for s in steps if s.label in parents or s.label in cfg.fusion)
 
 
 def test_profiles_differ_in_seeds_budgets_and_results():
@@ -146,7 +148,10 @@ def mtimes(folder: Path) -> dict[str, int]:
 def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may depend on starting in the repository
     root = make_fake_root(squares=True, n_mnist_train=200, n_mnist_test=60, n_cifar=12).root
-    cfg = tiny_config(root, tmp_path)
+    cfg = tiny_config(root, tmp_path, fusion={"fusion_noniid2": {}},
+                      targets=[{"problem": "disjoint_mnist", "best": "best data-free rule", "than": "naive", "by": 2},
+                               {"problem": "mnist_dir2_mlp", "best": "fusion: neuron interpolation",
+                                "than": "fusion: OTFusion", "by": 0}])
     summary = reproduce.main(cfg)
 
     results, ckpt = tmp_path / "results", tmp_path / "ckpt"
@@ -170,7 +175,21 @@ def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, 
     families = {r["family"] for r in read_rows(results / "families.jsonl")}
     assert {"oracle (bound)", "logit statistics", "multi-pass mean", "gates, data-free", "data-free calibration",
             "universal gate, data-free, unseen experts"} <= families
-    assert summary["outputs"]["figures"] == {"families": "figures/families.png",
+    # the fusion table ran in the same pipeline: its parents, then the table, picked on the selection half
+    assert {"mnist_dir2_p0 mlp-2d99de32", "mnist_dir2_p1 mlp-2d99de32"} <= {s.label for s in reproduce.plan(cfg)}
+    fusion_families = {r["family"] for r in read_rows(results / "families.jsonl") if r["problem"] == "mnist_dir2_mlp"}
+    assert {"fusion: OTFusion", "fusion: neuron interpolation", "ensembles"} <= fusion_families
+    # the answer and the targets are written by code, from picks on the selection half
+    answer, _, target_lines = (results / "answer.md").read_text().partition("## Targets")
+    assert "| `disjoint_mnist` |" in answer and "| `mnist_cifar10` |" in answer and "mnist_dir2_mlp" not in answer
+    assert "| `mnist_dir2_mlp` | at least +0 points |" in target_lines
+    targets = read_rows(results / "targets.jsonl")
+    assert [t["problem"] for t in targets] == ["disjoint_mnist", "mnist_dir2_mlp"]
+    assert all(t["met"] in (True, False) and t["best_rule"] for t in targets)
+    assert summary["outputs"]["figures"] == {"training_experts": "figures/training_experts.png",
+                                             "training_generators": "figures/training_generators.png",
+                                             "training_gates": "figures/training_gates.png",
+                                             "families": "figures/families.png",
                                              "samples_dafl": "figures/samples_dafl.png",
                                              "samples_inversion": "figures/samples_inversion.png",
                                              "msp_disjoint_mnist": "figures/msp_disjoint_mnist.png",
@@ -285,7 +304,7 @@ def test_deterministic_runs_give_identical_rows(make_fake_root, tmp_path):
     assert rows[0] == rows[1]
 
 
-VOLATILE = ("time_s", "expert_time_s", "config")
+VOLATILE = ("time_s", "expert_time_s", "config", "config_digest")
 
 
 def stable(row: dict, run_dir: Path) -> dict:
