@@ -36,6 +36,10 @@ from expert_files import file_digest
 from stacked import resolve_stacking
 
 KEY_LENGTH = 8
+# the source that makes each synthesizer's images: part of its sets' recipes (and the generator's), so changed
+# synthesis code makes new sets, whose new digests make the gates and rows that read them stale in turn
+SYNTHESIS_CODE = {"dafl": ("dafl.py", "archs/generator.py", "synthesis.py"),
+                  "inversion": ("inversion.py", "synthesis.py"), "deepinversion": ("inversion.py", "synthesis.py")}
 REPO = Path(__file__).resolve().parent
 DRAWING = ("images", "sample_mode")  # how a set is drawn from a DAFL generator, not how it is trained
 
@@ -89,9 +93,16 @@ def stored_meta(path: Path) -> dict:
 
 def code_digest(files: tuple[str, ...]) -> str:
     """A short hash of the source of ``files`` (paths relative to the repository): the code that computes a
-    cached result row, so a row is recomputed when that code changes."""
+    cached result row or makes a synthetic set, so it is made again when that code changes (cached per version
+    of the files: recipes are computed often)."""
+    names = tuple(sorted(files))
+    return _code_digest(names, tuple((REPO / name).stat().st_mtime_ns for name in names))
+
+
+@lru_cache(maxsize=256)
+def _code_digest(names: tuple[str, ...], stamps: tuple[int, ...]) -> str:
     h = hashlib.sha256()
-    for name in sorted(files):
+    for name in names:
         h.update(name.encode() + b"\0" + (REPO / name).read_bytes() + b"\0")
     return h.hexdigest()[:KEY_LENGTH]
 
@@ -256,7 +267,7 @@ class Layout:
         """DAFL's generator: its training settings (not how many images are drawn from it, nor how)."""
         dafl = {**dataclasses.asdict(self._need(self.synthesis["dafl"], "dafl")), "stack_seeds": self.stacked("generators")}
         return self._known({"synthesizer": "dafl", **{k: v for k, v in dafl.items() if k not in DRAWING},
-                            "expert": recipe_key(self.expert_recipe(expert))})
+                            "code": code_digest(SYNTHESIS_CODE["dafl"]), "expert": recipe_key(self.expert_recipe(expert))})
 
     def generator_path(self, expert: ExpertId, seed: int) -> Path:
         key = recipe_key(self.generator_recipe(expert))
@@ -267,8 +278,10 @@ class Layout:
         settings = dataclasses.asdict(self._need(self.synthesis[synthesizer], synthesizer))
         if synthesizer == "dafl":
             return self._known({"synthesizer": "dafl", **{k: settings[k] for k in DRAWING},
+                                "code": code_digest(SYNTHESIS_CODE["dafl"]),
                                 "generator": recipe_key(self.generator_recipe(expert))})
-        return self._known({"synthesizer": synthesizer, **settings, "expert": recipe_key(self.expert_recipe(expert))})
+        return self._known({"synthesizer": synthesizer, **settings, "code": code_digest(SYNTHESIS_CODE[synthesizer]),
+                            "expert": recipe_key(self.expert_recipe(expert))})
 
     def synthetic_path(self, synthesizer: str, expert: ExpertId, seed: int) -> Path:
         key = recipe_key(self.synthetic_recipe(synthesizer, expert))

@@ -117,7 +117,9 @@ class FusionNeeds:
 BASE_CODE = ("strategies.py", "merge.py", "problems.py", "data.py", "archs/__init__.py", "archs/lenet.py",
              "archs/resnet.py", "archs/mlp.py", "archs/vgg.py")
 TTA_CODE = BASE_CODE + ("augments.py",)
-GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py")
+# the synthesis code: the sets a calibration or a data-free gate reads are keyed by it too (artifacts.SYNTHESIS_CODE)
+SYNTHESIS_CODE = ("synthesis.py", "dafl.py", "inversion.py", "archs/generator.py")
+GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py") + SYNTHESIS_CODE
 DEFAULT_SYNTHESIZER = "dafl"  # what a rule's ``synthesizer=""`` reads: the paper's generator
 FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
                                 ("__init__", "_common", "transport", "cross_layer", "interpolation", "ensemble"))
@@ -399,7 +401,7 @@ def max_logit(inputs: MergeInputs) -> Decision:
 
 # ---------------------------------------------------------------- data-free calibration of the scores
 
-@register("calibrated")
+@register("calibrated", code=BASE_CODE + SYNTHESIS_CODE)
 def calibrated(inputs: MergeInputs, *, score: Score = "energy", reference: Literal["own", "others", "mid"] = "own",
                synthesizer: str = "") -> Decision:
     """Trust the expert whose score stands highest against its distributions on synthetic images, so experts

@@ -206,3 +206,22 @@ def test_without_an_alternative_the_error_lists_the_commands(tmp_path):
     assert message.startswith("checkpoints are missing under")
     assert "dataset=first5_mnist" in message and "dataset=last5_mnist" in message and "made with" not in message
     assert current.missing_error([]) is None
+
+
+def test_synthesis_code_is_part_of_every_set_and_generator_recipe(tmp_path, monkeypatch):
+    """Changed synthesis code makes new sets (and generators); the gates and rows reading them follow by digest."""
+    lay = layout(tmp_path)
+    before = (lay.synthetic_path("inversion", FIRST5, 1), lay.synthetic_path("dafl", FIRST5, 1),
+              lay.generator_path(FIRST5, 1))
+    monkeypatch.setitem(artifacts.SYNTHESIS_CODE, "inversion", ("inversion.py",))
+    monkeypatch.setitem(artifacts.SYNTHESIS_CODE, "dafl", ("dafl.py",))
+    after = (lay.synthetic_path("inversion", FIRST5, 1), lay.synthetic_path("dafl", FIRST5, 1),
+             lay.generator_path(FIRST5, 1))
+    assert all(a != b for a, b in zip(before, after))
+
+
+def test_rows_of_rules_that_read_synthetic_sets_are_keyed_by_the_synthesis_code():
+    from strategies import REGISTRY
+
+    for name in ("calibrated", "gate_hard", "gate_confident", "gate_soft"):
+        assert {"synthesis.py", "dafl.py", "inversion.py"} <= set(REGISTRY[name].code), name
