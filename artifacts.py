@@ -1,4 +1,4 @@
-"""Where every artifact lives and what it is keyed by (DESIGN.md section 6); the one module that knows.
+"""Where every artifact lives and what it is keyed by (docs/design.md section 6); the one module that knows.
 
 An artifact (an expert, a generator, a gate checkpoint) is made by a *recipe*: its settings with the
 defaults filled in, plus the keys of the recipes of the artifacts it was made from. A short hash of the
@@ -93,17 +93,16 @@ def stored_meta(path: Path) -> dict:
 
 def code_digest(files: tuple[str, ...]) -> str:
     """A short hash of the source of ``files`` (paths relative to the repository): the code that computes a
-    cached result row or makes a synthetic set, so it is made again when that code changes (cached per version
-    of the files: recipes are computed often)."""
-    names = tuple(sorted(files))
-    return _code_digest(names, tuple((REPO / name).stat().st_mtime_ns for name in names))
+    cached result row or makes a synthetic set, so it is made again when that code changes. Read once per
+    process: the code that runs is the code imported when the process started, whatever is edited since."""
+    return _code_digest(REPO, tuple(sorted(files)))
 
 
 @lru_cache(maxsize=256)
-def _code_digest(names: tuple[str, ...], stamps: tuple[int, ...]) -> str:
+def _code_digest(repo: Path, names: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     for name in names:
-        h.update(name.encode() + b"\0" + (REPO / name).read_bytes() + b"\0")
+        h.update(name.encode() + b"\0" + (repo / name).read_bytes() + b"\0")
     return h.hexdigest()[:KEY_LENGTH]
 
 
@@ -265,9 +264,11 @@ class Layout:
 
     def generator_recipe(self, expert: ExpertId) -> dict:
         """DAFL's generator: its training settings (not how many images are drawn from it, nor how)."""
-        dafl = {**dataclasses.asdict(self._need(self.synthesis["dafl"], "dafl")), "stack_seeds": self.stacked("generators")}
+        dafl = {**dataclasses.asdict(self._need(self.synthesis["dafl"], "dafl")),
+                "stack_seeds": self.stacked("generators")}
         return self._known({"synthesizer": "dafl", **{k: v for k, v in dafl.items() if k not in DRAWING},
-                            "code": code_digest(SYNTHESIS_CODE["dafl"]), "expert": recipe_key(self.expert_recipe(expert))})
+                            "code": code_digest(SYNTHESIS_CODE["dafl"]),
+                            "expert": recipe_key(self.expert_recipe(expert))})
 
     def generator_path(self, expert: ExpertId, seed: int) -> Path:
         key = recipe_key(self.generator_recipe(expert))

@@ -37,7 +37,7 @@ import yaml
 
 from common import UserError, atomic_write_text
 
-# The paper's seed list (DESIGN.md section 3); expert, generator and gate of seed i belong together.
+# The paper's seed list (docs/design.md section 3); expert, generator and gate of seed i belong together.
 PAPER_SEEDS = [770597, 600522, 416719, 306890, 201746, 156886, 929271, 247945, 5028, 436287]
 
 DATA_DIR_ENV = "MOE_DATA_DIR"
@@ -100,7 +100,7 @@ def stacking_field() -> Any:
 @dataclass
 class TaskSpec:
     """An expert's training task: a source dataset, the subset of its classes it learns, and optionally
-    one part of a split of its training set (the parents of weight-space fusion, DESIGN.md section 8).
+    one part of a split of its training set (the parents of weight-space fusion, docs/design.md section 8).
 
     The expert's local label j is ``classes[j]`` of the source dataset; ``classes: null`` means all.
     ``split`` cuts the task's *training* set into ``parts`` disjoint parts and keeps part ``part``
@@ -137,7 +137,7 @@ def default_tasks() -> dict[str, TaskSpec]:
 
 @dataclass
 class ExpertFile:
-    """An expert this repository did not train, given by file (DESIGN.md section 3, "Experts from files").
+    """An expert this repository did not train, given by file (docs/design.md section 3, "Experts from files").
 
     The file is TorchScript (``torch.jit.save``), a ``torch.export`` program (``.pt2``), or, when ``model``
     names its class as ``package.module:Class``, a state dict built into ``Class(**model_kwargs)``. The
@@ -177,7 +177,7 @@ class ProblemSpec:
     """A benchmark: its experts, in order. Expert k's local class j gets the next free global id, so
     ``disjoint_mnist`` labels are the digits and ``mnist_cifar10`` puts CIFAR-10 at 10..19.
 
-    ``shared_labels: true`` makes a problem of fusion parents instead (DESIGN.md section 8): every
+    ``shared_labels: true`` makes a problem of fusion parents instead (docs/design.md section 8): every
     expert predicts the same classes of the same source, the combined test set is that task's test
     set once, and the global labels are the experts' own (problems.build_problem says more)."""
 
@@ -205,7 +205,7 @@ def default_data_dir() -> str:
 
 @dataclass
 class ExpertTraining:
-    """How every expert is trained (DESIGN.md section 3: SGD lr 0.01, momentum 0.9, no weight decay,
+    """How every expert is trained (docs/design.md section 3: SGD lr 0.01, momentum 0.9, no weight decay,
     10 epochs, batch 512 MNIST / 128 CIFAR-10). Part of each expert checkpoint's recipe."""
 
     epochs: int = at_least(1, 10)
@@ -642,7 +642,8 @@ def _merge_dataclass(obj: Any, overrides: dict, prefix: str) -> Any:
     changes = {}
     for key, value in overrides.items():
         if key not in fields:
-            raise ConfigError(_unknown_key_message(prefix + key, key, list(fields), [prefix + h for h in nested_homes(obj, key)]))
+            homes = [prefix + h for h in nested_homes(obj, key)]
+            raise ConfigError(_unknown_key_message(prefix + key, key, list(fields), homes))
         current = getattr(obj, key)
         changes[key] = coerce(value, hints[key], prefix + key, current)
     return dataclasses.replace(obj, **changes)

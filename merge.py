@@ -109,9 +109,9 @@ def why_recompute(latest: dict | None, key: dict) -> str:
 
 class ExpertRuns:
     """Every expert of several seeds on the combined test set and on its augmented copies, computed once for
-    all those seeds. Where ``stack_seeds`` resolves to stacking, expert k of every seed runs as one stacked network on each batch
-    (stacked.py), each seed on its own augmented copy drawn from its own generator, so a seed gets the logits
-    it would get alone. Each TTA setting draws from a generator seeded by the seed, the problem and the
+    all those seeds. Where ``stack_seeds`` resolves to stacking, expert k of every seed runs as one stacked network
+    on each batch (stacked.py), each seed on its own augmented copy drawn from its own generator, so a seed gets
+    the logits it would get alone. Each TTA setting draws from a generator seeded by the seed, the problem and the
     setting, so results do not depend on which rules run first."""
 
     def __init__(self, cfg: config.MergeConfig, problem: Problem, seeds: list[int], device: torch.device) -> None:
@@ -120,8 +120,9 @@ class ExpertRuns:
         self.experts = {seed: problem.load_experts(layout, seed, device) for seed in seeds}
         self.formats = self.experts[seeds[0]][1]
         positions = [[self.experts[seed][0][k] for seed in seeds] for k in range(len(problem.experts))]
+        together = resolve_stacking(cfg.stack_seeds, "merge", device) and len(seeds) > 1
         self.stacks = ([stack(models).eval() for models in positions]
-                       if resolve_stacking(cfg.stack_seeds, "merge", device) and len(seeds) > 1 and all(stackable(m) for m in positions) else None)
+                       if together and all(stackable(m) for m in positions) else None)
         self._activations: dict[int, list] = {}
         self._passes: dict[str, dict[int, list]] = {}
         self.times: dict[str, float] = {}  # seconds per seed: the original pass ("") and each setting's

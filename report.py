@@ -114,7 +114,7 @@ LOGIT_STATISTICS = {"naive", "std_lower", "std_higher", "ratio", "overall_ratio"
 OOD_SCORES = {"max_softmax", "energy", "neg_entropy"}
 CALIBRATION = {"calibrated"}
 REGIME_NAMES = {"real": "real data", "synthetic": "data-free", "noise": "noise negatives"}
-# weight-space fusion (DESIGN.md section 8): every method its own family; fine-tuned rows apart from the others
+# weight-space fusion (docs/design.md section 8): every method its own family; fine-tuned rows apart from the others
 FUSION_FAMILIES = {"parent": "parents", "vanilla_avg": "fusion: vanilla averaging", "otfusion": "fusion: OTFusion",
                    "hf": "fusion: neuron interpolation", "kf_linear": "fusion: neuron interpolation",
                    "kf_gradient": "fusion: neuron interpolation", "clafusion": "fusion: CLAFusion",

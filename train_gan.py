@@ -51,9 +51,9 @@ def other_seed_expert(layout: Layout, expert: ExpertId, seed: int) -> Path | Non
 def dafl_generators(cfg: config.GanConfig, experts: list[ExpertId], seeds: list[int],
                     device: torch.device) -> dict[tuple[ExpertId, int], tuple[nn.Module, dict, str]]:
     """The DAFL generator of every (expert, seed), its row, and why it was trained (or "reused"). With
-    ``dafl.stack_seeds`` resolved to true the ones to train are trained together, one stacked generator against one stacked expert
-    per architecture and shape (every seed, and experts of one shape such as disjoint_mnist's two), each pair
-    from its own initialisation and noise as it would train alone."""
+    ``dafl.stack_seeds`` resolved to true the ones to train are trained together, one stacked generator against
+    one stacked expert per architecture and shape (every seed, and experts of one shape such as disjoint_mnist's
+    two), each pair from its own initialisation and noise as it would train alone."""
     layout = Layout(cfg)
     stack_seeds = layout.stacked("generators")
     out, todo = {}, []

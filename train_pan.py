@@ -3,7 +3,7 @@
     python train_pan.py problem=disjoint_mnist regimes=[synthetic] seeds=[770597]
 
 A gate reads its (frozen) expert's activations and says whether the input belongs to that expert.
-Regimes (DESIGN.md section 4, "The data question"):
+Regimes (docs/design.md section 4, "The data question"):
 - ``real``: the real training images of every expert; target = the image's own domain (the original
   code's setting, an upper bound). On a problem with shared labels (fusion parents) each parent's real
   images are its own task's training split (its part of a split, e.g. its shard), as the trainer loads it;
@@ -171,8 +171,8 @@ class PendingGate:
 
 def train_gates(cfg: config.PanConfig, pending: list[PendingGate]) -> list[tuple[nn.Module, str, dict, list[dict],
                                                                                  float]]:
-    """Train the pending gates: where ``gate.stack_seeds`` resolves to stacking, every group of one architecture, width and amount of
-    data as one stacked network (each gate as it would train alone); returns (gate, arch, kwargs, training history,
+    """Train the pending gates: where ``gate.stack_seeds`` resolves to stacking, every group of one architecture,
+    width and amount of data as one stacked network (each gate as it would train alone); returns (gate, arch, kwargs, training history,
     train time per gate) in the order given."""
     built = [gate.build(cfg) for gate in pending]
     stacked = Layout(cfg).stacked("gates")

@@ -6,9 +6,9 @@ The parents of weight-space fusion train here too: ``arch=mlp arch_kwargs='{widt
 bias: false}'`` on tasks that keep one part of a split of MNIST (experiments/fusion_parents.yaml).
 
 The training set lives on the device as one normalised float tensor and batches are sliced from a
-seeded permutation, so an epoch does no per-image Python work. The seeds to train are trained together as
-one stacked network (stacked.py) where that is faster on the device (``expert.stack_seeds``: auto, true or false), each from its own
-initialisation and batch order, as it would be trained alone. Each seed's checkpoint is written atomically
+seeded permutation, so an epoch does no per-image Python work. The seeds are trained together as one stacked
+network (stacked.py) where that is faster on the device (``expert.stack_seeds``: auto, true or false), each
+from its own initialisation and batch order, as it would be trained alone. Each seed's checkpoint is written atomically
 under a name that carries its recipe's key (artifacts.py); a rerun reuses it, and a killed run continues
 from its last saved epoch (training.Resume). ``force=true`` retrains.
 """
@@ -54,7 +54,8 @@ def reused_row(cfg: config.TrainConfig, seed: int, test, device: torch.device) -
 
 
 def train_experts(cfg: config.TrainConfig, seeds: list[int], train, test, device: torch.device) -> list[dict]:
-    """Train the experts of ``seeds`` (together as one stacked network when ``expert.stack_seeds`` resolves so, each from its own
+    """Train the experts of ``seeds`` (together as one stacked network when ``expert.stack_seeds`` resolves so,
+    each from its own
     initialisation, batch order and resumable state) and write one checkpoint per seed; returns their rows."""
     layout = Layout(cfg)
     expert = ExpertId(cfg.dataset, cfg.arch, dict(cfg.arch_kwargs))

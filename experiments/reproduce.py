@@ -298,7 +298,8 @@ def curve_panels(experts: list[dict], generators: list[dict], gates: list[dict])
     stages: dict[str, dict[str, dict[str, list]]] = {"experts": {}, "generators": {}, "gates": {}}
     for r in experts:
         if r.get("history"):
-            stages["experts"].setdefault("experts", {}).setdefault(f"{r['task']} ({r['arch']})", []).append(r["history"])
+            line = f"{r['task']} ({r['arch']})"
+            stages["experts"].setdefault("experts", {}).setdefault(line, []).append(r["history"])
     for r in generators:
         if r.get("history"):
             stages["generators"].setdefault("DAFL generators", {}).setdefault(r["task"], []).append(r["history"])
@@ -335,7 +336,8 @@ def write_answer(cfg: config.ReproduceConfig, results: Path, rows_by_problem: di
 
 
 def draw_figures(results: Path, best: dict[str, list[dict]], generator_rows: list[dict],
-                 diagnostics: dict[str, list[dict]], experts: list[dict] = (), gates: list[dict] = ()) -> dict[str, str]:
+                 diagnostics: dict[str, list[dict]], experts: list[dict] = (),
+                 gates: list[dict] = ()) -> dict[str, str]:
     """The family bars, one figure of sample grids per synthesizer, one of max-softmax curves per problem, and
     one of training curves per stage (experts, generators, gates)."""
     if not figures.available():

@@ -1,6 +1,6 @@
 """train_pan.py end to end on tiny experts and generators (fake data root), and merge.py's gate rules on them.
 
-DESIGN.md section 4: "Gating networks", "The data question" (regimes real, synthetic, noise; the
+docs/design.md section 4: "Gating networks", "The data question" (regimes real, synthetic, noise; the
 data-free ones read no real training image) and "Universal gate" (one gate per problem, regime and seed).
 """
 from __future__ import annotations
@@ -73,7 +73,8 @@ def gate_file(ckpt: Path, regime: str, gate_type: str, task: str, seed: int, pro
     return layout(ckpt, *extra).gate_path(problem, regime, gate_type, serves, seed)
 
 
-def all_gate_files(ckpt: Path, regimes=REGIMES, gate_types=GATE_TYPES, seeds=SEEDS, extra: list[str] = ()) -> list[Path]:
+def all_gate_files(ckpt: Path, regimes=REGIMES, gate_types=GATE_TYPES, seeds=SEEDS,
+                   extra: list[str] = ()) -> list[Path]:
     """Every gate checkpoint train_pan should write: per (regime, type, expert), one universal per regime."""
     return list(dict.fromkeys(gate_file(ckpt, r, t, task, s, extra=extra)
                               for s in seeds for r in regimes for t in gate_types for task in TASKS))
@@ -192,7 +193,7 @@ def test_gates_rows_and_summary(env, pan_run, test_activations):
 
 
 def expected_counts(regime: str, gate_type: str, task: str, n_train: list[int]) -> tuple[int, int]:
-    """(positives, negatives) of a gate's training set, by DESIGN.md's definition of each regime."""
+    """(positives, negatives) of a gate's training set, by docs/design.md's definition of each regime."""
     def per_expert(k: int) -> tuple[int, int]:
         if regime == "real":  # real images of every expert; positives are expert k's
             return n_train[k], sum(n_train) - n_train[k]
