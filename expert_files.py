@@ -1,4 +1,4 @@
-"""Experts trained elsewhere, given by file (DESIGN.md section 3, "Experts from files"): load, check, wrap.
+"""Experts trained elsewhere, given by file (docs/design.md section 3, "Experts from files"): load, check, wrap.
 
 A problem entry gives such an expert as ``file:`` (config.ExpertFile), in one of three forms:
 

@@ -1,6 +1,6 @@
 """What a gate reads, and where gates live: the inputs of each gate type and the gate checkpoints a rule reads.
 
-Gate types (DESIGN.md section 4): ``feature`` (the expert's feature vector), ``logits``,
+Gate types (docs/design.md section 4): ``feature`` (the expert's feature vector), ``logits``,
 ``agnostic_logits`` and ``agnostic_feature`` (mean, std and max of those vectors), and
 ``universal``: statistics of the softmax that do not depend on the expert's architecture, width or
 number of classes, so one gate can serve any expert.

@@ -1,10 +1,10 @@
-"""Problems: a set of experts and their combined test set, with global labels (DESIGN.md section 2).
+"""Problems: a set of experts and their combined test set, with global labels (docs/design.md section 2).
 
 The combined test set is the concatenation of every expert's own test subset. Each part keeps its
 native channels (grey or RGB) so augmentations act on the image as it is, and is converted to each
 expert's input format only when shown to that expert.
 
-A problem with ``shared_labels`` holds fusion parents instead (DESIGN.md section 8): every expert
+A problem with ``shared_labels`` holds fusion parents instead (docs/design.md section 8): every expert
 learns the same classes of the same source, so the combined test set is that task's test set once
 and the global labels are the experts' own. Each test sample still gets a "domain" (read only by the
 oracle and by routing accuracy): the expert whose training data holds the most samples of its class

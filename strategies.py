@@ -5,7 +5,7 @@ name with ``@register``; its keyword-only parameters, with their annotations and
 typed parameters a config may set. ``parse_strategies`` checks names and parameters when the config
 loads, before any work. Every rule is vectorised over the batch and runs wherever its tensors are.
 
-Routing rules trust one expert per sample. Weight-space fusion rules (DESIGN.md section 8) instead
+Routing rules trust one expert per sample. Weight-space fusion rules (docs/design.md section 8) instead
 build one network from the parents of a problem with shared labels and let it answer every sample
 (``Decision.expert`` is -1); they read ``MergeInputs.fusion`` and are registered with the
 ``FusionNeeds`` that ``check_fusion`` tests against a problem before any work.

@@ -1,6 +1,6 @@
 """Synthesizers: the registry of data-free image makers, the stored image sets they write, and their quality.
 
-A synthesizer makes, for one expert and seed, a set of images from that expert alone (DESIGN.md section 4,
+A synthesizer makes, for one expert and seed, a set of images from that expert alone (docs/design.md section 4,
 "Synthesizers"); the gate stage reads the sets through ``synthesizer=NAME``. Its settings are the config
 section of the same name (config.DaflTraining, InversionSettings, DeepInversionSettings), typed and checked
 when the config loads. A *mixture* ``a+b`` pools the sets of its synthesizers (the gates read both).

@@ -1,7 +1,7 @@
 """Model registry: ``build_model(name, in_channels=..., num_classes=...)``.
 
 Every model's ``forward(x, return_features=False)`` returns logits, or ``(logits, features)`` with
-the feature vector that feature-reading gates consume (DESIGN.md section 3).
+the feature vector that feature-reading gates consume (docs/design.md section 3).
 """
 from __future__ import annotations
 

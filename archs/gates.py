@@ -1,4 +1,4 @@
-"""Gating networks (PANs): binary classifiers reading one expert's activations (DESIGN.md section 4).
+"""Gating networks (PANs): binary classifiers reading one expert's activations (docs/design.md section 4).
 
 Both keep the per-dimension mean and std of their training inputs as buffers and standardise with
 them: raw feature vectors span very different scales across experts and dimensions, and plain SGD

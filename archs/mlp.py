@@ -1,4 +1,4 @@
-"""Fully connected ReLU network, the architecture the weight-space fusion methods work on (DESIGN.md section 8)."""
+"""Fully connected ReLU network, the architecture the weight-space fusion methods work on (docs/design.md section 8)."""
 from __future__ import annotations
 
 from typing import Sequence

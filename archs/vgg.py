@@ -1,4 +1,4 @@
-"""VGG-style convolutional network without batch norm, the convolutional parents of weight-space fusion (DESIGN.md
+"""VGG-style convolutional network without batch norm, the convolutional parents of weight-space fusion (docs/design.md
 section 8).
 
 Without batch norm every layer is a plain affine map followed by a ReLU, so a channel is a neuron as in an

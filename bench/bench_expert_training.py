@@ -32,7 +32,7 @@ from config import DATA_DIR_ENV, TaskSpec
 from data import InputFormat, get_source, load_source, load_task, prepare_input, to_unit
 from training import accuracy, train_classifier
 
-LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 0.0  # the paper's expert settings (DESIGN.md section 3)
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 0.0  # the paper's expert settings (docs/design.md section 3)
 
 
 class PerImageCIFAR(Dataset):

@@ -1,4 +1,4 @@
-"""Weight-space fusion (DESIGN.md section 8): parents in, one new network out; the parents are never changed.
+"""Weight-space fusion (docs/design.md section 8): parents in, one new network out; the parents are never changed.
 
 - ``vanilla_avg``: parameter-wise mean of identical architectures (``transport.py``).
 - ``otfusion`` (Singh & Jaggi 2020): align every parent's neurons to an anchor's with exact optimal

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import archs
 from archs import ARCHS, build_model
 
-# DESIGN.md section 3; an arch missing here still gets every generic check below.
+# docs/design.md section 3; an arch missing here still gets every generic check below.
 FEATURE_DIMS = {"lenet5": 120, "lenet5_half": 60, "resnet18": 512, "mlp": 256}
 BATCH = 2
 

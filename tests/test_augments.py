@@ -10,7 +10,7 @@ from augments import AUGMENTS, TTA_SETTINGS, apply_augment, augment_params, make
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 RANDOM_AUGMENTS = ["gaussian", "poisson", "random_resized_crop"]
 DETERMINISTIC_AUGMENTS = [name for name in AUGMENTS if name not in RANDOM_AUGMENTS]
-# Number of augmented copies per setting, as documented in DESIGN.md section 4.
+# Number of augmented copies per setting, as documented in docs/design.md section 4.
 EXPECTED_COPIES = {
     "sharpen_1": 1,
     "sharpen_sweep": 5,

@@ -9,7 +9,7 @@ import yaml
 import config
 from config import ConfigError, MergeConfig, PanConfig, TaskSpec, TrainConfig, describe, parse_args, save, to_dict
 
-# DESIGN.md section 3: the original seed list.
+# docs/design.md section 3: the original seed list.
 DESIGN_SEEDS = [770597, 600522, 416719, 306890, 201746, 156886, 929271, 247945, 5028, 436287]
 
 

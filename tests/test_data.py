@@ -382,7 +382,7 @@ def test_real_mnist_test_split(data_dir):
     assert images.shape == (10000, 1, 32, 32) and images.dtype == torch.uint8
     counts = torch.bincount(labels, minlength=10)
     assert len(counts) == 10 and counts.sum() == 10000 and (counts > 0).all()
-    assert int((labels < 5).sum()) == 5139  # DESIGN.md: 5139 / 4861
+    assert int((labels < 5).sum()) == 5139  # docs/design.md: 5139 / 4861
     assert images[:, :, :2].sum() == 0 and images[:, :, :, 30:].sum() == 0  # padding
     assert len(load_task(TaskSpec("mnist", [5, 6, 7, 8, 9]), "test", data_dir, download=False).labels) == 4861
 

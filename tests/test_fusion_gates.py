@@ -1,5 +1,5 @@
 """Data-free gates on fusion parents: train_gan.py, train_pan.py and merge.py's gate rules on a shared-label
-problem of two sharded MLP parents (DESIGN.md section 8, "fusion meets routing"), and the file names of
+problem of two sharded MLP parents (docs/design.md section 8, "fusion meets routing"), and the file names of
 generators and gates, which carry their parent's arch tag."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """train_gan.py: the DAFL loss, sampling, and the synthesis stage end to end on tiny experts (fake data root).
 
-DESIGN.md section 4, "The data question": one generator per expert and seed, each trained against its
+docs/design.md section 4, "The data question": one generator per expert and seed, each trained against its
 own expert (the original trained every generator against expert 1), reading no real image; and the stored
 synthetic sets of every synthesizer (DAFL's drawn from its generator, the inversions optimised directly).
 """

@@ -1,6 +1,6 @@
 """Gates and generators (archs/gates.py, archs/generator.py) and what a gate reads (gating.py).
 
-DESIGN.md section 4, "Gating networks" and "Universal gate". No data and no training script here:
+docs/design.md section 4, "Gating networks" and "Universal gate". No data and no training script here:
 tiny tensors only.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("in_features", [120, 5])
 def test_pan_layers_and_output(in_features):
     gate = PAN(in_features)
-    # DESIGN.md: PAN(in) = Linear(in,80) ReLU Linear(80,60) ReLU Linear(60,2)
+    # docs/design.md: PAN(in) = Linear(in,80) ReLU Linear(80,60) ReLU Linear(60,2)
     assert linear_shapes(gate) == [(in_features, 80), (80, 60), (60, 2)]
     assert [type(m) for m in gate.net] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
     assert gate(rand(7, in_features)).shape == (7, 2)
@@ -43,7 +43,7 @@ def test_pan_layers_and_output(in_features):
 
 def test_agnostic_pan_layers_and_output():
     gate = AgnosticPAN(3)
-    # DESIGN.md: AgnosticPAN(3) = Linear(3,80) ReLU Linear(80,50) ReLU Linear(50,20) ReLU Linear(20,2)
+    # docs/design.md: AgnosticPAN(3) = Linear(3,80) ReLU Linear(80,50) ReLU Linear(50,20) ReLU Linear(20,2)
     assert linear_shapes(gate) == [(3, 80), (80, 50), (50, 20), (20, 2)]
     assert [type(m) for m in gate.net] == [nn.Linear, nn.ReLU] * 3 + [nn.Linear]
     assert gate(rand(7, 3)).shape == (7, 2)

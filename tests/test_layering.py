@@ -1,4 +1,4 @@
-"""DESIGN.md section 6: library modules never import the stage scripts, and library modules import one
+"""docs/design.md section 6: library modules never import the stage scripts, and library modules import one
 another without a cycle (one module, artifacts.py, owns where every artifact lives)."""
 from __future__ import annotations
 

@@ -137,7 +137,7 @@ def test_merge_end_to_end(env, tmp_path, capsys):
         assert oracle["routing_acc"] == 1.0
         assert oracle["routing_counts"] == {"first5_mnist": n0, "last5_mnist": n1}
         assert oracle["acc_per_domain"] == pytest.approx({t: r["acc"] for t, r in zip(TASKS, experts)}, abs=1e-6)
-        # DESIGN.md section 4: disjoint MNIST oracle = (n1 acc1 + n2 acc2) / (n1 + n2)
+        # docs/design.md section 4: disjoint MNIST oracle = (n1 acc1 + n2 acc2) / (n1 + n2)
         assert oracle["acc"] == pytest.approx((n0 * experts[0]["acc"] + n1 * experts[1]["acc"]) / n, abs=1e-6)
         # a wrong route is a wrong answer, and a right route gives the oracle's answer
         assert group["naive"]["acc"] <= oracle["acc"] + 1e-9
