@@ -38,13 +38,18 @@ FORMS = ("torchscript", "export", "state_dict")
 
 def train_tiny(root: Path) -> TinyMLP:
     """TinyMLP on the fake root's digits 5-9 at 28x28 (the size its entry declares), a few full-batch steps."""
-    torch.manual_seed(0)
     train = load_task(TaskSpec("mnist", [5, 6, 7, 8, 9]), "train", root)
     x = resize(prepare_input(to_unit(train.images), InputFormat(1, (0.1307,), (0.3081,))), [28, 28], antialias=True)
+    return fit_tiny(x, train.labels)
+
+
+def fit_tiny(x: torch.Tensor, labels: torch.Tensor) -> TinyMLP:
+    """TinyMLP fitted to normalised 28x28 images ``x`` by 60 full-batch Adam steps."""
+    torch.manual_seed(0)
     model = TinyMLP()
     optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(60):
-        loss = torch.nn.functional.cross_entropy(model(x), train.labels)
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
