@@ -1,9 +1,10 @@
 """Datasets as uint8 tensors: MNIST, Fashion-MNIST and CIFAR-10 from a data root in torchvision's layout.
 
 Images come back as uint8 ``[N, C, 32, 32]`` (MNIST-style sets padded 28 -> 32, as ``Pad(2)``), labels
-as int64. A decoded copy is cached under ``DATA_ROOT/.moe_cache`` so later loads skip the parsing,
-and in memory for the life of the process. A task may keep just one part of a split of its training
-set (``split_parts``: per-class Dirichlet shares or class shards), as the parents of weight-space fusion do.
+as int64; ``to_problem_size`` is that rule for an image of any size (predict.py brings your images in by it).
+A decoded copy is cached under ``DATA_ROOT/.moe_cache`` so later loads skip the parsing, and in memory for the
+life of the process. A task may keep just one part of a split of its training set (``split_parts``:
+per-class Dirichlet shares or class shards), as the parents of weight-space fusion do.
 
 Make a data root ready with ``python data.py DATA_ROOT``: files already there are used; otherwise the
 offline mirror (``$MOE_DATA_MIRROR`` or ``../shared/data/prepare_data.py``) lays them out, or
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2.functional import resize
 
 from common import UserError, atomic_torch_save, derive_seed
 from config import DATA_DIR_ENV, ConfigError, TaskSpec
@@ -30,6 +33,7 @@ from config import DATA_DIR_ENV, ConfigError, TaskSpec
 MIRROR_ENV = "MOE_DATA_MIRROR"
 DEFAULT_MIRROR = Path(__file__).resolve().parent.parent / "shared" / "data" / "prepare_data.py"
 LUMINANCE = (0.299, 0.587, 0.114)
+IMAGE_SIZE = 32  # the side of every problem's images: MNIST-style 28x28 ones are padded up to it
 
 
 class DataError(UserError, RuntimeError):
@@ -46,6 +50,7 @@ class Source:
     std: tuple[float, ...]
     batch_size: int
     class_names: tuple[str, ...] = tuple(str(d) for d in range(10))
+    size: int = IMAGE_SIZE  # the side of the dataset's own (square) images
 
     @property
     def num_classes(self) -> int:
@@ -53,10 +58,10 @@ class Source:
 
 
 SOURCES = {
-    "mnist": Source("MNIST", 1, (0.1307,), (0.3081,), 512),
+    "mnist": Source("MNIST", 1, (0.1307,), (0.3081,), 512, size=28),
     "fashion_mnist": Source("FashionMNIST", 1, (0.2860,), (0.3530,), 512,
                             ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                             "ankle boot")),
+                             "ankle boot"), size=28),
     "cifar10": Source("cifar-10-batches-py", 3, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), 128,
                       ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")),
 }
@@ -178,6 +183,7 @@ def _load_cached(name: str, split: str, root: str, download: bool) -> tuple[torc
         images, labels = _read_cifar(files)
     else:
         images, labels = _read_idx(files)
+    images = to_problem_size(images, name)  # MNIST-style 28x28 -> 32x32 by Pad(2), as the paper's transform
     try:
         atomic_torch_save({"signature": signature, "images": images, "labels": labels}, cache)
     except OSError:  # a read-only data root just goes without the disk cache
@@ -240,9 +246,8 @@ def _read_idx(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     if len(images) != len(labels):
         raise DataError(f"{image_file} holds {len(images)} images but {label_file} {len(labels)} labels; "
                         f"delete both and run `python data.py {_root_of(image_file)}`")
-    padded = np.zeros((len(images), 1, 32, 32), dtype=np.uint8)
-    padded[:, 0, 2:30, 2:30] = images  # Pad(2): 28x28 -> 32x32, as the paper's transform
-    return torch.from_numpy(padded), torch.from_numpy(labels.astype(np.int64))
+    # a copy: the parsed bytes are read-only, which torch.from_numpy warns about
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
 def _parse_idx(path: Path, raw: bytes, magic: int, ndim: int) -> np.ndarray:
@@ -371,6 +376,20 @@ def task_identity(name: str, task: TaskSpec) -> dict:
 
 
 # ---------------------------------------------------------------- input formats
+
+def to_problem_size(images: torch.Tensor, source: str) -> torch.Tensor:
+    """Images ``[N, C, H, W]`` (uint8, or [0,1] floats) of dataset ``source`` as the problems hold its images,
+    IMAGE_SIZE square: an image of the source's own size is padded with zeros as its sets are (MNIST's
+    ``Pad(2)``), one of IMAGE_SIZE is taken as is, and any other size is resized (antialiased) to the source's
+    size first, so a digit keeps the scale and margin the experts learnt."""
+    side = get_source(source).size
+    if tuple(images.shape[-2:]) == (IMAGE_SIZE, IMAGE_SIZE):
+        return images
+    if tuple(images.shape[-2:]) != (side, side):
+        images = resize(images, [side, side], antialias=True)
+    margin = (IMAGE_SIZE - side) // 2
+    return F.pad(images, [margin] * 4)
+
 
 def to_unit(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 images to float pixels in [0, 1] (on ``device``, in torch's default float type)."""

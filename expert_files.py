@@ -7,9 +7,10 @@ A problem entry gives such an expert as ``file:`` (config.ExpertFile), in one of
 - a ``torch.export`` program (``.pt2``, ``torch.export.save``), read with ``torch.export.load`` and unflattened
   back into its module tree, where a forward hook on ``feature_layer`` reads the feature vector. Export it
   with a dynamic batch dimension.
-- a state dict, with ``model: package.module:Class`` and ``model_kwargs``: the class is imported and built,
-  and the weights read with ``torch.load(weights_only=True)`` (a dict holding a ``state_dict`` entry, as this
-  project's checkpoints do, works too).
+- a state dict, with ``model: package.module:Class`` and ``model_kwargs``: the class is found in its module's
+  source before any of that module's code runs (``import_class``), then imported and built, and the weights
+  read with ``torch.load(weights_only=True)`` (a dict holding a ``state_dict`` entry, as this project's
+  checkpoints do, works too).
 
 ``load_file_expert`` checks, before any work, that the file exists and reads as its form, that it is a
 classifier (``[N, K]`` logits on a batch in its declared format), that K matches its class list, that its
@@ -19,10 +20,13 @@ digest of its bytes (``file_digest``): everything made from it is keyed by that 
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
+import sys
 import warnings
 from functools import lru_cache
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +163,16 @@ def _reads_as_state_dict(path: Path) -> bool:
 
 
 def import_class(dotted: str, where: str) -> type:
-    """``package.module:Class`` -> the class (an nn.Module subclass)."""
+    """``package.module:Class`` -> the class (an nn.Module subclass). What can be checked without running any
+    code comes first (the module is found, its source binds the name), so a typo never runs a module's code."""
     module_name, sep, name = dotted.partition(":")
-    if not sep or not module_name or not name:
+    if not sep or not name.isidentifier() or not all(part.isidentifier() for part in module_name.split(".")):
         raise ExpertFileError(f"{where}: model={dotted!r} must be an import path package.module:Class")
+    spec = module_spec(module_name)
+    if spec is None:
+        raise ExpertFileError(f"{where}: cannot find module {module_name!r} for model={dotted!r}; put its package "
+                              f"on PYTHONPATH")
+    check_source_binds(spec, name, dotted, where)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -172,6 +182,67 @@ def import_class(dotted: str, where: str) -> type:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ExpertFileError(f"{where}: model={dotted!r}: {module_name} has no nn.Module class {name!r}")
     return cls
+
+
+def module_spec(module_name: str) -> ModuleSpec | None:
+    """Where ``module_name`` would be imported from, or None, found without running it or the packages above
+    it (``importlib.util.find_spec`` imports those): each part is looked up by the import system's finders in
+    the search path of the package found before it."""
+    spec: ModuleSpec | None = None
+    for depth in range(1, module_name.count(".") + 2):
+        name = ".".join(module_name.split(".")[:depth])
+        if name in sys.modules:  # imported already: its spec is known and nothing new runs
+            spec = getattr(sys.modules[name], "__spec__", None)
+        elif spec is not None and spec.submodule_search_locations is None:
+            return None  # a module, not a package: nothing is found inside it
+        else:
+            spec = _find_spec(name, None if spec is None else spec.submodule_search_locations)
+        if spec is None:
+            return None
+    return spec
+
+
+def _find_spec(name: str, search: list[str] | None) -> ModuleSpec | None:
+    """The first spec the import system's finders give for ``name`` in ``search`` (None: top level)."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        found = find(name, search) if find is not None else None
+        if found is not None:
+            return found
+    return None
+
+
+def check_source_binds(spec: ModuleSpec, name: str, dotted: str, where: str) -> None:
+    """Refuse a module whose source binds no ``name`` at its top level (a class statement or an import: packages
+    re-export their models). A module without Python source (compiled) is left to the import's check."""
+    try:
+        source = spec.loader.get_source(spec.name) if hasattr(spec.loader, "get_source") else None
+    except (ImportError, OSError) as err:
+        raise ExpertFileError(f"{where}: cannot read the source of {spec.name} for model={dotted!r} "
+                              f"({_first_line(err)}); check the file's permissions") from None
+    if source is None:
+        return
+    try:
+        names = top_level_names(ast.parse(source))
+    except SyntaxError as err:
+        raise ExpertFileError(f"{where}: model={dotted!r}: {spec.origin} is not valid Python ({err.msg}, line "
+                              f"{err.lineno}); fix the module") from None
+    if name not in names:
+        raise ExpertFileError(f"{where}: model={dotted!r}: {dotted.partition(':')[0]} has no nn.Module class "
+                              f"{name!r} (its source {spec.origin} neither defines nor imports it by name at top "
+                              f"level); name the module that defines the class, as package.module:Class")
+
+
+def top_level_names(tree: ast.Module) -> set[str]:
+    """The names a module's own top-level statements bind as classes or imports (``import *`` binds none that
+    can be read without running it)."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update(alias.asname or alias.name.split(".")[0] for alias in node.names if alias.name != "*")
+    return names
 
 
 def _load_state_dict(path: Path, spec: ExpertFile, where: str) -> nn.Module:

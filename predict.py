@@ -4,9 +4,11 @@
     python predict.py experiments/my_problem.yaml rule="gate_hard(gate=universal,regime=real)" inputs=batch.pt
 
 ``inputs`` is a folder of PNG/JPEG images (sorted by name), one such image, or a tensor file
-(``torch.save`` of ``[N, C, H, W]`` uint8 pixels or [0,1] floats; read with ``weights_only=True``). Images
-are brought to the problem's 32x32 (antialiased resize) and, when grey and colour images are mixed, grey
-ones repeat their channel; every expert then sees them in its own input format, as the combined test set.
+(``torch.save`` of ``[N, C, H, W]`` uint8 pixels or [0,1] floats; read with ``weights_only=True``). When grey
+and colour images are mixed, grey ones repeat their channel. Each expert sees an image as its task's test set
+holds images (data.to_problem_size): one of its dataset's own size (28x28 for MNIST and Fashion-MNIST) is
+padded to 32x32 as the dataset is, one of 32x32 is taken as is, any other size is resized (antialiased) to the
+dataset's size first; then, as in the evaluation, in its own input format (a file expert crops and resizes).
 The experts of ``seed`` (checkpoints of this project or files: README, "Experts from files") run in batches
 on ``device``, and ``rule`` (a logit rule such as naive or energy, or a gate rule with its gates) picks per
 image. One line per image: the file, the global class name, the chosen expert and its confidence (the
@@ -22,18 +24,17 @@ from pathlib import Path
 
 import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.v2.functional import resize
 
 import config
 from artifacts import Layout
 from common import UserError, atomic_write_text, cli, print_summary, progress, resolve_device
+from data import to_problem_size
 from expert_files import FEATURE_TYPES, require
 from gating import gate_runner, wanted_gates
 from problems import Problem, describe_problem, run_experts
 from strategies import NO_EXPERT, REGISTRY, MergeInputs, StrategyCall, parse_strategies
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-IMAGE_SIZE = 32  # the problems' image size, which this project's experts take
 
 
 @dataclass
@@ -84,17 +85,19 @@ def load_mixture(cfg: config.PredictConfig) -> tuple[Problem, StrategyCall]:
     return problem, call
 
 
-def predict(cfg: config.PredictConfig, images: torch.Tensor, names: list[str] | None = None) -> list[Prediction]:
-    """Classify ``images`` (``[N, C, H, W]``, uint8 pixels or [0,1] floats, 1 or 3 channels) with the mixture
-    ``cfg`` describes; ``names`` label the predictions (default: their index)."""
+def predict(cfg: config.PredictConfig, images: torch.Tensor | list[torch.Tensor],
+            names: list[str] | None = None) -> list[Prediction]:
+    """Classify ``images`` with the mixture ``cfg`` describes: ``[N, C, H, W]``, or a list of ``[C, H, W]`` images
+    of any sizes; uint8 pixels or [0,1] floats, 1 or 3 channels. ``names`` label the predictions (default: their
+    index)."""
     problem, call = load_mixture(cfg)
     device = resolve_device(cfg.device)
-    x = as_unit_images(images, "images")
+    sources = [problem.specs[task].source for task in problem.tasks]
+    views = problem_images(images, set(sources))
     layout = Layout(cfg)
     models, formats = problem.load_experts(layout, cfg.seed, device)
-    starts = range(0, len(x), cfg.batch_size)
-    batches = (x[i:i + cfg.batch_size].to(device) for i in progress(starts, desc="predict", total=len(starts)))
-    activations = run_experts(models, formats, batches, features=True)
+    activations = [run_experts([model], [fmt], batches(views[source], cfg.batch_size, device), features=True)[0]
+                   for model, fmt, source in progress(list(zip(models, formats, sources)), desc="predict")]
     logits = [lo for lo, _ in activations]
     inputs = MergeInputs(logits, problem.label_maps, run_gates=gate_runner(layout, problem, activations, cfg.seed,
                                                                            device))
@@ -103,33 +106,50 @@ def predict(cfg: config.PredictConfig, images: torch.Tensor, names: list[str] | 
     chosen = decision.expert.to(top.device)
     confidence = top.gather(1, chosen.clamp(min=0).unsqueeze(1)).squeeze(1).where(chosen != NO_EXPERT, torch.nan)
     expert_names = problem.names
-    names = names or [str(i) for i in range(len(x))]
+    names = names or [str(i) for i in range(len(chosen))]
     return [Prediction(name, c, problem.class_names[c], expert_names[e] if e != NO_EXPERT else "", p)
             for name, c, e, p in zip(names, decision.pred.tolist(), chosen.tolist(), confidence.tolist())]
 
 
+def problem_images(images: torch.Tensor | list[torch.Tensor], sources: set[str]) -> dict[str, torch.Tensor]:
+    """``images`` (as ``predict`` takes them) as [0,1] 32x32 ``[N, C, 32, 32]`` per dataset source, each image as
+    that source's test set holds images (data.to_problem_size); grey images among colour ones repeat their
+    channel."""
+    if isinstance(images, torch.Tensor):
+        parts = [as_unit_images(images, "images")]
+    elif images:
+        parts = [as_unit_images(image.unsqueeze(0), f"image {i}") for i, image in enumerate(images)]
+    else:
+        raise UserError("images: the list is empty; give at least one image")
+    channels = max(part.shape[1] for part in parts)
+    parts = [part.expand(-1, channels, -1, -1) for part in parts]
+    return {source: torch.cat([to_problem_size(part, source) for part in parts]) for source in sources}
+
+
+def batches(images: torch.Tensor, batch_size: int, device: torch.device):
+    """``images`` in slices of ``batch_size``, each moved to ``device`` only when its turn comes."""
+    return (images[i:i + batch_size].to(device) for i in range(0, len(images), batch_size))
+
+
 def as_unit_images(images: torch.Tensor, where: str) -> torch.Tensor:
-    """``[N, C, H, W]`` (or grey ``[N, H, W]``) uint8 or [0,1] float images -> float [0,1] at the problems' size."""
+    """``[N, C, H, W]`` (or grey ``[N, H, W]``) uint8 or [0,1] float images -> float [0,1], at their own size."""
     if images.dim() == 3:
         images = images.unsqueeze(1)
     if images.dim() != 4 or images.shape[1] not in (1, 3) or not len(images):
         raise UserError(f"{where}: expected images [N, C, H, W] with 1 or 3 channels, got shape {list(images.shape)}")
     if images.dtype == torch.uint8:
-        x = images.float() / 255
-    elif images.is_floating_point():
+        return images.float() / 255
+    if images.is_floating_point():
         if images.min() < 0 or images.max() > 1:
             raise UserError(f"{where}: float images must hold [0,1] pixels, got values in "
                             f"[{images.min().item():.3g}, {images.max().item():.3g}]")
-        x = images.float()
-    else:
-        raise UserError(f"{where}: images must be uint8 or float, got {images.dtype}")
-    if tuple(x.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
-        x = resize(x, [IMAGE_SIZE, IMAGE_SIZE], antialias=True).clamp(0, 1)
-    return x
+        return images.float()
+    raise UserError(f"{where}: images must be uint8 or float, got {images.dtype}")
 
 
-def read_inputs(path: str) -> tuple[list[str], torch.Tensor]:
-    """The images at ``path`` (a folder, an image, or a tensor file) and their names, as [0,1] 32x32 images."""
+def read_inputs(path: str) -> tuple[list[str], torch.Tensor | list[torch.Tensor]]:
+    """The images at ``path`` and their names: a folder's or one image file's as a list of [0,1] ``[C, H, W]``
+    images at their own sizes, a tensor file's as [0,1] ``[N, C, H, W]``."""
     source = Path(path)
     if not path or not source.exists():
         raise UserError(f"inputs={path!r} does not exist; give a folder of PNG/JPEG images, an image or a tensor file")
@@ -138,9 +158,7 @@ def read_inputs(path: str) -> tuple[list[str], torch.Tensor]:
                  sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
         if not files:
             raise UserError(f"{source} holds no PNG or JPEG image")
-        images = [read_image(f) for f in progress(files, desc="reading images")]
-        channels = max(im.shape[0] for im in images)
-        return [str(f) for f in files], torch.cat([im.expand(channels, -1, -1).unsqueeze(0) for im in images])
+        return [str(f) for f in files], [read_image(f) for f in progress(files, desc="reading images")]
     try:
         tensor = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a file of another kind
@@ -152,7 +170,7 @@ def read_inputs(path: str) -> tuple[list[str], torch.Tensor]:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """One PNG/JPEG file as [0,1] ``[C, 32, 32]``: grey or RGB (an alpha channel is dropped)."""
+    """One PNG/JPEG file as [0,1] ``[C, H, W]``: grey or RGB (an alpha channel is dropped)."""
     try:
         image = decode_image(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
     except RuntimeError as err:

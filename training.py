@@ -261,6 +261,12 @@ def _holding(model: nn.Module, tensors: list[torch.Tensor]) -> nn.Module:
     return holder
 
 
+def state_keys(state: dict[int, dict]) -> list[str]:
+    """What an optimiser keeps per parameter (``momentum_buffer``, Adam's moments and step), read from its
+    first parameter's entry; none at all for SGD without momentum, which keeps no state."""
+    return list(next(iter(state.values()), {}))
+
+
 def split_optimiser_state(models: list[nn.Module], network: nn.Module, optimiser: torch.optim.Optimizer) -> list[dict]:
     """The stacked optimiser's state as one single-model state dict per model (the format ``train_classifier``
     saves), so a resumed run may go on stacked or alone."""
@@ -270,7 +276,7 @@ def split_optimiser_state(models: list[nn.Module], network: nn.Module, optimiser
     count = len(list(network.parameters()))
     names = [name for name, _ in models[0].named_parameters()]
     per_model: list[dict] = [{} for _ in models]
-    for key in full["state"][0]:
+    for key in state_keys(full["state"]):
         values = [full["state"][j][key] for j in range(count)]
         if values[0].dim() == 0:  # a step count, the same for all models
             for state in per_model:
@@ -284,16 +290,15 @@ def split_optimiser_state(models: list[nn.Module], network: nn.Module, optimiser
                 state[key] = [unstacked[name] for name in names]
     group = {**full["param_groups"][0], "params": list(range(len(names)))}
     return [{"state": {j: {key: value if not isinstance(value, list) else value[j] for key, value in state.items()}
-                       for j in range(len(names))}, "param_groups": [group]} for state in per_model]
+                       for j in range(len(names)) if state}, "param_groups": [group]} for state in per_model]
 
 
 def stacked_optimiser_state(models: list[nn.Module], states: list[dict], optimiser: torch.optim.Optimizer) -> dict:
     """The inverse of ``split_optimiser_state``: single-model optimiser states -> the stacked optimiser's."""
     from stacked import stack
 
-    keys = list(states[0]["state"][0])
     stacked_state: dict[int, dict] = {}
-    for key in keys:
+    for key in state_keys(states[0]["state"]):
         if states[0]["state"][0][key].dim() == 0:  # a step count: one tensor each, optimisers count in place
             for j in range(len(list(optimiser.param_groups[0]["params"]))):
                 stacked_state.setdefault(j, {})[key] = states[0]["state"][0][key].clone()

@@ -6,10 +6,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2.functional import resize
 
 import data
 from config import TaskSpec
-from data import DataError, InputFormat, convert_channels, load_source, load_task, normalise, prepare_input, to_unit
+from data import (DataError, InputFormat, convert_channels, load_source, load_task, normalise, prepare_input,
+                  to_problem_size, to_unit)
 
 
 def load(fake, name="mnist", split="train"):
@@ -43,6 +45,24 @@ def test_fashion_mnist_reads_its_own_folder(fake_root):
     assert torch.equal(images[:, 0, 2:30, 2:30], torch.from_numpy(fake_root.mnist["test"][0]))
     with pytest.raises(DataError):
         load(fake_root, "mnist", "test")
+
+
+def test_any_image_of_a_source_becomes_the_problems_32x32_as_its_sets_are(fake_root):
+    """MNIST's own 28x28 is padded as the loader pads it, 32x32 is taken as is, other sizes are resized to 28x28
+    first (the digit keeps its margin); a CIFAR-10 image of another size is resized to 32x32."""
+    images, _ = load(fake_root, "mnist", "test")
+    originals = torch.from_numpy(fake_root.mnist["test"][0]).unsqueeze(1)
+    assert torch.equal(to_problem_size(originals, "mnist"), images)
+    assert torch.equal(to_problem_size(to_unit(originals), "fashion_mnist"), to_unit(images))
+    assert to_problem_size(images, "mnist") is images
+    large = torch.rand(2, 3, 56, 40)
+    padded = to_problem_size(large, "mnist")
+    border = padded.clone()
+    border[..., 2:30, 2:30] = 0
+    assert padded.shape == (2, 3, 32, 32) and border.abs().sum() == 0
+    torch.testing.assert_close(padded[..., 2:30, 2:30], resize(large, [28, 28], antialias=True), rtol=0, atol=0)
+    torch.testing.assert_close(to_problem_size(large, "cifar10"), resize(large, [32, 32], antialias=True),
+                               rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- CIFAR-10 pickles

@@ -5,6 +5,7 @@ problem), per-expert gates (one reading a feature layer) and the data-free synth
 that refuses a bad file or a rule the file cannot serve, before any work, in one line."""
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from artifacts import Layout
 from common import CheckpointError, save_checkpoint
 from config import ConfigError, ExpertFile, GanConfig, MergeConfig, PanConfig, TaskSpec, TrainConfig, parse_args
 from data import InputFormat, load_task, prepare_input, to_unit
-from expert_files import ExpertFileError, FileExpert, file_digest, load_file_expert
+from expert_files import ExpertFileError, FileExpert, file_digest, import_class, load_file_expert
 from external_models import TinyMLP
 from problems import build_problem
 from test_problems import make_data_root
@@ -37,13 +38,18 @@ FORMS = ("torchscript", "export", "state_dict")
 
 def train_tiny(root: Path) -> TinyMLP:
     """TinyMLP on the fake root's digits 5-9 at 28x28 (the size its entry declares), a few full-batch steps."""
-    torch.manual_seed(0)
     train = load_task(TaskSpec("mnist", [5, 6, 7, 8, 9]), "train", root)
     x = resize(prepare_input(to_unit(train.images), InputFormat(1, (0.1307,), (0.3081,))), [28, 28], antialias=True)
+    return fit_tiny(x, train.labels)
+
+
+def fit_tiny(x: torch.Tensor, labels: torch.Tensor) -> TinyMLP:
+    """TinyMLP fitted to normalised 28x28 images ``x`` by 60 full-batch Adam steps."""
+    torch.manual_seed(0)
     model = TinyMLP()
     optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(60):
-        loss = torch.nn.functional.cross_entropy(model(x), train.labels)
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -268,6 +274,41 @@ def test_each_bad_file_fails_in_one_line(env, tmp_path):
         with pytest.raises(error, match=message) as caught:
             check(env, tmp_path, entry)
         assert "\n" not in str(caught.value), str(caught.value)
+
+
+SIDE_EFFECT = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\nraise RuntimeError('must not run')\n"
+
+
+def test_a_class_path_is_checked_before_its_module_runs(tmp_path, monkeypatch):
+    """A module (or a package above it) whose import has side effects does not run when its source lacks the
+    class; each refusal is one line. A class its package re-exports by an import is found."""
+    marker = tmp_path / "ran.txt"
+    code = SIDE_EFFECT.format(marker=str(marker))
+    (tmp_path / "noisy_models.py").write_text(code + "class Other:\n    pass\n")
+    package = tmp_path / "noisy_package"
+    package.mkdir()
+    (package / "__init__.py").write_text(code)
+    (package / "models.py").write_text(code)
+    (tmp_path / "plain_models.py").write_text("class NotAModule:\n    pass\n")
+    exporter = tmp_path / "exporting_package"
+    exporter.mkdir()
+    (exporter / "__init__.py").write_text("from .nets import Net\n")
+    (exporter / "nets.py").write_text("import torch.nn as nn\n\n\nclass Net(nn.Module):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("plain_models", "exporting_package", "exporting_package.nets"):  # imported below: forget after
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    cases = [("noisy_models:FashionCNN", r"no nn.Module class 'FashionCNN' \(its source .*noisy_models.py neither"),
+             ("noisy_package.models:FashionCNN", "noisy_package.models has no nn.Module class 'FashionCNN'"),
+             ("noisy_package.absent:Net", "cannot find module 'noisy_package.absent'.*PYTHONPATH"),
+             ("plain_models:NotAModule", "plain_models has no nn.Module class 'NotAModule'$"),
+             ("noisy_models:Fashion CNN", "must be an import path")]
+    for dotted, message in cases:
+        with pytest.raises(ExpertFileError, match=message) as caught:
+            import_class(dotted, "test")
+        assert "\n" not in str(caught.value)
+    assert not marker.exists()
+    assert not {"noisy_models", "noisy_package", "noisy_package.models"} & set(sys.modules)
+    assert import_class("exporting_package:Net", "test").__name__ == "Net"
 
 
 def test_a_width_that_differs_from_the_class_list_fails(env, tmp_path):

@@ -1,5 +1,6 @@
 """predict.py: a problem's experts (one given by file) and a rule classify a folder of PNG/JPEG images or a
-tensor file, one line per image; the same answers as the evaluation on the same images; refusals in one line."""
+tensor file, one line per image; the same answers as the evaluation on the same images, also given as raw 28x28
+MNIST digits; refusals in one line."""
 from __future__ import annotations
 
 import csv
@@ -10,11 +11,15 @@ from torchvision.io import encode_jpeg, encode_png, write_file
 
 import merge
 import predict
+import problems
 import train_pan
+import train_source_networks
 from common import CheckpointError, UserError
-from config import ConfigError, MergeConfig, PanConfig, PredictConfig, parse_args
+from config import ConfigError, MergeConfig, PanConfig, PredictConfig, TaskSpec, TrainConfig, parse_args
+from data import InputFormat, load_task, prepare_input, to_unit
 from problems import build_problem
-from test_expert_files import GATE, SEED, args, env, write_problem  # noqa: F401  (env: the module's fixture)
+from test_expert_files import (DIGITS, GATE, MNIST, SEED, args, env, fit_tiny,  # noqa: F401  (env: a fixture)
+                               write_problem)
 
 GATE_RULE = "gate_hard(gate=universal,regime=real)"
 
@@ -92,3 +97,61 @@ def test_predict_refuses_in_one_line_before_reading_images(env, mixed, tmp_path)
     broken.write_bytes(b"\x89PNG not really")
     with pytest.raises(UserError, match="cannot decode"):
         predict.main(predict_cfg(env, yaml_file, f"inputs={broken}"))
+
+
+# ---------------------------------------------------------------- raw MNIST digits, as the experts learnt them
+
+REAL_DIGITS = 60  # per expert: the first 60 test digits 0-4 and the first 60 digits 5-9 of the real MNIST
+REAL_EXPERT = ["expert.epochs=1", "expert.batch_size=16", "expert.train_limit=2000"]
+
+
+@pytest.fixture(scope="module")
+def real_mnist(data_dir, tmp_path_factory):
+    """disjoint_mnist on the real digits: this project's LeNet5 on 0-4 (trained on the padded 32x32 images) and,
+    by file with ``crop: 2``, a TinyMLP trained on the 28x28 originals of 5-9 (a state dict, so its layers can be
+    watched). Returns the problem file and the settings every stage shares."""
+    base = tmp_path_factory.mktemp("real")
+    settings = [f"ckpt_dir={base / 'ckpt'}", "device=cpu", *REAL_EXPERT]
+    train_source_networks.main(parse_args(TrainConfig, ["dataset=first5_mnist", f"seeds=[{SEED}]", *settings,
+                                                        f"data_dir={data_dir}", f"results_dir={base / 'results'}"]))
+    train = load_task(TaskSpec("mnist", [5, 6, 7, 8, 9]), "train", data_dir, limit=2000)
+    tiny = fit_tiny(prepare_input(to_unit(train.images[..., 2:30, 2:30]), InputFormat.of("mnist")), train.labels)
+    torch.save(tiny.state_dict(), base / "tiny_state.pt")
+    entry = {**MNIST, "crop": 2, "classes": DIGITS, "path": str(base / "tiny_state.pt"),
+             "model": "external_models:TinyMLP", "model_kwargs": {"hidden": 32}}
+    return write_problem(base / "real.yaml", entry), settings
+
+
+def test_raw_28x28_digits_reach_each_expert_as_its_training_images_did(real_mnist, data_dir, tmp_path,
+                                                                        monkeypatch):
+    """28x28 PNGs are padded to the problem's 32x32 as MNIST's test set is (not stretched): predict scores them
+    as merge.py scores the same digits, and the file expert's crop: 2 gives its network the original pixels."""
+    yaml_file, settings = real_mnist
+    merge_cfg = parse_args(MergeConfig, [str(yaml_file), *settings, f"seeds=[{SEED}]", f"data_dir={data_dir}",
+                                         f"results_dir={tmp_path}", f"test_limit={REAL_DIGITS}", "strategies=[naive]"])
+    problem = build_problem("mixed", merge_cfg.problems["mixed"], merge_cfg.tasks, merge_cfg.data_dir, REAL_DIGITS)
+    padded = torch.cat([d.images for d in problem.domains])
+    originals = padded[..., 2:30, 2:30]
+    assert originals.sum() == padded.sum()  # the Pad(2) border is empty: the PNGs hold every pixel
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, image in enumerate(originals):
+        write_file(str(folder / f"{i:04d}.png"), encode_png(image.contiguous()))
+    seen = []  # what the file expert's own network is given
+
+    def watched(*a, **k):
+        expert = load_file_expert(*a, **k)
+        expert.net.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+        return expert
+
+    load_file_expert = problems.load_file_expert
+    monkeypatch.setattr(problems, "load_file_expert", watched)
+    names, images = predict.read_inputs(str(folder))
+    cfg = parse_args(PredictConfig, [str(yaml_file), *settings, f"seed={SEED}", "rule=naive"])
+    predictions = predict.predict(cfg, images, names)
+    torch.testing.assert_close(torch.cat(seen), prepare_input(to_unit(originals), InputFormat.of("mnist")),
+                               rtol=0, atol=0)
+    accuracy = sum(p.class_id == int(y) for p, y in zip(predictions, problem.labels)) / len(predictions)
+    summary = merge.main(merge_cfg)
+    assert accuracy == pytest.approx(summary["acc"]["naive"]["mean"])
+    assert accuracy > 0.7  # experts that learnt the real digits: the equality above means something

@@ -126,15 +126,17 @@ def test_stacked_gates_train_on_their_own_data_and_class_weights():
     assert curves(together) == pytest.approx(curves(separate), abs=1e-5)
 
 
-def test_a_stacked_run_resumes_alone_or_stacked_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("momentum", [0.9, 0.0])  # without momentum SGD keeps no state to save or restore
+def test_a_stacked_run_resumes_alone_or_stacked_to_the_same_weights(tmp_path, monkeypatch, momentum):
     monkeypatch.setattr(training, "RESUME_INTERVAL_S", 0.0)
+    settings = {**SETTINGS, "momentum": momentum}
     models = models_of("mlp", {"in_channels": 1, "num_classes": 10, "widths": [16, 8]})
     start = snapshot(models)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(40, 1, 32, 32, generator=g), torch.randint(0, 10, (40,), generator=g)
     seeds = [1, 2, 3]
     whole = copy.deepcopy(models)
-    training.train_classifiers(whole, x, y, seeds=seeds, **SETTINGS)
+    training.train_classifiers(whole, x, y, seeds=seeds, **settings)
     resumes = [training.Resume(tmp_path / f"{i}.resume.pt", "k") for i in range(3)]
     original = training.Resume.save
     saves = []
@@ -148,13 +150,13 @@ def test_a_stacked_run_resumes_alone_or_stacked_to_the_same_weights(tmp_path, mo
     with monkeypatch.context() as patch:
         patch.setattr(training.Resume, "save", killed_after_the_first_epoch)
         with pytest.raises(KeyboardInterrupt):
-            training.train_classifiers(models, x, y, seeds=seeds, resumes=resumes, **SETTINGS)
+            training.train_classifiers(models, x, y, seeds=seeds, resumes=resumes, **settings)
     # model 0 goes on alone, models 1 and 2 stacked: both end where the uninterrupted run ended
     fresh = [build_model("mlp", in_channels=1, num_classes=10, widths=[16, 8]) for _ in range(3)]
     for model, state in zip(fresh, start):
         model.load_state_dict(state)
-    training.train_classifier(fresh[0], x, y, seed=seeds[0], resume=resumes[0], **SETTINGS)
-    training.train_classifiers(fresh[1:], x, y, seeds=seeds[1:], resumes=resumes[1:], **SETTINGS)
+    training.train_classifier(fresh[0], x, y, seed=seeds[0], resume=resumes[0], **settings)
+    training.train_classifiers(fresh[1:], x, y, seeds=seeds[1:], resumes=resumes[1:], **settings)
     assert_same_weights(fresh, whole)
 
 
