@@ -5,10 +5,11 @@
 
 ``inputs`` is a folder of PNG/JPEG images (sorted by name), one such image, or a tensor file
 (``torch.save`` of ``[N, C, H, W]`` uint8 pixels or [0,1] floats; read with ``weights_only=True``). When grey
-and colour images are mixed, grey ones repeat their channel. Each expert sees an image as its task's test set
-holds images (data.to_problem_size): one of its dataset's own size (28x28 for MNIST and Fashion-MNIST) is
-padded to 32x32 as the dataset is, one of 32x32 is taken as is, any other size is resized (antialiased) to the
-dataset's size first; then, as in the evaluation, in its own input format (a file expert crops and resizes).
+and colour images are mixed, grey ones repeat their channel. Every expert sees an image as merge.py shows it the
+combined test set (problem_images): an image of the size of one of the problem's datasets (28x28 for MNIST and
+Fashion-MNIST) is padded to 32x32 as that dataset's images are (data.to_problem_size), a 32x32 image is taken
+as is, any other size is resized (antialiased) as the first expert's dataset takes it; then each expert gets
+it in its own input format (a file expert crops and resizes), so a crop: 2 expert sees a 28x28 digit's pixels.
 The experts of ``seed`` (checkpoints of this project or files: README, "Experts from files") run in batches
 on ``device``, and ``rule`` (a logit rule such as naive or energy, or a gate rule with its gates) picks per
 image. One line per image: the file, the global class name, the chosen expert and its confidence (the
@@ -28,7 +29,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 import config
 from artifacts import Layout
 from common import UserError, atomic_write_text, cli, print_summary, progress, resolve_device
-from data import to_problem_size
+from data import get_source, to_problem_size
 from expert_files import FEATURE_TYPES, require
 from gating import gate_runner, wanted_gates
 from problems import Problem, describe_problem, run_experts
@@ -92,12 +93,13 @@ def predict(cfg: config.PredictConfig, images: torch.Tensor | list[torch.Tensor]
     index)."""
     problem, call = load_mixture(cfg)
     device = resolve_device(cfg.device)
-    sources = [problem.specs[task].source for task in problem.tasks]
-    views = problem_images(images, set(sources))
+    x = problem_images(images, [problem.specs[task].source for task in problem.tasks])
     layout = Layout(cfg)
     models, formats = problem.load_experts(layout, cfg.seed, device)
-    activations = [run_experts([model], [fmt], batches(views[source], cfg.batch_size, device), features=True)[0]
-                   for model, fmt, source in progress(list(zip(models, formats, sources)), desc="predict")]
+    starts = range(0, len(x), cfg.batch_size)
+    activations = run_experts(models, formats, (x[i:i + cfg.batch_size].to(device)
+                                                for i in progress(starts, desc="predict", total=len(starts))),
+                              features=True)
     logits = [lo for lo, _ in activations]
     inputs = MergeInputs(logits, problem.label_maps, run_gates=gate_runner(layout, problem, activations, cfg.seed,
                                                                            device))
@@ -111,10 +113,12 @@ def predict(cfg: config.PredictConfig, images: torch.Tensor | list[torch.Tensor]
             for name, c, e, p in zip(names, decision.pred.tolist(), chosen.tolist(), confidence.tolist())]
 
 
-def problem_images(images: torch.Tensor | list[torch.Tensor], sources: set[str]) -> dict[str, torch.Tensor]:
-    """``images`` (as ``predict`` takes them) as [0,1] 32x32 ``[N, C, 32, 32]`` per dataset source, each image as
-    that source's test set holds images (data.to_problem_size); grey images among colour ones repeat their
-    channel."""
+def problem_images(images: torch.Tensor | list[torch.Tensor], sources: list[str]) -> torch.Tensor:
+    """``images`` (as ``predict`` takes them) as one [0,1] ``[N, C, 32, 32]`` tensor that every expert sees, as
+    merge.py shows every expert the combined test set: an image of the size of one of the problem's datasets
+    (``sources``; 28x28 for MNIST and Fashion-MNIST) is brought to 32x32 as that dataset's images are
+    (data.to_problem_size: padded), a 32x32 image is taken as is, and any other size as the first expert's
+    dataset takes it (resized to its size, then padded). Grey images among colour ones repeat their channel."""
     if isinstance(images, torch.Tensor):
         parts = [as_unit_images(images, "images")]
     elif images:
@@ -123,12 +127,8 @@ def problem_images(images: torch.Tensor | list[torch.Tensor], sources: set[str])
         raise UserError("images: the list is empty; give at least one image")
     channels = max(part.shape[1] for part in parts)
     parts = [part.expand(-1, channels, -1, -1) for part in parts]
-    return {source: torch.cat([to_problem_size(part, source) for part in parts]) for source in sources}
-
-
-def batches(images: torch.Tensor, batch_size: int, device: torch.device):
-    """``images`` in slices of ``batch_size``, each moved to ``device`` only when its turn comes."""
-    return (images[i:i + batch_size].to(device) for i in range(0, len(images), batch_size))
+    by_size = {get_source(source).size: source for source in reversed(sources)}  # the first expert's wins a tie
+    return torch.cat([to_problem_size(part, by_size.get(part.shape[-1], sources[0])) for part in parts])
 
 
 def as_unit_images(images: torch.Tensor, where: str) -> torch.Tensor:
