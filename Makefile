@@ -11,7 +11,7 @@ PROFILE ?= quick
 ARGS ?=
 export MOE_DATA_DIR := $(abspath $(DATA_DIR))
 
-.PHONY: setup data test reproduce bench
+.PHONY: setup setup-test data test reproduce bench
 
 setup: $(VENV)/.installed
 
@@ -20,15 +20,22 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+setup-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $@
+
 data: setup
 	$(PY) data.py $(DATA_DIR)
 
-test: data
+test: data setup-test
 	$(PY) -m pytest -q
 
 reproduce: data
 	$(PY) experiments/reproduce.py profile=$(PROFILE) $(ARGS)
 
 bench: data
-	$(PY) bench/bench_expert_training.py
+	$(PY) bench/bench_vectorised.py
+	$(PY) bench/bench_expert_training.py --repeats 3
 	$(PY) bench/bench_merge.py

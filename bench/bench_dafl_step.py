@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import torch
-from summary import finish  # bench/ is on sys.path when a benchmark runs as a script
+from summary import finish, markdown  # bench/ is on sys.path when a benchmark runs as a script
 
 import config
 from archs import build_model
@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"(target under {TARGET_MS:g} ms per step: {verdict})")
     summary = {"device": str(device), "torch": torch.__version__, "seeds": args.seeds, "ms_per_step": ms,
                "target_ms": TARGET_MS, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    return finish(summary, args.out)
+    table = markdown(["device", "seeds stacked", "ms per step", f"target (under {TARGET_MS:g} ms)"],
+                     [[summary["gpu"] or str(device), str(args.seeds), f"{ms:.2f}", verdict]],
+                     f"`python bench/bench_dafl_step.py --steps {args.steps} --seeds {args.seeds}`: DAFL at the paper's "
+                     f"size (batch 512, width 128), torch {torch.__version__}.")
+    return finish(summary, "dafl_step", table, args.out)
 
 
 if __name__ == "__main__":

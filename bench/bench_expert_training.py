@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -31,6 +30,8 @@ from common import derive_seed, resolve_device
 from config import DATA_DIR_ENV, TaskSpec
 from data import InputFormat, get_source, load_source, load_task, prepare_input, to_unit
 from training import accuracy, train_classifier
+
+from summary import finish, markdown  # bench/ is on sys.path when a benchmark runs as a script
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 0.0  # the paper's expert settings (docs/design.md section 3)
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-workers", type=int, default=0, help="baseline DataLoader workers (original: 0)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="the JSON summary (default results/bench/expert_training_DEVICE.json)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     batch_size = get_source(args.dataset).batch_size  # 512 MNIST, 128 CIFAR-10
@@ -157,8 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
                "baseline_num_workers": args.num_workers, **stats, "speedup": speedup,
                "speedup_mean": speedup_mean, "torch": torch.__version__, "device": str(device),
                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "seed": args.seed}
-    print(json.dumps(summary))
-    return summary
+    rows = [[name, f"{st['min']:.2f}", f"{st['mean']:.2f}", f"{st['setup_s']:.2f}", f"{100 * st['test_acc']:.2f}"]
+            for name, st in stats.items()]
+    table = markdown(["pipeline", "fastest epoch (s)", "mean epoch (s)", "setup (s)", "test acc (%)"], rows,
+                     f"Speed-up (baseline / ours, fastest epochs): {speedup:.2f}x. `python bench/bench_expert_training.py "
+                     f"--repeats {args.repeats}`: LeNet5 on {args.dataset}, batch {batch_size}, paper hyperparameters; "
+                     f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}.")
+    return finish(summary, "expert_training", table, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from common import resolve_device
 from config import DATA_DIR_ENV, LOGIT_RULES, MergeConfig, TrainConfig, apply_overrides
 from problems import build_problem, expert_logits
 from strategies import MergeInputs, parse_strategies
+
+from summary import finish, markdown  # bench/ is on sys.path when a benchmark runs as a script
 
 TARGETS_S = {"logit rules": 30.0, "multi-pass": 120.0}
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "./data"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="", help="the JSON summary (default results/bench/merge_DEVICE.json)")
     args = parser.parse_args(argv)
     seeds = list(range(args.seeds))
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,8 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
                "baseline_logit_rules_one_seed_s": baseline_one_seed, "ours_logit_rules_per_seed_s": ours_per_seed,
                "torch": torch.__version__, "device": str(resolve_device(args.device)),
                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    print(json.dumps(summary))
-    return summary
+    rows = [[what, f"{seconds:.1f}", f"under {TARGETS_S[what]:.0f} s", "met" if seconds < TARGETS_S[what] else "**missed**"]
+            for what, seconds in times.items()]
+    table = markdown([f"disjoint_mnist, {len(seeds)} seeds", "seconds", "target", ""], rows,
+                     f"Logit rules per seed {ours_per_seed:.2f} s against {baseline_one_seed:.2f} s with the experts re-run "
+                     f"for every rule (the original scripts' pattern): {baseline_one_seed / ours_per_seed:.1f}x. "
+                     f"`python bench/bench_merge.py --seeds {len(seeds)}`; {resolve_device(args.device)}, "
+                     f"{torch.get_num_threads()} threads, torch {torch.__version__}.")
+    return finish(summary, "merge", table, args.out)
 
 
 if __name__ == "__main__":

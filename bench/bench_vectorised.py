@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import torch
-from summary import finish  # bench/ is on sys.path when a benchmark runs as a script
+from summary import finish, markdown  # bench/ is on sys.path when a benchmark runs as a script
 
 import merge
 import train_gan
@@ -104,22 +104,22 @@ def no_data(common: dict) -> dict:
     return {k: v for k, v in common.items() if k != "data_dir"}
 
 
-def bench_experts(common: dict, folder: Path, epochs: int) -> dict:
+def bench_experts(common: dict, folder: Path, epochs: int, rounds: int) -> dict:
     """LeNet5 MNIST experts at the paper's batch size."""
     return three_ways("experts", train_source_networks.main, TrainConfig,
-                      {**common, "dataset": "mnist", "expert": {"epochs": epochs}}, folder)
+                      {**common, "dataset": "mnist", "expert": {"epochs": epochs}}, folder, repeats=rounds)
 
 
-def bench_generators(common: dict, folder: Path) -> dict:
+def bench_generators(common: dict, folder: Path, rounds: int) -> dict:
     """The DAFL generators of disjoint_mnist's two experts, every seed (experts trained first, untimed)."""
     ckpt = folder / "generators_ckpt"
     prepare_experts(common, ckpt)
     return three_ways("generators", train_gan.main, GanConfig,
                       {**no_data(common), "problem": "disjoint_mnist", "expert": QUICK_EXPERTS, "dafl": QUICK_DAFL},
-                      folder, prepared=ckpt)
+                      folder, prepared=ckpt, repeats=rounds)
 
 
-def bench_gates(common: dict, folder: Path) -> dict:
+def bench_gates(common: dict, folder: Path, rounds: int) -> dict:
     """Every gate of disjoint_mnist: 5 types x 3 regimes, for every seed (DAFL sets made first, untimed)."""
     ckpt = folder / "gates_ckpt"
     prepare_experts(common, ckpt)
@@ -129,17 +129,17 @@ def bench_gates(common: dict, folder: Path) -> dict:
     return three_ways("gates", train_pan.main, PanConfig,
                       {**common, "problem": "disjoint_mnist", "expert": QUICK_EXPERTS, "dafl": QUICK_DAFL,
                        "gate": {"noise_samples": 4000, "train_limit": 4000}, "test_limit": 1000},
-                      folder, prepared=ckpt)
+                      folder, prepared=ckpt, repeats=rounds)
 
 
-def bench_merge(common: dict, folder: Path) -> dict:
+def bench_merge(common: dict, folder: Path, rounds: int) -> dict:
     """The ten multi-pass settings of disjoint_mnist with both combiners."""
     ckpt = folder / "merge_ckpt"
     prepare_experts(common, ckpt)
     strategies = [{"name": rule, "setting": s} for s in TTA_SETTINGS for rule in ("tta_mean", "tta_voting")]
     return three_ways("merge", merge.main, MergeConfig, {**common, "problem": "disjoint_mnist",
                                                          "expert": QUICK_EXPERTS, "strategies": strategies},
-                      folder, prepared=ckpt)
+                      folder, prepared=ckpt, repeats=rounds)
 
 
 def verdict(stage: str, runs: dict, device: torch.device) -> dict:
@@ -156,10 +156,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per stage (the cpu profile runs 3)")
     parser.add_argument("--parts", default="experts,generators,gates,merge")
     parser.add_argument("--expert-epochs", type=int, default=1, help="timed epochs of the expert part")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the three modes (the best is kept)")
     parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV, "./data"))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default="", help="where the JSON summary goes (default results/bench/"
-                                                  "vectorised_DEVICE.json)")
+    parser.add_argument("--out", default="", help="where the JSON summary goes, a Markdown table beside it "
+                                                  "(default results/bench/vectorised_DEVICE.json)")
     args = parser.parse_args(argv)
     seeds = list(range(1, args.seeds + 1))
     device = resolve_device(args.device)
@@ -169,10 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        parts = {"experts": lambda: bench_experts(common, folder, args.expert_epochs),
-                 "generators": lambda: bench_generators(common, folder),
-                 "gates": lambda: bench_gates(common, folder),
-                 "merge": lambda: bench_merge(common, folder)}
+        parts = {"experts": lambda: bench_experts(common, folder, args.expert_epochs, args.rounds),
+                 "generators": lambda: bench_generators(common, folder, args.rounds),
+                 "gates": lambda: bench_gates(common, folder, args.rounds),
+                 "merge": lambda: bench_merge(common, folder, args.rounds)}
         for name in args.parts.split(","):
             runs = parts[name]()
             results[name] = verdict(name, runs, device)
@@ -184,9 +185,15 @@ def main(argv: list[str] | None = None) -> dict:
                   f"faster ({'within' if r['auto_within_tolerance'] else 'OUTSIDE'} {AUTO_TOLERANCE:.0%})", flush=True)
     summary = {"seeds": len(seeds), "device": str(device), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "results": results}
-    out = args.out or str(Path(__file__).resolve().parent.parent / "results" / "bench" / f"vectorised_{device.type}.json")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    return finish(summary, out)
+    rows = [[stage, f"{r['seconds']['stacked']:.1f}", f"{r['seconds']['one by one']:.1f}",
+             f"{r['ratio_one_by_one_over_stacked']:.2f}x", r["auto_picks"], f"{r['seconds']['auto']:.1f}",
+             f"{r['auto_over_faster']:.3f}", "yes" if r["auto_within_tolerance"] else "**no**"]
+            for stage, r in results.items()]
+    table = markdown(["stage", "stacked (s)", "one by one (s)", "one by one / stacked", "auto picks", "auto (s)",
+                      "auto / faster", f"auto within {AUTO_TOLERANCE:.0%}"], rows,
+                     f"`python bench/bench_vectorised.py --seeds {args.seeds}`: {len(seeds)} seeds, best of {args.rounds} rounds "
+                     f"after a warm-up; {device}, {torch.get_num_threads()} threads, torch {torch.__version__}.")
+    return finish(summary, "vectorised", table, args.out)
 
 
 if __name__ == "__main__":

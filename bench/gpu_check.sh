@@ -40,7 +40,7 @@ if $PY -c "import pytest" 2>/dev/null; then
 else
   echo "pytest is not installed here: the CUDA tests were not run" | tee "$OUT/tests.txt" >> "$OUT/summary.txt"
 fi
-step bench_vectorised 120 "$PY" bench/bench_vectorised.py --seeds 10 --expert-epochs 10 --parts experts \
+step bench_vectorised 120 "$PY" bench/bench_vectorised.py --seeds 10 --expert-epochs 10 --parts experts --rounds 1 \
   --device cuda --data-dir "$DATA" --out "$OUT/bench_vectorised.json"
 step dafl_step 60 "$PY" bench/bench_dafl_step.py --device cuda --out "$OUT/dafl_step.json"
 step paper_seed 300 "$PY" experiments/reproduce.py profile=paper "seeds=[770597]" "only_problems=[disjoint_mnist]" \
