@@ -317,8 +317,10 @@ def targets_table(rows: list[dict]) -> str:
                                                      else f"{r['value']:+.2f}")
         acc = [f"{v:.2f}" if v is not None else "not run" for v in (r["best_acc"], r["than_acc"])]
         verdict = "not run" if r["met"] is None else "met" if r["met"] else "**missed**"
-        lines.append(f"| `{r['problem']}` | {r['target']} | {r['best']}: `{r['best_rule']}` | {acc[0]} | "
-                     f"{r['than']}: `{r['than_rule']}` | {acc[1]} | {measured} | {verdict} |")
+        best, than = (f"{name}: `{rule}`" if rule else name
+                      for name, rule in ((r["best"], r["best_rule"]), (r["than"], r["than_rule"])))
+        lines.append(f"| `{r['problem']}` | {r['target']} | {best} | {acc[0]} | {than} | {acc[1]} | {measured} | "
+                     f"{verdict} |")
     return "\n".join(lines) + "\n"
 
 
