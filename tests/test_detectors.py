@@ -3,6 +3,7 @@ logits, features and models (skipped where pytorch-ood is not installed), identi
 statistics (fitted, shipped, saved), and routing between two tiny experts by calibrated scores."""
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -449,7 +450,7 @@ def test_every_detector_scores_the_same_on_the_gpu():
     torch.manual_seed(13)
     model, x = TinyBatchNormNet().eval(), torch.rand(64, 1, 10, 10)
     cpu = observe(model, [x], keep_inputs=True, input_std=[0.3])
-    gpu = observe(model.cuda(), [x.cuda()], keep_inputs=True, input_std=[0.3])
+    gpu = observe(copy.deepcopy(model).cuda(), [x.cuda()], keep_inputs=True, input_std=[0.3])
     stats = fit_statistics(gpu)
     assert all(v.device.type == "cpu" for v in stats.values())
     for name in DETECTORS:
