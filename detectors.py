@@ -190,10 +190,12 @@ def shipped_statistics(model: nn.Module) -> Statistics:
 
     - Input: an expert normalises with its training pixels' per-channel mean and std, so its prepared
       training inputs have channels of mean 0 and variance 1. ``input_gaussian`` then scores how far an
-      input's pixels stray from that standard Gaussian. It assumes the constants were measured on the inputs
-      as the expert sees them (the MNIST constants were measured on 28x28 digits: padded to 32x32, the
-      prepared training images have mean -0.10 and mean square 0.81) and that the model does not normalise
-      inside (an expert whose normalisation is built in ships nothing to read here).
+      input's pixels stray from that standard Gaussian. It assumes the constants are the pixels' mean and std
+      as the expert sees them, and the model does not normalise inside (one that does ships nothing to read
+      here). Ours hold only roughly: the MNIST ones were measured on 28x28 digits (padded to 32x32, prepared
+      training images have mean -0.10 and mean square 0.81), and the CIFAR-10 stds in wide use (0.2023,
+      0.1994, 0.2010) are the mean of each image's own std, below the pixels' (0.245, 0.243, 0.261 on our
+      copy), so prepared CIFAR-10 training images have mean squares of 1.5-1.7, not 1.
     - Batch norm (only for networks that have one): the last layer's running mean and variance describe
       every activation of each channel of its input, over training batches and positions, as a diagonal
       Gaussian: ``bn_gaussian`` scores how far an input's activations there stray from it. Running variances
@@ -201,7 +203,8 @@ def shipped_statistics(model: nn.Module) -> Statistics:
       hundreds).
 
     Both scores are mean squared standardised distances, about 1 on the inputs the Gaussian describes, so
-    they are on one scale across experts without calibration; there is no sample to calibrate on."""
+    they are on one scale across experts without calibration (there is no sample to calibrate on), as far
+    as the assumptions hold."""
     stats = {"input_mean": torch.zeros(1), "input_var": torch.ones(1)}  # one channel's values stand for every channel
     norm = last_batch_norm(model)
     if norm is not None and norm.running_mean is not None:
