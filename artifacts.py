@@ -11,6 +11,7 @@ one of them was remade since (same recipe, other weights), never reused against 
     checkpoints/generators/TASK_ARCHTAG_KEY_seedS.pt             (DAFL's generators)
     checkpoints/synthetic/SYNTHESIZER/TASK_ARCHTAG_KEY_seedS.pt  (stored synthetic image sets)
     checkpoints/gates/PROBLEM/REGIME/GATE_TYPE/TASK_ARCHTAG_KEY_seedS.pt   (the universal gate: universal_KEY_seedS.pt)
+    checkpoints/statistics/SOURCE/TASK_ARCHTAG_KEY_seedS.pt      (detectors' statistics: sources.py)
 
 The data-free regimes' gate folders name their synthesizer: ``synthetic_dafl``, ``noise_inversion``, ...
 
@@ -33,13 +34,16 @@ import config
 from common import CheckpointError, read_checkpoint
 from data import get_source, task_identity
 from expert_files import file_digest
+from sources import Source
 from stacked import resolve_stacking
+from synthesis import components
 
 KEY_LENGTH = 8
 # the source that makes each synthesizer's images: part of its sets' recipes (and the generator's), so changed
 # synthesis code makes new sets, whose new digests make the gates and rows that read them stale in turn
 SYNTHESIS_CODE = {"dafl": ("dafl.py", "archs/generator.py", "synthesis.py"),
                   "inversion": ("inversion.py", "synthesis.py"), "deepinversion": ("inversion.py", "synthesis.py")}
+STATISTICS_CODE = ("detectors.py", "detector_stats.py")  # what fits a detector's statistics on a source
 REPO = Path(__file__).resolve().parent
 DRAWING = ("images", "sample_mode")  # how a set is drawn from a DAFL generator, not how it is trained
 
@@ -211,6 +215,7 @@ class Layout:
         self.expert_training: config.ExpertTraining = cfg.expert
         self.synthesis = {name: getattr(cfg, name, None) for name in config.SYNTHESIS_SECTIONS}
         self.gate: config.GateTraining | None = getattr(cfg, "gate", None)
+        self.statistics: config.StatisticsSettings | None = getattr(cfg, "statistics", None)
         self.device: str = getattr(cfg, "device", "auto")
         self._recipes: dict[str, dict] = {}  # key -> every recipe this layout computed (alternatives() reads them)
 
@@ -301,12 +306,15 @@ class Layout:
         """A gate of ``problem``'s expert ``serves`` (None: the universal gate, serving all of them); the
         data-free regimes read the sets of ``synthesizer`` (one, or a mixture ``a+b``)."""
         gate = {**dataclasses.asdict(self._need(self.gate, "gate")), "stack_seeds": self.stacked("gates")}
-        data_keys = ("train_limit",) if regime == "real" else ("noise_samples", "augment_copies")
+        real = regime == "real" or regime.startswith("real:")  # real:N: few-shot, the first N images of each task
+        data_keys = ("train_limit",) if real else ("noise_samples", "augment_copies")
         unused = {"train_limit", "noise_samples", "augment_copies"} - set(data_keys)
         experts = experts_of(self.problems[problem])
         recipe = {**{k: v for k, v in gate.items() if k not in unused}, "regime": regime, "gate_type": gate_type,
                   "serves": serves, "experts": [recipe_key(self.expert_recipe(e)) for e in experts]}
-        if regime != "real":
+        if regime.startswith("real:"):
+            recipe["train_limit"] = int(regime.partition(":")[2])
+        if not real:
             recipe["synthesizer"] = synthesizer
             recipe["sets"] = [recipe_key(self.synthetic_recipe(part, e)) for part in synthesizer.split("+")
                               for e in experts]
@@ -316,7 +324,7 @@ class Layout:
                   synthesizer: str = "dafl") -> Path:
         key = recipe_key(self.gate_recipe(problem, regime, gate_type, serves, synthesizer))
         stem = "universal" if serves is None else experts_of(self.problems[problem])[serves].tag
-        folder = regime if regime == "real" else f"{regime}_{synthesizer}"
+        folder = regime.replace(":", "_") if regime.startswith("real") else f"{regime}_{synthesizer}"
         return self.ckpt_dir / "gates" / problem / folder / gate_type / f"{stem}_{key}_seed{seed}.pt"
 
     def gate_paths(self, problem: str, regime: str, gate_type: str, seed: int, synthesizer: str = "dafl") -> list[Path]:
@@ -330,10 +338,26 @@ class Layout:
         settings = [*section_args("expert", self.expert_training), *section_args("gate", self.gate)]
         words = ["python train_pan.py", f"problem={problem}", f"regimes=[{regime}]", f"gate_types=[{gate_type}]",
                  f"seeds=[{seed}]"]
-        if regime != "real":
+        if not regime.startswith("real"):
             words.append(f"synthesizers=[{synthesizer}]")
             settings += [arg for part in synthesizer.split("+") for arg in section_args(part, self.synthesis[part])]
         return " ".join(words + settings)
+
+    # ------------------------------------------------------------ detectors' statistics
+
+    def stats_recipe(self, source: Source, expert: ExpertId) -> dict:
+        """The statistics of ``source`` for ``expert``: the fitting settings (none for a shipped source: nothing is
+        fitted), the code that fits them, and what they were made from (the expert; a synthetic source's sets)."""
+        settings = {} if source.kind == "shipped" else dataclasses.asdict(self._need(self.statistics, "statistics"))
+        recipe = {"source": source.label, **settings, "code": code_digest(STATISTICS_CODE),
+                  "expert": recipe_key(self.expert_recipe(expert))}
+        if source.kind == "synthetic":
+            recipe["sets"] = [recipe_key(self.synthetic_recipe(part, expert)) for part in components(source.synthesizer)]
+        return self._known(recipe)
+
+    def stats_path(self, source: Source, expert: ExpertId, seed: int) -> Path:
+        key = recipe_key(self.stats_recipe(source, expert))
+        return self.ckpt_dir / "statistics" / source.folder / f"{expert.tag}_{key}_seed{seed}.pt"
 
     # ------------------------------------------------------------ artifacts that are not there
 

@@ -67,6 +67,11 @@ def fraction(default: float) -> Any:
     return field(default=default, metadata={"check": (0, 1, "in [0, 1)")})
 
 
+def open_fraction(default: float) -> Any:
+    """A field whose value must lie in (0, 1)."""
+    return field(default=default, metadata={"check": (0, 1, "in (0, 1)"), "open_low": True})
+
+
 def greater_than(low: float, default: Any) -> Any:
     """A field whose value must be > ``low``."""
     return field(default=default, metadata={"check": (low, "open", f"greater than {low}")})
@@ -194,6 +199,9 @@ def default_problems() -> dict[str, ProblemSpec]:
         "five_mnist": ProblemSpec([ExpertSpec(f"mnist_{a}{a + 1}") for a in range(0, 10, 2)]),
         # LeNet5-half experts (channels 3/8/60): an architecture the universal gate never saw
         "mnist_cifar10_half": ProblemSpec([ExpertSpec("mnist", "lenet5_half"), ExpertSpec("cifar10", "lenet5_half")]),
+        # LeNet5s with batch norm: experts that ship running statistics of their activations (the detectors'
+        # `shipped` source and DeepInversion read them)
+        "mnist_cifar10_bn": ProblemSpec([ExpertSpec("mnist", "lenet5_bn"), ExpertSpec("cifar10", "lenet5_bn")]),
     }
 
 
@@ -299,8 +307,22 @@ class GateTraining:
     stack_seeds: str = stacking_field()  # the gates of one shape (every seed, type and expert) trained together
 
 
+@dataclass
+class StatisticsSettings:
+    """How the detectors' statistics are fitted on a source of an expert's inputs (detector_sources.py): a
+    seeded ``holdout`` share of the source calibrates the scores (scored against statistics of the rest: an
+    input is its own nearest neighbour), at most ``knn_bank`` features are kept for KNN, ViM's principal
+    subspace has ``vim_dim`` dimensions (null: half the features), ReAct clips at ``react_percentile``. Part
+    of each statistics artifact's recipe; shrinkage and KNN's k are the rules' own parameters."""
+
+    holdout: float = open_fraction(0.2)
+    knn_bank: int = at_least(1, 10000)
+    vim_dim: int | None = at_least(1, None)
+    react_percentile: float = fraction(0.9)
+
+
 SECTIONS = {"expert": ExpertTraining, "dafl": DaflTraining, "inversion": InversionSettings,
-            "deepinversion": DeepInversionSettings, "gate": GateTraining}
+            "deepinversion": DeepInversionSettings, "gate": GateTraining, "statistics": StatisticsSettings}
 SYNTHESIS_SECTIONS = ("dafl", "inversion", "deepinversion")  # one per synthesizer (synthesizers.py)
 
 
@@ -351,6 +373,7 @@ class MergeConfig:
     inversion: InversionSettings = field(default_factory=InversionSettings)
     deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     gate: GateTraining = field(default_factory=GateTraining)
+    statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
     data_dir: str = field(default_factory=default_data_dir)
@@ -407,6 +430,7 @@ class PanConfig:
     inversion: InversionSettings = field(default_factory=InversionSettings)
     deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     gate: GateTraining = field(default_factory=GateTraining)
+    statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
     test_limit: int | None = at_least(1, None)
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
@@ -437,6 +461,7 @@ class PredictConfig:
     inversion: InversionSettings = field(default_factory=InversionSettings)
     deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     gate: GateTraining = field(default_factory=GateTraining)
+    statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
     ckpt_dir: str = "checkpoints"
@@ -462,6 +487,7 @@ class ReproduceConfig:
     inversion: InversionSettings = field(default_factory=InversionSettings)
     deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     gate: GateTraining = field(default_factory=GateTraining)
+    statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
     problems: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # name -> {gan: [...], pan: [...]}
     tables: dict[str, list[str]] = field(default_factory=dict)  # experiments/NAME.yaml -> extra merge arguments
     # weight-space fusion tables: experiments/NAME.yaml -> {files: [recipe YAML files every step of the table
@@ -591,6 +617,7 @@ def _check_dataclass(obj: Any, prefix: str) -> None:
         if "check" in f.metadata and value is not None:
             low, high, words = f.metadata["check"]
             bad = value < low if high is None else (value <= low if high == "open" else not low <= value < high)
+            bad = bad or (f.metadata.get("open_low", False) and value == low)
             if bad:
                 raise ConfigError(f"{key}={value!r} is out of range: it must be {words}")
         if "choices" in f.metadata and value not in f.metadata["choices"]:

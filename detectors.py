@@ -215,20 +215,32 @@ def shipped_statistics(model: nn.Module) -> Statistics:
 
 def class_gaussians(z: Tensor, labels: Tensor, shrinkage: float) -> Statistics:
     """Class means with a shared within-class precision (Lee et al. 2018) and the background Gaussian of all
-    features (Ren et al. 2021). Covariances divide by N, as in both papers."""
+    features (Ren et al. 2021). Covariances divide by N, as in both papers; they are kept beside the
+    precisions, so another shrinkage needs no refit (``with_shrinkage``)."""
     classes, index = labels.unique(return_inverse=True)
     counts = torch.bincount(index, minlength=len(classes)).to(z.dtype)
     means = torch.zeros(len(classes), z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, index, z)
     means /= counts[:, None]
     background_mean = z.mean(dim=0)
-    return {"class_means": means, "precision": shrunk_precision(z - means[index], shrinkage),
-            "background_mean": background_mean,
-            "background_precision": shrunk_precision(z - background_mean, shrinkage)}
+    covariance, background = covariance_of(z - means[index]), covariance_of(z - background_mean)
+    return {"class_means": means, "covariance": covariance, "precision": shrunk_precision(covariance, shrinkage),
+            "background_mean": background_mean, "background_covariance": background,
+            "background_precision": shrunk_precision(background, shrinkage)}
 
 
-def shrunk_precision(centred: Tensor, shrinkage: float) -> Tensor:
-    """The inverse of ``centred``'s covariance with ``shrinkage`` x its mean variance added to the diagonal."""
-    covariance = centred.T @ centred / len(centred)
+def with_shrinkage(statistics: Statistics, shrinkage: float) -> Statistics:
+    """``statistics`` with both precisions recomputed from their covariances at another ``shrinkage``."""
+    precisions = {key: shrunk_precision(statistics[source].double(), shrinkage).float()
+                  for key, source in (("precision", "covariance"), ("background_precision", "background_covariance"))}
+    return {**statistics, **precisions}
+
+
+def covariance_of(centred: Tensor) -> Tensor:
+    return centred.T @ centred / len(centred)
+
+
+def shrunk_precision(covariance: Tensor, shrinkage: float) -> Tensor:
+    """The inverse of ``covariance`` with ``shrinkage`` x its mean variance added to the diagonal."""
     ridge = shrinkage * covariance.diagonal().mean().clamp(min=1e-12)
     return torch.linalg.inv(covariance + ridge * torch.eye(len(covariance), dtype=covariance.dtype,
                                                           device=covariance.device))

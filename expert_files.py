@@ -333,13 +333,18 @@ def path_of(spec: ExpertFile) -> str:
 # ---------------------------------------------------------------- what rules need
 
 def require(problem: str, spec: ProblemSpec, *, features: str = "", batchnorm: str = "",
-            class_weights: str = "") -> None:
+            class_weights: str = "", penultimate: str = "") -> None:
     """Raise ConfigError when a file expert of ``problem`` cannot give what a rule needs: its feature vector,
-    BatchNorm statistics, or final-layer class weights (each argument, when given, names the rule)."""
+    BatchNorm statistics, final-layer class weights, or the input of its final layer (the detectors' penultimate
+    features, read with a hook); each argument, when given, names the rule."""
     for k, expert in enumerate(spec.experts):
         if expert.file is None:
             continue
         where = f"problem {problem!r}, expert {k} ({expert.file.path})"
+        if penultimate and file_kind(expert.file) == "torchscript":
+            raise ConfigError(f"{where}: {penultimate} reads the input of the expert's final layer, which forward "
+                              f"hooks cannot see in TorchScript; save the model with torch.export or as a state "
+                              f"dict, or use a detector that reads logits alone, without stats")
         if features and not expert.file.feature_layer:
             raise ConfigError(f"{where}: {features} reads the expert's feature vector, and this file expert names no "
                               f"feature_layer (a submodule of a torch.export or state-dict model); use a rule that "

@@ -15,11 +15,31 @@ import torch
 import torch.nn as nn
 
 from artifacts import Layout, Wanted
+from config import ConfigError
 from common import load_model
 from problems import Problem
 
 GATE_TYPES = ("feature", "logits", "agnostic_logits", "agnostic_feature", "universal")
-REGIMES = ("real", "synthetic", "noise")
+REGIMES = ("real", "synthetic", "noise")  # and real:N, few-shot: the first N real training images of each task
+
+
+def is_real(regime: str) -> bool:
+    """Whether gates of ``regime`` read real training images: ``real``, or few-shot ``real:N``."""
+    return regime == "real" or regime.startswith("real:")
+
+
+def real_images(regime: str, section_limit: int | None) -> int | None:
+    """How many real training images of each task a real-regime gate reads: N of ``real:N``, else the gate
+    section's ``train_limit`` (None: all)."""
+    return int(regime.partition(":")[2]) if regime.startswith("real:") else section_limit
+
+
+def check_regime(regime: str, where: str) -> None:
+    """``real``, ``synthetic``, ``noise`` or ``real:N`` (N a positive count), else a ConfigError."""
+    count = regime.partition(":")[2] if regime.startswith("real:") else None
+    if regime not in REGIMES and not (count and count.isdigit() and int(count) > 0):
+        raise ConfigError(f"{where}: regime={regime!r} is not one of {', '.join(REGIMES)} or real:N (the first N "
+                          f"real training images of each expert's task, e.g. real:200)")
 UNIVERSAL_STATS = ("max_prob", "entropy_over_log_k", "top2_margin")
 
 

@@ -37,7 +37,10 @@ from artifacts import Layout, code_digest, digest_of, recipe_key, tally
 from augments import TTA_SETTINGS, apply_augment
 from common import (append_row, atomic_write_text, cli, derive_seed, make_generator,
                     mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
-from data import InputFormat, load_task, prepare_input, to_unit
+from archs import build_model
+from data import InputFormat, get_source, load_task, prepare_input, task_classes, to_unit
+from detector_stats import LOGIT_DETECTORS, DetectorScorer, detection_metrics, expert_views, stored_statistics
+from detectors import last_batch_norm
 from expert_files import FEATURE_TYPES, require
 from gating import gate_paths, gate_runner, wanted_gates
 from problems import (Problem, build_problem, expert_activations, expert_logits, run_experts, run_stacked,
@@ -46,6 +49,7 @@ from stacked import resolve_stacking, stack, stackable
 from report import merge_report
 from strategies import (BASE_CODE, DEFAULT_SYNTHESIZER, NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs,
                         StrategyCall, check_fusion, parse_strategies)
+from sources import Source, parse_source
 from synthesis import components, load_set
 
 SELECTION_SEED = "selection half"  # names the seeded split of every combined test set into two halves
@@ -175,14 +179,43 @@ def gate_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) 
 
 
 def set_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) -> list[Path]:
-    """The synthetic image sets a calibration rule reads (none for other strategies)."""
-    if call.name != "calibrated":
+    """The synthetic image sets a rule reads: a calibration's, a detector's with a synthetic source (none for
+    other strategies)."""
+    synthesizer = sets_read(call)
+    if synthesizer is None:
         return []
-    return [layout.synthetic_path(part, e, seed) for part in components(synthesizer_of(call)) for e in problem.experts]
+    return [layout.synthetic_path(part, e, seed) for part in components(synthesizer) for e in problem.experts]
+
+
+def sets_read(call: StrategyCall) -> str | None:
+    """The synthesizer (or mixture) whose stored sets ``call`` reads, or None."""
+    if call.name == "calibrated":
+        return synthesizer_of(call)
+    source = call.param("stats") if REGISTRY[call.name].detector else ""
+    return parse_source(source).synthesizer or None if source else None
 
 
 def synthesizer_of(call: StrategyCall) -> str:
     return call.param("synthesizer") or DEFAULT_SYNTHESIZER
+
+
+def detector_runner(cfg: config.MergeConfig, layout: Layout, problem: Problem, models: list[nn.Module],
+                    formats: list[InputFormat], logits: list[torch.Tensor], seed: int, device: torch.device):
+    """``run_detector(name, source, standardisation, params)`` for MergeInputs: every expert's view of the
+    combined test set is taken on first use (ODIN's, which keeps the inputs, on first ODIN use), and each
+    expert's statistics of a source are read or fitted once (detector_stats.stored_statistics)."""
+    batches = functools.partial(test_batches, problem, device, cfg.batch_size)
+    odin_views = functools.cache(lambda: expert_views(models, formats, batches, keep_inputs=True))
+
+    @functools.cache
+    def statistics(source: Source, k: int):
+        expert = problem.experts[k]
+        return stored_statistics(layout, source, expert, problem.specs[expert.task], seed, models[k], formats[k],
+                                 cfg.data_dir, device, cfg.force)
+
+    views = functools.cache(lambda: expert_views(models, formats, batches))
+    scorer = DetectorScorer(models, logits, views, statistics, lambda k: odin_views()[k], formats, device)
+    return scorer
 
 
 def synthetic_runner(layout: Layout, problem: Problem, models, formats, seed: int, device: torch.device):
@@ -328,7 +361,8 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
     inputs = MergeInputs(logits, problem.label_maps, domain.to(device),
                          run_passes=functools.partial(runs.passes, seed),
                          run_gates=gate_runner(layout, problem, activations, seed, device),
-                         run_synthetic=synthetic_runner(layout, problem, models, formats, seed, device))
+                         run_synthetic=synthetic_runner(layout, problem, models, formats, seed, device),
+                         run_detector=detector_runner(cfg, layout, problem, models, formats, logits, seed, device))
     for call in calls:
         setting = call.param("setting")
         if setting is not None:  # expert passes, timed apart from the rule
@@ -346,6 +380,10 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
             probs = inputs.gates(call.param("gate"), call.param("regime"), call.param("gates_from"),
                                  call.param("synthesizer"))
             extra = gate_identity(paths, problem, expert_digests, probs, domain)
+        if REGISTRY[call.name].detector:  # how well each expert's score tells its own images (OpenOOD's metrics)
+            params = {k: v for k, v in call.params.items() if k not in ("stats", "standardise")}
+            scores = inputs.detector(call.name, call.param("stats"), call.param("standardise") or "zscore", params)
+            extra = {"detection": detection_metrics(scores.raw, domain, problem.names)}
         finish(call.label, {"kind": "strategy", "rule": call.name, "params": call.params,
                             **score(decision, problem, labels, domain, select), **decision.row, **extra,
                             "time_s": rule_time, "expert_time_s": runs.times[""] + runs.times.get(setting, 0.0),
@@ -368,6 +406,30 @@ def check_gates_from(calls: list[StrategyCall], problems: dict[str, config.Probl
                                      f"{call.param('gate')} gate belongs to one expert of its own problem)")
 
 
+def check_detectors(calls: list[StrategyCall], name: str, spec: config.ProblemSpec,
+                    tasks: dict[str, config.TaskSpec]) -> None:
+    """What a detector rule reads, every expert of the problem must show, before any work: the input of its final
+    layer (all but the logit detectors without statistics) and, for bn_gaussian, a batch-norm layer."""
+    for call in calls:
+        if not REGISTRY[call.name].detector:
+            continue
+        if call.param("stats") or call.name not in LOGIT_DETECTORS:
+            require(name, spec, penultimate=f"strategy {call.label}")
+        if call.name == "bn_gaussian":
+            require(name, spec, batchnorm=f"strategy {call.label}")
+            plain = [e.arch for e in spec.experts if e.file is None and last_batch_norm(build_model(
+                e.arch, **model_arguments(tasks[e.task]), **e.arch_kwargs)) is None]
+            if plain:
+                raise config.ConfigError(f"strategy {call.label} reads a batch-norm layer, and problem {name!r} has "
+                                         f"experts without one ({', '.join(dict.fromkeys(plain))}); use lenet5_bn "
+                                         f"or resnet18 experts (e.g. problem mnist_cifar10_bn)")
+
+
+def model_arguments(task: config.TaskSpec) -> dict:
+    """An expert's input channels and class count, from its task."""
+    return {"in_channels": get_source(task.source).channels, "num_classes": len(task_classes(task))}
+
+
 def main(cfg: config.MergeConfig) -> dict:
     config.check(cfg)
     if cfg.problem not in cfg.problems:
@@ -378,6 +440,7 @@ def main(cfg: config.MergeConfig) -> dict:
     for call in calls:
         check_fusion(call, cfg.problem, cfg.problems[cfg.problem])
     check_gates_from(calls, cfg.problems)
+    check_detectors(calls, cfg.problem, cfg.problems[cfg.problem], cfg.tasks)
     for call in calls:
         if call.param("gate") in FEATURE_TYPES:
             require(cfg.problem, cfg.problems[cfg.problem], features=f"strategy {call.label}")
@@ -390,7 +453,7 @@ def main(cfg: config.MergeConfig) -> dict:
                for w in wanted_gates(layout, problem, c.param("gate"), c.param("regime"), c.param("gates_from"), seed,
                                      synthesizer_of(c))]
     wanted += [layout.wanted_set(cfg.problem, part, e, seed) for seed in cfg.seeds for c in calls
-               if c.name == "calibrated" for part in components(synthesizer_of(c)) for e in problem.experts]
+               if sets_read(c) for part in components(sets_read(c)) for e in problem.experts]
     if (error := layout.missing_error(wanted)) is not None:
         raise error
     name = cfg.name or cfg.problem

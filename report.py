@@ -112,6 +112,11 @@ def gates_report(rows: list[dict]) -> str:
 LOGIT_STATISTICS = {"naive", "std_lower", "std_higher", "ratio", "overall_ratio", "thirdQ", "thirdQ_original",
                     "max_logit"}
 OOD_SCORES = {"max_softmax", "energy", "neg_entropy"}
+# detectors (detectors.py) that read no statistics: raw, they join the OOD scores
+PER_SAMPLE_DETECTORS = {"gen", "odin", "ash", "scale"}
+DETECTOR_RULES = OOD_SCORES - {"neg_entropy"} | PER_SAMPLE_DETECTORS | {
+    "max_logit", "mahalanobis", "relative_mahalanobis", "knn", "vim", "react", "input_gaussian", "bn_gaussian"}
+REAL_COUNTS = ("10", "50", "200", "1000", "all")  # the few-shot sources of the tables, in the figure's order
 CALIBRATION = {"calibrated"}
 REGIME_NAMES = {"real": "real data", "synthetic": "data-free", "noise": "noise negatives"}
 # weight-space fusion (docs/design.md section 8): every method its own family; fine-tuned rows apart from the others
@@ -126,6 +131,9 @@ FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calib
             "universal gate, real data", "universal gate, data-free",
             "universal gate, real data, some experts unseen", "universal gate, data-free, some experts unseen",
             "universal gate, real data, unseen experts", "universal gate, data-free, unseen experts",
+            "detectors, data-free statistics",
+            *(f"detectors, {n} real images per expert" for n in REAL_COUNTS),
+            *(f"gates, {n} real images per expert" for n in REAL_COUNTS if n != "all"),
             "parents", "fusion: vanilla averaging", "fusion: OTFusion", "fusion: neuron interpolation",
             "fusion: CLAFusion", "ensembles", "parents, fine-tuned (the control)", "fusion: CLAFusion, fine-tuned"]
 TRAINING_FREE = ["logit statistics", "OOD scores", "multi-pass mean", "multi-pass voting"]
@@ -135,8 +143,9 @@ DATA_FREE_GATES = ["gates, data-free", "universal gate, data-free", "universal g
 # no real training image of any expert is read (training-free rules, synthetic sets, noise)
 ANSWER_GROUPS = {"best training-free rule": TRAINING_FREE,
                  "best data-free gate": DATA_FREE_GATES,
-                 "best data-free rule": [*TRAINING_FREE, "data-free calibration", *DATA_FREE_GATES,
-                                         "gates, noise negatives"],
+                 "best data-free rule": [*TRAINING_FREE, "data-free calibration", "detectors, data-free statistics",
+                                         *DATA_FREE_GATES, "gates, noise negatives"],
+                 "best detector, 200 real images per expert": ["detectors, 200 real images per expert"],
                  "gates on real data": ["gates, real data"],
                  "oracle": ["oracle (bound)"]}
 SELECTION_NOTE = ("Each family's best rule is picked by its mean accuracy on a seeded selection half of the "
@@ -155,6 +164,12 @@ def family(row: dict) -> str | None:
     rule, params = row["rule"], row.get("params", {})
     if rule == "oracle":
         return "oracle (bound)"
+    if rule in DETECTOR_RULES and params.get("stats"):
+        source = params["stats"]
+        return (f"detectors, {source.partition(':')[2]} real images per expert" if source.startswith("real:")
+                else "detectors, data-free statistics")
+    if rule in PER_SAMPLE_DETECTORS:
+        return "OOD scores"
     if rule in LOGIT_STATISTICS:
         return "logit statistics"
     if rule in OOD_SCORES:
@@ -167,6 +182,8 @@ def family(row: dict) -> str | None:
         name = FUSION_FAMILIES[rule]
         return FINETUNED[name] if params.get("finetune_epochs") else name
     if rule.startswith("gate_"):
+        if params["regime"].startswith("real:"):
+            return f"gates, {params['regime'].partition(':')[2]} real images per expert"
         regime = REGIME_NAMES[params["regime"]]
         if params["gate"] != "universal" or params["regime"] == "noise":
             return f"gates, {regime}"
@@ -207,7 +224,8 @@ def best_of_families(rows: list[dict]) -> list[dict]:
         name = family(group[0])
         if name is not None:
             by_family.setdefault(name, {})[label] = group
-    return [{"family": name, **pick(by_family[name])} for name in FAMILIES if name in by_family]
+    order = [*FAMILIES, *sorted(set(by_family) - set(FAMILIES))]  # a family of another source count goes last
+    return [{"family": name, **pick(by_family[name])} for name in order if name in by_family]
 
 
 def best_of_group(rows: list[dict], families: list[str]) -> dict | None:
@@ -260,7 +278,8 @@ def answer_rows(rows_by_problem: dict[str, list[dict]]) -> list[dict]:
 
 
 ANSWER_COLUMNS = ["naive", *ANSWER_GROUPS]
-LABELLED = ("best training-free rule", "best data-free gate", "best data-free rule", "gates on real data")
+LABELLED = ("best training-free rule", "best data-free gate", "best data-free rule",
+            "best detector, 200 real images per expert", "gates on real data")
 
 
 def answer_table(rows: list[dict]) -> str:

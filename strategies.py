@@ -27,9 +27,11 @@ from torch import Tensor
 
 from augments import TTA_SETTINGS
 from config import ConfigError, ProblemSpec, coerce
+from detectors import DETECTORS
 from fusion import (HAS_POT, POT_MISSING, class_share_weights, clafusion, conductance_importance, ensemble_softmax,
                     finetune, hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg)
-from gating import GATE_TYPES, REGIMES
+from gating import GATE_TYPES, check_regime, is_real
+from sources import Source, parse_source
 from synthesis import components
 
 NO_EXPERT = -1  # Decision.expert of a sample no single expert answered (a fused network or an ensemble did)
@@ -68,6 +70,8 @@ class MergeInputs:
     run_passes: Callable[[str], list[list[Tensor]]] | None = None
     run_gates: Callable[[str, str, str, str], Tensor] | None = None
     run_synthetic: Callable[[str], list[list[Tensor]]] | None = None
+    # run_detector(name, source, standardisation, params): every expert's scores (detector_stats.DetectorScorer)
+    run_detector: Callable[[str, Source | None, str, dict[str, Any]], Any] | None = None
     fusion: FusionInputs | None = None  # problems with shared labels, for the fusion rules
     _passes: dict[str, list[list[Tensor]]] = field(default_factory=dict, repr=False)
     _gates: dict[tuple[str, str, str, str], Tensor] = field(default_factory=dict, repr=False)
@@ -89,6 +93,13 @@ class MergeInputs:
         if key not in self._gates:
             self._gates[key] = self.run_gates(*key)
         return self._gates[key]
+
+    def detector(self, name: str, stats: str, standardisation: str, params: dict[str, Any]) -> Any:
+        """Detector ``name``'s scores per expert (``.raw`` and ``.comparable``, ``[N, experts]``), its statistics
+        from source ``stats`` ("" for none), made comparable by ``standardisation``; cached by the scorer."""
+        if self.run_detector is None:
+            raise RuntimeError("this evaluation has no detector scorer")
+        return self.run_detector(name, parse_source(stats) if stats else None, standardisation, params)
 
     def synthetic(self, synthesizer: str = "") -> list[list[Tensor]]:
         """``[k][j]``: expert k's logits on expert j's synthetic images (cached); data-free, no real image."""
@@ -133,6 +144,8 @@ class Strategy:
     summary: str
     fusion: FusionNeeds | None = None  # set for the rules that read MergeInputs.fusion
     code: tuple[str, ...] = BASE_CODE  # the source files its rows depend on
+    detector: str | None = None  # the detector (detectors.DETECTORS) a detector rule routes by
+    validate: Callable[[dict[str, Any]], None] | None = None  # checks its parameters together, at config load
 
 
 @dataclass(frozen=True)
@@ -159,14 +172,15 @@ class StrategyCall:
 REGISTRY: dict[str, Strategy] = {}
 
 
-def register(name: str, fusion: FusionNeeds | None = None,
-             code: tuple[str, ...] = BASE_CODE) -> Callable[[Callable[..., Decision]], Callable[..., Decision]]:
+def register(name: str, fusion: FusionNeeds | None = None, code: tuple[str, ...] = BASE_CODE,
+             validate: Callable[[dict[str, Any]], None] | None = None
+             ) -> Callable[[Callable[..., Decision]], Callable[..., Decision]]:
     def wrap(fn: Callable[..., Decision]) -> Callable[..., Decision]:
         hints = typing.get_type_hints(fn)
         params = {p.name: (hints[p.name], p.default) for p in inspect.signature(fn).parameters.values()
                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
         REGISTRY[name] = Strategy(name, fn, params, (fn.__doc__ or "").strip().splitlines()[0],
-                                  fusion, FUSION_CODE if fusion else code)
+                                  fusion, FUSION_CODE if fusion else code, validate=validate)
         return fn
     return wrap
 
@@ -252,7 +266,10 @@ def parse_strategies(entries: list[Any]) -> list[StrategyCall]:
             raise ConfigError(f"unknown strategy {name!r}{hint} (choices: {', '.join(REGISTRY)})")
         defaults = {k: default for k, (_, default) in REGISTRY[name].params.items()}
         # defaults filled in, so `tta_mean` and `{name: tta_mean, setting: <default>}` are one strategy
-        calls.append(StrategyCall(name, _check_synthesizer(name, {**defaults, **_check_params(REGISTRY[name], given)})))
+        params = _check_synthesizer(name, {**defaults, **_check_params(REGISTRY[name], given)})
+        if REGISTRY[name].validate is not None:
+            REGISTRY[name].validate(params)
+        calls.append(StrategyCall(name, params))
     labels = [c.label for c in calls]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
@@ -267,7 +284,7 @@ def _check_synthesizer(name: str, params: dict[str, Any]) -> dict[str, Any]:
     if not synthesizer:
         return params
     components(synthesizer)
-    if params.get("regime") == "real":
+    if is_real(params.get("regime") or ""):
         raise ConfigError(f"strategy {name!r}: gates of regime real read real images, not synthesizer={synthesizer!r}")
     return {**params, "synthesizer": "" if synthesizer == DEFAULT_SYNTHESIZER else synthesizer}
 
@@ -375,28 +392,60 @@ SCORES: dict[str, Callable[[Tensor], Tensor]] = {  # per sample, higher = more c
 Score = Literal[tuple(SCORES)]  # type: ignore[valid-type]
 
 
-@register("max_softmax")
-def max_softmax(inputs: MergeInputs) -> Decision:
-    """Trust the expert with the highest maximum softmax probability."""
-    return choose_by_score(inputs, SCORES["max_softmax"])
-
-
-@register("energy")
-def energy(inputs: MergeInputs) -> Decision:
-    """Trust the expert with the lowest free energy, i.e. the highest logsumexp of its logits."""
-    return choose_by_score(inputs, SCORES["energy"])
-
-
 @register("neg_entropy")
 def neg_entropy(inputs: MergeInputs) -> Decision:
     """Trust the expert whose softmax has the lowest entropy."""
     return choose_by_score(inputs, SCORES["neg_entropy"])
 
 
-@register("max_logit")
-def max_logit(inputs: MergeInputs) -> Decision:
-    """Trust the expert with the highest top logit (the same decision as naive, by construction)."""
-    return choose_by_score(inputs, SCORES["max_logit"])
+# ---------------------------------------------------------------- detectors (routing as OOD detection per expert)
+
+DETECTOR_CODE = BASE_CODE + ("detectors.py", "detector_stats.py", "sources.py") + SYNTHESIS_CODE
+SHIPPED_KEYS = {"input_mean", "input_var", "bn_mean", "bn_var"}  # what detectors.shipped_statistics can give
+RULE_HIDDEN = ("batch_size",)  # detector settings that change how, not what, it computes: not rule parameters
+Standardisation = Literal["", "zscore", "rank"]
+
+
+def register_detector(name: str) -> None:
+    """Detector ``name`` (detectors.DETECTORS) as a routing rule: trust, per sample, the expert whose score
+    stands highest. ``stats`` names the statistics source (sources.py; "" for none: the raw scores, only for
+    detectors that need no statistics); scores from a source are standardised on the expert's own held-out
+    part of it (``standardise``: zscore, the default, or rank) so that experts compare; a shipped source's
+    stay raw. Mahalanobis-type detectors take the covariance ``shrinkage`` as a parameter (its sweep is a
+    set of rules, picked on the selection half like any other). max_softmax, energy and max_logit without
+    ``stats`` are the OOD scores they always were."""
+    spec = DETECTORS[name]
+    params: dict[str, tuple[Any, Any]] = {k: v for k, v in spec.params.items() if k not in RULE_HIDDEN}
+    if "precision" in spec.statistics:
+        params["shrinkage"] = (float, 1e-6)
+    params |= {"stats": (str, ""), "standardise": (Standardisation, "")}
+
+    def route(inputs: MergeInputs, **given: Any) -> Decision:
+        stats, method = given.pop("stats", ""), given.pop("standardise", "") or "zscore"
+        if not stats and not spec.statistics and name in SCORES:  # the raw OOD score, from the logits alone
+            return choose_by_score(inputs, SCORES[name])
+        return choose(inputs, inputs.detector(name, stats, method, given).comparable.argmax(dim=1))
+
+    def validate(given: dict[str, Any]) -> None:
+        stats = given.get("stats", "")
+        source = parse_source(stats, f"strategy {name}: stats") if stats else None
+        if source is None and spec.statistics:
+            raise ConfigError(f"strategy {name!r} reads statistics of in-distribution inputs: give stats=SOURCE "
+                              f"(synthetic:NAME, shipped or real:N)")
+        if source is None and given.get("standardise"):
+            raise ConfigError(f"strategy {name!r}: standardise needs stats=SOURCE to standardise on")
+        if source is not None and source.kind == "shipped" and not (spec.statistics and set(spec.statistics)
+                                                                    <= SHIPPED_KEYS):
+            raise ConfigError(f"strategy {name!r}: stats=shipped holds only the experts' input and batch-norm "
+                              f"Gaussians (detectors input_gaussian, bn_gaussian) and no images to standardise "
+                              f"scores on; use a synthetic or real source, or no stats for the raw score")
+
+    REGISTRY[name] = Strategy(name, route, params, spec.summary, code=DETECTOR_CODE, detector=name,
+                              validate=validate)
+
+
+for _name in DETECTORS:
+    register_detector(_name)
 
 
 # ---------------------------------------------------------------- data-free calibration of the scores
@@ -464,10 +513,14 @@ def tta_voting(inputs: MergeInputs, *, setting: Setting = "gaussian_1") -> Decis
 # ---------------------------------------------------------------- gating networks
 
 GateType = Literal[GATE_TYPES]  # type: ignore[valid-type]
-Regime = Literal[REGIMES]  # type: ignore[valid-type]
+Regime = str  # real, synthetic, noise, or real:N (gating.check_regime)
 
 
-@register("gate_hard", code=GATE_CODE)
+def check_gate_params(params: dict[str, Any]) -> None:
+    check_regime(params["regime"], "a gate rule")
+
+
+@register("gate_hard", code=GATE_CODE, validate=check_gate_params)
 def gate_hard(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
               gates_from: str = "", synthesizer: str = "") -> Decision:
     """The paper's rule: if exactly one gate says yes (p > 0.5), trust its expert; otherwise naive.
@@ -481,14 +534,14 @@ def gate_hard(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime
                     torch.where(single, routed.expert, fallback.expert), fallback=~single)
 
 
-@register("gate_confident", code=GATE_CODE)
+@register("gate_confident", code=GATE_CODE, validate=check_gate_params)
 def gate_confident(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
                    gates_from: str = "", synthesizer: str = "") -> Decision:
     """Trust the expert whose gate is most confident that the sample is its own."""
     return choose(inputs, inputs.gates(gate, regime, gates_from, synthesizer).argmax(dim=1))
 
 
-@register("gate_soft", code=GATE_CODE)
+@register("gate_soft", code=GATE_CODE, validate=check_gate_params)
 def gate_soft(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
               gates_from: str = "", synthesizer: str = "") -> Decision:
     """Mixture: each expert's softmax weighted by its gate's probability, argmax over all classes."""

@@ -41,7 +41,7 @@ from common import (cli, derive_seed, load_model, make_generator, print_summary,
 from data import load_task, to_unit
 from diagnostics import set_diagnostics
 from expert_files import FEATURE_TYPES, require
-from gating import GATE_TYPES, REGIMES, gate_arch, gate_inputs, in_domain_probability
+from gating import GATE_TYPES, check_regime, gate_arch, gate_inputs, in_domain_probability, is_real, real_images
 from problems import Problem, build_problem, expert_activations, run_experts
 from synthesis import components, load_set
 from training import Resume, train_classifiers
@@ -56,9 +56,11 @@ class ImageSet:
     kind: str
 
 
-def real_sets(cfg: config.PanConfig, problem: Problem) -> list[ImageSet]:
-    """Each expert's task's training images (only its part when the task splits its source)."""
-    return [ImageSet(load_task(problem.specs[t], "train", cfg.data_dir, cfg.gate.train_limit).images, k, "real")
+def real_sets(cfg: config.PanConfig, problem: Problem, regime: str = "real") -> list[ImageSet]:
+    """Each expert's task's training images (only its part when the task splits its source): the first
+    ``gate.train_limit`` of them, or N for the few-shot regime ``real:N``."""
+    limit = real_images(regime, cfg.gate.train_limit)
+    return [ImageSet(load_task(problem.specs[t], "train", cfg.data_dir, limit).images, k, "real")
             for k, t in enumerate(problem.tasks)]
 
 
@@ -221,7 +223,7 @@ def synthesis_rows(cfg: config.PanConfig, problem: Problem, seed: int, synthesiz
 def upstream_files(layout: Layout, problem: Problem, regime: str, seed: int, synthesizer: str) -> dict[str, str]:
     """``expert:TAG`` (and, data-free, ``set:SYNTHESIZER:TAG``) -> digest of every file a gate of ``regime`` reads."""
     digests = {f"expert:{e.tag}": layout.expert_digest(e, seed) for e in problem.experts}
-    if regime != "real":
+    if not is_real(regime):
         digests.update({f"set:{part}:{e.tag}": digest_of(layout.synthetic_path(part, e, seed))
                         for part in components(synthesizer) for e in problem.experts})
     return digests
@@ -262,7 +264,7 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, synthesiz
                 rows[(seed, gate_type, serves)] = [{**r, "resumed": True} for r in stored]
                 continue
             if acts is None:
-                sets = (real_sets(cfg, problem) if regime == "real"
+                sets = (real_sets(cfg, problem, regime) if is_real(regime)
                         else synthetic_sets(cfg, problem, seed, synthesizer, max(f.channels for f in formats),
                                             device))
                 acts = activations_on(sets, models, formats, device)
@@ -272,7 +274,7 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, synthesiz
     for gate, (model, arch, kwargs, history, train_time) in zip(pending, train_gates(cfg, pending) if pending else []):
         counts = torch.bincount(gate.targets, minlength=2)
         base = {"problem": problem.name, "regime": regime, "gate_type": gate.gate_type, "seed": gate.seed,
-                "synthesizer": None if regime == "real" else synthesizer,
+                "synthesizer": None if is_real(regime) else synthesizer,
                 "train_positives": int(counts[1]), "train_negatives": int(counts[0]),
                 "final_loss": history[-1]["loss"] if history else None, "history": history, "train_time_s": train_time,
                 "checkpoint": str(gate.path), "device": str(device), "test_limit": cfg.test_limit, "resumed": False}
@@ -294,10 +296,11 @@ def main(cfg: config.PanConfig) -> dict:
     config.check(cfg)
     if cfg.problem not in cfg.problems:
         raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
-    for values, choices, key in ((cfg.gate_types, GATE_TYPES, "gate_types"), (cfg.regimes, REGIMES, "regimes")):
-        unknown = [v for v in values if v not in choices]
-        if unknown:
-            raise config.ConfigError(f"unknown {key} {unknown}; choices: {', '.join(choices)}")
+    unknown = [v for v in cfg.gate_types if v not in GATE_TYPES]
+    if unknown:
+        raise config.ConfigError(f"unknown gate_types {unknown}; choices: {', '.join(GATE_TYPES)}")
+    for regime in cfg.regimes:
+        check_regime(regime, "regimes")
     for name in cfg.synthesizers:
         components(name)
     for gate_type in set(cfg.gate_types) & set(FEATURE_TYPES):
@@ -307,7 +310,7 @@ def main(cfg: config.PanConfig) -> dict:
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)
     layout = Layout(cfg)
     wanted = problem.wanted_experts(layout, cfg.seeds)
-    if any(r != "real" for r in cfg.regimes):
+    if not all(is_real(r) for r in cfg.regimes):
         wanted += [layout.wanted_set(cfg.problem, part, e, s) for s in cfg.seeds for name in cfg.synthesizers
                    for part in components(name) for e in problem.experts]
     if (error := layout.missing_error(wanted)) is not None:
@@ -316,9 +319,9 @@ def main(cfg: config.PanConfig) -> dict:
     test_activations = functools.cache(lambda seed: expert_activations(problem, *experts_of_seed[seed], device))
     domains = {seed: membership_truth(cfg, problem, seed) for seed in cfg.seeds}
     rows, reasons, diagnostics = [], [], []
-    data_free = [r for r in cfg.regimes if r != "real"]
+    data_free = [r for r in cfg.regimes if not is_real(r)]
     for regime in progress(cfg.regimes, desc=f"{cfg.problem} gates"):
-        for synthesizer in ["dafl"] if regime == "real" else cfg.synthesizers:
+        for synthesizer in ["dafl"] if is_real(regime) else cfg.synthesizers:
             regime_rows, regime_reasons = train_regime(cfg, problem, regime, synthesizer, experts_of_seed,
                                                        test_activations, domains, device)
             rows += regime_rows

@@ -19,6 +19,7 @@ from archs.vgg import VGG
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": lambda in_channels=1, num_classes=10: LeNet5(in_channels, num_classes),
     "lenet5_half": lambda in_channels=1, num_classes=10: LeNet5(in_channels, num_classes, half=True),
+    "lenet5_bn": lambda in_channels=1, num_classes=10: LeNet5(in_channels, num_classes, batchnorm=True),
     "resnet18": lambda in_channels=3, num_classes=10: ResNet18(in_channels, num_classes),
     # widths, bias, img_size and crop pass through (archs/mlp.py); fusion builds MLPs of any widths.
     "mlp": lambda in_channels=1, num_classes=10, **kw: MLP(in_channels, num_classes, **kw),

@@ -9,6 +9,7 @@ import torch
 import strategies
 from archs.mlp import MLP
 from config import LOGIT_RULES, ConfigError, MergeConfig, parse_args
+from detector_stats import DetectorScores
 from strategies import NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs, StrategyCall, parse_strategies
 
 IMG = 4  # the synthetic fusion parents read 1 x 4 x 4 images
@@ -58,8 +59,13 @@ def with_runners(logits, label_maps, domain, num_passes, g, device, fusion=None)
     def run_synthetic(synthesizer):
         return on_sets
 
+    detector_scores = torch.randn(n, len(sizes), generator=g).to(device)
+
+    def run_detector(name, source, standardisation, params):  # the scorer's interface (detector_stats.py)
+        return DetectorScores(detector_scores, detector_scores)
+
     return MergeInputs(logits, label_maps, domain, run_passes=run_passes, run_gates=run_gates,
-                       run_synthetic=run_synthetic, fusion=fusion)
+                       run_synthetic=run_synthetic, run_detector=run_detector, fusion=fusion)
 
 
 def shared_inputs(parents: int, classes: int, n: int, seed: int, num_passes: int, device: str) -> MergeInputs:
