@@ -309,6 +309,8 @@ class Layout:
         real = regime == "real" or regime.startswith("real:")  # real:N: few-shot, the first N images of each task
         data_keys = ("train_limit",) if real else ("noise_samples", "augment_copies")
         unused = {"train_limit", "noise_samples", "augment_copies"} - set(data_keys)
+        if gate_type != "detectors":  # only the detector gate reads scores standardised on a statistics source
+            unused.add("detector_stats")
         experts = experts_of(self.problems[problem])
         recipe = {**{k: v for k, v in gate.items() if k not in unused}, "regime": regime, "gate_type": gate_type,
                   "serves": serves, "experts": [recipe_key(self.expert_recipe(e)) for e in experts]}
@@ -330,7 +332,7 @@ class Layout:
     def gate_paths(self, problem: str, regime: str, gate_type: str, seed: int, synthesizer: str = "dafl") -> list[Path]:
         """The gate file of each expert of ``problem`` (the universal gate: one file, once per expert)."""
         n = len(self.problems[problem].experts)
-        if gate_type == "universal":
+        if gate_type in ("universal", "detectors"):  # one gate serves every expert (gating.SHARED_GATES)
             return [self.gate_path(problem, regime, gate_type, None, seed, synthesizer)] * n
         return [self.gate_path(problem, regime, gate_type, k, seed, synthesizer) for k in range(n)]
 

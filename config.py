@@ -304,6 +304,9 @@ class GateTraining:
     noise_samples: int = at_least(1, 12000)  # uniform-noise images (negatives of the data-free regimes)
     augment_copies: int = at_least(0, 0)  # data-free regimes: augmented copies of every synthetic image
     train_limit: int | None = at_least(1, None)  # `real` regime: first N training images of each expert's task
+    # the statistics source (sources.py) the detector gate's scores are standardised on, for every regime: a
+    # data-free one, so the gate reads the same at evaluation whatever it was trained on
+    detector_stats: str = "synthetic:inversion"
     stack_seeds: str = stacking_field()  # the gates of one shape (every seed, type and expert) trained together
 
 

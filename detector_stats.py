@@ -173,26 +173,49 @@ class DetectorScorer:
 
     def one_expert(self, name: str, source: Source | None, method: str, params: dict[str, Any],
                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = DETECTORS[name]
-        detector_params = {p: v for p, v in params.items() if p not in DETECTOR_PARAMS}
-        stored = self.statistics(source, k) if source is not None else None
-        statistics = stored.statistics if stored else None
-        if statistics is not None and "shrinkage" in params and "covariance" in statistics:
-            statistics = with_shrinkage(statistics, params["shrinkage"])
-        if spec.reads_inputs:
+        if DETECTORS[name].reads_inputs:
             view = self.odin_view(k)
         elif source is None and name in LOGIT_DETECTORS:
             view = logits_view(self.logits[k])
         else:
             view = self.views()[k]
-        raw = score(name, view, statistics, **detector_params)
-        if stored is None or stored.calibration is None:
-            return raw, raw
-        reference = stored.calibration_view(self.models[k], self.device)
-        if spec.reads_inputs:
-            reference = observe(self.models[k], prepared_batches(stored.held_out, self.formats[k], self.device),
-                                keep_inputs=True, input_std=self.formats[k].std)
-        return raw, standardise(raw, calibrate(score(name, reference, statistics, **detector_params)), method)
+        stored = self.statistics(source, k) if source is not None else None
+        return comparable_scores(name, view, stored, self.models[k], self.formats[k], self.device, method, params)
+
+
+def comparable_scores(name: str, view: ExpertView, stored: StoredStatistics | None, model: nn.Module,
+                      fmt: InputFormat, device: torch.device, method: str = "zscore",
+                      params: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detector ``name``'s scores of ``view``'s inputs as it gives them, and standardised on the expert's own
+    held-out part of the source ``stored`` came from (the same when there is none to standardise on)."""
+    params = params or {}
+    detector_params = {p: v for p, v in params.items() if p not in DETECTOR_PARAMS}
+    statistics = stored.statistics if stored else None
+    if statistics is not None and "shrinkage" in params and "covariance" in statistics:
+        statistics = with_shrinkage(statistics, params["shrinkage"])
+    raw = score(name, view, statistics, **detector_params)
+    if stored is None or stored.calibration is None:
+        return raw, raw
+    if DETECTORS[name].reads_inputs:
+        reference = observe(model, prepared_batches(stored.held_out, fmt, device), keep_inputs=True,
+                            input_std=fmt.std)
+    else:
+        reference = stored.calibration_view(model, device)
+    return raw, standardise(raw, calibrate(score(name, reference, statistics, **detector_params)), method)
+
+
+# what the universal gate over detector scores reads of each expert: the comparable scores of these detectors,
+# one per family of the field (softmax, logits, energy, generalised entropy, class Gaussians, nearest neighbours,
+# the residual subspace, clipped activations); ODIN (a backward pass per input) and the input/batch-norm
+# Gaussians (not every expert has the latter) are left out
+GATE_DETECTORS = ("max_softmax", "energy", "max_logit", "gen", "mahalanobis", "knn", "vim", "react")
+
+
+def detector_vector(view: ExpertView, stored: StoredStatistics, model: nn.Module, fmt: InputFormat,
+                    device: torch.device) -> torch.Tensor:
+    """``[N, len(GATE_DETECTORS)]``: every gate detector's comparable score of the inputs of ``view``."""
+    return torch.stack([comparable_scores(name, view, stored, model, fmt, device)[1] for name in GATE_DETECTORS],
+                       dim=1)
 
 
 def detection_metrics(raw: torch.Tensor, domain: torch.Tensor, names: list[str]) -> dict[str, dict[str, float]]:

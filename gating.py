@@ -8,6 +8,7 @@ number of classes, so one gate can serve any expert.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from config import ConfigError
 from common import load_model
 from problems import Problem
 
-GATE_TYPES = ("feature", "logits", "agnostic_logits", "agnostic_feature", "universal")
+GATE_TYPES = ("feature", "logits", "agnostic_logits", "agnostic_feature", "universal", "detectors")
+# one gate serves every expert: it reads what does not depend on the expert's architecture or classes
+SHARED_GATES = ("universal", "detectors")
 REGIMES = ("real", "synthetic", "noise")  # and real:N, few-shot: the first N real training images of each task
 
 
@@ -68,6 +71,8 @@ def gate_inputs(gate_type: str, logits: torch.Tensor, features: torch.Tensor) ->
         return vector_stats(features)
     if gate_type == "universal":
         return softmax_stats(logits)
+    if gate_type == "detectors":  # ``features`` holds the comparable detector scores (detector_stats.detector_vector)
+        return features
     raise ValueError(f"unknown gate type {gate_type!r}; choices: {', '.join(GATE_TYPES)}")
 
 
@@ -97,18 +102,22 @@ def gate_paths(layout: Layout, problem: Problem, gate_type: str, regime: str, ga
 def wanted_gates(layout: Layout, problem: Problem, gate_type: str, regime: str, gates_from: str, seed: int,
                  synthesizer: str) -> list[Wanted]:
     """The gate files ``gate_paths`` names, as artifacts a stage needs (their recipes and commands)."""
-    if gates_from or gate_type == "universal":
+    if gates_from or gate_type in SHARED_GATES:
         return [layout.wanted_gate(gates_from or problem.name, regime, gate_type, None, seed, synthesizer)]
     return [layout.wanted_gate(problem.name, regime, gate_type, k, seed, synthesizer)
             for k in range(len(problem.experts))]
 
 
-def gate_runner(layout: Layout, problem: Problem, activations, seed: int, device: torch.device):
-    """``run_gates(gate, regime, gates_from, synthesizer)``: every expert's gate probability on the test set."""
+def gate_runner(layout: Layout, problem: Problem, activations, seed: int, device: torch.device,
+                detector_activations: Callable[[], list] | None = None):
+    """``run_gates(gate, regime, gates_from, synthesizer)``: every expert's gate probability on the test set.
+    ``detector_activations()`` gives the detector gates' inputs instead: per expert, (logits, comparable detector
+    scores)."""
     def run_gates(gate_type: str, regime: str, gates_from: str, synthesizer: str) -> torch.Tensor:
         paths = gate_paths(layout, problem, gate_type, regime, gates_from, seed, synthesizer)
         hint = layout.gate_command(gates_from or problem.name, regime, gate_type, seed, synthesizer)
         gates = {p: load_model(p, hint=hint, device=device)[0] for p in dict.fromkeys(paths)}
+        seen = detector_activations() if gate_type == "detectors" else activations
         return torch.stack([in_domain_probability(gates[p], gate_inputs(gate_type, logits, features))
-                            for p, (logits, features) in zip(paths, activations)], dim=1)
+                            for p, (logits, features) in zip(paths, seen)], dim=1)
     return run_gates

@@ -39,10 +39,11 @@ from common import (append_row, atomic_write_text, cli, derive_seed, make_genera
                     mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
 from archs import build_model
 from data import InputFormat, get_source, load_task, prepare_input, task_classes, to_unit
-from detector_stats import LOGIT_DETECTORS, DetectorScorer, detection_metrics, expert_views, stored_statistics
+from detector_stats import (GATE_DETECTORS, LOGIT_DETECTORS, DetectorScorer, detection_metrics, expert_views,
+                            stored_statistics)
 from detectors import last_batch_norm
 from expert_files import FEATURE_TYPES, require
-from gating import gate_paths, gate_runner, wanted_gates
+from gating import SHARED_GATES, gate_paths, gate_runner, wanted_gates
 from problems import (Problem, build_problem, expert_activations, expert_logits, run_experts, run_stacked,
                       test_batches, test_batches_with_units)
 from stacked import resolve_stacking, stack, stackable
@@ -179,19 +180,21 @@ def gate_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) 
 
 
 def set_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) -> list[Path]:
-    """The synthetic image sets a rule reads: a calibration's, a detector's with a synthetic source (none for
-    other strategies)."""
-    synthesizer = sets_read(call)
+    """The synthetic image sets a rule reads: a calibration's, a detector's with a synthetic source, the detector
+    gate's statistics source (none for other strategies)."""
+    synthesizer = sets_read(call, layout.gate)
     if synthesizer is None:
         return []
     return [layout.synthetic_path(part, e, seed) for part in components(synthesizer) for e in problem.experts]
 
 
-def sets_read(call: StrategyCall) -> str | None:
+def sets_read(call: StrategyCall, gate: config.GateTraining) -> str | None:
     """The synthesizer (or mixture) whose stored sets ``call`` reads, or None."""
     if call.name == "calibrated":
         return synthesizer_of(call)
     source = call.param("stats") if REGISTRY[call.name].detector else ""
+    if call.param("gate") == "detectors":
+        source = gate.detector_stats
     return parse_source(source).synthesizer or None if source else None
 
 
@@ -358,11 +361,20 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
         local_correct = problem.label_maps[k][logits[k][own.to(device)].argmax(1).cpu()] == labels[own]
         finish(f"expert:{name}", {"kind": "expert", "acc": local_correct.float().mean().item()})
 
+    scorer = detector_runner(cfg, layout, problem, models, formats, logits, seed, device)
+
+    @functools.cache
+    def detector_gate_inputs() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per expert, what the detector gate reads: (logits, comparable scores of the gate's detectors)."""
+        source = parse_source(cfg.gate.detector_stats, "gate.detector_stats")
+        scores = torch.stack([scorer(name, source, "zscore", {}).comparable for name in GATE_DETECTORS], dim=2)
+        return [(lo, scores[:, k]) for k, lo in enumerate(logits)]
+
     inputs = MergeInputs(logits, problem.label_maps, domain.to(device),
                          run_passes=functools.partial(runs.passes, seed),
-                         run_gates=gate_runner(layout, problem, activations, seed, device),
+                         run_gates=gate_runner(layout, problem, activations, seed, device, detector_gate_inputs),
                          run_synthetic=synthetic_runner(layout, problem, models, formats, seed, device),
-                         run_detector=detector_runner(cfg, layout, problem, models, formats, logits, seed, device))
+                         run_detector=scorer)
     for call in calls:
         setting = call.param("setting")
         if setting is not None:  # expert passes, timed apart from the rule
@@ -401,7 +413,7 @@ def check_gates_from(calls: list[StrategyCall], problems: dict[str, config.Probl
         if source not in problems:
             raise config.ConfigError(f"strategy {call.label}: gates_from={source!r} is not a problem; choices: "
                                      f"{', '.join(problems)}")
-        if call.param("gate") != "universal":
+        if call.param("gate") not in SHARED_GATES:
             raise config.ConfigError(f"strategy {call.label}: gates_from applies to the universal gate only (a "
                                      f"{call.param('gate')} gate belongs to one expert of its own problem)")
 
@@ -453,7 +465,7 @@ def main(cfg: config.MergeConfig) -> dict:
                for w in wanted_gates(layout, problem, c.param("gate"), c.param("regime"), c.param("gates_from"), seed,
                                      synthesizer_of(c))]
     wanted += [layout.wanted_set(cfg.problem, part, e, seed) for seed in cfg.seeds for c in calls
-               if sets_read(c) for part in components(sets_read(c)) for e in problem.experts]
+               if sets_read(c, cfg.gate) for part in components(sets_read(c, cfg.gate)) for e in problem.experts]
     if (error := layout.missing_error(wanted)) is not None:
         raise error
     name = cfg.name or cfg.problem

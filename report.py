@@ -131,6 +131,8 @@ FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calib
             "universal gate, real data", "universal gate, data-free",
             "universal gate, real data, some experts unseen", "universal gate, data-free, some experts unseen",
             "universal gate, real data, unseen experts", "universal gate, data-free, unseen experts",
+            *(f"detector gate, {regime}{status}" for status in ("", ", some experts unseen", ", unseen experts")
+              for regime in ("real data", "data-free")),
             "detectors, data-free statistics",
             *(f"detectors, {n} real images per expert" for n in REAL_COUNTS),
             *(f"gates, {n} real images per expert" for n in REAL_COUNTS if n != "all"),
@@ -138,7 +140,8 @@ FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calib
             "fusion: CLAFusion", "ensembles", "parents, fine-tuned (the control)", "fusion: CLAFusion, fine-tuned"]
 TRAINING_FREE = ["logit statistics", "OOD scores", "multi-pass mean", "multi-pass voting"]
 DATA_FREE_GATES = ["gates, data-free", "universal gate, data-free", "universal gate, data-free, some experts unseen",
-                   "universal gate, data-free, unseen experts"]
+                   "universal gate, data-free, unseen experts", "detector gate, data-free",
+                   "detector gate, data-free, some experts unseen", "detector gate, data-free, unseen experts"]
 # the answer's columns: groups of families whose best rule is picked together on the selection half. Data-free:
 # no real training image of any expert is read (training-free rules, synthetic sets, noise)
 ANSWER_GROUPS = {"best training-free rule": TRAINING_FREE,
@@ -185,11 +188,12 @@ def family(row: dict) -> str | None:
         if params["regime"].startswith("real:"):
             return f"gates, {params['regime'].partition(':')[2]} real images per expert"
         regime = REGIME_NAMES[params["regime"]]
-        if params["gate"] != "universal" or params["regime"] == "noise":
+        if params["gate"] not in ("universal", "detectors") or params["regime"] == "noise":
             return f"gates, {regime}"
         status = seen_status(row)
-        return f"universal gate, {regime}" + {"seen": "", "unseen": ", unseen experts",
-                                              "some unseen": ", some experts unseen"}[status]
+        kind = "universal gate" if params["gate"] == "universal" else "detector gate"
+        return f"{kind}, {regime}" + {"seen": "", "unseen": ", unseen experts",
+                                      "some unseen": ", some experts unseen"}[status]
     return None
 
 
@@ -435,19 +439,19 @@ def gate_identity_table(rows: list[dict]) -> str:
     """For the universal gate's rows: per evaluated expert, whether the gate was trained on that very
     checkpoint, and its membership accuracy on the expert's own vs other test images (mean ± std, %)."""
     groups = [g for g in strategy_rows(rows).values()
-              if g[0].get("gate_experts") and g[0]["params"]["gate"] == "universal"
+              if g[0].get("gate_experts") and g[0]["params"]["gate"] in ("universal", "detectors")
               and g[0]["rule"] == "gate_hard"]  # one rule per gate: the gates, not the routing, are compared
     if not groups:
         return ""
     experts = list(groups[0][0]["gate_experts"])
-    lines = ["| regime | gates trained on | status | " + " | ".join(f"{e}: seen? membership acc" for e in experts) + " |",
-             "|---|---|---|" + "---|" * len(experts)]
+    lines = ["| gate | regime | gates trained on | status | "
+             + " | ".join(f"{e}: seen? membership acc" for e in experts) + " |", "|---|---|---|---|" + "---|" * len(experts)]
     for group in groups:
         params = group[0]["params"]
         cells = [f"{'seen' if group[0]['gate_experts'][e]['seen'] else 'UNSEEN'}, "
                  f"{pct([r['gate_experts'][e]['membership_acc'] for r in group])}" for e in experts]
-        lines.append(f"| {params['regime']} | {params.get('gates_from') or 'this problem'} | {seen_status(group[0])} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {params['gate']} | {params['regime']} | {params.get('gates_from') or 'this problem'} | "
+                     f"{seen_status(group[0])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

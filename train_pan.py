@@ -41,8 +41,11 @@ from common import (cli, derive_seed, load_model, make_generator, print_summary,
 from data import load_task, to_unit
 from diagnostics import set_diagnostics
 from expert_files import FEATURE_TYPES, require
-from gating import GATE_TYPES, check_regime, gate_arch, gate_inputs, in_domain_probability, is_real, real_images
-from problems import Problem, build_problem, expert_activations, run_experts
+from gating import (GATE_TYPES, SHARED_GATES, check_regime, gate_arch, gate_inputs, in_domain_probability, is_real,
+                    real_images)
+from detector_stats import StoredStatistics, detector_vector, expert_views, stored_statistics
+from problems import Problem, build_problem, expert_activations, run_experts, test_batches
+from sources import parse_source
 from synthesis import components, load_set
 from training import Resume, train_classifiers
 
@@ -114,6 +117,22 @@ def activations_on(sets: list[ImageSet], models, formats, device, batch_size: in
                    for i in range(0, len(image_set.images), batch_size))
         for k, pair in enumerate(run_experts(models, formats, batches, features=True)):
             acts[k].append(pair)
+    return acts
+
+
+def unit_batches(image_set: ImageSet, device: torch.device, batch_size: int = 1024):
+    """An image set as [0,1] batches on ``device`` (uint8 sets are converted a batch at a time)."""
+    return ((to_unit(x, device) if x.dtype == torch.uint8 else x.to(device))
+            for x in image_set.images.split(batch_size))
+
+
+def detector_activations(batch_sets: list, models, formats, stored: list[StoredStatistics], device):
+    """acts[k][s] = expert k's (logits, comparable detector scores) on batch set s (a callable giving [0,1]
+    batches): what the detector gate reads, every score standardised on the expert's own ``stored`` source."""
+    acts = [[] for _ in models]
+    for batches in batch_sets:
+        for k, view in enumerate(expert_views(models, formats, batches)):
+            acts[k].append((view.logits, detector_vector(view, stored[k], models[k], formats[k], device)))
     return acts
 
 
@@ -229,18 +248,29 @@ def upstream_files(layout: Layout, problem: Problem, regime: str, seed: int, syn
     return digests
 
 
+def detector_upstream(layout: Layout, problem: Problem, gate_type: str, gate: config.GateTraining,
+                      seed: int) -> dict[str, str]:
+    """The detector gate also reads its statistics source's sets (its scores are standardised on them)."""
+    source = parse_source(gate.detector_stats, "gate.detector_stats")
+    if gate_type != "detectors" or source.kind != "synthetic":
+        return {}
+    return {f"stats:{part}:{e.tag}": digest_of(layout.synthetic_path(part, e, seed))
+            for part in components(source.synthesizer) for e in problem.experts}
+
+
 def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, synthesizer: str,
                  experts_of_seed: dict[int, tuple[list, list]], test_activations, domains: dict[int, torch.Tensor],
-                 device: torch.device) -> tuple[list[dict], list[str]]:
+                 device: torch.device, statistics=None) -> tuple[list[dict], list[str]]:
     """All gates of one regime (for the data-free regimes: of one synthesizer) for every seed, and why each
     was made (or "reused"). Image sets and activations are built only for a seed with a gate missing; the
-    missing gates of all seeds are then trained together (``train_gates``). ``test_activations(seed)`` gives
-    the experts' activations on the real combined test set, ``domains[seed]`` the expert each of its samples
-    belongs to."""
+    missing gates of all seeds are then trained together (``train_gates``). ``test_activations(seed, gate_type)``
+    gives the experts' activations on the real combined test set (for the detector gate: their comparable
+    detector scores, standardised on the sources ``statistics(seed)`` gives), ``domains[seed]`` the expert each
+    of its samples belongs to."""
     layout = Layout(cfg)
     jobs = []  # (gate_type, experts the gate serves, the one it serves or None for the universal gate)
     for gate_type in cfg.gate_types:
-        if gate_type == "universal":
+        if gate_type in SHARED_GATES:
             jobs.append((gate_type, list(range(len(problem.tasks))), None))
         else:
             jobs += [(gate_type, [k], k) for k in range(len(problem.tasks))]
@@ -248,29 +278,37 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, synthesiz
     reasons, pending = [], []
     for seed, (models, formats) in experts_of_seed.items():
         upstream = upstream_files(layout, problem, regime, seed, synthesizer)
-        sets = acts = None
+        sets = acts = detector_acts = None
         for gate_type, experts, serves in jobs:
             path = layout.gate_path(problem.name, regime, gate_type, serves, seed, synthesizer)
             recipe = layout.gate_recipe(problem.name, regime, gate_type, serves, synthesizer)
-            reuse = check_reuse(path, recipe, upstream, cfg.force)
+            reuse = check_reuse(path, recipe, upstream | detector_upstream(layout, problem, gate_type, cfg.gate, seed),
+                                cfg.force)
             reasons.append(reuse.why)
             if reuse.reused:
                 stored = reuse.meta["row"]
                 if any(r.get("test_limit", "unknown") != cfg.test_limit for r in stored):  # another test subset
                     gate = load_model(path, device=device)[0]
                     # a gate's rows follow its experts' order
-                    stored = [{**r, **membership(gate, gate_type, test_activations(seed), domains[seed], k),
+                    stored = [{**r, **membership(gate, gate_type, test_activations(seed, gate_type), domains[seed], k),
                                "test_limit": cfg.test_limit} for r, k in zip(stored, experts)]
                 rows[(seed, gate_type, serves)] = [{**r, "resumed": True} for r in stored]
                 continue
-            if acts is None:
+            if sets is None:
                 sets = (real_sets(cfg, problem, regime) if is_real(regime)
                         else synthetic_sets(cfg, problem, seed, synthesizer, max(f.channels for f in formats),
                                             device))
-                acts = activations_on(sets, models, formats, device)
-            inputs, targets = training_data(gate_type, regime, experts, sets, acts)
+            if gate_type == "detectors":
+                if detector_acts is None:
+                    detector_acts = detector_activations([functools.partial(unit_batches, s, device) for s in sets],
+                                                         models, formats, statistics(seed), device)
+                inputs, targets = training_data(gate_type, regime, experts, sets, detector_acts)
+            else:
+                acts = acts or activations_on(sets, models, formats, device)
+                inputs, targets = training_data(gate_type, regime, experts, sets, acts)
             pending.append(PendingGate(problem.name, seed, regime, synthesizer, gate_type, experts, path, recipe,
-                                       upstream, inputs, targets))
+                                       upstream | detector_upstream(layout, problem, gate_type, cfg.gate, seed),
+                                       inputs, targets))
     for gate, (model, arch, kwargs, history, train_time) in zip(pending, train_gates(cfg, pending) if pending else []):
         counts = torch.bincount(gate.targets, minlength=2)
         base = {"problem": problem.name, "regime": regime, "gate_type": gate.gate_type, "seed": gate.seed,
@@ -280,14 +318,15 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, synthesiz
                 "checkpoint": str(gate.path), "device": str(device), "test_limit": cfg.test_limit, "resumed": False}
         gate_rows = [{**base, "expert": problem.tasks[k], "arch": problem.archs[k],
                       **({"arch_kwargs": problem.arch_kwargs[k]} if problem.arch_kwargs[k] else {}),
-                      **membership(model, gate.gate_type, test_activations(gate.seed), domains[gate.seed], k)}
+                      **membership(model, gate.gate_type, test_activations(gate.seed, gate.gate_type), domains[gate.seed],
+                                   k)}
                      for k in gate.experts]
         meta = {"problem": problem.name, "regime": regime, "gate_type": gate.gate_type, "synthesizer": synthesizer,
                 "experts": [problem.tasks[k] for k in gate.experts], "recipe": gate.recipe,
                 "upstream": gate.upstream, "row": gate_rows}
         save_checkpoint(gate.path, model, arch, kwargs, config.to_dict(cfg), meta)
         Resume.beside(gate.path, "").clear()
-        rows[(gate.seed, gate.gate_type, None if gate.gate_type == "universal" else gate.experts[0])] = gate_rows
+        rows[(gate.seed, gate.gate_type, None if gate.gate_type in SHARED_GATES else gate.experts[0])] = gate_rows
     order = [(seed, gate_type, serves) for seed in experts_of_seed for gate_type, _, serves in jobs]
     return [row for key in order for row in rows[key]], reasons
 
@@ -305,6 +344,9 @@ def main(cfg: config.PanConfig) -> dict:
         components(name)
     for gate_type in set(cfg.gate_types) & set(FEATURE_TYPES):
         require(cfg.problem, cfg.problems[cfg.problem], features=f"gate type {gate_type!r}")
+    source = parse_source(cfg.gate.detector_stats, "gate.detector_stats")
+    if "detectors" in cfg.gate_types:
+        require(cfg.problem, cfg.problems[cfg.problem], penultimate="gate type 'detectors'")
     config.print_config(cfg)
     device = resolve_device(cfg.device)
     problem = build_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks, cfg.data_dir, cfg.test_limit)
@@ -313,17 +355,33 @@ def main(cfg: config.PanConfig) -> dict:
     if not all(is_real(r) for r in cfg.regimes):
         wanted += [layout.wanted_set(cfg.problem, part, e, s) for s in cfg.seeds for name in cfg.synthesizers
                    for part in components(name) for e in problem.experts]
+    if "detectors" in cfg.gate_types and source.kind == "synthetic":  # the sets its scores are standardised on
+        wanted += [layout.wanted_set(cfg.problem, part, e, s) for s in cfg.seeds
+                   for part in components(source.synthesizer) for e in problem.experts]
     if (error := layout.missing_error(wanted)) is not None:
         raise error
     experts_of_seed = {seed: problem.load_experts(layout, seed, device) for seed in cfg.seeds}
-    test_activations = functools.cache(lambda seed: expert_activations(problem, *experts_of_seed[seed], device))
+    plain = functools.cache(lambda seed: expert_activations(problem, *experts_of_seed[seed], device))
+
+    @functools.cache
+    def statistics(seed: int) -> list[StoredStatistics]:
+        models, formats = experts_of_seed[seed]
+        return [stored_statistics(layout, source, e, problem.specs[e.task], seed, m, f, cfg.data_dir, device)
+                for e, m, f in zip(problem.experts, models, formats)]
+
+    test_batches_of = functools.partial(test_batches, problem, device, 1024)
+    detector_test = functools.cache(lambda seed: [acts for [acts] in detector_activations(
+        [test_batches_of], *experts_of_seed[seed], statistics(seed), device)])
+
+    def test_activations(seed: int, gate_type: str = ""):
+        return detector_test(seed) if gate_type == "detectors" else plain(seed)
     domains = {seed: membership_truth(cfg, problem, seed) for seed in cfg.seeds}
     rows, reasons, diagnostics = [], [], []
     data_free = [r for r in cfg.regimes if not is_real(r)]
     for regime in progress(cfg.regimes, desc=f"{cfg.problem} gates"):
         for synthesizer in ["dafl"] if is_real(regime) else cfg.synthesizers:
             regime_rows, regime_reasons = train_regime(cfg, problem, regime, synthesizer, experts_of_seed,
-                                                       test_activations, domains, device)
+                                                       test_activations, domains, device, statistics)
             rows += regime_rows
             reasons += regime_reasons
     for seed in cfg.seeds:

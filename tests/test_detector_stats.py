@@ -180,3 +180,20 @@ def test_few_shot_gates_read_the_first_n_training_images(env, tmp_path):
     assert layout.gate_path("disjoint_mnist", "real:20", "logits", 0, SEEDS[0]).parent.parent.name == "real_20"
     assert layout.gate_path("disjoint_mnist", "real:20", "logits", 0, 1) != \
         layout.gate_path("disjoint_mnist", "real", "logits", 0, 1)
+
+
+def test_the_detector_gate_reads_the_same_scores_in_training_and_in_evaluation(env, tmp_path):
+    """The universal gate over detector scores: train_pan measures each expert's membership accuracy on the test
+    set from the scores it standardised itself; merge.py, from its own scorer, must find the same."""
+    from test_pan import pan_cfg
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gates = train_pan.main(pan_cfg(env, env["ckpt"], tmp_path / "gates", regimes=["synthetic"],
+                                       gate_types=["detectors"]))
+    trained = {(r["seed"], r["expert"]): r["membership_acc"] for r in read_rows(gates["outputs"]["jsonl"])}
+    assert len(trained) == len(SEEDS) * len(TASKS)
+    merged = run(cfg_of(env, tmp_path / "merge", "[gate_hard(gate=detectors,regime=synthetic)]"))
+    rows = [r for r in read_rows(merged["outputs"]["jsonl"]) if r.get("rule") == "gate_hard"]
+    for r in rows:
+        for task, seen in r["gate_experts"].items():
+            assert seen["seen"] and seen["membership_acc"] == pytest.approx(trained[(r["seed"], task)], abs=1e-6)

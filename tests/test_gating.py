@@ -201,8 +201,10 @@ def activations(k: int = 5, d: int = 120, seed: int = 10) -> tuple[torch.Tensor,
 @pytest.mark.parametrize("gate_type", GATE_TYPES)
 def test_gate_input_shapes(gate_type):
     logits, features = activations()
+    # the detector gate's second input is the vector of comparable detector scores (detector_stats.detector_vector),
+    # which it reads as given
     expected = {"feature": (N, 120), "logits": (N, 5), "agnostic_logits": (N, 3),
-                "agnostic_feature": (N, 3), "universal": (N, 3)}
+                "agnostic_feature": (N, 3), "universal": (N, 3), "detectors": (N, 120)}
     assert set(expected) == set(GATE_TYPES)
     out = gate_inputs(gate_type, logits, features)
     assert out.shape == expected[gate_type]

@@ -24,7 +24,8 @@ import train_pan
 from artifacts import ExpertId, Layout
 from common import CheckpointError, load_model, read_rows
 from config import ConfigError, MergeConfig, PanConfig, parse_args
-from gating import GATE_TYPES, REGIMES, gate_inputs
+from detector_stats import GATE_DETECTORS
+from gating import GATE_TYPES, REGIMES, SHARED_GATES, gate_inputs
 from strategies import parse_strategies
 from test_gan import ARCH, DAFL, EXPERT, SEEDS, TASKS, Forbidden, copy_experts, gan_cfg, mtimes, train_experts
 
@@ -32,7 +33,8 @@ SYNTHETIC = 80  # dafl.images (test_gan's DAFL): images in each expert's stored 
 NOISE = 48  # noise_samples
 TRAIN_LIMIT = 60  # real regime: first 60 training images of each task
 TEST_LIMIT = 32  # 32 test digits of 0-4 and all 30 of 5-9: the two domains differ in size
-GATE = ["gate.epochs=2", f"gate.noise_samples={NOISE}", f"gate.train_limit={TRAIN_LIMIT}"]
+# the detector gate standardises its scores on the DAFL sets: the module makes no inversion sets
+GATE = ["gate.epochs=2", f"gate.noise_samples={NOISE}", f"gate.train_limit={TRAIN_LIMIT}", "gate.detector_stats=synthetic:dafl"]
 SECTIONS = [*EXPERT, *DAFL, *GATE]  # the settings every stage must agree on to find each other's files
 PAN_PROFILE = [*SECTIONS, f"test_limit={TEST_LIMIT}"]
 E = len(TASKS)
@@ -69,7 +71,7 @@ def layout(ckpt: Path, *extra: str) -> Layout:
 
 def gate_file(ckpt: Path, regime: str, gate_type: str, task: str, seed: int, problem: str = "disjoint_mnist",
               extra: list[str] = ()) -> Path:
-    serves = None if gate_type == "universal" else TASKS.index(task)
+    serves = None if gate_type in SHARED_GATES else TASKS.index(task)
     return layout(ckpt, *extra).gate_path(problem, regime, gate_type, serves, seed)
 
 
@@ -137,7 +139,7 @@ def test_gates_rows_and_summary(env, pan_run, test_activations):
     problem, acts = test_activations
     n_rows = len(SEEDS) * len(REGIMES) * len(GATE_TYPES) * E
     assert summary["problem"] == "disjoint_mnist" and summary["seeds"] == SEEDS
-    n_gates = len(SEEDS) * len(REGIMES) * ((len(GATE_TYPES) - 1) * E + 1)
+    n_gates = len(SEEDS) * len(REGIMES) * ((len(GATE_TYPES) - len(SHARED_GATES)) * E + len(SHARED_GATES))
     assert summary["made"] == n_gates and summary["reused"] == 0
     assert json.loads(pan_run["out"].strip().splitlines()[-1]) == json.loads(json.dumps(summary))
     stem = pan_run["results"] / "gates" / "disjoint_mnist"
@@ -145,7 +147,7 @@ def test_gates_rows_and_summary(env, pan_run, test_activations):
 
     # exactly the expected checkpoints: one per (regime, type, expert, seed), one universal per (regime, seed)
     expected = all_gate_files(ckpt)
-    assert len(expected) == len(SEEDS) * len(REGIMES) * ((len(GATE_TYPES) - 1) * E + 1)
+    assert len(expected) == len(SEEDS) * len(REGIMES) * ((len(GATE_TYPES) - len(SHARED_GATES)) * E + len(SHARED_GATES))
     assert sorted(map(str, (ckpt / "gates").rglob("*.pt"))) == sorted(map(str, expected))
 
     assert len(rows) == n_rows
@@ -160,8 +162,8 @@ def test_gates_rows_and_summary(env, pan_run, test_activations):
         stored = torch.load(path, weights_only=True)
         meta = stored["meta"]
         assert (meta["problem"], meta["regime"], meta["gate_type"]) == ("disjoint_mnist", row["regime"], gate_type)
-        assert meta["experts"] == (TASKS if gate_type == "universal" else [task])
-        in_features = {"feature": 120, "logits": 5}.get(gate_type, 3)
+        assert meta["experts"] == (TASKS if gate_type in SHARED_GATES else [task])
+        in_features = {"feature": 120, "logits": 5, "detectors": len(GATE_DETECTORS)}.get(gate_type, 3)
         assert stored["arch"] == ("pan" if gate_type in ("feature", "logits") else "agnostic_pan")
         assert stored["arch_kwargs"] == {"in_features": in_features}
         assert not torch.equal(stored["state_dict"]["input_std"], torch.ones(in_features))  # standardised
@@ -169,6 +171,8 @@ def test_gates_rows_and_summary(env, pan_run, test_activations):
         # membership on the real combined test set, recomputed here from the checkpoint
         for key in ("membership_acc", "true_positive_rate", "true_negative_rate"):
             assert 0 <= row[key] <= 1
+        if gate_type == "detectors":  # reads detector scores, not these activations: test_detector_stats checks it
+            continue
         k = TASKS.index(task)
         says_in = gate_probabilities(path, gate_type, acts[row["seed"]][k]) > 0.5
         is_in = problem.domain == k
@@ -201,7 +205,7 @@ def expected_counts(regime: str, gate_type: str, task: str, n_train: list[int]) 
             return SYNTHETIC, (E - 1) * SYNTHETIC + NOISE
         return SYNTHETIC, NOISE  # noise: own generator vs noise only
 
-    experts = range(E) if gate_type == "universal" else [TASKS.index(task)]  # universal pools all experts
+    experts = range(E) if gate_type in SHARED_GATES else [TASKS.index(task)]  # a shared gate pools all experts
     return sum(per_expert(k)[0] for k in experts), sum(per_expert(k)[1] for k in experts)
 
 
@@ -237,7 +241,7 @@ def test_data_free_regimes_read_no_training_data(env, tmp_path, monkeypatch):
                          (train_pan, "load_task"), (problems, "load_task")):
         monkeypatch.setattr(module, name, guarded(getattr(module, name)))
     summary = train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=["synthetic", "noise"]))
-    assert summary["made"] == len(SEEDS) * 2 * ((len(GATE_TYPES) - 1) * E + 1)
+    assert summary["made"] == len(SEEDS) * 2 * ((len(GATE_TYPES) - len(SHARED_GATES)) * E + len(SHARED_GATES))
     assert "test" in splits and set(splits) == {"test"}  # the test split, for evaluation only
     assert len(all_gate_files(ckpt, regimes=["synthetic", "noise"])) == len(list((ckpt / "gates").rglob("*.pt")))
 
