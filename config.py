@@ -305,8 +305,9 @@ class GateTraining:
     augment_copies: int = at_least(0, 0)  # data-free regimes: augmented copies of every synthetic image
     train_limit: int | None = at_least(1, None)  # `real` regime: first N training images of each expert's task
     # the statistics source (sources.py) the detector gate's scores are standardised on, for every regime: a
-    # data-free one, so the gate reads the same at evaluation whatever it was trained on
-    detector_stats: str = "synthetic:inversion"
+    # data-free one, so the gate reads the same at evaluation whatever it was trained on (the default synthesizer's
+    # sets, which a default run makes; the profiles use model inversion's)
+    detector_stats: str = "synthetic:dafl"
     stack_seeds: str = stacking_field()  # the gates of one shape (every seed, type and expert) trained together
 
 
@@ -424,7 +425,7 @@ class PanConfig:
     problem: str = "disjoint_mnist"
     seeds: list[int] = seed_list(PAPER_SEEDS)
     gate_types: list[str] = field(default_factory=lambda: ["feature", "logits", "agnostic_logits",
-                                                           "agnostic_feature", "universal"])
+                                                           "agnostic_feature", "universal", "detectors"])
     regimes: list[str] = field(default_factory=lambda: ["real", "synthetic", "noise"])
     # the data-free regimes train one set of gates per synthesizer, or mixture ("dafl+inversion")
     synthesizers: list[str] = field(default_factory=lambda: ["dafl"])

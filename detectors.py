@@ -471,8 +471,9 @@ def knn(view: ExpertView, statistics: Statistics, *, k: int = 10) -> Tensor:
     (fit_statistics' knn_bank) it takes milliseconds per thousand inputs on either device, so faiss, an index
     library that would be one more native dependency to install (and one the GPU machine lacks), buys nothing."""
     bank = statistics["knn_bank"]
-    if not 0 < k <= len(bank):
-        raise ValueError(f"knn: k must be in 1..{len(bank)} (the bank's size), got {k}")
+    if k < 1:
+        raise ValueError(f"knn: k must be at least 1, got {k}")
+    k = min(k, len(bank))  # a few-shot source's bank may hold fewer than k: its farthest member then
     queries = F.normalize(view.features, dim=1)
     bank_norms = bank.square().sum(dim=1)  # 1, or 0 for a feature vector of zeros
     rows = max(1, 2 ** 24 // len(bank))  # a chunk's distance matrix stays under 64 MB

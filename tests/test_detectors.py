@@ -424,8 +424,11 @@ def test_score_says_what_is_missing(fitted):
         score("odin", test)
     with pytest.raises(ValueError, match="no parameter"):
         score("energy", test, temperature=2.0)
-    with pytest.raises(ValueError, match="k must be in 1..5"):
-        score("knn", test, fit_statistics(source, knn_bank=5), k=6)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        score("knn", test, fit_statistics(source, knn_bank=5), k=0)
+    # a bank smaller than k (a few-shot source): the distance to its farthest member
+    small = fit_statistics(source, knn_bank=5)
+    assert torch.equal(score("knn", test, small, k=6), score("knn", test, small, k=5))
 
 
 def test_registry_declares_what_each_detector_reads():

@@ -44,9 +44,9 @@ def test_profiles_differ_in_seeds_budgets_and_results():
     quick, cpu, paper = (reproduce.load_config([f"profile={p}"]) for p in ("quick", "cpu", "paper"))
     assert 2 <= len(quick.seeds) <= 3 and paper.seeds == config.PAPER_SEEDS
     assert quick.results_dir != paper.results_dir
-    # the paper profile is config.py's defaults; the others say only what they change
-    assert (paper.expert, paper.dafl, paper.gate) == (config.ExpertTraining(), config.DaflTraining(),
-                                                      config.GateTraining())
+    # the paper profile is config.py's budgets (its gates only standardise the detector gate on another source)
+    assert (paper.expert, paper.dafl) == (config.ExpertTraining(), config.DaflTraining())
+    assert paper.gate == config.GateTraining(detector_stats="synthetic:inversion")
     assert quick.expert.epochs == 2 and cpu.expert == config.ExpertTraining()
 
 
@@ -81,7 +81,8 @@ def test_key_value_arguments_override_the_profile():
     assert {s.label for s in steps if s.stage == "experts"} == {"first5_mnist lenet5", "last5_mnist lenet5"}
     # tables of other problems, and the universal table that needs mnist_cifar10's gates, drop out
     assert [s.label for s in steps if s.stage == "merge"] == [
-        "logit_rules_disjoint_mnist", "multipass_disjoint_mnist", "gates_disjoint_mnist", "synthesis_disjoint_mnist"]
+        "logit_rules_disjoint_mnist", "multipass_disjoint_mnist", "gates_disjoint_mnist", "synthesis_disjoint_mnist",
+        "detectors_disjoint_mnist", "fewshot_disjoint_mnist"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -133,8 +134,9 @@ def tiny_config(root: Path, tmp_path: Path, **changes) -> config.ReproduceConfig
         inversion=config.InversionSettings(images=16, steps=2, batch_size=16),
         expert=config.ExpertTraining(epochs=1, train_limit=120),
         dafl=config.DaflTraining(epochs=1, iters_per_epoch=2, batch_size=8, width=8, images=24),
-        gate=config.GateTraining(epochs=1, noise_samples=24),
-        problems={"disjoint_mnist": {}, "mnist_cifar10": {"pan": ["gate_types=[universal]", "regimes=[real,synthetic]"]}},
+        gate=config.GateTraining(epochs=1, noise_samples=24, detector_stats="synthetic:inversion"),
+        problems={"disjoint_mnist": {},
+                  "mnist_cifar10": {"pan": ["gate_types=[universal,detectors]", "regimes=[real,synthetic]"]}},
         tables={t: [] for t in TINY_TABLES},
         scaling={"tiny series": ["disjoint_mnist", "mnist_cifar10"]},
         data_dir=str(root), ckpt_dir=str(tmp_path / "ckpt"), results_dir=str(tmp_path / "results"), device="cpu")
