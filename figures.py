@@ -130,3 +130,27 @@ def training_curves(panels: dict[str, dict[str, list[list[dict]]]], metrics: tup
         ax.set_xlabel("epoch", fontsize=8)
     _save(fig, path)
     plt.close(fig)
+
+
+def real_data_figure(curves: dict[str, list[dict | None]], counts: tuple[str, ...], naive: float | None,
+                     oracle: float | None, title: str, path: str | Path) -> None:
+    """Accuracy (mean ± std over seeds, report half) against real images per expert (0 = data-free), one line per
+    curve, with naive and the oracle as horizontal lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = list(range(len(counts)))
+    for curve, points in curves.items():
+        shown = [(i, p) for i, p in zip(x, points) if p is not None]
+        if shown:
+            ax.errorbar([i for i, _ in shown], [100 * p["mean"] for _, p in shown],
+                        yerr=[100 * p["std"] for _, p in shown], marker="o", capsize=3, label=curve)
+    for value, name, style in ((naive, "naive", ":"), (oracle, "oracle", "--")):
+        if value is not None:
+            ax.axhline(100 * value, color="black", linestyle=style, linewidth=1, label=f"{name} {100 * value:.1f}")
+    ax.set_xticks(x, ["0 (data-free)" if c == "0" else c for c in counts])
+    ax.set_xlabel("real training images per expert")
+    ax.set_ylabel("accuracy, report half (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)

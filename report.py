@@ -455,9 +455,103 @@ def gate_identity_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def detectors_table(rows: list[dict], title: str) -> str:
+    """Detector rules (and the gates beside them): accuracy and routing accuracy (%), and each expert's
+    detection AUROC and FPR at 95% TPR (%; its own test images against the other experts'), mean over seeds."""
+    groups = [g for label, g in strategy_rows(rows).items() if label != "oracle"]
+    experts = list(dict.fromkeys(e for g in groups for r in g for e in r.get("detection", {})))
+    seeds = len({r["seed"] for r in rows})
+    header = ["rule", "accuracy", "routing acc", *(f"{e} AUROC / FPR95" for e in experts)]
+    lines = [f"### {title}", "", f"{seeds} seed(s); accuracy in % as mean ± std over seeds, AUROC and FPR95 in % "
+             f"as means. {_baselines(rows)}".rstrip(), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in groups:
+        cells = [group[0]["strategy"], pct([r["acc"] for r in group]), routing_cell([r["routing_acc"] for r in group])]
+        for e in experts:
+            found = [r["detection"][e] for r in group if e in r.get("detection", {})]
+            cells.append(f"{100 * mean_std(m['auroc'] for m in found)[0]:.1f} / "
+                         f"{100 * mean_std(m['fpr95'] for m in found)[0]:.1f}" if found else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# how much real data routing needs: per real-image count, which rules each curve's best is picked among
+REAL_COUNTS_X = ("0", *REAL_COUNTS)  # 0: data-free
+CALIBRATION_RULES = ("energy", "max_logit")  # standardised on a source: calibration of the experts' confidence
+
+
+def real_data_candidates(curve: str, count: str, row: dict) -> bool:
+    """Whether a rule's row competes for ``curve``'s point at ``count`` real images per expert."""
+    name = family(row)
+    if curve == "best detector":
+        return name == (f"detectors, {count} real images per expert" if count != "0"
+                        else "detectors, data-free statistics") or (count == "0" and name == "OOD scores")
+    if curve == "gates":
+        wanted = {"0": "gates, data-free", "all": "gates, real data"}.get(count, f"gates, {count} real images per expert")
+        return name == wanted
+    source = row.get("params", {}).get("stats", "")
+    if count == "0":
+        return name == "data-free calibration" or (row["rule"] in CALIBRATION_RULES and bool(source)
+                                                   and not source.startswith("real:"))
+    return row["rule"] in CALIBRATION_RULES and source == f"real:{count}"
+
+
+def real_data_curves(rows: list[dict]) -> dict[str, list[dict | None]]:
+    """Per curve (best detector, gates, calibration), per count of real images per expert (REAL_COUNTS_X), the
+    best rule picked on the selection half and reported on the other (None where no rule ran)."""
+    groups = strategy_rows(rows)
+    return {curve: [pick({label: g for label, g in groups.items() if real_data_candidates(curve, count, g[0])})
+                    for count in REAL_COUNTS_X] for curve in ("best detector", "gates", "calibration")}
+
+
+def real_data_table(curves: dict[str, list[dict | None]]) -> str:
+    header = ["real images per expert", *REAL_COUNTS_X]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for curve, points in curves.items():
+        lines.append(f"| {curve} | " + " | ".join(f"{100 * p['mean']:.2f} ± {100 * p['std']:.2f}" if p else "not run"
+                                                 for p in points) + " |")
+    return "\n".join(lines) + "\n"
+
+
+SOURCE_DETECTORS = ("knn(k=10", "mahalanobis(shrinkage=0.1", "energy(")  # label prefixes the source table follows
+
+
+def source_table(rows: list[dict], diagnostics: list[dict]) -> str:
+    """Why data-free detectors fall short, or not: the same detector's AUROC per expert (%, mean over seeds) with
+    statistics from each source, beside the Frechet distance of each synthesizer's images to the expert's real
+    test images in its feature space (diagnostics.py)."""
+    by_setting: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for label, group in strategy_rows(rows).items():
+        source = group[0].get("params", {}).get("stats", "")
+        prefix = next((p for p in SOURCE_DETECTORS if label.startswith(p)), None)
+        if not source or prefix is None:
+            continue
+        for r in group:
+            for expert, m in r.get("detection", {}).items():
+                by_setting.setdefault((prefix.rstrip("(,"), expert), {}).setdefault(source, []).append(m["auroc"])
+    if not by_setting:
+        return ""
+    sources = sorted({s for cells in by_setting.values() for s in cells},
+                     key=lambda s: (s.startswith("real:"), s.startswith("real:") and s != "real:all"
+                                    and int(s.partition(":")[2]), s))
+    frechet = {}
+    for d in diagnostics:
+        frechet.setdefault((d["synthesizer"], d["expert"]), []).append(d["frechet_distance"])
+    synthesizers = sorted({s for s, _ in frechet})
+    header = ["detector", "expert", *sources, *(f"Frechet distance, {s}" for s in synthesizers)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (detector, expert), cells in by_setting.items():
+        aurocs = [f"{100 * mean_std(cells[s])[0]:.1f}" if s in cells else "" for s in sources]
+        distances = [f"{mean_std(frechet[(s, expert)])[0]:.1f}" if (s, expert) in frechet else ""
+                     for s in synthesizers]
+        lines.append("| " + " | ".join([detector, expert, *aurocs, *distances]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table_report(name: str, rows: list[dict]) -> str:
     """A merge table in the paper's layout for its kind (named by the experiment file's prefix)."""
     title = f"{name} ({rows[0]['problem']})" if rows else name
+    if name.startswith(("detectors_", "fewshot_")):
+        return detectors_table(rows, title)
     if name.startswith("multipass_"):
         return multipass_table(rows, title)
     if name.startswith("gates_"):
@@ -525,6 +619,25 @@ def reproduction_report(header: str, tables: dict[str, list[dict]], series: dict
             parts += [f"### {problem}", "", diagnostics_report(rows, (gates or {}).get(problem, []))]
             if f"msp_{problem}" in figures:
                 parts += [f"![max-softmax distributions, {problem}]({figures[f'msp_{problem}']})", ""]
+    fewshot = {p: rows for p, rows in rows_by_problem.items() if any((r.get("params") or {}).get("stats", "")
+                                                                      .startswith("real:") for r in rows)}
+    if fewshot:
+        parts += ["## How much real data does routing need", "",
+                  "Per count of real training images per expert (0: data-free), the best detector, the best gate "
+                  "and the best calibration (energy or max logit standardised on those images), each picked on the "
+                  "selection half and reported on the other (%, mean ± std over seeds).", ""]
+        for problem, rows in fewshot.items():
+            parts += [f"### {problem}", "", real_data_table(real_data_curves(rows))]
+            if f"real_data_{problem}" in figures:
+                parts += [f"![real data against accuracy, {problem}]({figures[f'real_data_{problem}']})", ""]
+    sources = {p: source_table(rows, (diagnostics or {}).get(p, [])) for p, rows in rows_by_problem.items()}
+    if any(sources.values()):
+        parts += ["## Detectors: the same detector with statistics from each source", "",
+                  "Detection AUROC (%, an expert's own test images against the others', mean over seeds) of one "
+                  "detector with statistics from each source, beside the Frechet distance of each synthesizer's "
+                  "images to the expert's real test images in its own feature space: where the data-free sources "
+                  "fall short, and how far their images are from real ones.", ""]
+        parts += [part for problem, text in sources.items() if text for part in (f"### {problem}", "", text)]
     if gates:
         parts += ["## Gate membership accuracy on the real combined test set", ""]
         for problem, rows in gates.items():

@@ -34,8 +34,8 @@ import figures  # noqa: E402
 from artifacts import arch_tag, section_args  # noqa: E402
 from common import (UserError, atomic_write_text, cli, hidden_inner_progress, print_summary, progress,  # noqa: E402
                     read_rows, resolve_device, write_rows)
-from report import (answer_rows, answer_table, best_of_families, reproduction_report, scaling_rows,  # noqa: E402
-                    target_rows, targets_table)
+from report import (REAL_COUNTS_X, answer_rows, answer_table, best_of_families, real_data_curves,  # noqa: E402
+                    reproduction_report, resolve, scaling_rows, target_rows, targets_table)
 from strategies import parse_strategies  # noqa: E402
 from synthesis import components  # noqa: E402
 
@@ -276,7 +276,7 @@ def build_report(cfg: config.ReproduceConfig, steps: list[Step]) -> dict:
             {k: v if not isinstance(v, dict) else {"best": v["best"], "mean": v["mean"], "std": v["std"]}
              for k, v in r.items()} for r in scaling])["csv"]
     figures = draw_figures(results, best, generator_rows, diagnostics, experts_rows,
-                           [r for rows in gates.values() for r in rows])
+                           [r for rows in gates.values() for r in rows], rows_by_problem)
     outputs["figures"] = figures
     header = "\n".join([
         f"# Reproduction report: profile `{cfg.profile}`", "",
@@ -337,7 +337,7 @@ def write_answer(cfg: config.ReproduceConfig, results: Path, rows_by_problem: di
 
 def draw_figures(results: Path, best: dict[str, list[dict]], generator_rows: list[dict],
                  diagnostics: dict[str, list[dict]], experts: list[dict] = (),
-                 gates: list[dict] = ()) -> dict[str, str]:
+                 gates: list[dict] = (), rows_by_problem: dict[str, list[dict]] | None = None) -> dict[str, str]:
     """The family bars, one figure of sample grids per synthesizer, one of max-softmax curves per problem, and
     one of training curves per stage (experts, generators, gates)."""
     if not figures.available():
@@ -363,6 +363,15 @@ def draw_figures(results: Path, best: dict[str, list[dict]], generator_rows: lis
     for problem, rows in diagnostics.items():
         figures.msp_figure(rows, results / "figures" / f"msp_{problem}.png")
         drawn[f"msp_{problem}"] = f"figures/msp_{problem}.png"
+    for problem, rows in (rows_by_problem or {}).items():
+        if not any((r.get("params") or {}).get("stats", "").startswith("real:") for r in rows):
+            continue
+        baselines = {label: resolve(rows, label) for label in ("naive", "oracle")}
+        figures.real_data_figure(real_data_curves(rows), REAL_COUNTS_X,
+                                 *(b["mean"] if b else None for b in baselines.values()),
+                                 f"{problem}: how much real data does routing need",
+                                 results / "figures" / f"real_data_{problem}.png")
+        drawn[f"real_data_{problem}"] = f"figures/real_data_{problem}.png"
     return drawn
 
 

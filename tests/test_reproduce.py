@@ -150,7 +150,10 @@ def mtimes(folder: Path) -> dict[str, int]:
 def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may depend on starting in the repository
     root = make_fake_root(squares=True, n_mnist_train=200, n_mnist_test=60, n_cifar=12).root
-    cfg = tiny_config(root, tmp_path, fusion={"fusion_noniid2": {}},
+    tables = {**{t: [] for t in TINY_TABLES}, "detectors_disjoint_mnist": [], "fewshot_disjoint_mnist": [
+        "strategies=[naive, {name: [energy, knn], stats: [real:10, real:50]}, {name: gate_hard, gate: feature, "
+        "regime: real}]"]}
+    cfg = tiny_config(root, tmp_path, fusion={"fusion_noniid2": {}}, tables=tables,
                       targets=[{"problem": "disjoint_mnist", "best": "best data-free rule", "than": "naive", "by": 2},
                                {"problem": "mnist_dir2_mlp", "best": "fusion: neuron interpolation",
                                 "than": "fusion: OTFusion", "by": 0}])
@@ -163,6 +166,8 @@ def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, 
         p.name for p in (ckpt / "gates" / "disjoint_mnist").iterdir()}
     report = (results / "report.md").read_text()
     for section in ("## Best rule of each family", "## Scaling with the number of experts", "## Experts",
+                    "## How much real data does routing need", "## Detectors: the same detector with statistics",
+                    "### detectors_disjoint_mnist (disjoint_mnist)",
                     "## Data-free synthesis", "## Why a synthetic set transfers", "## Gate membership",
                     "### gates_disjoint_mnist",
                     "| setting | tta_mean | tta_voting |", "## Wall time"):
@@ -195,7 +200,8 @@ def test_pipeline_end_to_end_then_resume_after_deleting_a_stage(make_fake_root, 
                                              "samples_dafl": "figures/samples_dafl.png",
                                              "samples_inversion": "figures/samples_inversion.png",
                                              "msp_disjoint_mnist": "figures/msp_disjoint_mnist.png",
-                                             "msp_mnist_cifar10": "figures/msp_mnist_cifar10.png"}
+                                             "msp_mnist_cifar10": "figures/msp_mnist_cifar10.png",
+                                             "real_data_disjoint_mnist": "figures/real_data_disjoint_mnist.png"}
     for name in summary["outputs"]["figures"].values():
         assert (results / name).read_bytes()[:4] == b"\x89PNG"
 
