@@ -527,7 +527,8 @@ def source_table(rows: list[dict], diagnostics: list[dict]) -> str:
             continue
         for r in group:
             for expert, m in r.get("detection", {}).items():
-                by_setting.setdefault((prefix.rstrip("(,"), expert), {}).setdefault(source, []).append(m["auroc"])
+                name = prefix[:-1] if prefix.endswith("(") else prefix + ")"  # the setting, without its source
+                by_setting.setdefault((name, expert), {}).setdefault(source, []).append(m["auroc"])
     if not by_setting:
         return ""
     sources = sorted({s for cells in by_setting.values() for s in cells},

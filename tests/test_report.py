@@ -224,3 +224,64 @@ def test_the_best_of_a_family_is_picked_on_the_selection_half_and_reported_on_th
     (best,) = report.best_of_families(rows)
     assert best["best"] == "ratio" and best["mean"] == pytest.approx(0.70) and best["select_mean"] == 0.85
     assert best["n"] == 500  # the report half's images
+
+
+# ---------------------------------------------------------------- picks on the selection half
+
+def picked(label, rule, params, select, report_acc, seed=1, problem="p", **extra):
+    """A strategy row with its two halves' accuracies (what every pick reads)."""
+    return {"problem": problem, "seed": seed, "kind": "strategy", "strategy": label, "rule": rule, "params": params,
+            "acc": (select + report_acc) / 2, "acc_select": select, "acc_report": report_acc, "n_report": 10,
+            "routing_acc": 0.5, **extra}
+
+
+def test_a_pick_reads_the_selection_half_and_reports_the_other():
+    rows = [picked("energy", "energy", {"stats": ""}, 0.9, 0.6), picked("gen(gamma=0.1)", "gen", {"gamma": 0.1}, 0.8, 0.95)]
+    best = report.pick(report.strategy_rows(rows))
+    assert best["best"] == "energy" and best["mean"] == pytest.approx(0.6)  # the higher report half is not chosen
+
+
+def test_detector_rows_fall_into_families_by_their_source():
+    def fam(rule, stats=""):
+        return report.family({"rule": rule, "params": {"stats": stats}})
+    assert fam("gen") == fam("energy") == "OOD scores"
+    assert fam("knn", "synthetic:inversion") == fam("input_gaussian", "shipped") == "detectors, data-free statistics"
+    assert fam("energy", "real:200") == "detectors, 200 real images per expert"
+    assert report.family({"rule": "gate_hard", "params": {"gate": "feature", "regime": "real:50"}}) == \
+        "gates, 50 real images per expert"
+
+
+def test_the_answer_and_a_target_come_from_picks_on_the_selection_half():
+    rows = [picked("naive", "naive", {}, 0.70, 0.70, seed=s) for s in (1, 2)]
+    rows += [picked("calibrated(score=energy)", "calibrated", {}, 0.80, 0.71, seed=s) for s in (1, 2)]
+    rows += [picked("knn(k=10,stats=synthetic:inversion)", "knn", {"stats": "synthetic:inversion"}, 0.75, 0.79,
+                    seed=s) for s in (1, 2)]
+    [answer] = report.answer_rows({"p": rows})
+    assert answer["best data-free rule"]["best"] == "calibrated(score=energy)"  # 0.80 on the selection half
+    assert answer["data-free gain over naive"]["mean"] == pytest.approx(0.01)
+    [target] = report.target_rows([{"problem": "p", "best": "best data-free rule", "than": "naive", "by": 2}],
+                                  {"p": rows})
+    assert target["met"] is False and target["value"] == pytest.approx(1.0)
+    assert "`p`" in report.answer_table([answer]) and "**missed**" in report.targets_table([target])
+
+
+def test_real_data_curves_pick_each_point_among_its_own_rules():
+    rows = [picked("energy(stats=real:200)", "energy", {"stats": "real:200"}, 0.8, 0.8),
+            picked("knn(k=10,stats=real:200)", "knn", {"stats": "real:200"}, 0.9, 0.85),
+            picked("knn(k=10,stats=synthetic:dafl)", "knn", {"stats": "synthetic:dafl"}, 0.6, 0.6),
+            picked("gate_hard(gate=feature,regime=real)", "gate_hard", {"gate": "feature", "regime": "real"}, 0.95, 0.9)]
+    curves = report.real_data_curves(rows)
+    at = dict(zip(report.REAL_COUNTS_X, curves["best detector"]))
+    assert at["200"]["best"] == "knn(k=10,stats=real:200)" and at["0"]["best"] == "knn(k=10,stats=synthetic:dafl)"
+    assert dict(zip(report.REAL_COUNTS_X, curves["calibration"]))["200"]["best"] == "energy(stats=real:200)"
+    assert dict(zip(report.REAL_COUNTS_X, curves["gates"]))["all"]["mean"] == pytest.approx(0.9)
+    assert at["10"] is None and "not run" in report.real_data_table(curves)
+
+
+def test_the_source_table_sets_each_sources_auroc_beside_the_frechet_distance():
+    detection = {"a": {"auroc": 0.9, "fpr95": 0.3}}
+    rows = [picked("knn(k=10,stats=real:200)", "knn", {"stats": "real:200"}, 0.8, 0.8, detection=detection),
+            picked("knn(k=10,stats=synthetic:inversion)", "knn", {"stats": "synthetic:inversion"}, 0.7, 0.7,
+                   detection={"a": {"auroc": 0.6, "fpr95": 0.8}})]
+    text = report.source_table(rows, [{"synthesizer": "inversion", "expert": "a", "frechet_distance": 12.5}])
+    assert "| knn(k=10) | a | 60.0 | 90.0 | 12.5 |" in text
