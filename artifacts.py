@@ -139,6 +139,13 @@ def check_reuse(path: Path, recipe: dict, upstream: dict[str, str], force: bool)
     return Reuse(meta, "reused")
 
 
+def made_meanwhile(path: Path, recipe: dict, upstream: dict[str, str]) -> dict | None:
+    """The reuse check after the work: the meta of a complete artifact of this recipe and upstream digests that
+    another worker wrote at ``path`` while this one worked, or None. A worker that finds one drops its own result
+    for it, so racing workers leave one file (written atomically: never torn) and every reader sees one digest."""
+    return check_reuse(path, recipe, upstream, force=False).meta if path.exists() else None
+
+
 def tally(reasons: list[str]) -> dict:
     """A stage's summary of its work: how many items were reused, how many made, and why."""
     made = [r for r in reasons if r != "reused"]

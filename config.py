@@ -510,6 +510,15 @@ class ReproduceConfig:
     deterministic: bool = False  # deterministic algorithms in every stage: reruns give identical rows
     force: bool = False  # redo every step's work, ignoring finished checkpoints and cached rows
     report_only: bool = False  # rebuild the report from the results already written
+    # local: every step in this process, one after another; ray: every step a Ray task, started when the steps it
+    # reads are done (experiments/ray_launcher.py), on a local Ray cluster or the one ray_address (or the
+    # RAY_ADDRESS environment variable) names
+    launcher: str = choice("local", ("local", "ray"))
+    ray_address: str = ""
+    seeds_per_task: int | None = at_least(1, None)  # ray: a step's seeds split into tasks of this many (null: one)
+    cpus_per_task: float = greater_than(0, 1.0)  # ray, without GPUs: the CPU share each task reserves
+    # ray, tests only: "STAGE LABEL" makes that step's worker die once, right after its first resume save
+    fault_injection: str = ""
     write_script: bool = False  # write experiments/reproduce_PROFILE.sh (the stages as shell commands) and stop
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import config
-from artifacts import ExpertId, Layout, check_reuse, digest_of
+from artifacts import ExpertId, Layout, check_reuse, digest_of, made_meanwhile
 from common import atomic_torch_save, derive_seed, make_generator, state_digest
 from data import InputFormat, load_task, prepare_input, to_unit
 from detectors import (DETECTORS, ExpertView, Statistics, calibrate, final_linear, fit_statistics, observe, score,
@@ -114,6 +114,9 @@ def stored_statistics(layout: Layout, source: Source, expert: ExpertId, task: co
         images, labels = source_images(layout, source, expert, task, seed, data_dir)
         made = fitted(model, fmt, images, labels, layout.statistics, derive_seed(seed, expert.tag, source.label),
                       device)
+    if not force and made_meanwhile(path, recipe, upstream) is not None:  # another worker stored them meanwhile
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        return StoredStatistics(stored["statistics"], stored["calibration"], stored["held_out"], reused=True)
     meta = {"source": source.label, "task": expert.task, "recipe": recipe, "upstream": upstream,
             "digest": state_digest(made.statistics)}
     atomic_torch_save({"statistics": made.statistics, "calibration": made.calibration, "held_out": made.held_out,

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import config
-from artifacts import ExpertId, Layout, check_reuse, digest_of, experts_of, recipe_key, tally
+from artifacts import ExpertId, Layout, check_reuse, digest_of, experts_of, made_meanwhile, recipe_key, tally
 from common import (atomic_write_bytes, cli, derive_seed, load_model, mean_std, print_summary,
                     progress, resolve_device, save_checkpoint, seed_everything, write_rows)
 from dafl import build_generator, sample_images, train_generator, train_generators
@@ -93,10 +93,15 @@ def dafl_generators(cfg: config.GanConfig, experts: list[ExpertId], seeds: list[
         for job, log, resume in zip(group, logs, resumes):
             row = {"generator": str(job["path"]), "final_loss": log[-1] if log else None, "history": log,
                    "generator_train_time_s": train_time, "stacked_generators": len(group) if stacked else 1}
-            save_checkpoint(job["path"], job["generator"], "generator", build_generator(cfg.dafl, job["fmt"].channels)[1],
-                            config.to_dict(cfg), {"task": job["expert"].task, "expert_arch": job["expert"].arch,
-                                                  "input_format": job["fmt"].as_dict(), "recipe": job["recipe"],
-                                                  "upstream": job["upstream"], "log": log, "row": row})
+            other = None if cfg.force else made_meanwhile(job["path"], job["recipe"], job["upstream"])
+            if other is None:
+                save_checkpoint(job["path"], job["generator"], "generator",
+                                build_generator(cfg.dafl, job["fmt"].channels)[1], config.to_dict(cfg),
+                                {"task": job["expert"].task, "expert_arch": job["expert"].arch,
+                                 "input_format": job["fmt"].as_dict(), "recipe": job["recipe"],
+                                 "upstream": job["upstream"], "log": log, "row": row})
+            else:  # another worker made it meanwhile: its generator is the one every reader sees
+                job["generator"], row = load_model(job["path"], expect_arch="generator", device=device)[0], other["row"]
             resume.clear()
             out[(job["expert"], job["seed"])] = (job["generator"], row, job["why"])
     return out
@@ -166,11 +171,13 @@ def make_set(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: in
            "expert_checkpoint": str(expert_file), **quality, "other_expert": str(other_path) if other_path else None,
            "train_time_s": make_time + generator_time, "device": str(device), "grid": str(grid), "set": str(path),
            "resumed": False}
-    save_set(path, images, {"synthesizer": synthesizer, "task": expert.task, "input_format": fmt.as_dict(),
-                            "recipe": recipe, "upstream": upstream, "row": row})
+    other = None if cfg.force else made_meanwhile(path, recipe, upstream)
+    if other is None:
+        save_set(path, images, {"synthesizer": synthesizer, "task": expert.task, "input_format": fmt.as_dict(),
+                                "recipe": recipe, "upstream": upstream, "row": row})
     if generator is None:
         resume.clear()
-    return done + [(row, reuse.why)]
+    return done + [(row if other is None else {**other["row"], "resumed": True}, reuse.why)]
 
 
 def main(cfg: config.GanConfig) -> dict:

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 import config
 from archs import build_model
-from artifacts import Layout, check_reuse, digest_of, recipe_key, tally
+from artifacts import Layout, check_reuse, digest_of, made_meanwhile, recipe_key, tally
 from common import (cli, derive_seed, load_model, make_generator, print_summary,
                     progress, resolve_device, save_checkpoint, seed_everything, write_rows)
 from data import load_task, to_unit
@@ -324,7 +324,11 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, synthesiz
         meta = {"problem": problem.name, "regime": regime, "gate_type": gate.gate_type, "synthesizer": synthesizer,
                 "experts": [problem.tasks[k] for k in gate.experts], "recipe": gate.recipe,
                 "upstream": gate.upstream, "row": gate_rows}
-        save_checkpoint(gate.path, model, arch, kwargs, config.to_dict(cfg), meta)
+        other = None if cfg.force else made_meanwhile(gate.path, gate.recipe, gate.upstream)
+        if other is None:
+            save_checkpoint(gate.path, model, arch, kwargs, config.to_dict(cfg), meta)
+        else:  # another worker made it meanwhile: its rows describe the gate every reader sees
+            gate_rows = [{**r, "resumed": True} for r in other["row"]]
         Resume.beside(gate.path, "").clear()
         rows[(gate.seed, gate.gate_type, None if gate.gate_type in SHARED_GATES else gate.experts[0])] = gate_rows
     order = [(seed, gate_type, serves) for seed in experts_of_seed for gate_type, _, serves in jobs]

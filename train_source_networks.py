@@ -21,7 +21,7 @@ import torch
 
 import config
 from archs import ARCHS, build_model
-from artifacts import ExpertId, Layout, arch_tag, check_reuse, recipe_key, tally
+from artifacts import ExpertId, Layout, arch_tag, check_reuse, made_meanwhile, recipe_key, tally
 from common import (cli, derive_seed, load_model, mean_std, print_summary, resolve_device, save_checkpoint,
                     seed_everything, write_rows)
 from data import InputFormat, check_split, get_source, load_task, prepare_input, task_classes, to_unit
@@ -93,9 +93,11 @@ def train_experts(cfg: config.TrainConfig, seeds: list[int], train, test, device
                "resumed": False}
         meta = {"task": recipe["task"], "classes": train.classes, "input_format": fmt.as_dict(), "recipe": recipe,
                 "upstream": {}, "row": row}
-        save_checkpoint(path, model, cfg.arch, model_kwargs(cfg), config.to_dict(cfg), meta)
+        other = None if cfg.force else made_meanwhile(path, recipe, {})
+        if other is None:
+            save_checkpoint(path, model, cfg.arch, model_kwargs(cfg), config.to_dict(cfg), meta)
         resume.clear()
-        rows.append(row)
+        rows.append(row if other is None else {**other["row"], "resumed": True})
     return rows
 
 

@@ -229,9 +229,41 @@ def keep_work_timings(previous: list[dict], current: list[dict]) -> list[dict]:
     return [earlier.get((t["stage"], t["step"], str(t["seeds"])), t) if t["reused"] else t for t in current]
 
 
+def dependencies(cfg: config.ReproduceConfig, steps: list[Step]) -> list[set[int]]:
+    """The profile's dependency graph: for each step, the indices of the steps whose artifacts it reads. Experts
+    read nothing; a problem's synthesis reads its experts; its gates its experts and synthetic sets; a table its
+    problem's experts, sets and gates, and the gates of every problem its rules take gates from."""
+    parsed = [parse_step(step, cfg.seeds) for step in steps]
+    trained, made = {}, {"generators": {}, "gates": {}}
+    for i, (step, stage_cfg) in enumerate(zip(steps, parsed)):
+        if step.stage == "experts":
+            trained[(stage_cfg.dataset, stage_cfg.arch, json.dumps(stage_cfg.arch_kwargs, sort_keys=True))] = i
+        elif step.stage in made:
+            made[step.stage][stage_cfg.problem] = i
+    graph = []
+    for step, stage_cfg in zip(steps, parsed):
+        if step.stage == "experts":
+            graph.append(set())
+            continue
+        spec = stage_cfg.problems[stage_cfg.problem]
+        needs = {trained[key] for e in spec.experts
+                 if (key := (e.task, e.arch, json.dumps(e.arch_kwargs, sort_keys=True))) in trained}
+        reads = {"generators": [], "gates": ["generators"], "merge": ["generators", "gates"]}[step.stage]
+        needs |= {made[stage][stage_cfg.problem] for stage in reads if stage_cfg.problem in made[stage]}
+        if step.stage == "merge":  # another problem's gates, for the rules that take them from there
+            needs |= {made["gates"][source] for call in parse_strategies(stage_cfg.strategies)
+                      if (source := call.param("gates_from")) and source in made["gates"]}
+        graph.append(needs)
+    return graph
+
+
 def run_pipeline(cfg: config.ReproduceConfig, steps: list[Step], log_path: Path) -> list[dict]:
     """Every step under one bar, each for all seeds at once: a stage trains (or evaluates) its seeds
-    together where its models stack (stacked.py)."""
+    together where its models stack (stacked.py). ``launcher=ray`` runs the same steps as Ray tasks instead."""
+    if cfg.launcher == "ray":
+        from experiments.ray_launcher import run_graph  # Ray is imported only when asked for
+
+        return run_graph(cfg, steps, dependencies(cfg, steps))
     device = str(resolve_device(cfg.device))
     timings = []
     log_path.parent.mkdir(parents=True, exist_ok=True)

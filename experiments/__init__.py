@@ -1,0 +1,1 @@
+"""The pipeline: the one command (reproduce.py), its launchers, profiles and merge tables."""
