@@ -126,6 +126,10 @@ def training_curves(panels: dict[str, dict[str, list[list[dict]]]], metrics: tup
             ax.tick_params(labelsize=7)
         row[0].set_title(panel, fontsize=9, loc="left")
         row[1].legend(fontsize=6, ncol=2 if len(lines) > 6 else 1)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes.ravel():
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     for ax in axes[-1]:
         ax.set_xlabel("epoch", fontsize=8)
     _save(fig, path)

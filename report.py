@@ -512,7 +512,7 @@ def real_data_table(curves: dict[str, list[dict | None]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SOURCE_DETECTORS = ("knn(k=10", "mahalanobis(shrinkage=0.1", "energy(")  # label prefixes the source table follows
+SOURCE_DETECTORS = ("knn(k=10", "mahalanobis(shrinkage=0.1", "vim(")  # label prefixes the source table follows
 
 
 def source_table(rows: list[dict], diagnostics: list[dict]) -> str:
