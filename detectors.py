@@ -57,13 +57,14 @@ class ExpertView:
     inputs: Tensor | None = None  # the prepared inputs, kept for ODIN only (observe(keep_inputs=True))
     model: nn.Module | None = None  # the expert, kept with the inputs: ODIN backpropagates to them
     input_std: Tensor | None = None  # [C] the std the inputs were normalised by: ODIN's step is in [0,1] pixels
+    model_features: Tensor | None = None  # [N, F] the arch's own feature vector (what gates read), when asked for
 
     def __len__(self) -> int:
         return len(self.logits)
 
     def subset(self, index: Tensor) -> ExpertView:
         """The view of the inputs ``index`` selects; the final layer, the model and the input std are shared."""
-        per_input = ("logits", "features", "input_moments", "bn_moments", "inputs")
+        per_input = ("logits", "features", "input_moments", "bn_moments", "inputs", "model_features")
         return replace(self, **{name: None if getattr(self, name) is None else
                                 getattr(self, name)[index.to(getattr(self, name).device)] for name in per_input})
 
@@ -97,13 +98,15 @@ def channel_moments(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def observe(model: nn.Module, batches: Iterable[Tensor], *, keep_inputs: bool = False,
-            input_std: Sequence[float] | None = None) -> ExpertView:
+            input_std: Sequence[float] | None = None, model_features: bool = False) -> ExpertView:
     """Run ``model`` (in eval mode) on batches of prepared inputs and keep what the detectors read.
 
     Forward hooks on the last ``nn.Linear`` (its input: the penultimate features) and on the last batch-norm
     layer (its input, as channel moments) read any of the archs without changing them. ``keep_inputs`` keeps
     the inputs and the model for ODIN (the only detector that runs the model again); ``input_std`` is the
-    per-channel std the inputs were normalised by, so that ODIN's step is in [0,1] pixel units."""
+    per-channel std the inputs were normalised by, so that ODIN's step is in [0,1] pixel units;
+    ``model_features`` also keeps the arch's own feature vector (``model(x, return_features=True)``), so one pass
+    serves the detectors and the rules that read features."""
     if model.training:
         raise ValueError("observe needs the model in eval mode: in training mode batch norm normalises with each "
                          "batch's statistics and updates its running ones")
@@ -120,11 +123,14 @@ def observe(model: nn.Module, batches: Iterable[Tensor], *, keep_inputs: bool = 
     if norm is not None:
         handles.append(norm.register_forward_hook(on_norm))
     parts: dict[str, list[Tensor]] = {"logits": [], "features": [], "input_moments": [], "bn_moments": [],
-                                      "inputs": []}
+                                      "inputs": [], "model_features": []}
     try:
         for x in batches:
             seen.clear()
-            logits = model(x)
+            logits = model(x, return_features=True) if model_features else model(x)
+            if model_features:
+                logits, own = logits
+                parts["model_features"].append(own.float())
             if "features" not in seen or seen["features"].dim() != 2:
                 raise ValueError(f"{type(model).__name__}: its last nn.Linear ({head}) was not called on [N, D] "
                                  f"features, so its input is not the penultimate feature vector")

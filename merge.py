@@ -119,8 +119,11 @@ class ExpertRuns:
     the logits it would get alone. Each TTA setting draws from a generator seeded by the seed, the problem and the
     setting, so results do not depend on which rules run first."""
 
-    def __init__(self, cfg: config.MergeConfig, problem: Problem, seeds: list[int], device: torch.device) -> None:
+    def __init__(self, cfg: config.MergeConfig, problem: Problem, seeds: list[int], device: torch.device,
+                 with_views: bool = False) -> None:
         self.problem, self.seeds, self.device, self.batch_size = problem, seeds, device, cfg.batch_size
+        self.with_views = with_views  # detectors read them: one unstacked pass takes views and activations at once
+        self._views: dict[int, list] = {}
         layout = Layout(cfg)
         self.experts = {seed: problem.load_experts(layout, seed, device) for seed in seeds}
         self.formats = self.experts[seeds[0]][1]
@@ -136,7 +139,13 @@ class ExpertRuns:
         """Every expert's (logits, features) on the combined test set."""
         if not self._activations:
             start = time.perf_counter()
-            if self.stacks is None:
+            if self.with_views:
+                self._views = {seed: expert_views(*self.experts[seed], functools.partial(
+                    test_batches, self.problem, self.device, self.batch_size), model_features=True)
+                    for seed in self.seeds}
+                self._activations = {seed: [(v.logits, v.model_features) for v in views]
+                                     for seed, views in self._views.items()}
+            elif self.stacks is None:
                 self._activations = {seed: expert_activations(self.problem, *self.experts[seed], self.device,
                                                               self.batch_size) for seed in self.seeds}
             else:
@@ -146,6 +155,14 @@ class ExpertRuns:
                 self._activations = {seed: [(lo[i], fe[i]) for lo, fe in stacked] for i, seed in enumerate(self.seeds)}
             self.times[""] = (time.perf_counter() - start) / len(self.seeds)
         return self._activations[seed]
+
+    def views(self, seed: int) -> list:
+        """Every expert's detectors.ExpertView of the combined test set (taken with the activations when the table
+        has detector rules, else on first use)."""
+        if not self._views.get(seed):
+            self._views[seed] = expert_views(*self.experts[seed], functools.partial(
+                test_batches, self.problem, self.device, self.batch_size))
+        return self._views[seed]
 
     def passes(self, seed: int, setting: str) -> list[list[torch.Tensor]]:
         """Logits per pass (pass 0 = the original images) per expert, for a TTA setting."""
@@ -203,7 +220,8 @@ def synthesizer_of(call: StrategyCall) -> str:
 
 
 def detector_runner(cfg: config.MergeConfig, layout: Layout, problem: Problem, models: list[nn.Module],
-                    formats: list[InputFormat], logits: list[torch.Tensor], seed: int, device: torch.device):
+                    formats: list[InputFormat], logits: list[torch.Tensor], seed: int, device: torch.device,
+                    views=None):
     """``run_detector(name, source, standardisation, params)`` for MergeInputs: every expert's view of the
     combined test set is taken on first use (ODIN's, which keeps the inputs, on first ODIN use), and each
     expert's statistics of a source are read or fitted once (detector_stats.stored_statistics)."""
@@ -216,7 +234,7 @@ def detector_runner(cfg: config.MergeConfig, layout: Layout, problem: Problem, m
         return stored_statistics(layout, source, expert, problem.specs[expert.task], seed, models[k], formats[k],
                                  cfg.data_dir, device, cfg.force)
 
-    views = functools.cache(lambda: expert_views(models, formats, batches))
+    views = views or functools.cache(lambda: expert_views(models, formats, batches))
     scorer = DetectorScorer(models, logits, views, statistics, lambda k: odin_views()[k], formats, device)
     return scorer
 
@@ -361,7 +379,8 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
         local_correct = problem.label_maps[k][logits[k][own.to(device)].argmax(1).cpu()] == labels[own]
         finish(f"expert:{name}", {"kind": "expert", "acc": local_correct.float().mean().item()})
 
-    scorer = detector_runner(cfg, layout, problem, models, formats, logits, seed, device)
+    scorer = detector_runner(cfg, layout, problem, models, formats, logits, seed, device,
+                             functools.partial(runs.views, seed))
 
     @functools.cache
     def detector_gate_inputs() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -473,7 +492,8 @@ def main(cfg: config.MergeConfig) -> dict:
     caches = {seed: out / name / f"seed{seed}.jsonl" for seed in cfg.seeds}
     plans = {seed: plan_seed(cfg, problem, calls, seed, caches[seed]) for seed in cfg.seeds}
     todo = [seed for seed in cfg.seeds if plans[seed].todo]
-    runs = ExpertRuns(cfg, problem, todo, device) if todo else None
+    views = any(REGISTRY[c.name].detector and (c.param("stats") or c.name not in LOGIT_DETECTORS) for c in calls)
+    runs = ExpertRuns(cfg, problem, todo, device, with_views=views) if todo else None
     rows, reasons = [], []
     for seed in progress(cfg.seeds, desc=f"{name} seeds"):
         plan = plans[seed]
