@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from common import atomic_write_bytes
+from common import atomic_write_bytes, compact_png
 
 
 def _pyplot():
@@ -32,7 +32,7 @@ def available() -> bool:
 def _save(fig, path: str | Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, compact_png(buffer.getvalue()))
 
 
 def family_bars(best_by_problem: dict[str, list[dict]], path: str | Path) -> None:

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 import config
 from artifacts import ExpertId, Layout, check_reuse, digest_of, experts_of, made_meanwhile, recipe_key, tally
-from common import (atomic_write_bytes, cli, derive_seed, load_model, mean_std, print_summary,
+from common import (atomic_write_bytes, cli, compact_png, derive_seed, load_model, mean_std, print_summary,
                     progress, resolve_device, save_checkpoint, seed_everything, write_rows)
 from dafl import build_generator, sample_images, train_generator, train_generators
 from data import InputFormat, to_unit
@@ -147,7 +147,7 @@ def make_set(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: in
     if reuse.reused:
         if not grid.is_file():  # results moved or deleted: draw the grid again from the stored set
             images = torch.load(path, weights_only=True)["images"]
-            atomic_write_bytes(grid, png_grid(images[:GRID_SAMPLES].float() / 255))
+            atomic_write_bytes(grid, compact_png(png_grid(images[:GRID_SAMPLES].float() / 255)))
         return done + [({**reuse.meta["row"], "grid": str(grid), "resumed": True}, reuse.why)]
     seed_everything(derive_seed(seed, expert.task, synthesizer), cfg.deterministic)
     start = time.perf_counter()
@@ -163,7 +163,7 @@ def make_set(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: in
     other_path = other_seed_expert(layout, expert, seed)
     other = load_model(other_path, device=device)[0] if other_path else None
     quality = sample_quality(model, fmt, scored, other)
-    atomic_write_bytes(grid, png_grid(scored[:GRID_SAMPLES].cpu()))
+    atomic_write_bytes(grid, compact_png(png_grid(scored[:GRID_SAMPLES].cpu())))
     generator_time = done[0][0]["generator_train_time_s"] if done and done[0][1] != "reused" else 0.0
     generator_fields = {k: v for k, v in done[0][0].items() if k != "kind"} if done else {}
     row = {"kind": "set", "synthesizer": synthesizer, "task": expert.task, "arch": expert.arch, **generator_fields,

@@ -258,3 +258,20 @@ def test_append_row_keeps_finished_rows_and_read_rows_skips_a_torn_last_line(tmp
     path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
     with pytest.raises(common.UserError, match="line 2"):
         read_rows(path)
+
+
+def test_compact_png_keeps_the_picture_in_fewer_bytes():
+    import io
+
+    from PIL import Image
+
+    from common import compact_png
+
+    generator = torch.Generator().manual_seed(0)
+    gradient = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=generator).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(gradient).save(buffer, format="png")
+    small = compact_png(buffer.getvalue())
+    assert len(small) < len(buffer.getvalue())
+    back = torch.tensor(list(Image.open(io.BytesIO(small)).convert("RGB").getdata())).reshape(64, 64, 3)
+    assert (back.float() - torch.from_numpy(gradient).float()).abs().mean() <= 40

@@ -1,0 +1,55 @@
+"""Slim result tables written before rows carried a config digest: each such row repeated its whole resolved
+config, which made results/ tens of megabytes (issue 18). This keeps every number and every config: a row's
+config moves, once per distinct config, to ``STEM.configs.json`` beside the table (digest -> config), and the
+row keeps ``config_digest``; the CSV is rewritten from the JSON lines. Tables already in the new form
+(``config_digest`` in their rows) are left as they are, so a second run changes nothing.
+
+    python experiments/slim_rows.py results/cpu results/fusion ...
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import atomic_write_text, read_rows, write_rows  # noqa: E402
+
+
+def old_form(rows: list[dict]) -> bool:
+    """Rows that carry a whole config and no digest of it."""
+    return bool(rows) and all(isinstance(r.get("config"), dict) and "config_digest" not in r for r in rows)
+
+
+def config_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def slim(jsonl: Path) -> bool:
+    """Rewrite one table in the slim form; False when it needs nothing."""
+    rows = read_rows(jsonl)
+    if not old_form(rows):
+        return False
+    configs = {}
+    slimmed = []
+    for row in rows:
+        digest = config_digest(row["config"])
+        configs[digest] = row["config"]
+        slimmed.append({**{k: v for k, v in row.items() if k != "config"}, "config_digest": digest})
+    stem = jsonl.with_name(jsonl.name[: -len(".jsonl")])
+    atomic_write_text(stem.with_name(stem.name + ".configs.json"), json.dumps(configs, indent=1, default=str) + "\n")
+    write_rows(stem, slimmed)
+    return True
+
+
+def main(folders: list[str]) -> None:
+    for folder in folders:
+        for jsonl in sorted(Path(folder).rglob("*.jsonl")):
+            if slim(jsonl):
+                print(f"slimmed {jsonl}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
