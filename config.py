@@ -516,7 +516,10 @@ class ReproduceConfig:
     launcher: str = choice("local", ("local", "ray"))
     ray_address: str = ""
     seeds_per_task: int | None = at_least(1, None)  # ray: a step's seeds split into tasks of this many (null: one)
-    cpus_per_task: float = greater_than(0, 1.0)  # ray, without GPUs: the CPU share each task reserves
+    # ray, without GPUs: the CPUs each task reserves and computes on (threads); null: as many as this process's
+    # torch threads, so that the rows equal launcher=local's (a float sum over another number of threads rounds
+    # differently); 1 runs more steps at once, their numbers equal only within that rounding
+    cpus_per_task: float | None = greater_than(0, None)
     # ray, tests only: "STAGE LABEL" makes that step's worker die once, right after its first resume save
     fault_injection: str = ""
     write_script: bool = False  # write experiments/reproduce_PROFILE.sh (the stages as shell commands) and stop

@@ -20,17 +20,20 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_RETRIES = 3  # a worker that dies (killed, out of memory, a lost node) is retried this often
 
 
-def execute(settings: dict, step: dict, seeds: list[int], log: str, *upstream: dict) -> dict:
-    """One step for ``seeds`` in a worker: the same code as the local launcher (reproduce.run_step); its output
-    goes to its own log. ``upstream`` (the results of the steps it reads) only orders it after them."""
+def execute(settings: dict, step: dict, seeds: list[int], log: str, threads: int, *upstream: dict) -> dict:
+    """One step for ``seeds`` in a worker: the same code as the local launcher (reproduce.run_step) on ``threads``
+    CPU threads (set here: Ray's own default depends on the worker); its output goes to its own log.
+    ``upstream`` (the results of the steps it reads) only orders it after them."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     os.chdir(REPO)
+    torch.set_num_threads(threads)
     import config
     from common import hidden_inner_progress
     from experiments import reproduce
@@ -100,7 +103,10 @@ def run_graph(cfg, steps: list, graph: list[set[int]]) -> list[dict]:
         ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                  log_to_driver=False)
     print(f"ray: started in {time.perf_counter() - start:.1f} s; resources {ray.cluster_resources()}", flush=True)
-    resources = {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) else {"num_cpus": cfg.cpus_per_task}
+    # a task computes on as many threads as it reserves CPUs, so tasks never share a core; by default as many as
+    # this process would (launcher=local's rows, to the last digit)
+    threads = max(1, int(cfg.cpus_per_task)) if cfg.cpus_per_task else torch.get_num_threads()
+    resources = {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) else {"num_cpus": cfg.cpus_per_task or threads}
     # workers import the project from the repository (a shared path on a cluster), quiet bars as here
     environment = {"env_vars": {"PYTHONPATH": str(REPO), "CI": os.environ.get("CI", "")}}
     task = ray.remote(max_retries=MAX_RETRIES)(execute).options(runtime_env=environment, **resources)
@@ -113,9 +119,10 @@ def run_graph(cfg, steps: list, graph: list[set[int]]) -> list[dict]:
         after = [done_refs[j] for j in sorted(graph[i])]
         payload = {"stage": step.stage, "label": step.label, "args": step.args, "fusion": step.fusion}
         groups = seed_groups(cfg.seeds, cfg.seeds_per_task)
-        parts = [task.remote(settings, payload, group, log_name(results, step, group, False), *after)
+        parts = [task.remote(settings, payload, group, log_name(results, step, group, False), threads, *after)
                  for group in groups] if len(groups) > 1 else []
-        final = task.remote(settings, payload, cfg.seeds, log_name(results, step, cfg.seeds, True), *after, *parts)
+        final = task.remote(settings, payload, cfg.seeds, log_name(results, step, cfg.seeds, True), threads, *after,
+                            *parts)
         refs += [*parts, final]
         tasks += [*((i, g) for g in groups if len(groups) > 1), (i, cfg.seeds)]
         done_refs.append(final)
