@@ -1,0 +1,128 @@
+"""fusion/ on residual networks: self-fusion gives the function back, a channel-permuted ResNet (through blocks and
+skips) is found again by OTFusion, with and without batch norm; batch-norm statistics recomputed on samples."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from archs.resnet import ResNet
+from fusion import otfusion, vanilla_avg
+from fusion.residual import plan_of, recompute_norm_statistics
+
+IMG = 8
+CLASSES = 3
+TIGHT = dict(rtol=0, atol=1e-9)  # parents are float64, so the fused networks are float64 too
+FLAGS = [(True, False), (False, False), (False, True)]  # (batch_norm, bias)
+FLAG_IDS = ["bn", "plain", "bias"]
+
+
+def make_resnet(depth: int = 18, batch_norm: bool = True, bias: bool = False, seed: int = 0) -> ResNet:
+    """A tiny ResNet (width 1/16: 4-8-16-32 channels) with random batch-norm parameters and statistics, so that
+    no two channels tie."""
+    torch.manual_seed(seed)
+    net = ResNet(2, CLASSES, depth=depth, width=0.0625, batch_norm=batch_norm, bias=bias).double()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def images(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 2, IMG, IMG, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def same_weights(a: nn.Module, b: nn.Module, atol: float = 1e-12) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.allclose(sa[k].double(), sb[k].double(), rtol=0, atol=atol)
+                                          for k in sa)
+
+
+def permute_channels(model: ResNet, seed: int) -> ResNet:
+    """The same function with every channel space shuffled: a stream's permutation moves the rows of every
+    convolution writing it (stem, second convolutions, projection) and the columns of every one reading it."""
+    permuted = copy.deepcopy(model)
+    plan = plan_of(model)
+    generator = torch.Generator().manual_seed(seed)
+    state = permuted.state_dict()
+    perms = {}
+    for space in plan.spaces:
+        width = state[f"{space.conv}.weight"].shape[0]
+        perms[space.name] = torch.randperm(width, generator=generator)
+    with torch.no_grad():
+        for name, (rows, cols) in plan.axes.items():
+            tensor = state[name]
+            if rows is not None:
+                tensor.copy_(tensor[perms[rows]])
+            if cols is not None:
+                tensor.copy_(tensor[:, perms[cols]])
+    return permuted
+
+
+def test_plan_ties_a_stage_to_its_skips():
+    plan = plan_of(make_resnet())
+    assert [s.name for s in plan.spaces][:4] == ["stem", "body.3.mid", "body.4.mid", "body.5.mid"]
+    # the identity-skip blocks of stage 1 write the stem's channels; the projection block starts a new stream
+    assert plan.axes["body.3.conv2.weight"] == ("stem", "body.3.mid")
+    assert plan.axes["body.5.conv2.weight"] == ("body.5.out", "body.5.mid")
+    assert plan.axes["body.5.shortcut.0.weight"] == ("body.5.out", "stem")
+    assert plan.axes["fc.weight"] == (None, "body.9.out")  # the last stage starts at block 7
+
+
+@pytest.mark.pot
+@pytest.mark.parametrize("batch_norm,bias", FLAGS, ids=FLAG_IDS)
+def test_self_fusion_gives_the_resnet_back(batch_norm, bias):
+    net = make_resnet(batch_norm=batch_norm, bias=bias)
+    x = images(20)
+    assert same_weights(vanilla_avg([net, net]), net)
+    assert same_weights(otfusion([net, net]), net)
+    assert same_weights(otfusion([net, net], x, cost="activation"), net)
+    torch.testing.assert_close(out(otfusion([net, net], x, cost="activation", positions="pool"), x), out(net, x),
+                               **TIGHT)
+
+
+@pytest.mark.pot
+@pytest.mark.parametrize("batch_norm,bias", FLAGS, ids=FLAG_IDS)
+@pytest.mark.parametrize("depth", [18, 34])
+def test_a_permuted_resnet_is_found_again(depth, batch_norm, bias):
+    net = make_resnet(depth, batch_norm, bias)
+    permuted = permute_channels(net, seed=5)
+    x = images(20)
+    torch.testing.assert_close(out(permuted, x), out(net, x), **TIGHT)  # the same function
+    assert not same_weights(permuted, net)
+    assert same_weights(otfusion([net, permuted]), net)  # aligned back to the anchor, then averaged
+    assert same_weights(otfusion([net, permuted], x, cost="activation"), net)
+    assert not same_weights(vanilla_avg([net, permuted]), net)
+
+
+@pytest.mark.pot
+def test_resnets_of_other_depths_or_kinds_are_refused():
+    with pytest.raises(ValueError, match="clafusion"):
+        otfusion([make_resnet(18), make_resnet(34)])
+    with pytest.raises(ValueError, match="batch_norm"):
+        otfusion([make_resnet(batch_norm=True), make_resnet(batch_norm=False)])
+    with pytest.raises(ValueError, match="all be ResNets"):
+        otfusion([make_resnet(), nn.Linear(2, 3)])
+
+
+def test_recomputed_statistics_are_the_samples_statistics():
+    net = make_resnet()
+    x = images(30)
+    fresh = recompute_norm_statistics(copy.deepcopy(net), x)
+    stem_out = fresh.body[0](x)
+    torch.testing.assert_close(fresh.body[1].running_mean, stem_out.mean((0, 2, 3)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(fresh.body[1].running_var, stem_out.var((0, 2, 3)), rtol=0, atol=1e-10)
+    assert not fresh.training
+    with pytest.raises(ValueError, match="batch_norm: false"):
+        recompute_norm_statistics(make_resnet(batch_norm=False), x)
