@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from archs.resnet import ResNet
-from fusion import otfusion, vanilla_avg
+from fusion import hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg
 from fusion.residual import plan_of, recompute_norm_statistics
 
 IMG = 8
@@ -126,3 +126,35 @@ def test_recomputed_statistics_are_the_samples_statistics():
     assert not fresh.training
     with pytest.raises(ValueError, match="batch_norm: false"):
         recompute_norm_statistics(make_resnet(batch_norm=False), x)
+
+
+# ---------------------------------------------------------------- neuron interpolation, a block as a level
+
+@pytest.mark.parametrize("batch_norm,bias", FLAGS, ids=FLAG_IDS)
+def test_neuron_interpolation_of_a_resnet_with_itself_gives_its_function(batch_norm, bias):
+    net = make_resnet(batch_norm=batch_norm, bias=bias)
+    x = images(24)
+    permuted = permute_channels(net, seed=3)
+    for fused in (hungarian_fusion([net, net], x), kf_linear([net, net], x), kf_gradient([net, net], x, steps=3),
+                  hungarian_fusion([net, permuted], x), kf_linear([net, net], x, positions="pool")):
+        assert type(fused) is ResNet and fused.batch_norm == batch_norm
+        torch.testing.assert_close(out(fused, x), out(net, x), rtol=0, atol=1e-7)
+
+
+def test_kf_gradient_trains_a_block_where_kf_linear_fits_its_pieces():
+    parents = [make_resnet(seed=s) for s in (0, 1, 2)]
+    x = images(24)
+    linear, gradient = kf_linear(parents, x, seed=4), kf_gradient(parents, x, seed=4, steps=30)
+    assert not same_weights(linear, gradient)
+    # the stem has a closed form, which both share; the first block is where they part
+    torch.testing.assert_close(gradient.body[0].weight, linear.body[0].weight, rtol=0, atol=1e-12)
+    assert not torch.allclose(gradient.body[3].conv1.weight, linear.body[3].conv1.weight)
+
+
+def test_neuron_interpolation_refuses_what_resnets_do_not_take():
+    a, b = make_resnet(), make_resnet(seed=1)
+    x = images(8)
+    with pytest.raises(ValueError, match="uniform importance"):
+        kf_linear([a, b], x, widths=[4])
+    with pytest.raises(ValueError, match="exactly 2"):
+        hungarian_fusion([a, b, a], x)
