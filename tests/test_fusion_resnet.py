@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from archs.resnet import ResNet
-from fusion import hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg
+from fusion import clafusion, hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg
+from fusion.residual_depth import align_blocks, block_cost, deepen
 from fusion.residual import plan_of, recompute_norm_statistics
 
 IMG = 8
@@ -158,3 +159,45 @@ def test_neuron_interpolation_refuses_what_resnets_do_not_take():
         kf_linear([a, b], x, widths=[4])
     with pytest.raises(ValueError, match="exactly 2"):
         hungarian_fusion([a, b, a], x)
+
+
+# ---------------------------------------------------------------- CLAFusion of a ResNet34 with a ResNet18
+
+@pytest.mark.parametrize("batch_norm,bias", FLAGS, ids=FLAG_IDS)
+def test_identity_blocks_keep_a_resnets_function(batch_norm, bias):
+    net = make_resnet(18, batch_norm, bias)
+    x = images(10)
+    for mapping in ([[0, 1], [0, 1], [0, 1], [0, 1]], [[0, 2], [0, 3], [0, 5], [0, 2]], [[0, 1], [0, 2], [0, 4], [0, 1]]):
+        deep = deepen(net, 34, mapping)
+        assert len(deep.blocks) == 16
+        torch.testing.assert_close(out(deep, x), out(net, x), **TIGHT)
+    with pytest.raises(ValueError, match="first to 0"):
+        deepen(net, 34, [[1, 2], [0, 1], [0, 1], [0, 1]])
+
+
+def test_block_alignment_is_the_least_cost_increasing_map():
+    cost = torch.tensor([[0.0, 5, 5, 5], [5, 5, 1, 0.5], [5, 5, 5, 0]])
+    assert align_blocks(cost) == [0, 2, 3]
+    assert align_blocks(torch.tensor([[0.0, 1, 1], [1, 0, 1]])) == [0, 1]
+
+
+@pytest.mark.pot
+@pytest.mark.parametrize("batch_norm,bias", FLAGS, ids=FLAG_IDS)
+def test_clafusion_of_a_resnet_with_its_deepened_self_is_exact(batch_norm, bias):
+    net = make_resnet(18, batch_norm, bias)
+    x = images(20)
+    deep = deepen(net, 34, [[0, 2], [0, 3], [0, 5], [0, 2]])
+    for ot_cost in ("weight", "activation"):
+        fused = clafusion([deep, net], x, ot_cost=ot_cost)
+        assert fused.depth == 34
+        torch.testing.assert_close(out(fused, x), out(net, x), **TIGHT)
+    # the CKA map finds where the blocks went (an identity block's output equals the block before it)
+    assert [align_blocks(c) for c in block_cost(deep, net, x)] == [[0, 2], [0, 3], [0, 5], [0, 2]]
+
+
+@pytest.mark.pot
+def test_clafusion_of_a_resnet34_with_a_resnet18_runs_and_refuses_mixed_kinds():
+    fused = clafusion([make_resnet(18), make_resnet(34, seed=1)], images(16))
+    assert fused.depth == 34 and torch.isfinite(out(fused, images(4))).all()
+    with pytest.raises(ValueError, match="batch_norm"):
+        clafusion([make_resnet(18), make_resnet(34, batch_norm=False)], images(4))
