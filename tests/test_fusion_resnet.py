@@ -9,8 +9,11 @@ import torch
 import torch.nn as nn
 
 from archs.resnet import ResNet
+from config import ConfigError, MergeConfig, parse_args
+from conftest import REPO_ROOT
 from fusion import clafusion, hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg
 from fusion.residual_depth import align_blocks, block_cost, deepen
+from strategies import check_fusion, parse_strategies
 from fusion.residual import plan_of, recompute_norm_statistics
 
 IMG = 8
@@ -201,3 +204,40 @@ def test_clafusion_of_a_resnet34_with_a_resnet18_runs_and_refuses_mixed_kinds():
     assert fused.depth == 34 and torch.isfinite(out(fused, images(4))).all()
     with pytest.raises(ValueError, match="batch_norm"):
         clafusion([make_resnet(18), make_resnet(34, batch_norm=False)], images(4))
+
+
+# ---------------------------------------------------------------- the experiment files
+
+RESNET_YAMLS = ["fusion_resnet_full.yaml", "fusion_resnet_noniid2.yaml", "fusion_resnet_noniid4.yaml",
+                "fusion_resnet_depths.yaml"]
+
+
+@pytest.mark.pot
+@pytest.mark.parametrize("name", RESNET_YAMLS)
+def test_resnet_fusion_experiments_parse_and_name_their_recipe(name):
+    experiments = REPO_ROOT / "experiments"
+    cfg = parse_args(MergeConfig, [str(experiments / f) for f in ("fusion_parents.yaml", "fusion_resnet.yaml", name)])
+    spec = cfg.problems[cfg.problem]
+    assert spec.shared_labels and cfg.seeds == [770597, 600522, 416719] and cfg.fusion_samples == 200
+    assert all(e.arch == "resnet" and not e.arch_kwargs["batch_norm"] and not e.arch_kwargs["bias"]
+               and e.arch_kwargs["width"] == 0.125 for e in spec.experts)
+    for call in parse_strategies(cfg.strategies):
+        check_fusion(call, cfg.problem, spec)
+    header = (experiments / name).read_text().split("\nproblem:")[0]
+    assert "python train_source_networks.py" in header and "python merge.py" in header and name in header
+    for expert in spec.experts:  # the training command names the arch_kwargs the problem reads
+        assert f"arch_kwargs='{{depth: {expert.arch_kwargs['depth']}, width: 0.125, batch_norm: false, bias: false}}'" \
+            in header
+    profile = (REPO_ROOT / "experiments" / "profiles" / "cpu.yaml").read_text()
+    assert f"{name[:-5]}: {{files: [experiments/fusion_resnet.yaml]}}" in profile
+
+
+def test_norm_stats_need_batch_norm_parents():
+    cfg = parse_args(MergeConfig, [str(REPO_ROOT / "experiments" / f)
+                                   for f in ("fusion_parents.yaml", "fusion_resnet_full.yaml")])
+    with pytest.raises(ConfigError, match="batch norm"):
+        check_fusion(parse_strategies([{"name": "otfusion", "norm_stats": "recomputed"}])[0], cfg.problem,
+                     cfg.problems[cfg.problem])
+    with pytest.raises(ConfigError, match="uniform"):
+        check_fusion(parse_strategies([{"name": "kf_linear", "importance": "conductance"}])[0], cfg.problem,
+                     cfg.problems[cfg.problem])
