@@ -421,9 +421,13 @@ def kf_linear(parents: Sequence[nn.Module], samples: Tensor, importance: Sequenc
 
 
 def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
-                widths: Sequence[int] | None = None, steps: int = 200, lr: float = 1e-2, seed: int = 0,
-                positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
+                widths: Sequence[int] | None = None, steps: int | None = None, lr: float | None = None,
+                seed: int = 0, positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
     """KF-gradient: ``kf_linear``'s groups and targets, each level then trained by Adam from the least-squares fit.
+
+    ``steps`` and ``lr`` (None: the family's defaults) are Adam's per level: 200 steps at 1e-2 for a chain's
+    levels, ``residual_fit.BLOCK_STEPS`` at ``residual_fit.BLOCK_LR`` for a ResNet's blocks, where every step
+    runs the block over every sample and position.
 
     The loss is the MSE to the group targets, each fused neuron weighted by its group's total
     importance. The best iterate is kept, so each level's loss on the fusion samples is never above
@@ -433,8 +437,11 @@ def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Seque
     start (fusion/residual_fit.py): there the two differ.
     """
     if _is_resnet(parents):
+        from fusion.residual_fit import BLOCK_LR, BLOCK_STEPS  # imported here: residual_fit builds on this module
         return _resnet_interpolation(parents, samples, "kf_gradient", importance, widths, _kmeans_grouping(seed),
-                                     positions, ridge, steps, lr)
+                                     positions, ridge, BLOCK_STEPS if steps is None else steps,
+                                     BLOCK_LR if lr is None else lr)
     check_parents(parents, "kf_gradient", same_depth=True)
     return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), _kmeans_grouping(seed),
-                                 steps=steps, lr=lr, positions=positions, ridge=ridge)
+                                 steps=200 if steps is None else steps, lr=1e-2 if lr is None else lr,
+                                 positions=positions, ridge=ridge)
