@@ -124,18 +124,18 @@ def state_of(model: nn.Module) -> dict[str, Tensor]:
 
 
 def space_activations(model: nn.Module, x: Tensor, plan: Plan, extra: Sequence[str] = ()) -> dict[str, Tensor]:
-    """Each space's pre-activation on ``x`` (float64), and the outputs of the modules ``extra``, from one forward
+    """Each space's pre-activation on ``x`` (float64, on the CPU), and the outputs of the modules ``extra``, from one forward
     pass of ``model`` in contiguous memory format."""
     wanted = {name for space in plan.spaces for name in space.acts} | set(extra)
     outputs: dict[str, Tensor] = {}
     modules = dict(model.named_modules())
     hooks = [modules[name].register_forward_hook(
-        lambda module, inputs, output, name=name: outputs.__setitem__(name, output.detach().double()))
+        lambda module, inputs, output, name=name: outputs.__setitem__(name, output.detach().double().cpu()))
         for name in wanted]
     param = next(model.parameters())
     try:
         with torch.no_grad():
-            model(x.to(param.dtype).contiguous())
+            model(x.to(device=param.device, dtype=param.dtype).contiguous())
     finally:
         for hook in hooks:
             hook.remove()
