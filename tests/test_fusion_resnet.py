@@ -9,8 +9,11 @@ import torch
 import torch.nn as nn
 
 from archs.resnet import ResNet
-from config import ConfigError, MergeConfig, parse_args
-from conftest import REPO_ROOT
+import merge
+import train_source_networks as tsn
+from common import read_rows
+from config import ConfigError, MergeConfig, TrainConfig, parse_args
+from conftest import REPO_ROOT, SHARD_TASKS_YAML, build_fake_root
 from fusion import clafusion, hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg
 from fusion.residual_depth import align_blocks, block_cost, deepen
 from strategies import check_fusion, parse_strategies
@@ -241,3 +244,52 @@ def test_norm_stats_need_batch_norm_parents():
     with pytest.raises(ConfigError, match="uniform"):
         check_fusion(parse_strategies([{"name": "kf_linear", "importance": "conductance"}])[0], cfg.problem,
                      cfg.problems[cfg.problem])
+
+
+# ---------------------------------------------------------------- through merge.py
+
+RESNET_PROBLEMS = """problems:
+  resnets:
+    shared_labels: true
+    experts:
+      - {task: s_p0, arch: resnet, arch_kwargs: {depth: 18, width: 0.0625}}
+      - {task: s_p1, arch: resnet, arch_kwargs: {depth: 18, width: 0.0625}}
+  resnet_depths:
+    shared_labels: true
+    experts:
+      - {task: s_p0, arch: resnet, arch_kwargs: {depth: 34, width: 0.0625}}
+      - {task: s_p1, arch: resnet, arch_kwargs: {depth: 18, width: 0.0625}}
+"""
+
+
+@pytest.mark.pot
+def test_resnets_fuse_through_merge(tmp_path):
+    """Tiny batch-norm ResNets on the two shards of a fake MNIST go through every fusion rule, with and without
+    recomputed statistics; a ResNet34 and a ResNet18 through CLAFusion and its fine-tuning control."""
+    fake = build_fake_root(tmp_path / "data", n_mnist_train=200, n_mnist_test=40, squares=True, n_cifar=0)
+    (tmp_path / "tasks.yaml").write_text(SHARD_TASKS_YAML)
+    (tmp_path / "p.yaml").write_text(RESNET_PROBLEMS)
+    common = ["seeds=[1]", f"data_dir={fake.root}", f"ckpt_dir={tmp_path / 'ckpt'}", "device=cpu",
+              "expert.epochs=1", "expert.batch_size=32"]
+    for task, kwargs in (("s_p0", "{depth: 18, width: 0.0625}"), ("s_p1", "{depth: 18, width: 0.0625}"),
+                         ("s_p0", "{depth: 34, width: 0.0625}")):
+        tsn.main(parse_args(TrainConfig, [str(tmp_path / "tasks.yaml"), f"dataset={task}", "arch=resnet",
+                                          f"arch_kwargs={kwargs}", *common, f"results_dir={tmp_path / 'train'}"]))
+
+    def rows(problem: str, strategies: str) -> dict[str, dict]:
+        summary = merge.main(parse_args(MergeConfig, [str(tmp_path / "tasks.yaml"), str(tmp_path / "p.yaml"),
+                                                      f"problem={problem}",
+                                                      f"strategies={strategies}", "fusion_samples=20", *common,
+                                                      f"results_dir={tmp_path / 'results'}"]))
+        return {r["strategy"]: r for r in read_rows(summary["outputs"]["jsonl"])}
+
+    same = rows("resnets", "[vanilla_avg,{name: vanilla_avg, norm_stats: recomputed},{name: otfusion, cost: activation},"
+                           "{name: otfusion, norm_stats: recomputed},hf,kf_linear,kf_gradient,ensemble]")
+    for label in ("vanilla_avg", "vanilla_avg(norm_stats=recomputed)", "otfusion(cost=activation)",
+                  "otfusion(cost=weight,norm_stats=recomputed)", "hf(ridge=0.0)",
+                  "kf_linear(importance=uniform,ridge=0.0)", "kf_gradient(importance=uniform,ridge=0.0)"):
+        assert 0 <= same[label]["acc"] <= 1 and same[label]["fuse_time_s"] >= 0, label
+    assert same["vanilla_avg(norm_stats=recomputed)"]["fusion_samples"] == 20
+    depths = rows("resnet_depths", "[{name: clafusion, finetune_epochs: 1},{name: parent, index: 1, finetune_epochs: 1}]")
+    assert 0 <= depths["clafusion(finetune_epochs=1)"]["acc"] <= 1
+    assert depths["parent(index=1,finetune_epochs=1)"]["finetune_images"] == 200
