@@ -27,7 +27,7 @@ from torch import Tensor
 
 from archs.resnet import BasicBlock, ResNet
 from fusion._common import SAMPLE_CHUNK, columns
-from fusion.interpolation import _best_of_adam, _group_means, _normalised
+from fusion.interpolation import _best_of_adam, _group_means, _least_squares, _normalised
 from fusion.residual import norm_eps, plan_of, space_activations, with_state
 
 # KF-gradient's Adam per block: every step runs the block over every sample and position, so fewer steps than a
@@ -144,10 +144,8 @@ def interpolate(parents: Sequence[ResNet], samples: Tensor, grouping: Grouping, 
     classes = torch.arange(template.num_classes).repeat(len(parents))
     target = _group_means(torch.cat(logits, 1), torch.ones(len(classes), dtype=torch.float64), classes,
                           template.num_classes)
-    a = torch.cat([pooled, torch.ones(len(pooled), 1, dtype=pooled.dtype)], 1)
-    sol = torch.linalg.lstsq(a, target, driver="gelsd").solution
-    state = {"fc.weight": sol[:-1].T.contiguous(), "fc.bias": sol[-1].clone()}
-    return with_state(template, state | _as_state(template, fused))
+    weight, bias = _least_squares(pooled, target, True, ridge)
+    return with_state(template, {"fc.weight": weight, "fc.bias": bias} | _as_state(template, fused))
 
 
 def _as_state(template: ResNet, fused: dict[str, Tensor | None]) -> dict[str, Tensor]:
