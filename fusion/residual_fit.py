@@ -144,8 +144,8 @@ def interpolate(parents: Sequence[ResNet], samples: Tensor, grouping: Grouping, 
     classes = torch.arange(template.num_classes).repeat(len(parents))
     target = _group_means(torch.cat(logits, 1), torch.ones(len(classes), dtype=torch.float64), classes,
                           template.num_classes)
-    weight, bias = _least_squares(pooled, target, True, ridge)
-    return with_state(template, {"fc.weight": weight, "fc.bias": bias} | _as_state(template, fused))
+    fc_weight, fc_bias = _least_squares(pooled, target, True, ridge)
+    return with_state(template, {"fc.weight": fc_weight, "fc.bias": fc_bias} | _as_state(template, fused))
 
 
 def _as_state(template: ResNet, fused: dict[str, Tensor | None]) -> dict[str, Tensor]:
