@@ -163,13 +163,19 @@ class ExpertFile:
     # pixels cut from every border of the problem's images before resizing: 2 undoes MNIST's Pad(2), for a
     # model trained on the 28x28 originals (resizing the padded image instead shrinks every digit by 1/8)
     crop: int = 0
+    # a fusion parent's levels (problems with shared labels; parent_files.py): the names of its Linear and Conv2d
+    # modules in the order the data meets them, output layer last, where its class is not an MLP or VGG of archs/;
+    # pools: the convolution levels a 2x2 max-pool follows
+    levels: list[str] | None = None
+    pools: list[str] = field(default_factory=list)
 
 
 @dataclass
 class ExpertSpec:
     """One expert of a problem: the task it was trained on, its architecture and the arch's extra
     arguments (e.g. an MLP's widths; they are part of the checkpoint's name). An expert given by ``file``
-    was trained elsewhere: its ``arch`` is ignored, and its task names the test set it is scored on."""
+    was trained elsewhere: its task names the test set it is scored on, and its ``arch`` is ignored, except for a
+    fusion parent (shared labels), where it names the family the file rebuilds as (mlp, vgg or resnet)."""
 
     task: str
     arch: str = "lenet5"

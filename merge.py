@@ -358,7 +358,7 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
     layout, seed, keys, expert_digests = Layout(cfg), plan.seed, plan.todo, plan.expert_digests
     models, formats = runs.experts[seed]
     labels = problem.labels
-    class_counts = problem.class_counts(layout, seed) if problem.shared_labels else None
+    class_counts = problem.class_counts(layout, seed, cfg.data_dir) if problem.shared_labels else None
     domain = problem.owner_domain(class_counts) if problem.shared_labels else problem.domain
     select = selection_half(domain, problem.name)
     activations = runs.activations(seed)

@@ -25,6 +25,7 @@ from common import CheckpointError, load_model, read_checkpoint
 from config import ConfigError, ExpertFile, ProblemSpec, TaskSpec
 from data import InputFormat, get_source, load_task, prepare_input, task_classes, task_identity, to_unit
 from expert_files import load_file_expert
+from parent_files import family_of, load_fusion_parent
 
 
 @dataclass
@@ -106,25 +107,34 @@ class Problem:
 
     def load_experts(self, layout: Layout, seed: int,
                      device: torch.device) -> tuple[list[nn.Module], list[InputFormat]]:
-        pairs = [load_expert(layout, e, seed, device, self.specs[e.task], f"problem {self.name!r}")
+        pairs = [load_expert(layout, e, seed, device, self.specs[e.task], f"problem {self.name!r}", self.shared_labels)
                  for e in self.experts]
         return [model for model, _ in pairs], [fmt for _, fmt in pairs]
 
-    def class_counts(self, layout: Layout, seed: int) -> torch.Tensor:
+    def class_counts(self, layout: Layout, seed: int, data_dir: str | None = None) -> torch.Tensor:
         """``[experts, classes]``: the training images of each class every expert learnt from, as its
-        checkpoint's row records them."""
-        return torch.tensor([read_checkpoint(layout.expert_path(e, seed))["meta"]["row"]["class_counts"]
-                             for e in self.experts], dtype=torch.long)
+        checkpoint's row records them; for a parent given by file (trained elsewhere), its task's training set
+        read from ``data_dir``."""
+        def counts(expert: ExpertId) -> list[int]:
+            if expert.file is None:
+                return read_checkpoint(layout.expert_path(expert, seed))["meta"]["row"]["class_counts"]
+            labels = load_task(self.specs[expert.task], "train", data_dir).labels
+            return torch.bincount(labels, minlength=self.num_classes).tolist()
+
+        return torch.tensor([counts(e) for e in self.experts], dtype=torch.long)
 
 
 def load_expert(layout: Layout, expert: ExpertId, seed: int, device: torch.device, task: TaskSpec,
-                where: str = "") -> tuple[nn.Module, InputFormat]:
+                where: str = "", fusion: bool = False) -> tuple[nn.Module, InputFormat]:
     """One expert of ``seed`` in eval mode and its input format: a checkpoint of this project (checked against
-    the task the config defines), or a file trained elsewhere (the same for every seed)."""
+    the task the config defines), or a file trained elsewhere (the same for every seed), which for a fusion
+    parent (``fusion``) is rebuilt as a network fusion walks (parent_files.py)."""
     if expert.file is not None:
         f = expert.file
-        return load_file_expert(f, where or f"expert {expert.task}", device), InputFormat(f.channels, tuple(f.mean),
-                                                                                          tuple(f.std))
+        fmt = InputFormat(f.channels, tuple(f.mean), tuple(f.std))
+        where = where or f"expert {expert.task}"
+        model = load_fusion_parent(f, fmt, where, device) if fusion else load_file_expert(f, where, device)
+        return model, fmt
     path = layout.expert_path(expert, seed)
     hint = layout.expert_command(expert, [seed])
     model, ckpt = load_model(path, expect_arch=expert.arch, hint=hint, device=device)
@@ -143,18 +153,23 @@ def load_expert(layout: Layout, expert: ExpertId, seed: int, device: torch.devic
 def check_files(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec]) -> None:
     """Load and check every expert of ``spec`` given by file, before any work (one ConfigError or
     ExpertFileError line each): its class list fits its task's test set, and the file is the classifier its
-    entry describes (expert_files.load_file_expert)."""
+    entry describes (expert_files.load_file_expert), or with shared labels the fusion parent of the family its
+    arch names (parent_files.load_fusion_parent)."""
     for k, expert in enumerate(spec.experts):
         if expert.file is None:
             continue
         where = f"problem {name!r}, expert {k} ({expert.file.path})"
-        if spec.shared_labels:
-            raise ConfigError(f"{where}: a problem with shared_labels (fusion parents) takes experts trained here only")
         n_task = len(task_classes(tasks[expert.task]))
         if len(expert.file.classes) != n_task:
             raise ConfigError(f"{where}: the entry lists {len(expert.file.classes)} classes, but its task "
                               f"{expert.task!r}, whose test set it is scored on, has {n_task}")
-        load_file_expert(expert.file, where)
+        if not spec.shared_labels:
+            load_file_expert(expert.file, where)
+            continue
+        parent = load_fusion_parent(expert.file, InputFormat.of(tasks[expert.task].source), where)
+        if family_of(parent) != expert.arch:
+            raise ConfigError(f"{where}: its file rebuilds as a fusion parent of arch {family_of(parent)!r}, but the "
+                              f"entry says arch: {expert.arch}; write arch: {family_of(parent)}")
 
 
 def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data_dir: str,

@@ -29,7 +29,8 @@ from augments import TTA_SETTINGS
 from config import ConfigError, ProblemSpec, coerce
 from detectors import DETECTORS
 from fusion import (HAS_POT, POT_MISSING, class_share_weights, clafusion, conductance_importance, ensemble_softmax,
-                    finetune, hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg)
+                    finetune, hungarian_fusion, kf_gradient, kf_linear, otfusion, recompute_norm_statistics,
+                    vanilla_avg)
 from gating import GATE_TYPES, check_regime, is_real
 from sources import Source, parse_source
 from synthesis import components
@@ -111,7 +112,8 @@ class MergeInputs:
         return self._synthetic[name]
 
 
-FUSABLE_ARCHS = ("mlp", "vgg", "lenet5")  # the registered archs fusion/ reads layer by layer (fusion.FUSABLE)
+# the registered archs fusion/ reads layer by layer (fusion.FUSABLE) or block by block (ResNets, fusion/residual.py)
+FUSABLE_ARCHS = ("mlp", "vgg", "lenet5", "resnet")
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,8 @@ SYNTHESIS_CODE = ("synthesis.py", "dafl.py", "inversion.py", "archs/generator.py
 GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py") + SYNTHESIS_CODE
 DEFAULT_SYNTHESIZER = "dafl"  # what a rule's ``synthesizer=""`` reads: the paper's generator
 FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
-                                ("__init__", "_common", "transport", "cross_layer", "interpolation", "ensemble"))
+                                ("__init__", "_common", "transport", "cross_layer", "interpolation", "ensemble",
+                                 "residual", "residual_fit", "residual_depth"))
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,13 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
         raise ConfigError(f"strategy {call.name!r} fuses weights and needs experts of one of the archs "
                           f"{', '.join(FUSABLE_ARCHS)}, all the same, but problem {problem!r} has experts of arch "
                           f"{archs}; ensemble and ensemble_weighted take any arch")
+    if call.param("importance") == "conductance" and "resnet" in archs:
+        raise ConfigError(f"strategy {call.label!r}: ResNets are fused with uniform importance (fusion/residual_fit.py); "
+                          f"use importance=uniform")
+    if call.param("norm_stats") and not all(e.arch == "resnet" and e.arch_kwargs.get("batch_norm", True)
+                                            for e in spec.experts):
+        raise ConfigError(f"strategy {call.label!r} recomputes batch-norm statistics, but problem {problem!r} has "
+                          f"experts without batch norm (only ResNets with batch_norm: true have it); drop norm_stats")
     if needs.parents is not None and len(archs) != needs.parents:
         raise ConfigError(f"strategy {call.name!r} fuses exactly {needs.parents} experts, but problem {problem!r} "
                           f"has {len(archs)}")
@@ -553,6 +563,9 @@ def gate_soft(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime
 # ---------------------------------------------------------------- weight-space fusion (one network, no routing)
 
 Importance = Literal["uniform", "conductance"]
+# "" keeps the batch-norm statistics the fusion moved with the channels; "recomputed" recomputes them on the fusion
+# samples afterwards (REPAIR's point: averaged networks' activations no longer have their parents' statistics)
+NormStats = Literal["", "recomputed"]
 
 
 def fusion_inputs(inputs: MergeInputs, rule: str) -> FusionInputs:
@@ -583,19 +596,31 @@ def importance_scores(parents: list[nn.Module], samples: Tensor, importance: str
     return [conductance_importance(p, samples) for p in parents]
 
 
+def with_norm_stats(fusion: FusionInputs, network: nn.Module, norm_stats: str) -> nn.Module:
+    """``network``, its batch-norm statistics recomputed on the fusion samples if ``norm_stats`` says so."""
+    return recompute_norm_statistics(network, fusion.samples) if norm_stats == "recomputed" else network
+
+
 @register("vanilla_avg", fusion=FusionNeeds())
-def vanilla_avg_rule(inputs: MergeInputs) -> Decision:
-    """Fuse the parents into their parameter-wise mean (identical widths, neurons not aligned)."""
+def vanilla_avg_rule(inputs: MergeInputs, *, norm_stats: NormStats = "") -> Decision:
+    """Fuse the parents into their parameter-wise mean (identical widths, neurons not aligned).
+
+    ``norm_stats=recomputed``: batch-norm statistics recomputed on the fusion samples (ResNets with batch norm)."""
     fusion = fusion_inputs(inputs, "vanilla_avg")
-    return network_decision(fusion, lambda: vanilla_avg(fusion.parents), samples_used=0)
+    return network_decision(fusion, lambda: with_norm_stats(fusion, vanilla_avg(fusion.parents), norm_stats),
+                            samples_used=len(fusion.samples) if norm_stats else 0)
 
 
 @register("otfusion", fusion=FusionNeeds(pot=True))
-def otfusion_rule(inputs: MergeInputs, *, cost: Literal["weight", "activation"] = "weight") -> Decision:
-    """OTFusion: align the parents' neurons to the first parent's by exact optimal transport, then average."""
+def otfusion_rule(inputs: MergeInputs, *, cost: Literal["weight", "activation"] = "weight",
+                  norm_stats: NormStats = "") -> Decision:
+    """OTFusion: align the parents' neurons to the first parent's by exact optimal transport, then average.
+
+    ``norm_stats=recomputed``: batch-norm statistics recomputed on the fusion samples (ResNets with batch norm)."""
     fusion = fusion_inputs(inputs, "otfusion")
-    return network_decision(fusion, lambda: otfusion(fusion.parents, fusion.samples, cost=cost),
-                            samples_used=len(fusion.samples) if cost == "activation" else 0)
+    return network_decision(
+        fusion, lambda: with_norm_stats(fusion, otfusion(fusion.parents, fusion.samples, cost=cost), norm_stats),
+        samples_used=len(fusion.samples) if cost == "activation" or norm_stats else 0)
 
 
 @register("hf", fusion=FusionNeeds(parents=2))
@@ -627,17 +652,19 @@ def kf_gradient_rule(inputs: MergeInputs, *, importance: Importance = "uniform",
 
 
 @register("clafusion", fusion=FusionNeeds(parents=2, pot=True))
-def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0) -> Decision:
-    """CLAFusion: align the hidden layers of two parents of any depths, then OTFusion; optionally fine-tune.
+def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0, norm_stats: NormStats = "") -> Decision:
+    """CLAFusion: align the hidden layers (ResNets: blocks) of two parents of any depths, then OTFusion; optionally
+    fine-tune.
 
     Fine-tuning trains the fused network for ``finetune_epochs`` epochs on the union of the parents'
-    training sets (real data; the row records how many images)."""
+    training sets (real data; the row records how many images). ``norm_stats=recomputed``: batch-norm
+    statistics recomputed on the fusion samples first."""
     if finetune_epochs < 0:
         raise ValueError(f"clafusion: finetune_epochs must be 0 or more, got {finetune_epochs}")
     fusion = fusion_inputs(inputs, "clafusion")
 
     def make() -> nn.Module:
-        fused = clafusion(fusion.parents, fusion.samples)
+        fused = with_norm_stats(fusion, clafusion(fusion.parents, fusion.samples), norm_stats)
         return finetune(fused, *fusion.training_data(), epochs=finetune_epochs, seed=fusion.seed) \
             if finetune_epochs else fused
 

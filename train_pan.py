@@ -222,7 +222,7 @@ def membership_truth(cfg: config.PanConfig, problem: Problem, seed: int) -> torc
     """The expert each combined test sample belongs to: its own domain, or with shared labels the parent
     that owns its class (recorded in the experts' checkpoints)."""
     if problem.shared_labels:
-        return problem.owner_domain(problem.class_counts(Layout(cfg), seed))
+        return problem.owner_domain(problem.class_counts(Layout(cfg), seed, cfg.data_dir))
     return problem.domain
 
 

@@ -13,7 +13,7 @@ from archs.gates import PAN, AgnosticPAN
 from archs.generator import Discriminator, Generator
 from archs.lenet import LeNet5
 from archs.mlp import MLP
-from archs.resnet import ResNet18
+from archs.resnet import ResNet, ResNet18
 from archs.vgg import VGG
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {
@@ -21,6 +21,8 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "lenet5_half": lambda in_channels=1, num_classes=10: LeNet5(in_channels, num_classes, half=True),
     "lenet5_bn": lambda in_channels=1, num_classes=10: LeNet5(in_channels, num_classes, batchnorm=True),
     "resnet18": lambda in_channels=3, num_classes=10: ResNet18(in_channels, num_classes),
+    # depth (18, 34), width (fraction of 64-128-256-512), batch_norm and bias pass through (archs/resnet.py)
+    "resnet": lambda in_channels=3, num_classes=10, **kw: ResNet(in_channels, num_classes, **kw),
     # widths, bias, img_size and crop pass through (archs/mlp.py); fusion builds MLPs of any widths.
     "mlp": lambda in_channels=1, num_classes=10, **kw: MLP(in_channels, num_classes, **kw),
     # layers (VGG notation, 'M' a max-pool), hidden, bias and img_size pass through (archs/vgg.py).

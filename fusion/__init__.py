@@ -10,7 +10,11 @@
   and ``kf_gradient`` (KF, any number), with uniform or conductance importance (``interpolation.py``).
 - Ensembles of the parents' outputs, the baseline fusion has to beat (``ensemble.py``).
 
-Parents are MLPs, VGG-style CNNs or LeNet5s (archs/mlp.py, archs/vgg.py, archs/lenet.py) of one family,
+ResNets (archs/resnet.py) go to their own modules through the same functions: ``residual.py`` (channel spaces,
+averaging, OTFusion, batch-norm statistics), ``residual_fit.py`` (HF and KF, a block as a level) and
+``residual_depth.py`` (CLAFusion with identity blocks); docs/fusion_resnet.md.
+
+Other parents are MLPs, VGG-style CNNs or LeNet5s (archs/mlp.py, archs/vgg.py, archs/lenet.py) of one family,
 reading the same inputs and predicting the same classes; a "level" is one Linear or Conv2d layer (hidden
 layers, then the output layer), a convolution's channel is a neuron, and neurons are compared through
 their incoming weights (a kernel flattened) or their pre-activations (before the ReLU) on a few hundred
@@ -23,10 +27,11 @@ from fusion.cross_layer import (align_layers, clafusion, finetune, insert_identi
 from fusion.ensemble import class_share_weights, ensemble_softmax
 from fusion.interpolation import (conductance_importance, hungarian_fusion, kf_gradient, kf_linear,
                                   uniform_importance)
+from fusion.residual import recompute_norm_statistics
 from fusion.transport import HAS_POT, POT_MISSING, otfusion, vanilla_avg
 
 __all__ = [
     "FUSABLE", "HAS_POT", "POT_MISSING", "align_layers", "class_share_weights", "clafusion", "conductance_importance", "ensemble_softmax", "finetune",
     "hungarian_fusion", "insert_identity_layers", "kf_gradient", "kf_linear", "layer_cost_matrix", "linear_cka",
-    "otfusion", "stages", "uniform_importance", "vanilla_avg",
+    "otfusion", "recompute_norm_statistics", "stages", "uniform_importance", "vanilla_avg",
 ]

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from archs.resnet import ResNet
 from fusion._common import Level, Levels, check_parents, hidden_widths, inputs_of, levels_of, pre_acts, to_network
 from fusion.transport import otfusion
 
@@ -177,8 +178,12 @@ def clafusion(parents: Sequence[nn.Module], samples: Tensor | None, cost: str = 
     stage; the shallower parent gets identity levels at the unmatched positions
     (``insert_identity_layers``) and is fused by ``otfusion`` (``ot_cost``: 'activation' or 'weight')
     with the deeper parent as anchor, so the fused network has the deeper parent's widths. Equal depths
-    go straight to OTFusion with ``parents[0]`` as anchor.
+    go straight to OTFusion with ``parents[0]`` as anchor. ResNets: ``fusion.residual_depth.clafusion`` (blocks
+    aligned within stages, identity blocks).
     """
+    if any(isinstance(p, ResNet) for p in parents):
+        from fusion import residual_depth  # imported here: it builds on this module
+        return residual_depth.clafusion(parents, samples, cost, ot_cost)
     check_parents(parents, "clafusion", count=2)
     deep, shallow = sorted(parents, key=lambda p: -len(levels_of(p)))  # stable: equal depths keep their order
     if len(levels_of(shallow)) < len(levels_of(deep)):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from archs.resnet import ResNet
 from fusion._common import (POSITIONS, SAMPLE_CHUNK, Level, Levels, activate, apply_level, check_parents, columns,
                             hidden_widths, inputs_of, levels_of, pre_acts, to_network)
 
@@ -331,6 +332,21 @@ def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
     return to_network(parents[0], fused)
 
 
+def _resnet_interpolation(parents: Sequence[nn.Module], samples: Tensor, method: str,
+                          importance: Sequence[Sequence[Tensor]] | None, widths: Sequence[int] | None,
+                          grouping: Callable[[list[Tensor], Tensor, int], Tensor], positions: str, ridge: float,
+                          steps: int = 0, lr: float = 0.0, count: int | None = None) -> nn.Module:
+    """ResNet parents: ``fusion.residual_fit.interpolate``, a residual block as a level."""
+    from fusion import residual, residual_fit  # imported here: they build on this module
+    residual.check_resnets(parents, method, count=count, same_widths=count == 2)
+    if importance is not None or widths is not None:
+        raise ValueError(f"{method} fuses ResNets with uniform importance into parent 0's widths; leave importance "
+                         "and widths unset")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    return residual_fit.interpolate(parents, samples, grouping, steps, lr, positions, ridge)
+
+
 def hungarian_fusion(parents: Sequence[nn.Module], samples: Tensor,
                      importance: Sequence[Sequence[Tensor]] | None = None, match: str = "correlation",
                      positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
@@ -343,12 +359,19 @@ def hungarian_fusion(parents: Sequence[nn.Module], samples: Tensor,
     permuting B as one goes. Each pair's target is the importance-weighted mean of its two
     pre-activations; each fused level is a least-squares fit from the fused previous level.
     """
-    check_parents(parents, "hungarian_fusion", count=2, same_widths=True, same_depth=True)
     if match not in ("correlation", "euclidean"):
         raise ValueError(f"match must be 'correlation' or 'euclidean', got {match!r}")
-    return _neuron_interpolation(parents, samples, importance, hidden_widths(parents[0]),
-                                 lambda level_columns, weights, width: _hungarian_groups(level_columns, match),
+    grouping = lambda level_columns, weights, width: _hungarian_groups(level_columns, match)  # noqa: E731
+    if _is_resnet(parents):
+        return _resnet_interpolation(parents, samples, "hungarian_fusion", importance, None, grouping, positions,
+                                     ridge, count=2)
+    check_parents(parents, "hungarian_fusion", count=2, same_widths=True, same_depth=True)
+    return _neuron_interpolation(parents, samples, importance, hidden_widths(parents[0]), grouping,
                                  positions=positions, ridge=ridge)
+
+
+def _is_resnet(parents: Sequence[nn.Module]) -> bool:
+    return any(isinstance(p, ResNet) for p in parents)
 
 
 def _kmeans_grouping(seed: int) -> Callable[[list[Tensor], Tensor, int], Tensor]:
@@ -387,23 +410,38 @@ def kf_linear(parents: Sequence[nn.Module], samples: Tensor, importance: Sequenc
     importance-weighted mean of its members; each fused level is a least-squares fit from the fused
     previous level. The fused widths (one per convolution and hidden Linear layer) default to the first
     parent's. ``ridge > 0`` fits every level by ridge regression instead (``_least_squares`` says how it
-    is scaled); 0 is the plain minimum-norm least-squares fit.
+    is scaled); 0 is the plain minimum-norm least-squares fit. ResNets: fusion/residual_fit.py, a block a level.
     """
+    if _is_resnet(parents):
+        return _resnet_interpolation(parents, samples, "kf_linear", importance, widths, _kmeans_grouping(seed),
+                                     positions, ridge)
     check_parents(parents, "kf_linear", same_depth=True)
     return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), _kmeans_grouping(seed),
                                  positions=positions, ridge=ridge)
 
 
 def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
-                widths: Sequence[int] | None = None, steps: int = 200, lr: float = 1e-2, seed: int = 0,
-                positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
+                widths: Sequence[int] | None = None, steps: int | None = None, lr: float | None = None,
+                seed: int = 0, positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
     """KF-gradient: ``kf_linear``'s groups and targets, each level then trained by Adam from the least-squares fit.
+
+    ``steps`` and ``lr`` (None: the family's defaults) are Adam's per level: 200 steps at 1e-2 for a chain's
+    levels, ``residual_fit.BLOCK_STEPS`` at ``residual_fit.BLOCK_LR`` for a ResNet's blocks, where every step
+    runs the block over every sample and position.
 
     The loss is the MSE to the group targets, each fused neuron weighted by its group's total
     importance. The best iterate is kept, so each level's loss on the fusion samples is never above
     the least-squares fit's. That fit already minimises this loss (it separates over neurons), so
-    Adam can only gain by rounding: on the fusion samples kf_gradient matches kf_linear.
+    Adam can only gain by rounding: on the fusion samples kf_gradient matches kf_linear. On ResNets a residual
+    block is a level with no closed-form fit, and Adam trains it end to end from the piecewise least-squares
+    start (fusion/residual_fit.py): there the two differ.
     """
+    if _is_resnet(parents):
+        from fusion.residual_fit import BLOCK_LR, BLOCK_STEPS  # imported here: residual_fit builds on this module
+        return _resnet_interpolation(parents, samples, "kf_gradient", importance, widths, _kmeans_grouping(seed),
+                                     positions, ridge, BLOCK_STEPS if steps is None else steps,
+                                     BLOCK_LR if lr is None else lr)
     check_parents(parents, "kf_gradient", same_depth=True)
     return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), _kmeans_grouping(seed),
-                                 steps=steps, lr=lr, positions=positions, ridge=ridge)
+                                 steps=200 if steps is None else steps, lr=1e-2 if lr is None else lr,
+                                 positions=positions, ridge=ridge)

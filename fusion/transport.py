@@ -17,6 +17,9 @@ EMD_MAX_ITER = 10_000_000  # POT's default (1e5) can stop early on 400-neuron la
 
 def vanilla_avg(parents: Sequence[nn.Module]) -> nn.Module:
     """Parameter-wise mean of parents with identical widths and layers (no alignment of neurons)."""
+    from fusion import residual  # imported here: residual.py builds on this module
+    if residual.is_resnet(parents):
+        return residual.vanilla_avg(parents)
     check_parents(parents, "vanilla_avg", same_widths=True, same_depth=True)
     return to_network(parents[0], mean_levels([levels_of(p) for p in parents]))
 
@@ -82,8 +85,12 @@ def otfusion(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: 
     bias as an extra column), after the previous layer's transport; ``cost="activation"`` by their
     pre-activations on ``samples``, each parent run through its own network (a channel's values at every
     position, ``positions="flatten"``, or averaged over positions, ``"pool"``). Widths may differ; the
-    fused network has the anchor's widths.
+    fused network has the anchor's widths. ResNets go to ``fusion.residual.otfusion`` (a block's output shares
+    its skip's transport).
     """
+    from fusion import residual  # imported here: residual.py builds on this module
+    if residual.is_resnet(parents):
+        return residual.otfusion(parents, samples, cost, anchor, positions)
     check_parents(parents, "otfusion", same_depth=True)
     if cost not in ("weight", "activation"):
         raise ValueError(f"otfusion cost must be 'weight' or 'activation', got {cost!r}")

@@ -122,3 +122,34 @@ def test_bad_arch_arguments():
 
 def test_registry_is_the_public_one():
     assert archs.ARCHS is ARCHS and {"lenet5", "lenet5_half", "resnet18"} <= set(ARCHS)
+
+
+@pytest.mark.parametrize("depth,blocks", [(18, 8), (34, 16)])
+@pytest.mark.parametrize("width,channels", [(1, [64, 128, 256, 512]), (0.125, [8, 16, 32, 64])])
+def test_resnet_family_depths_and_widths(depth, blocks, width, channels):
+    model = build_model("resnet", in_channels=3, num_classes=5, depth=depth, width=width)
+    assert len(model.blocks) == blocks and model.stage_widths == channels and model.feature_dim == channels[-1]
+    assert [b.conv2.out_channels for b in model.blocks if b.projection is not None] == channels[1:]
+    with torch.no_grad():
+        logits, features = model.eval()(batch(3), return_features=True)
+    assert logits.shape == (BATCH, 5) and torch.allclose(model.fc(features), logits)
+
+
+@pytest.mark.parametrize("batch_norm,bias", [(True, False), (False, False), (False, True), (True, True)])
+def test_resnet_norms_and_biases(batch_norm, bias):
+    model = build_model("resnet", depth=18, width=0.125, batch_norm=batch_norm, bias=bias)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == batch_norm
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all((c.bias is not None) == bias for c in convs)
+
+
+def test_resnet18_keeps_its_checkpoint_names():
+    # the routing experts' checkpoints name body.N and fc: the family's default is the same network
+    assert list(build_model("resnet18").state_dict()) == list(build_model("resnet").state_dict())
+
+
+def test_resnet_bad_width_and_depth():
+    with pytest.raises(ValueError, match="width"):
+        build_model("resnet", width=0.3)
+    with pytest.raises(ValueError, match="depth"):
+        build_model("resnet", depth=50)

@@ -348,7 +348,8 @@ def test_rules_that_need_what_a_file_cannot_give_fail_at_config_load(env, tmp_pa
                                                                             "file": env["entries"]["export"]}]}
     cfg = parse_args(MergeConfig, [str(write_problem(tmp_path / "s.yaml", env["entries"]["export"],
                                                      extra={"shared": shared})), *args(env, tmp_path)])
-    with pytest.raises(ConfigError, match="shared_labels .* takes experts trained here only"):
+    # a fusion parent by file must be a state dict fusion can walk (tests/test_parent_files.py)
+    with pytest.raises(ExpertFileError, match="fusion parent .* must be a state dict"):
         build_problem("shared", cfg.problems["shared"], cfg.tasks, cfg.data_dir)
 
 

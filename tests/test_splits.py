@@ -176,7 +176,10 @@ def test_fusion_parents_yaml_defines_every_part():
         assert (task.source, task.classes, task.split, task.parts, task.part, task.alpha) == \
             (source, None, split, parts, part, None)
         check_split(task, name)
-    assert set(cfg.tasks) - set(TrainConfig().tasks) == set(expected)
+    # all of CIFAR-10 under two names: two residual parents of one arch on the full data (fusion_resnet_full.yaml)
+    full = {"cifar10_a", "cifar10_b"}
+    assert all((cfg.tasks[n].source, cfg.tasks[n].classes, cfg.tasks[n].split) == ("cifar10", None, "full") for n in full)
+    assert set(cfg.tasks) - set(TrainConfig().tasks) == set(expected) | full
 
 
 # ---------------------------------------------------------------- task identity (checkpoint meta)
