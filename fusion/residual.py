@@ -34,8 +34,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from archs.resnet import BasicBlock, ResNet
-from fusion._common import POSITIONS, SAMPLE_CHUNK, columns
-from fusion.transport import _emd_transport
+from fusion._common import SAMPLE_CHUNK, columns
+from fusion.transport import _emd_transport, check_otfusion_args
 
 NORM_ENTRIES = ("weight", "bias", "running_mean", "running_var")
 
@@ -219,14 +219,7 @@ def otfusion(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: 
     """OTFusion of ResNets of one depth: align every parent's channel spaces to ``parents[anchor]``'s, average
     (``recompute_norm_statistics`` may follow)."""
     check_resnets(parents, "otfusion")
-    if cost not in ("weight", "activation"):
-        raise ValueError(f"otfusion cost must be 'weight' or 'activation', got {cost!r}")
-    if positions not in POSITIONS:
-        raise ValueError(f"otfusion positions must be one of {POSITIONS}, got {positions!r}")
-    if cost == "activation" and samples is None:
-        raise ValueError("otfusion with cost='activation' needs samples")
-    if not 0 <= anchor < len(parents):
-        raise ValueError(f"anchor={anchor} is not a parent index (0..{len(parents) - 1})")
+    check_otfusion_args(parents, samples, cost, anchor, positions)
     plan = plan_of(parents[anchor])
     eps = norm_eps(parents[anchor])
     anchor_state = state_of(parents[anchor])

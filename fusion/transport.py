@@ -77,6 +77,19 @@ def _ot_align(levels: Levels, anchor: Levels, acts: list[Tensor] | None = None,
     return aligned
 
 
+def check_otfusion_args(parents: Sequence[nn.Module], samples: Tensor | None, cost: str, anchor: int,
+                        positions: str) -> None:
+    """The arguments every OTFusion (chains of levels or ResNets) accepts, checked before any work."""
+    if cost not in ("weight", "activation"):
+        raise ValueError(f"otfusion cost must be 'weight' or 'activation', got {cost!r}")
+    if positions not in POSITIONS:
+        raise ValueError(f"otfusion positions must be one of {POSITIONS}, got {positions!r}")
+    if cost == "activation" and samples is None:
+        raise ValueError("otfusion with cost='activation' needs samples")
+    if not 0 <= anchor < len(parents):
+        raise ValueError(f"anchor={anchor} is not a parent index (0..{len(parents) - 1})")
+
+
 def otfusion(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: str = "weight", anchor: int = 0,
              positions: str = "flatten") -> nn.Module:
     """OTFusion: align every parent to ``parents[anchor]`` by exact OT, layer by layer, then average.
@@ -92,14 +105,7 @@ def otfusion(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: 
     if residual.is_resnet(parents):
         return residual.otfusion(parents, samples, cost, anchor, positions)
     check_parents(parents, "otfusion", same_depth=True)
-    if cost not in ("weight", "activation"):
-        raise ValueError(f"otfusion cost must be 'weight' or 'activation', got {cost!r}")
-    if positions not in POSITIONS:
-        raise ValueError(f"otfusion positions must be one of {POSITIONS}, got {positions!r}")
-    if cost == "activation" and samples is None:
-        raise ValueError("otfusion with cost='activation' needs samples")
-    if not 0 <= anchor < len(parents):
-        raise ValueError(f"anchor={anchor} is not a parent index (0..{len(parents) - 1})")
+    check_otfusion_args(parents, samples, cost, anchor, positions)
     anchor_levels = levels_of(parents[anchor])
     x = inputs_of(parents[anchor], samples) if cost == "activation" else None
     anchor_acts = None if x is None else pre_acts(anchor_levels, x)
