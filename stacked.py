@@ -258,7 +258,7 @@ def unstack_into(stacked: nn.Module, models: list[nn.Module]) -> None:
 
 
 # stage -> device type -> whether ``stack_seeds: auto`` stacks: the path bench/bench_vectorised.py measured
-# faster (results/bench/vectorised.json). On CPU, LeNet5's convolutions are compute-bound, and grouped ones
+# faster (results/bench/vectorised_cpu.json). On CPU, LeNet5's convolutions are compute-bound, and grouped ones
 # leave the cache, so experts and DAFL generators train faster one seed at a time; the tiny gates gain from
 # stacking (one Python step for all), as does evaluation. On CUDA every stage stacks (one launch for all seeds).
 AUTO_STACKING = {"experts": {"cpu": False, "cuda": True}, "generators": {"cpu": False, "cuda": True},
