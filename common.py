@@ -53,13 +53,14 @@ def resolve_device(name: str) -> torch.device:
 # ---------------------------------------------------------------- atomic files
 
 def compact_png(png: bytes) -> bytes:
-    """The same picture with an adaptive 256-colour palette: figures and sample grids are a few flat colours or
-    small images, so this keeps them readable at a third to a quarter of the bytes (committed results stay small)."""
+    """The same picture with an adaptive 128-colour palette: figures and sample grids are a few flat colours or
+    small images, so this keeps them readable at a third to a quarter of the bytes (committed results stay small;
+    128 rather than 256 colours saves another tenth, with no visible loss on the curves and sample grids)."""
     from PIL import Image
 
     image = Image.open(io.BytesIO(png)).convert("RGB")
     buffer = io.BytesIO()
-    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(buffer, format="png", optimize=True)
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(buffer, format="png", optimize=True)
     return buffer.getvalue()
 
 
