@@ -176,9 +176,29 @@ def _plain(obj: Any) -> Any:
 
 # ---------------------------------------------------------------- result rows
 
+UNROUNDED_KEYS = ("config", "key")  # what a row was made with stays exactly as given
+
+
+def _float32_digits(value: Any) -> Any:
+    """``value`` with every float cut to 7 significant digits: the measurements are float32 computations, which
+    carry no more, and the float64 digits beyond them only made the committed rows a tenth larger."""
+    if isinstance(value, float):
+        return float(f"{value:.7g}")
+    if isinstance(value, list):
+        return [_float32_digits(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _float32_digits(v) for k, v in value.items()}
+    return value
+
+
+def _stored_row(row: dict) -> dict:
+    return {k: v if k in UNROUNDED_KEYS else _float32_digits(v) for k, v in row.items()}
+
+
 def write_rows(stem: str | os.PathLike, rows: list[dict]) -> dict[str, str]:
     """Write ``rows`` as ``stem.jsonl`` (full, nested) and ``stem.csv`` (flattened); atomic, returns paths."""
     stem = Path(stem)
+    rows = [_stored_row(r) for r in rows]
     jsonl = stem.with_name(stem.name + ".jsonl")  # not with_suffix: names may hold dots
     atomic_write_text(jsonl, "".join(json.dumps(r, default=str) + "\n" for r in rows))
     # the config stays one JSON column in the CSV rather than dozens of flattened ones
@@ -222,7 +242,7 @@ def append_row(path: str | os.PathLike, row: dict) -> None:
                 f.seek(0)
                 f.truncate(f.read().rfind(b"\n") + 1)
     with open(path, "a") as f:
-        f.write(json.dumps(row, default=str) + "\n")
+        f.write(json.dumps(_stored_row(row), default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

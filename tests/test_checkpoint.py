@@ -221,6 +221,17 @@ def test_write_rows_jsonl_and_csv(tmp_path):
     assert files_in(tmp_path / "out") == ["experts.csv", "experts.jsonl"]
 
 
+def test_rows_keep_float32_digits_of_measurements_and_configs_exactly(tmp_path):
+    config = {"lr": 0.123456789012, "seeds": [1]}
+    row = {"acc": 0.9990543723106384, "history": [{"loss": 0.32029114583333335}], "config": config,
+           "key": {"ridge": 0.1000000000001}}
+    write_rows(tmp_path / "t", [row])
+    common.append_row(tmp_path / "u.jsonl", row)
+    for back in (read_rows(tmp_path / "t.jsonl")[0], read_rows(tmp_path / "u.jsonl")[0]):
+        assert back["acc"] == 0.9990544 and back["history"][0]["loss"] == 0.3202911
+        assert back["config"] == config and back["key"] == row["key"]
+
+
 def test_read_rows_of_a_missing_file(tmp_path):
     assert read_rows(tmp_path / "none.jsonl") == []
 
