@@ -16,7 +16,7 @@ The flow, per expert:
    scale, so an argmax over experts means something. Fit on one part of a source and calibrate on another
    (``split_source``): scored on its own bank, an input is its own nearest neighbour.
 
-pytorch-ood (the field's library, pinned in requirements.txt) is the reference: tests/test_detectors.py checks
+pytorch-ood (the field's library, pinned in requirements-test.txt) is the reference: tests/test_detectors.py checks
 every formula here against it on the same logits, features and models. The runtime never imports it, so the
 scores are the same whether or not it is installed (the GPU machine has no registry access), and they follow
 the papers where the library chose otherwise: its Mahalanobis covariance is a sum, not divided by N; its GEN
