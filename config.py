@@ -168,6 +168,10 @@ class ExpertFile:
     # pools: the convolution levels a 2x2 max-pool follows
     levels: list[str] | None = None
     pools: list[str] = field(default_factory=list)
+    # a residual fusion parent's level map, where its class is not archs/resnet.py's: prefixes of its parameter
+    # names -> archs/resnet.py's (body.0 the stem convolution, body.1 its norm, body.3 on the blocks in order, fc
+    # the classifier; in a block conv1, bn1, conv2, bn2, shortcut.0, shortcut.1)
+    rename: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -8,7 +8,9 @@ built and filled as for any state-dict expert, and must be a network fusion can 
   hidden levels then the output layer (``pools`` the convolutions a 2x2 max-pool follows), ReLUs between them;
   Linear levels alone rebuild as an MLP (archs/mlp.py), convolutions then Linear levels as a VGG (archs/vgg.py:
   3x3 kernels, padding 1, stride 1). Without ``levels``, an MLP or VGG of archs/ is read by its own names;
-- a ResNet of archs/resnet.py (its class path ``archs.resnet:ResNet`` with its ``model_kwargs``), taken as it is.
+- a ResNet of archs/resnet.py (its class path ``archs.resnet:ResNet`` with its ``model_kwargs``), taken as it is;
+- another residual network of the same layout, through ``rename``: prefixes of its parameter names mapped to
+  archs/resnet.py's; the depth, width, batch norm and biases are read from the renamed parameters' shapes.
 
 The rebuilt parent reads the problem's 32x32 images in the source's own normalisation (an MLP crops ``crop``
 pixels itself; nothing is resized), and must give the file's model's logits on a check batch. What does not fit
@@ -22,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from archs.mlp import MLP
-from archs.resnet import ResNet
+from archs.resnet import LAYOUTS, STAGE_WIDTHS, ResNet, stage_widths
 from archs.vgg import POOL, VGG
 from config import ExpertFile
 from data import IMAGE_SIZE, InputFormat
@@ -123,6 +125,66 @@ def _rebuilt(net: nn.Module, spec: ExpertFile, where: str) -> MLP | VGG:
     return template
 
 
+def _renamed(state: dict[str, torch.Tensor], rename: dict[str, str], where: str) -> tuple[dict, dict[str, str]]:
+    """The file's parameters under archs/resnet.py's names (the longest matching prefix renames a name), and each
+    new name's name in the file."""
+    prefixes = sorted(rename, key=len, reverse=True)
+    renamed, origin = {}, {}
+    for name, value in state.items():
+        prefix = next((p for p in prefixes if name == p or name.startswith(p + ".")), None)
+        ours = name if prefix is None else rename[prefix] + name[len(prefix):]
+        if ours in renamed:
+            raise ExpertFileError(f"{where}: rename maps both {origin[ours]!r} and {name!r} to {ours!r}")
+        renamed[ours], origin[ours] = value, name
+    return renamed, origin
+
+
+def _resnet_from_map(net: nn.Module, spec: ExpertFile, where: str) -> ResNet:
+    """A residual network whose parameter names differ from archs/resnet.py's, rebuilt as a ResNet of that file
+    through ``spec.rename``; its depth, width, batch norm and biases read from the renamed parameters."""
+    state, origin = _renamed(net.state_dict(), spec.rename, where)
+    names = ("archs/resnet.py names body.0 the stem convolution, body.1 its norm, body.3 on the blocks in order, "
+             "fc the classifier")
+    stem, fc = state.get("body.0.weight"), state.get("fc.weight")
+    if stem is None or stem.dim() != 4 or fc is None or fc.dim() != 2:
+        missing = "body.0.weight" if stem is None or stem.dim() != 4 else "fc.weight"
+        raise ExpertFileError(f"{where}: after rename there is no {missing!r}; map the file's names onto ours "
+                              f"({names}); the file's parameters: {', '.join(list(origin.values())[:12])}")
+    blocks = 0
+    while f"body.{3 + blocks}.conv1.weight" in state:
+        blocks += 1
+    depth = {sum(layout): d for d, layout in LAYOUTS.items()}.get(blocks)
+    if depth is None:
+        unplaced = [name for ours, name in origin.items() if not ours.startswith(("body.", "fc."))]
+        raise ExpertFileError(f"{where}: after rename the blocks body.3 on number {blocks}; a ResNet of archs/resnet.py "
+                              f"has {' or '.join(f'{sum(v)} (depth {d})' for d, v in LAYOUTS.items())}; the file's "
+                              f"parameters placed nowhere: {', '.join(unplaced[:6]) or 'none'}")
+    width = stem.shape[0] / STAGE_WIDTHS[0]
+    try:
+        stage_widths(width)
+    except ValueError as err:
+        raise ExpertFileError(f"{where}: its stem has {stem.shape[0]} channels: {err}") from None
+    template = ResNet(stem.shape[1], fc.shape[0], depth, width, batch_norm="body.1.weight" in state,
+                      bias="body.0.bias" in state)
+    expected = template.state_dict()
+    unfilled = [k for k in expected if k not in state]
+    if unfilled:
+        unplaced = [origin[k] for k in state if k not in expected]
+        raise ExpertFileError(f"{where}: rename leaves {unfilled[0]!r} of a depth-{depth} ResNet unfilled"
+                              f"{f' (and {len(unfilled) - 1} more)' if len(unfilled) > 1 else ''}; the file's "
+                              f"parameters it places nowhere: {', '.join(unplaced[:6]) or 'none'}")
+    for key, value in expected.items():
+        if state[key].shape != value.shape:
+            raise ExpertFileError(f"{where}: the file's {origin[key]!r} (as {key!r}) is {tuple(state[key].shape)}, but "
+                                  f"a depth-{depth} ResNet of width {width:g} needs {tuple(value.shape)}")
+    extra = [origin[k] for k in state if k not in expected]
+    if extra:
+        raise ExpertFileError(f"{where}: rename places the file's {', '.join(extra[:6])} nowhere in a depth-{depth} "
+                              f"ResNet ({names})")
+    template.load_state_dict(state)
+    return template
+
+
 def check_format(spec: ExpertFile, source_format: InputFormat, where: str) -> None:
     """A fusion parent reads the problem's images in the source's normalisation, like every other parent."""
     same = spec.channels == source_format.channels and all(
@@ -146,10 +208,16 @@ def load_fusion_parent(spec: ExpertFile, source_format: InputFormat, where: str,
                               f"class (model: package.module:Class); TorchScript and torch.export files cannot be")
     check_format(spec, source_format, where)
     expert = load_file_expert(spec, where)
-    if isinstance(expert.net, ResNet):
-        if spec.crop:
-            raise ExpertFileError(f"{where}: a ResNet fusion parent reads the problem's {IMAGE_SIZE}x{IMAGE_SIZE} "
-                                  "images as they are: crop must be 0")
+    if spec.rename and spec.levels:
+        raise ExpertFileError(f"{where}: give levels (a chain of Linear and Conv2d levels) or rename (a residual "
+                              "network), not both")
+    residual = bool(spec.rename) or isinstance(expert.net, ResNet)
+    if residual and spec.crop:
+        raise ExpertFileError(f"{where}: a ResNet fusion parent reads the problem's {IMAGE_SIZE}x{IMAGE_SIZE} "
+                              "images as they are: crop must be 0")
+    if spec.rename:
+        parent = _resnet_from_map(expert.net, spec, where).eval()
+    elif isinstance(expert.net, ResNet):
         parent = expert.net
     else:
         parent = _rebuilt(expert.net, spec, where).eval()
@@ -157,8 +225,11 @@ def load_fusion_parent(spec: ExpertFile, source_format: InputFormat, where: str,
     with torch.no_grad():
         own, rebuilt = expert(x), parent(x)
     if not torch.allclose(own, rebuilt, rtol=CHECK_TOLERANCE, atol=CHECK_TOLERANCE * float(own.abs().max())):
-        raise ExpertFileError(f"{where}: the levels {spec.levels or 'of its class'} (pools {spec.pools}) do not "
-                              f"reproduce the model: its logits differ by up to {float((own - rebuilt).abs().max()):.3g} "
-                              f"on a check batch; check the order of levels, the pools and that ReLUs sit between "
-                              "levels")
+        how = ("the renamed ResNet does not reproduce the model" if spec.rename else
+               f"the levels {spec.levels or 'of its class'} (pools {spec.pools}) do not reproduce the model")
+        check = ("check that its blocks compute archs/resnet.py's relu(bn2(conv2(relu(bn1(conv1(x))))) + "
+                 "shortcut(x))" if spec.rename else
+                 "check the order of levels, the pools and that ReLUs sit between levels")
+        raise ExpertFileError(f"{where}: {how}: its logits differ by up to {float((own - rebuilt).abs().max()):.3g} "
+                              f"on a check batch; {check}")
     return parent.to(device)

@@ -10,14 +10,15 @@ import torch
 import merge
 import problems
 from archs.mlp import MLP
+from archs.resnet import ResNet
 from common import read_rows
 from config import ConfigError, ExpertFile, MergeConfig, parse_args
 from conftest import SHARD_TASKS_YAML, build_fake_root
 from data import InputFormat
 from expert_files import ExpertFileError
-from external_models import LevelMLP
-from fusion import kf_linear
-from parent_files import load_fusion_parent
+from external_models import LevelMLP, NamedResNet
+from fusion import kf_linear, otfusion
+from parent_files import family_of, load_fusion_parent
 
 MNIST = InputFormat(1, (0.1307,), (0.3081,))
 CLASSES = [str(d) for d in range(10)]
@@ -118,3 +119,73 @@ def test_fusion_parents_from_files_run_through_merge(tmp_path):
     assert rows["kf_linear(importance=uniform,ridge=0.0)"]["fusion_samples"] == 100
     with pytest.raises(ConfigError, match="write arch: mlp"):
         problems.describe_problem("wrong_arch", cfg("wrong_arch").problems["wrong_arch"], cfg("wrong_arch").tasks)
+
+
+RESNET_RENAME = {"conv1": "body.0", "bn1": "body.1", "linear": "fc",
+                 **{f"layer{s + 1}.{b}": f"body.{3 + 2 * s + b}" for s in range(4) for b in range(2)},
+                 **{f"layer{s}.0.downsample": f"body.{2 * s + 1}.shortcut" for s in (2, 3, 4)}}
+
+
+def resnet_entry(path, **changes) -> ExpertFile:
+    fmt = InputFormat.of("cifar10")
+    spec = ExpertFile(str(path), channels=3, size=32, mean=list(fmt.mean), std=list(fmt.std),
+                      classes=[str(c) for c in range(10)], model="external_models:NamedResNet",
+                      model_kwargs={"norm": True}, rename=RESNET_RENAME)
+    return dataclasses.replace(spec, **changes)
+
+
+def save_named_resnet(path, seed: int, norm: bool = True) -> NamedResNet:
+    torch.manual_seed(seed)
+    model = NamedResNet(norm=norm)
+    with torch.no_grad():  # running statistics other than batch norm's initial ones, so that they must be carried
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_a_rename_map_rebuilds_a_foreign_resnet_as_ours(tmp_path, norm):
+    model = save_named_resnet(tmp_path / "r.pt", 0, norm)
+    parent = load_fusion_parent(resnet_entry(tmp_path / "r.pt", model_kwargs={"norm": norm}), InputFormat.of("cifar10"),
+                                "here")
+    assert type(parent) is ResNet and family_of(parent) == "resnet"
+    assert (parent.depth, parent.width, parent.batch_norm, parent.bias) == (18, 0.125, norm, False)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(parent(x), model(x))
+
+
+def test_a_renamed_resnet_is_walked_by_fusion(tmp_path):
+    """OTFusion of a renamed ResNet with itself gives back its function: the rebuilt parent is one fusion walks."""
+    model = save_named_resnet(tmp_path / "r.pt", 0)
+    parent = load_fusion_parent(resnet_entry(tmp_path / "r.pt"), InputFormat.of("cifar10"), "here")
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    fused = otfusion([parent, parent], x, cost="activation")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x).float(), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"rename": {k: v for k, v in RESNET_RENAME.items() if k != "layer4.1"}},
+     ["blocks body.3 on number 7", "8 (depth 18)", "placed nowhere: layer4.1.conv1.weight"]),
+    ({"rename": {k: v for k, v in RESNET_RENAME.items() if k != "layer3.0.downsample"}},
+     ["'body.7.shortcut.0.weight' of a depth-18 ResNet unfilled", "layer3.0.downsample.0.weight"]),
+    ({"rename": {**RESNET_RENAME, "layer4.1": "body.3"}}, ["maps both 'layer1.0.", "and 'layer4.1."]),
+    ({"rename": {k: v for k, v in RESNET_RENAME.items() if k != "conv1"}}, ["no 'body.0.weight'", "body.0 the stem"]),
+    ({"rename": {"conv1": "body.0", "bn1": "body.1", "linear": "fc", "layer1.0": "body.3"}},
+     ["the blocks body.3 on number 1", "16 (depth 34)"]),
+    ({"rename": {**RESNET_RENAME, "layer2.0.conv2": "body.5.conv1", "layer2.0.conv1": "body.5.conv2"}},
+     ["the file's 'layer2.0.conv2.weight' (as 'body.5.conv1.weight') is (16, 16, 3, 3)", "needs (16, 8, 3, 3)"]),
+    ({"levels": ["conv1", "linear"]}, ["give levels", "or rename", "not both"]),
+    ({"crop": 2, "size": 28}, ["crop must be 0"]),
+])
+def test_a_rename_that_does_not_fit_fails_at_load_in_one_line(tmp_path, changes, words):
+    save_named_resnet(tmp_path / "r.pt", 0)
+    with pytest.raises(ExpertFileError) as err:
+        load_fusion_parent(resnet_entry(tmp_path / "r.pt", **changes), InputFormat.of("cifar10"), "problem 'p', expert 0")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("problem 'p', expert 0")
+    assert all(word in message for word in words), message
