@@ -114,6 +114,19 @@ def test_a_table_whose_problem_is_not_run_is_an_error():
         reproduce.plan(cfg)
 
 
+def test_the_quick_profile_has_a_small_residual_fusion_table():
+    """Its parents train on 5,000 images at the profile's 2 epochs with the residual recipe's lr (the file's
+    settings, then the profile's sections), and merge reads the same recipe, so it finds them."""
+    cfg = reproduce.load_config(["profile=quick"])
+    steps = [s for s in reproduce.plan(cfg) if s.fusion and "fusion_resnet_small.yaml" in " ".join(s.args)]
+    assert [s.stage for s in steps] == ["experts", "experts", "merge"] and steps[-1].label == "fusion_resnet_quick"
+    train = reproduce.parse_step(steps[0], cfg.seeds, reproduce.shared_args(cfg, "experts", cfg.seeds, False))
+    assert (train.expert.epochs, train.expert.train_limit, train.expert.lr) == (2, 5000, 0.05)
+    assert train.arch == "resnet" and train.arch_kwargs["depth"] == 18
+    table = reproduce.parse_step(steps[-1], cfg.seeds, reproduce.shared_args(cfg, "merge", cfg.seeds, False))
+    assert table.expert == train.expert and table.test_limit == 1000
+
+
 def test_reused_steps_keep_the_time_their_work_took():
     earlier = [{"stage": "experts", "step": "a", "seeds": [1], "wall_s": 30.0, "reused": False, "device": "cpu"}]
     now = [{"stage": "experts", "step": "a", "seeds": [1], "wall_s": 0.1, "reused": True, "device": "cpu"},
