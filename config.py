@@ -617,11 +617,28 @@ def digest(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def tasks_read(cfg: Any) -> set[str]:
+    """The tasks a run reads: the one it trains on (``dataset``) and every expert's of its problems."""
+    problems = getattr(cfg, "problems", {})
+    return {getattr(cfg, "dataset", None), *(e.task for spec in problems.values() for e in spec.experts)} - {None}
+
+
+def only_read_tasks(diff: dict, read: set[str]) -> dict:
+    """``diff`` without the task entries no one reads: a tasks file such as experiments/fusion_parents.yaml
+    defines dozens of splits, and every row would repeat them all (issue 18: results/ stays small)."""
+    if "tasks" not in diff:
+        return diff
+    tasks = {name: spec for name, spec in diff["tasks"].items() if name in read}
+    return {k: v for k, v in diff.items() if k != "tasks"} | ({"tasks": tasks} if tasks else {})
+
+
 def row_config(cfg: Any, table_keys: tuple[str, ...] = ()) -> dict:
     """What one result row carries of the run that made it: the digest of the whole resolved config (saved once
     beside the table, ``save``) and what it sets differently from config.py's defaults, without ``table_keys``
-    (keys that describe the table rather than the row, such as the list of every strategy it ran)."""
-    return {"config_digest": digest(cfg), "config": {k: v for k, v in changes(cfg).items() if k not in table_keys}}
+    (keys that describe the table rather than the row, such as the list of every strategy it ran) and without
+    the task entries it does not read."""
+    diff = only_read_tasks(changes(cfg), tasks_read(cfg))
+    return {"config_digest": digest(cfg), "config": {k: v for k, v in diff.items() if k not in table_keys}}
 
 
 def save(cfg: Any, path: str | os.PathLike) -> None:

@@ -2,7 +2,8 @@
 config, which made results/ tens of megabytes (issue 18). This keeps every number and every config: a row's
 config moves, once per distinct config, to ``STEM.configs.json`` beside the table (digest -> config), and the
 row keeps ``config_digest``; the CSV is rewritten from the JSON lines. Tables already in the new form
-(``config_digest`` in their rows) are left as they are, so a second run changes nothing.
+(``config_digest`` in their rows) are left as they are, so a second run changes nothing. Rows that repeat task
+entries their run did not read (every split of experiments/fusion_parents.yaml) keep only the ones they read.
 
     python experiments/slim_rows.py results/cpu results/fusion ...
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import atomic_write_text, read_rows, write_rows  # noqa: E402
+from config import only_read_tasks  # noqa: E402
 
 
 def old_form(rows: list[dict]) -> bool:
@@ -44,11 +46,31 @@ def slim(jsonl: Path) -> bool:
     return True
 
 
+def drop_unread_tasks(jsonl: Path) -> bool:
+    """Rewrite a table whose rows repeat task entries their run did not read (config.row_config now leaves them
+    out): a row keeps the task it trained on and its problems' experts' tasks; False when it needs nothing."""
+    rows = read_rows(jsonl)
+    trimmed = []
+    for row in rows:
+        config = row.get("config")
+        if not isinstance(config, dict) or "tasks" not in config:
+            trimmed.append(row)
+            continue
+        read = {row.get("task"), *(e["task"] for p in config.get("problems", {}).values() for e in p.get("experts", []))}
+        trimmed.append({**row, "config": only_read_tasks(config, read - {None})})
+    if trimmed == rows:
+        return False
+    write_rows(jsonl.with_name(jsonl.name[: -len(".jsonl")]), trimmed)
+    return True
+
+
 def main(folders: list[str]) -> None:
     for folder in folders:
         for jsonl in sorted(Path(folder).rglob("*.jsonl")):
             if slim(jsonl):
                 print(f"slimmed {jsonl}")
+            if drop_unread_tasks(jsonl):
+                print(f"dropped unread task entries from {jsonl}")
 
 
 if __name__ == "__main__":
