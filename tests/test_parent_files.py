@@ -180,6 +180,7 @@ def test_a_renamed_resnet_is_walked_by_fusion(tmp_path):
     ({"rename": {**RESNET_RENAME, "layer2.0.conv2": "body.5.conv1", "layer2.0.conv1": "body.5.conv2"}},
      ["the file's 'layer2.0.conv2.weight' (as 'body.5.conv1.weight') is (16, 16, 3, 3)", "needs (16, 8, 3, 3)"]),
     ({"levels": ["conv1", "linear"]}, ["give levels", "or rename", "not both"]),
+    ({"classes": ["a", "b"]}, ["returns 10 logits per image", "lists 2 classes"]),
     ({"crop": 2, "size": 28}, ["crop must be 0"]),
 ])
 def test_a_rename_that_does_not_fit_fails_at_load_in_one_line(tmp_path, changes, words):
