@@ -20,7 +20,7 @@ import torch.nn as nn
 
 import config
 from artifacts import ExpertId, Layout, check_reuse, digest_of, made_meanwhile
-from common import atomic_torch_save, derive_seed, make_generator, state_digest
+from common import atomic_torch_save, derive_seed, fast_memory_format, make_generator, state_digest
 from data import InputFormat, load_task, prepare_input, to_unit
 from detectors import (DETECTORS, ExpertView, Statistics, calibrate, final_linear, fit_statistics, observe, score,
                        shipped_statistics, standardise, with_shrinkage)
@@ -256,8 +256,8 @@ def expert_views(models: list[nn.Module], formats: list[InputFormat], batches: C
                  keep_inputs: bool = False, model_features: bool = False) -> list[ExpertView]:
     """Every expert's view of the same [0,1] batches, each in its own input format (``model_features``: with the
     arch's own feature vector too)."""
-    # channels-last runs LeNet's convolutions about a quarter faster on CPU (as problems.run_experts does)
-    return [observe(model, (prepare_input(x, fmt).contiguous(memory_format=torch.channels_last) for x in batches()),
+    return [observe(model, (prepare_input(x, fmt).contiguous(memory_format=fast_memory_format(model))
+                            for x in batches()),
                     keep_inputs=keep_inputs, input_std=fmt.std if keep_inputs else None, model_features=model_features)
             for model, fmt in zip(models, formats)]
 

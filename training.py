@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import atomic_torch_save, make_generator, progress
+from common import atomic_torch_save, fast_memory_format, make_generator, progress
 
 RESUME_INTERVAL_S = 30.0  # the longest stretch of work a kill may lose
 
@@ -91,9 +91,9 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
 
     Batches are slices of a permutation drawn per epoch from a generator seeded by ``seed``. With
     ``resume``, the state is saved at epoch ends and a rerun continues from the last one saved."""
-    if inputs.dim() == 4:  # channels-last convolutions train LeNet about 15% faster on CPU
-        model.to(memory_format=torch.channels_last)
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    if inputs.dim() == 4:  # channels-last trains LeNet about 15% faster on CPU; others keep the default format
+        model.to(memory_format=fast_memory_format(model))
+        inputs = inputs.contiguous(memory_format=fast_memory_format(model))
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     order = make_generator(seed, "cpu")
     saver = Saver(resume, model, optimiser, order)

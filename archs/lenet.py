@@ -13,6 +13,8 @@ class LeNet5(nn.Module):
     activations, which the data-free detectors and DeepInversion read (docs/design.md section 4).
     """
 
+    channels_last = True  # its 5x5 convolutions run about a quarter faster so on CPU (common.fast_memory_format)
+
     def __init__(self, in_channels: int = 1, num_classes: int = 10, half: bool = False,
                  batchnorm: bool = False) -> None:
         super().__init__()
