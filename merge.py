@@ -49,7 +49,7 @@ from problems import (Problem, build_problem, expert_activations, expert_logits,
 from stacked import resolve_stacking, stack, stackable
 from report import merge_report
 from strategies import (BASE_CODE, DEFAULT_SYNTHESIZER, NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs,
-                        StrategyCall, check_fusion, parse_strategies)
+                        StrategyCall, check_fusion, parse_strategies, with_gate_statistics)
 from sources import Source, parse_source
 from synthesis import components, load_set
 
@@ -411,6 +411,8 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
             probs = inputs.gates(call.param("gate"), call.param("regime"), call.param("gates_from"),
                                  call.param("synthesizer"))
             extra = gate_identity(paths, problem, expert_digests, probs, domain)
+        if call.name == "oracle":  # on shared labels it routes to each class's owner parent: report.oracle_name
+            extra = {"shared_labels": problem.shared_labels}
         if REGISTRY[call.name].detector:  # how well each expert's score tells its own images (OpenOOD's metrics)
             params = {k: v for k, v in call.params.items() if k not in ("stats", "standardise")}
             scores = inputs.detector(call.name, call.param("stats"), call.param("standardise") or "zscore", params)
@@ -465,7 +467,7 @@ def main(cfg: config.MergeConfig) -> dict:
     config.check(cfg)
     if cfg.problem not in cfg.problems:
         raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
-    calls = parse_strategies(cfg.strategies)
+    calls = with_gate_statistics(parse_strategies(cfg.strategies), cfg.gate.detector_stats)
     if "oracle" not in [c.label for c in calls]:  # the bound goes beside every table
         calls.append(parse_strategies(["oracle"])[0])
     for call in calls:

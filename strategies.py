@@ -528,14 +528,39 @@ Regime = str  # real, synthetic, noise, or real:N (gating.check_regime)
 
 def check_gate_params(params: dict[str, Any]) -> None:
     check_regime(params["regime"], "a gate rule")
+    if params.get("stats"):
+        if params.get("gate") != "detectors":
+            raise ConfigError(f"a gate rule: stats={params['stats']} names the detector gate's statistics source; "
+                              f"it applies to gate=detectors only")
+        parse_source(params["stats"], "a gate rule: stats")
+
+
+def with_gate_statistics(calls: list[StrategyCall], source: str) -> list[StrategyCall]:
+    """The calls with every detector gate's statistics source (``gate.detector_stats``, what its gates were
+    trained and are evaluated on) written into its parameters, so that the rule's label, and with it its
+    family, names the source: a gate standardised on real images is never labelled data-free (issue 27). A
+    call that names another source than the config's fails in one line naming the setting to change."""
+    filled = []
+    for call in calls:
+        if call.name in REGISTRY and REGISTRY[call.name].validate is check_gate_params \
+                and call.param("gate") == "detectors":
+            given = call.params.get("stats", "")
+            if given and parse_source(given).label != parse_source(source).label:
+                raise ConfigError(f"strategy {call.label}: its gates are standardised on gate.detector_stats="
+                                  f"{source}; pass gate.detector_stats={given} (to train_pan.py too) to read "
+                                  f"gates of that source")
+            call = StrategyCall(call.name, {**call.params, "stats": parse_source(source).label})
+        filled.append(call)
+    return filled
 
 
 @register("gate_hard", code=GATE_CODE, validate=check_gate_params)
 def gate_hard(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
-              gates_from: str = "", synthesizer: str = "") -> Decision:
+              gates_from: str = "", synthesizer: str = "", stats: str = "") -> Decision:
     """The paper's rule: if exactly one gate says yes (p > 0.5), trust its expert; otherwise naive.
     ``gates_from`` names the problem whose gates to use (empty: the problem evaluated); ``synthesizer`` the
-    synthetic sets the data-free gates were trained on (empty: dafl)."""
+    synthetic sets the data-free gates were trained on (empty: dafl); ``stats`` the detector gate's statistics
+    source, filled from ``gate.detector_stats`` (with_gate_statistics) so that its label says what it read."""
     says_yes = inputs.gates(gate, regime, gates_from, synthesizer) > 0.5
     single = (says_yes.sum(dim=1) == 1).cpu()
     routed = choose(inputs, says_yes.int().argmax(dim=1))
@@ -546,14 +571,14 @@ def gate_hard(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime
 
 @register("gate_confident", code=GATE_CODE, validate=check_gate_params)
 def gate_confident(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
-                   gates_from: str = "", synthesizer: str = "") -> Decision:
+                   gates_from: str = "", synthesizer: str = "", stats: str = "") -> Decision:
     """Trust the expert whose gate is most confident that the sample is its own."""
     return choose(inputs, inputs.gates(gate, regime, gates_from, synthesizer).argmax(dim=1))
 
 
 @register("gate_soft", code=GATE_CODE, validate=check_gate_params)
 def gate_soft(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime = "synthetic",
-              gates_from: str = "", synthesizer: str = "") -> Decision:
+              gates_from: str = "", synthesizer: str = "", stats: str = "") -> Decision:
     """Mixture: each expert's softmax weighted by its gate's probability, argmax over all classes."""
     weights = inputs.gates(gate, regime, gates_from, synthesizer)
     mixture = torch.cat([weights[:, k:k + 1] * o.softmax(dim=1) for k, o in enumerate(inputs.logits)], dim=1)

@@ -26,7 +26,7 @@ from common import CheckpointError, load_model, read_rows
 from config import ConfigError, MergeConfig, PanConfig, parse_args
 from detector_stats import GATE_DETECTORS
 from gating import GATE_TYPES, REGIMES, SHARED_GATES, gate_inputs
-from strategies import parse_strategies
+from strategies import parse_strategies, with_gate_statistics
 from test_gan import ARCH, DAFL, EXPERT, SEEDS, TASKS, Forbidden, copy_experts, gan_cfg, mtimes, train_experts
 
 SYNTHETIC = 80  # dafl.images (test_gan's DAFL): images in each expert's stored set
@@ -501,3 +501,78 @@ def test_stacked_gates_train_as_each_gate_alone(env, tmp_path):
         a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (together, apart))
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=f"{together.name} {key}")
+
+
+# ---------------------------------------------------------------- the data-free guard over the registry (issue 27)
+
+def data_free_calls() -> list[str]:
+    """Every registered rule in every parameterisation the report counts as data-free (training-free rules with
+    their defaults, detectors on synthetic or shipped statistics, calibration, gates of every type trained on
+    synthetic images or noise); fusion rules (they read their parents' training images) and the oracle aside."""
+    import report
+    from strategies import REGISTRY
+    entries = []
+    for name, strategy in REGISTRY.items():
+        if strategy.fusion is not None or name == "oracle":
+            continue
+        if strategy.detector:
+            # bn_gaussian reads a batch-norm layer, which these LeNet5 experts lack (refused at config load)
+            entries += [] if name == "bn_gaussian" else [f"{name}(stats=synthetic:dafl)"]
+            entries += [f"{name}(stats=shipped)"] if name == "input_gaussian" else []
+        elif "regime" in strategy.params:
+            entries += [f"{name}(gate={gate},regime={regime}"
+                        + (",gates_from=disjoint_mnist)" if gate in SHARED_GATES else ")")
+                        for gate in GATE_TYPES for regime in ("synthetic", "noise")]
+        else:
+            entries.append(name)
+    data_free = report.ANSWER_GROUPS["best data-free rule"]
+    # each is counted as data-free, with the statistics source merge.py writes in, or the test guards the wrong rules
+    for call in with_gate_statistics(parse_strategies(entries), "synthetic:dafl"):
+        row = {"rule": call.name, "params": call.params, "gate_experts": {t: {"seen": True} for t in TASKS}}
+        assert report.family(row) in data_free, call.label
+    return entries
+
+
+def test_no_data_free_rule_reads_a_training_image_or_a_test_label(env, pan_run, tmp_path, monkeypatch):
+    """Every data-free rule of the registry through merge.py: any read of a training split fails, and so does any
+    read of the test labels or the true domain while a rule runs (merge.py reads them after, to score it)."""
+    running = []
+
+    def guarded(real):
+        def load(*args, **kwargs):
+            split = kwargs["split"] if "split" in kwargs else args[1]
+            if split != "test":
+                raise Forbidden(f"a data-free rule loaded the {split!r} split")
+            return real(*args, **kwargs)
+        return load
+
+    for module, name in ((data, "load_source"), (data, "load_task"), (data, "_load_cached"),
+                         (problems, "load_task"), (merge, "load_task")):
+        monkeypatch.setattr(module, name, guarded(getattr(module, name)))
+    for attribute in ("labels", "domain"):
+        real = getattr(problems.Problem, attribute)
+
+        def unreadable(self, real=real, attribute=attribute):
+            if running:
+                raise Forbidden(f"a rule read the problem's {attribute} while it ran")
+            return real.fget(self)
+        monkeypatch.setattr(problems.Problem, attribute, property(unreadable))
+    call_rule = merge.StrategyCall.__call__
+
+    def watched(self, inputs):
+        running.append(self.label)
+        try:
+            return call_rule(self, inputs) if self.name == "oracle" else call_rule(self, without_domain(inputs))
+        finally:
+            running.pop()
+    monkeypatch.setattr(merge.StrategyCall, "__call__", watched)
+    entries = data_free_calls()
+    summary = merge.main(merge_cfg(env, env["ckpt"], tmp_path / "results", "[" + ",".join(entries) + "]"))
+    rows = [r for r in read_rows(summary["outputs"]["jsonl"]) if r.get("kind") == "strategy"]
+    assert len(rows) == (len(entries) + 1) * len(SEEDS)  # every rule and the oracle, for every seed
+
+
+def without_domain(inputs):
+    """A copy of MergeInputs whose true domain is gone: a rule that reads it fails."""
+    import dataclasses
+    return dataclasses.replace(inputs, domain=None)

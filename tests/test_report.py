@@ -285,3 +285,49 @@ def test_the_source_table_sets_each_sources_auroc_beside_the_frechet_distance():
                    detection={"a": {"auroc": 0.6, "fpr95": 0.8}})]
     text = report.source_table(rows, [{"synthesizer": "inversion", "expert": "a", "frechet_distance": 12.5}])
     assert "| knn(k=10) | a | 60.0 | 90.0 | 12.5 |" in text
+
+
+# ---------------------------------------------------------------- families from the registry (issue 27)
+
+def registered_variants(name: str) -> list[dict]:
+    """Parameters of a registered rule as tables run it: its defaults, and for a detector its statistics sources."""
+    from strategies import REGISTRY
+    strategy = REGISTRY[name]
+    defaults = {k: default for k, (_, default) in strategy.params.items()}
+    if strategy.detector:
+        return [defaults | {"stats": s} for s in ("synthetic:dafl", "real:200")]
+    if "regime" in strategy.params:
+        return [defaults | {"gate": g, "regime": r, "stats": "synthetic:dafl" if g == "detectors" else ""}
+                for g in ("feature", "universal", "detectors") for r in ("synthetic", "noise", "real", "real:50")]
+    return [defaults]
+
+
+def test_every_registered_rule_falls_into_a_family():
+    from strategies import REGISTRY
+    for name in REGISTRY:
+        for params in registered_variants(name):
+            assert report.family(rule_row("p", 1, name, 0.5, **params)) is not None, (name, params)
+
+
+def test_a_detector_gate_on_real_statistics_is_never_data_free():
+    data_free = report.ANSWER_GROUPS["best data-free rule"]
+
+    def fam(stats, regime="synthetic"):
+        return report.family(rule_row("p", 1, "gate_hard", 0.5, gate="detectors", regime=regime, stats=stats))
+    assert fam("synthetic:dafl") == "detector gate, data-free" and fam("synthetic:dafl") in data_free
+    assert fam("real:200") == "detector gate, data-free with 200 real images per expert"
+    assert fam("real:200") not in data_free and fam("real:all", "noise") not in data_free
+    assert fam("") == "detector gate, statistics not recorded" and fam("") not in data_free
+    # a real-statistics gate far ahead on both halves still does not win the data-free column
+    rows = [rule_row("p", s, "naive", 0.70) for s in (1, 2)]
+    rows += [rule_row("p", s, "gate_hard", 0.99, gate="detectors", regime="synthetic", stats="real:200")
+             for s in (1, 2)]
+    [answer] = report.answer_rows({"p": rows})
+    assert answer["best data-free rule"]["best"] == "naive"
+
+
+def test_the_oracle_of_shared_labels_is_not_called_a_bound():
+    row = rule_row("p", 1, "oracle", 0.5)
+    assert report.family(row) == "oracle (bound)"
+    assert report.family({**row, "shared_labels": True}) == report.OWNER_ROUTING
+    assert "(bound)" not in report.merge_report([{**row, "shared_labels": True}], "t")

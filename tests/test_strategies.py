@@ -9,6 +9,7 @@ import torch
 import strategies
 from archs.mlp import MLP
 from config import LOGIT_RULES, ConfigError, MergeConfig, parse_args
+from conftest import Forbidden
 from detector_stats import DetectorScores
 from strategies import NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs, StrategyCall, parse_strategies
 
@@ -625,3 +626,39 @@ def test_gate_parameters_are_checked():
         parse_strategies([{"name": "gate_hard", "regime": "fake"}])
     with pytest.raises(ConfigError, match="universal"):
         parse_strategies([{"name": "gate_soft", "gate": "features"}])
+
+
+# ---------------------------------------------------------------- what a rule may read (issue 27)
+
+def unreadable_domain(inputs: MergeInputs) -> MergeInputs:
+    """``inputs`` whose ``domain`` raises Forbidden on any read (a data descriptor wins over the instance's field)."""
+    def forbidden(self):
+        raise Forbidden("a rule read the true domain")
+    inputs.__class__ = type("NoDomain", (MergeInputs,), {"domain": property(forbidden)})
+    return inputs
+
+
+@pytest.mark.parametrize("problem", ["2experts", "2parents"])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_only_the_oracle_reads_the_domain(name, problem):
+    sizes, shared = PROBLEMS[problem]
+    inputs = unreadable_domain(random_inputs(sizes, n=20, seed=5, shared=shared))
+    if name == "oracle":
+        with pytest.raises(Forbidden):
+            run("oracle", inputs)
+    else:
+        run_if_it_fits(name, inputs)
+
+
+def test_the_detector_gates_label_names_its_statistics_source():
+    calls = strategies.with_gate_statistics(
+        parse_strategies(["gate_hard(gate=detectors,regime=synthetic)", "gate_soft(gate=feature,regime=synthetic)",
+                          "gate_confident(gate=detectors,regime=noise,stats=real:200)"]), "real:200")
+    assert [c.label for c in calls] == ["gate_hard(gate=detectors,regime=synthetic,stats=real:200)",
+                                        "gate_soft(gate=feature,regime=synthetic)",
+                                        "gate_confident(gate=detectors,regime=noise,stats=real:200)"]
+    with pytest.raises(ConfigError, match="pass gate.detector_stats=real:200"):
+        strategies.with_gate_statistics(parse_strategies(["gate_hard(gate=detectors,stats=real:200)"]),
+                                        "synthetic:dafl")
+    with pytest.raises(ConfigError, match="gate=detectors only"):
+        parse_strategies(["gate_hard(gate=feature,stats=synthetic:dafl)"])
