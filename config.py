@@ -323,8 +323,8 @@ class GateTraining:
 
 @dataclass
 class StatisticsSettings:
-    """How the detectors' statistics are fitted on a source of an expert's inputs (detector_sources.py): a
-    seeded ``holdout`` share of the source calibrates the scores (scored against statistics of the rest: an
+    """How the detectors' statistics are fitted on a source of an expert's inputs (sources.py names it,
+    detector_stats.py fits it): a seeded ``holdout`` share of the source calibrates the scores (scored against statistics of the rest: an
     input is its own nearest neighbour), at most ``knn_bank`` features are kept for KNN, ViM's principal
     subspace has ``vim_dim`` dimensions (null: half the features), ReAct clips at ``react_percentile``. Part
     of each statistics artifact's recipe; shrinkage and KNN's k are the rules' own parameters."""
@@ -337,7 +337,7 @@ class StatisticsSettings:
 
 SECTIONS = {"expert": ExpertTraining, "dafl": DaflTraining, "inversion": InversionSettings,
             "deepinversion": DeepInversionSettings, "gate": GateTraining, "statistics": StatisticsSettings}
-SYNTHESIS_SECTIONS = ("dafl", "inversion", "deepinversion")  # one per synthesizer (synthesizers.py)
+SYNTHESIS_SECTIONS = ("dafl", "inversion", "deepinversion")  # one per synthesizer (synthesis.py)
 
 
 # ---------------------------------------------------------------- the scripts' configs
@@ -608,13 +608,23 @@ def _diff(value: Any, default: Any) -> Any:
     return value
 
 
+# Where this machine keeps data, checkpoints and results: they change no number, and an absolute path names a
+# machine, so they stay out of every committed config and config digest (issue 27)
+MACHINE_PATHS = ("data_dir", "ckpt_dir", "results_dir")
+
+
+def portable(tree: dict) -> dict:
+    """A config as a nested mapping without the machine's paths (MACHINE_PATHS), at any depth."""
+    return {k: portable(v) if isinstance(v, dict) else v for k, v in tree.items() if k not in MACHINE_PATHS}
+
+
 def digest(cfg: Any) -> str:
-    """A short hash of the whole resolved config: every result row carries it (``config_digest``), and the
-    config file written once beside its table starts with it."""
+    """A short hash of the whole resolved config but the machine's paths: every result row carries it
+    (``config_digest``), and the config file written once beside its table starts with it."""
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(portable(to_dict(cfg)), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def tasks_read(cfg: Any) -> set[str]:
@@ -637,13 +647,15 @@ def row_config(cfg: Any, table_keys: tuple[str, ...] = ()) -> dict:
     beside the table, ``save``) and what it sets differently from config.py's defaults, without ``table_keys``
     (keys that describe the table rather than the row, such as the list of every strategy it ran) and without
     the task entries it does not read."""
-    diff = only_read_tasks(changes(cfg), tasks_read(cfg))
+    diff = portable(only_read_tasks(changes(cfg), tasks_read(cfg)))
     return {"config_digest": digest(cfg), "config": {k: v for k, v in diff.items() if k not in table_keys}}
 
 
 def save(cfg: Any, path: str | os.PathLike) -> None:
-    """The whole resolved config as YAML, headed by its digest (the ``config_digest`` of the rows beside it)."""
-    atomic_write_text(path, f"# config digest: {digest(cfg)}\n" + describe(cfg))
+    """The whole resolved config as YAML, headed by its digest (the ``config_digest`` of the rows beside it),
+    without the machine's paths."""
+    atomic_write_text(path, f"# config digest: {digest(cfg)}\n" + yaml.safe_dump(
+        portable(to_dict(cfg)), sort_keys=False, default_flow_style=None))
 
 
 # ---------------------------------------------------------------- range checks

@@ -1,5 +1,5 @@
 """Out-of-distribution detectors: how much each input belongs to one expert, one score per input, higher = more
-in-distribution. Routing is OOD detection run once per expert (DESIGN.md section 4, "Detectors").
+in-distribution. Routing is OOD detection run once per expert (docs/design.md section 4, "Rules").
 
 The flow, per expert:
 

@@ -279,8 +279,9 @@ def test_save_round_trip(tmp_path):
     assert path.is_file()
     assert [p.name for p in path.parent.iterdir()] == ["run.config.yaml"]  # no temp file left behind
     again = parse_args(TrainConfig, [str(path)])
-    assert again == cfg
-    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+    # everything round-trips but the machine's paths, which the reading machine's defaults fill (issue 27)
+    assert again == dataclasses.replace(cfg, data_dir=TrainConfig().data_dir)
+    assert config.portable(dataclasses.asdict(again)) == config.portable(dataclasses.asdict(cfg))
 
 
 # ---------------------------------------------------------------- ranges, checked at load
@@ -375,3 +376,13 @@ def test_stack_seeds_takes_auto_true_false_and_yaml_booleans():
     assert parse_args(PanConfig, ["gate.stack_seeds=True"]).gate.stack_seeds == "true"
     with pytest.raises(ConfigError, match="expert.stack_seeds='sometimes' is not one of auto, true, false"):
         parse_args(TrainConfig, ["expert.stack_seeds=sometimes"])
+
+
+def test_machine_paths_stay_out_of_digests_and_saved_configs(tmp_path):
+    here = config.parse_args(config.MergeConfig, ["data_dir=/a/data", "ckpt_dir=/a/ckpt", "results_dir=/a/out"])
+    there = config.parse_args(config.MergeConfig, ["data_dir=/b/data", "ckpt_dir=/b/ckpt", "results_dir=/b/out"])
+    assert config.digest(here) == config.digest(there)
+    config.save(here, tmp_path / "c.yaml")
+    assert "/a/" not in (tmp_path / "c.yaml").read_text()
+    assert "/a/" not in str(config.row_config(here))
+    assert config.digest(here) != config.digest(config.parse_args(config.MergeConfig, ["test_limit=5"]))

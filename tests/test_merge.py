@@ -18,7 +18,8 @@ import strategies
 import train_source_networks
 from artifacts import ExpertId, Layout
 from common import CheckpointError, read_rows
-from config import ConfigError, MergeConfig, TrainConfig, changes, digest, load_yaml, parse_args, to_dict
+from config import (ConfigError, MergeConfig, TrainConfig, changes, digest, load_yaml, parse_args, portable,
+                    to_dict)
 from conftest import Forbidden
 from test_problems import make_data_root
 
@@ -87,14 +88,16 @@ def test_merge_end_to_end(env, tmp_path, capsys):
     assert outputs == {"jsonl": f"{base}.jsonl", "csv": f"{base}.csv", "report": f"{base}.md",
                        "config": f"{base}.config.yaml"}
     assert all(Path(p).is_file() for p in outputs.values())
-    assert load_yaml(outputs["config"]) == json.loads(json.dumps(to_dict(cfg)))
+    # the whole config but the machine's paths (issue 27: no machine path in a committed file or a digest)
+    assert load_yaml(outputs["config"]) == json.loads(json.dumps(portable(to_dict(cfg))))
+    assert str(tmp_path.parent) not in Path(outputs["config"]).read_text()
 
     # rows: experts then strategies, per seed, each carrying the config's digest and what differs from the
     # defaults (without the table's list of strategies); the whole config is the file beside them
     rows = read_rows(outputs["jsonl"])
     expected_order = [f"expert:{t}" for t in TASKS] + LABELS
     assert [(r["seed"], r["strategy"]) for r in rows] == [(s, label) for s in SEEDS for label in expected_order]
-    differs = json.loads(json.dumps({k: v for k, v in changes(cfg).items() if k != "strategies"}))
+    differs = json.loads(json.dumps({k: v for k, v in portable(changes(cfg)).items() if k != "strategies"}))
     assert all(r["config"] == differs and r["config_digest"] == digest(cfg) for r in rows)
     assert differs["expert"] == {"epochs": 2, "lr": 0.02, "batch_size": 16}
     assert Path(outputs["config"]).read_text().startswith(f"# config digest: {digest(cfg)}\n")
