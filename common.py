@@ -7,9 +7,11 @@ import io
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -59,6 +61,24 @@ def fast_memory_format(model: torch.nn.Module) -> torch.memory_format:
     gradient of a 1x1 convolution with few channels hangs or aborts in channels-last (a ResNet's projection
     shortcut at width 1/16, issue 27), and no other architecture was measured faster in it."""
     return torch.channels_last if getattr(model, "channels_last", False) else torch.contiguous_format
+
+
+@cache
+def source_commit() -> str:
+    """The git commit of the code that runs (12 hex digits), with ``+edited`` when tracked files differ from it,
+    or ``unknown`` outside a git checkout: every merge row records it, and a report names the commits its rows
+    were made at (issue 27: every committed number from one command at one commit)."""
+    repo = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10)
+        edited = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+edited" if edited.stdout.strip() else "")
 
 
 def compact_png(png: bytes) -> bytes:

@@ -36,7 +36,8 @@ import config
 from artifacts import Layout, code_digest, digest_of, recipe_key, tally
 from augments import TTA_SETTINGS, apply_augment
 from common import (append_row, atomic_write_text, cli, derive_seed, make_generator,
-                    mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
+                    mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, source_commit,
+                    write_rows)
 from archs import build_model
 from data import InputFormat, get_source, load_task, prepare_input, task_classes, to_unit
 from detector_stats import (GATE_DETECTORS, LOGIT_DETECTORS, DetectorScorer, detection_metrics, expert_views,
@@ -364,7 +365,7 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
     activations = runs.activations(seed)
     logits = [lo for lo, _ in activations]
     base = {"problem": cfg.problem, "name": cfg.name or cfg.problem, "seed": seed, "device": str(device),
-            "n": len(labels)}
+            "n": len(labels), "commit": source_commit()}
     rows = {}
 
     def finish(label: str, row: dict) -> None:

@@ -22,6 +22,7 @@ import json
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +32,12 @@ if str(REPO) not in sys.path:
 
 import config  # noqa: E402
 import figures  # noqa: E402
-from artifacts import arch_tag, section_args  # noqa: E402
+from artifacts import arch_tag, code_digest, section_args  # noqa: E402
 from common import (UserError, atomic_write_text, cli, hidden_inner_progress, print_summary, progress,  # noqa: E402
                     read_rows, resolve_device, write_rows)
 from report import (REAL_COUNTS_X, answer_rows, answer_table, best_of_families, real_data_curves,  # noqa: E402
                     reproduction_report, resolve, scaling_rows, target_rows, targets_table)
-from strategies import parse_strategies  # noqa: E402
+from strategies import BASE_CODE, REGISTRY, parse_strategies  # noqa: E402
 from synthesis import components  # noqa: E402
 
 PROFILES = REPO / "experiments" / "profiles"
@@ -314,12 +315,41 @@ def build_report(cfg: config.ReproduceConfig, steps: list[Step]) -> dict:
         f"# Reproduction report: profile `{cfg.profile}`", "",
         f"Written by `python experiments/reproduce.py profile={cfg.profile}`; seeds {cfg.seeds}; "
         f"result rows beside this file. Figures: {'PNG files in figures/' if figures else 'not drawn (' + NO_FIGURES + ')'}.",
-        ""])
+        "", provenance(tables)])
     text = reproduction_report(header, tables, series, experts_per_problem, experts_rows, generator_rows, gates,
                                timings, figures, diagnostics)
     outputs["report"] = str(results / "report.md")
     atomic_write_text(outputs["report"], text)
     return outputs
+
+
+def stale_rows(tables: dict[str, list[dict]]) -> list[dict]:
+    """The merge rows whose code key differs from the current code's (a rule or the scoring changed since they
+    were made): the report names them, so rows of two versions of the code are never silently mixed."""
+    stale: dict[tuple[str, str], dict] = {}
+    for table, rows in tables.items():
+        for r in rows:
+            registered = REGISTRY.get(r.get("rule", "")) if r.get("kind") == "strategy" else None
+            code = BASE_CODE if r.get("kind") == "expert" else registered.code if registered else None
+            now = code_digest(code) if code else "rule no longer registered"
+            if r.get("key", {}).get("code") != now:
+                entry = stale.setdefault((table, r["strategy"]), {"table": table, "row": r["strategy"], "seeds": []})
+                entry["seeds"].append(r["seed"])
+    return list(stale.values())
+
+
+def provenance(tables: dict[str, list[dict]]) -> str:
+    """Which commits the merge rows were made at (common.source_commit), and which rows are stale."""
+    commits = Counter(r.get("commit", "not recorded") for rows in tables.values() for r in rows)
+    made = "; ".join(f"`{c}` ({n} rows)" for c, n in commits.most_common()) or "no rows"
+    lines = [f"Merge rows made at commit {made}."]
+    stale = stale_rows(tables)
+    if not stale:
+        return lines[0] + " Every row's code key matches the code of this checkout.\n"
+    lines += ["", f"**{len(stale)} rows were made by other code than this checkout's** (a rerun of the profile "
+              "remakes them):", "", "| table | row | seeds |", "|---|---|---|"]
+    lines += [f"| {s['table']} | {s['row']} | {len(s['seeds'])} |" for s in stale]
+    return "\n".join(lines) + "\n"
 
 
 def curve_panels(experts: list[dict], generators: list[dict], gates: list[dict]) -> dict[str, dict]:
