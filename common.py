@@ -11,13 +11,14 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from archs import build_model
+from errors import UserError
 
 T = TypeVar("T")
 
@@ -94,11 +95,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------- checkpoints
-
-class UserError(Exception):
-    """A problem the user can fix (a bad config value, a missing file); the message says how. The command
-    line prints it as one line, without a traceback."""
-
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or of the wrong kind; the message says what to do."""
@@ -289,14 +285,3 @@ def hidden_inner_progress() -> Iterator[None]:
         yield
     finally:
         _inner_bars_hidden = previous
-
-
-# ---------------------------------------------------------------- command line
-
-def cli(main: Callable[[Any], dict], load: Callable[[], Any]) -> None:
-    """Run a script's ``main`` on the config ``load()`` builds from the command line; a UserError (bad
-    config, missing file or checkpoint) exits with its one line, before or during the work."""
-    try:
-        main(load())
-    except UserError as err:
-        sys.exit(f"error: {err}")

@@ -23,35 +23,40 @@ of the code that computes it (``row_key``). The summary counts reused rows and s
 """
 from __future__ import annotations
 
-import functools
-import json
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-import torch.nn as nn
-
+import cli
 import config
-from artifacts import Layout, code_digest, digest_of, recipe_key, tally
-from augments import TTA_SETTINGS, apply_augment
-from common import (append_row, atomic_write_text, cli, derive_seed, make_generator,
+
+ARGS = cli.arguments(__name__, __doc__, config.MergeConfig)  # --help and bad arguments answer before torch loads
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from artifacts import Layout, code_digest, digest_of, recipe_key, tally  # noqa: E402
+from augments import TTA_SETTINGS, apply_augment  # noqa: E402
+from common import (append_row, atomic_write_text, derive_seed, make_generator,  # noqa: E402
                     mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
-from archs import build_model
-from data import InputFormat, get_source, load_task, prepare_input, task_classes, to_unit
-from detector_stats import (GATE_DETECTORS, LOGIT_DETECTORS, DetectorScorer, detection_metrics, expert_views,
-                            stored_statistics)
-from detectors import last_batch_norm
-from expert_files import FEATURE_TYPES, require
-from gating import SHARED_GATES, gate_paths, gate_runner, wanted_gates
-from problems import (Problem, build_problem, expert_activations, expert_logits, run_experts, run_stacked,
+from archs import build_model  # noqa: E402
+from data import InputFormat, get_source, load_task, prepare_input, task_classes, to_unit  # noqa: E402
+from detector_stats import (GATE_DETECTORS, LOGIT_DETECTORS, DetectorScorer, detection_metrics,  # noqa: E402
+                            expert_views, stored_statistics)
+from detectors import last_batch_norm  # noqa: E402
+from expert_files import FEATURE_TYPES, require  # noqa: E402
+from gating import SHARED_GATES, gate_paths, gate_runner, wanted_gates  # noqa: E402
+from problems import (Problem, build_problem, expert_activations, expert_logits, run_experts, run_stacked,  # noqa: E402
                       test_batches, test_batches_with_units)
-from stacked import resolve_stacking, stack, stackable
-from report import merge_report
-from strategies import (BASE_CODE, DEFAULT_SYNTHESIZER, NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs,
-                        StrategyCall, check_fusion, parse_strategies)
-from sources import Source, parse_source
-from synthesis import components, load_set
+from stacked import resolve_stacking, stack, stackable  # noqa: E402
+from report import merge_report  # noqa: E402
+from strategies import (BASE_CODE, DEFAULT_SYNTHESIZER, NO_EXPERT, REGISTRY, Decision, FusionInputs,  # noqa: E402
+                        MergeInputs, StrategyCall, check_fusion, parse_strategies)
+from sources import Source, parse_source  # noqa: E402
+from synthesis import components, load_set  # noqa: E402
+
 
 SELECTION_SEED = "selection half"  # names the seeded split of every combined test set into two halves
 
@@ -463,8 +468,7 @@ def model_arguments(task: config.TaskSpec) -> dict:
 
 def main(cfg: config.MergeConfig) -> dict:
     config.check(cfg)
-    if cfg.problem not in cfg.problems:
-        raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
+    config.check_names(cfg)
     calls = parse_strategies(cfg.strategies)
     if "oracle" not in [c.label for c in calls]:  # the bound goes beside every table
         calls.append(parse_strategies(["oracle"])[0])
@@ -517,4 +521,4 @@ def main(cfg: config.MergeConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main, lambda: config.parse_args(config.MergeConfig))
+    cli.run(main, ARGS)

@@ -18,22 +18,27 @@ chosen expert's softmax probability of its top class), tab-separated; ``output=F
 """
 from __future__ import annotations
 
-import csv
-import io
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
-import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
-
+import cli
 import config
-from artifacts import Layout
-from common import UserError, atomic_write_text, cli, print_summary, progress, resolve_device
-from data import get_source, to_problem_size
-from expert_files import FEATURE_TYPES, require
-from gating import gate_runner, wanted_gates
-from problems import Problem, describe_problem, run_experts
-from strategies import NO_EXPERT, REGISTRY, MergeInputs, StrategyCall, parse_strategies
+
+ARGS = cli.arguments(__name__, __doc__, config.PredictConfig)  # --help and bad arguments answer before torch loads
+
+import csv  # noqa: E402
+import io  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torchvision.io import ImageReadMode, decode_image, read_file  # noqa: E402
+
+from artifacts import Layout  # noqa: E402
+from common import UserError, atomic_write_text, print_summary, progress, resolve_device  # noqa: E402
+from data import get_source, to_problem_size  # noqa: E402
+from expert_files import FEATURE_TYPES, require  # noqa: E402
+from gating import gate_runner, wanted_gates  # noqa: E402
+from problems import Problem, describe_problem, run_experts  # noqa: E402
+from strategies import NO_EXPERT, REGISTRY, MergeInputs, StrategyCall, parse_strategies  # noqa: E402
+
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -68,8 +73,7 @@ def check_rule(cfg: config.PredictConfig) -> StrategyCall:
 def load_mixture(cfg: config.PredictConfig) -> tuple[Problem, StrategyCall]:
     """The problem (its experts and labels, no test set) and the rule, checked; every file they need exists."""
     config.check(cfg)
-    if cfg.problem not in cfg.problems:
-        raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
+    config.check_names(cfg)
     call = check_rule(cfg)
     problem = describe_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks)
     layout = Layout(cfg)
@@ -204,4 +208,4 @@ def main(cfg: config.PredictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main, lambda: config.parse_args(config.PredictConfig))
+    cli.run(main, ARGS)

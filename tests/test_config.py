@@ -280,7 +280,8 @@ def test_save_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["run.config.yaml"]  # no temp file left behind
     again = parse_args(TrainConfig, [str(path)])
     assert again == cfg
-    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+    assert config.to_dict(again) == config.to_dict(cfg)  # the record; yaml_files only says where it was read
+    assert again.yaml_files == [str(path)]
 
 
 # ---------------------------------------------------------------- ranges, checked at load
