@@ -399,7 +399,9 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
                          run_gates=gate_runner(layout, problem, activations, seed, device, detector_gate_inputs),
                          run_synthetic=synthetic_runner(layout, problem, models, formats, seed, device),
                          run_detector=scorer)
-    for call in calls:
+    rules = progress(calls, desc=f"{base['name']} seed {seed}", unit="rule", leave=False)
+    for call in rules:
+        rules.set_postfix_str(call.label)  # which rule is running (on a terminal) or just finished (in a log)
         setting = call.param("setting")
         if setting is not None:  # expert passes, timed apart from the rule
             inputs.passes(setting)

@@ -113,7 +113,8 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
     saver = Saver(resume, model, optimiser, order)
     history: list[dict] = saver.restore()
     model.train()
-    for epoch in progress(range(len(history), epochs), desc=desc, leave=False, initial=len(history), total=epochs):
+    for epoch in progress(range(len(history), epochs), desc=desc, leave=False, initial=len(history), total=epochs,
+                          unit="epoch"):
         perm = torch.randperm(len(inputs), generator=order).to(inputs.device)
         total = torch.zeros(2, device=inputs.device)  # summed loss, correct predictions: one host sync per epoch
         for start in range(0, len(inputs), batch_size):
@@ -194,7 +195,7 @@ def train_classifiers(models: list[nn.Module], inputs: torch.Tensor | list[torch
     given = [w for w in class_weights if w is not None]
     weights = torch.stack([w if w is not None else torch.ones_like(given[0]) for w in class_weights]) if given else None
     network.train()
-    for epoch in progress(range(done[0], epochs), desc=desc, leave=False, initial=done[0], total=epochs):
+    for epoch in progress(range(done[0], epochs), desc=desc, leave=False, initial=done[0], total=epochs, unit="epoch"):
         perms = torch.stack([torch.randperm(n, generator=order) for order in orders]).to(data.device)
         totals = torch.zeros(2, count, device=data.device)  # per seed: summed loss, correct predictions
         for start in range(0, n, batch_size):

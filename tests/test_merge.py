@@ -432,3 +432,14 @@ def test_stacked_seeds_give_the_rows_of_each_seed_alone(env, tmp_path):
         assert a["acc"] == pytest.approx(b["acc"], abs=2 / a["n"]), a["strategy"]  # a near tie may flip a sample
         if a["kind"] == "strategy":
             assert a["stacked_seeds"] == len(SEEDS) and b["stacked_seeds"] == 1
+
+
+# ---------------------------------------------------------------- issue 28: progress
+
+def test_merge_names_each_rule_in_its_progress_lines(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)  # stderr is pytest's capture, no terminal: one line per finished rule
+    merge.main(merge_cfg(env, tmp_path, seeds=[1]))
+    lines = capsys.readouterr().err.splitlines()
+    for n, label in enumerate(LABELS, start=1):
+        assert any(line.startswith(f"disjoint_mnist seed 1: {n}/{len(LABELS)} rule done in ")
+                   and line.endswith(f": {label}") for line in lines), (label, lines)
