@@ -41,6 +41,10 @@ PAPER_SEEDS = [770597, 600522, 416719, 306890, 201746, 156886, 929271, 247945, 5
 
 DATA_DIR_ENV = "MOE_DATA_DIR"
 
+# Where an ad-hoc run writes its rows and reports: a folder git ignores, so trying things never touches the committed
+# results/ (experiments/reproduce.py writes its profile's folder, results/PROFILE, which the pages quote).
+RUNS = "runs"
+
 class ConfigError(UserError, ValueError):
     """A configuration problem the user can fix; the message says how."""
 
@@ -360,7 +364,7 @@ class TrainConfig:
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)  # add more under `tasks:` in a YAML file
     data_dir: str = field(default_factory=default_data_dir)  # the data root ($MOE_DATA_DIR, default ./data)
     ckpt_dir: str = "checkpoints"  # where checkpoints, synthetic sets and resume points live
-    results_dir: str = "results"
+    results_dir: str = RUNS  # rows, reports and the config beside them
     device: str = device_field()  # auto: cuda when available, else cpu
     deterministic: bool = False  # deterministic algorithms: reruns give identical numbers
     force: bool = False  # retrain seeds whose checkpoint already exists
@@ -396,12 +400,15 @@ class MergeConfig:
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)  # add more under `tasks:` in a YAML file
     data_dir: str = field(default_factory=default_data_dir)  # the data root ($MOE_DATA_DIR, default ./data)
     ckpt_dir: str = "checkpoints"  # where checkpoints, synthetic sets and resume points live
-    results_dir: str = "results"
+    results_dir: str = RUNS  # rows, reports and the config beside them
     device: str = device_field()
     deterministic: bool = False  # deterministic algorithms: reruns give identical numbers
     # evaluate every seed's experts together as one stacked network (stacked.py); the rows equal one seed's alone
     stack_seeds: str = stacking_field()
     force: bool = False  # recompute rows already stored for a seed
+    # keep the table's rows of earlier runs of the same problem and settings whose rules this run does not ask for
+    # (false: the table holds this run's rules only, as the pipeline's tables do)
+    keep_rows: bool = True
     yaml_files: list[str] = yaml_files_field()
 
 
@@ -422,7 +429,7 @@ class GanConfig:
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)  # more under `problems:` in YAML
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)  # add more under `tasks:` in a YAML file
     ckpt_dir: str = "checkpoints"  # where checkpoints, synthetic sets and resume points live
-    results_dir: str = "results"
+    results_dir: str = RUNS  # rows, reports and the config beside them
     device: str = device_field()
     deterministic: bool = False  # deterministic algorithms: reruns give identical numbers
     force: bool = False  # redo finished work
@@ -452,7 +459,7 @@ class PanConfig:
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)  # add more under `tasks:` in a YAML file
     data_dir: str = field(default_factory=default_data_dir)  # the data root ($MOE_DATA_DIR, default ./data)
     ckpt_dir: str = "checkpoints"  # where checkpoints, synthetic sets and resume points live
-    results_dir: str = "results"
+    results_dir: str = RUNS  # rows, reports and the config beside them
     device: str = device_field()
     deterministic: bool = False  # deterministic algorithms: reruns give identical numbers
     force: bool = False  # redo finished work

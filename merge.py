@@ -15,11 +15,14 @@ other (report.best_of_families). Gate rules also say, per evaluated expert, whet
 on that very expert checkpoint (``gate_experts``; ``unseen`` when none of them) and how well its gate
 tells the expert's own test images from the others (membership accuracy).
 
-Rows (one per strategy and seed, plus the experts' own accuracies) go to ``results/merge/NAME.{jsonl,csv}``
-with the config, and a Markdown report to ``NAME.md``. Each row is also appended, as soon as it is
-computed, to ``results/merge/NAME/seedS.jsonl``; a rerun reuses a stored row only when its key matches:
+Rows (one per strategy and seed, plus the experts' own accuracies) go to ``RESULTS_DIR/merge/NAME.{jsonl,csv}``
+(``results_dir``: runs/ by default, which git ignores; the pipeline writes results/PROFILE) with the config, and a
+Markdown report to ``NAME.md``. Each row is also appended, as soon as it is computed, to
+``RESULTS_DIR/merge/NAME/seedS.jsonl``; a rerun reuses a stored row only when its key matches:
 the rule and the settings it depends on, the digests of the expert and gate files it read, and the source
-of the code that computes it (``row_key``). The summary counts reused rows and says why others were made.
+of the code that computes it (``row_key``). The summary counts reused rows and says why others were made. A run
+with another rule list keeps the table's rows of earlier runs of the same problem and settings (``keep_rows``),
+and says how many it kept and how many it replaced.
 """
 from __future__ import annotations
 
@@ -468,6 +471,33 @@ def model_arguments(task: config.TaskSpec) -> dict:
     return {"in_channels": get_source(task.source).channels, "num_classes": len(task_classes(task))}
 
 
+TABLE_KEYS = ("strategies", "keep_rows")  # settings of a table rather than of its rows: rows do not record them
+
+
+def with_earlier_rows(rows: list[dict], previous: list[dict], recorded: dict, seeds: list[int],
+                      keep: bool) -> tuple[list[dict], dict, str]:
+    """The table's rows: per seed, this run's ``rows``, then (with ``keep``) the rows of earlier runs in the table
+    as it was (``previous``) of the same problem and settings (the same ``recorded`` config) whose rule this run
+    did not compute, so a run with another rule list adds to a table instead of replacing it. Also how many earlier
+    rows were kept and how many replaced, and a line saying so (empty when neither)."""
+    same = json.dumps(recorded["config"], sort_keys=True, default=str)
+    ours = {(r["seed"], r["strategy"]) for r in rows}
+    others = [r for r in previous if (r["seed"], r["strategy"]) not in ours]
+    kept = [r for r in others if keep and json.dumps(r.get("config"), sort_keys=True) == same]
+    table = [r for seed in dict.fromkeys([*seeds, *(r["seed"] for r in kept)])
+             for r in [*(r for r in rows if r["seed"] == seed), *(r for r in kept if r["seed"] == seed)]]
+    lines = []
+    if kept:
+        labels = ", ".join(dict.fromkeys(r["strategy"] for r in kept))
+        lines.append(f"kept {len(kept)} rows of earlier runs of this table with the same problem and settings: "
+                     f"{labels}")
+    if len(others) > len(kept):
+        why = ("keep_rows=false" if not keep else "they were made with other settings; rerunning those settings "
+               "reads them back from the per-seed caches")
+        lines.append(f"replaced {len(others) - len(kept)} rows of an earlier run of this table ({why})")
+    return table, {"kept": len(kept), "replaced": len(others) - len(kept)}, "; ".join(lines)
+
+
 def main(cfg: config.MergeConfig) -> dict:
     config.check(cfg)
     config.check_names(cfg)
@@ -507,7 +537,12 @@ def main(cfg: config.MergeConfig) -> dict:
                                 caches[seed]) if plan.todo else {}
         rows += finish_seed(plan, computed, caches[seed])
         reasons += list(plan.reasons.values())
-    outputs = write_rows(out / name, [{**r, **config.row_config(cfg, table_keys=("strategies",))} for r in rows])
+    recorded = config.row_config(cfg, table_keys=TABLE_KEYS)
+    rows, earlier, line = with_earlier_rows([{**r, **recorded} for r in rows], read_rows(out / f"{name}.jsonl"),
+                                            recorded, cfg.seeds, cfg.keep_rows)
+    if line:
+        print(line, flush=True)
+    outputs = write_rows(out / name, rows)
     outputs["report"] = str(out / f"{name}.md")
     atomic_write_text(outputs["report"], merge_report(rows, title=f"{name} ({cfg.problem})"))
     outputs["config"] = str(out / f"{name}.config.yaml")
@@ -517,7 +552,7 @@ def main(cfg: config.MergeConfig) -> dict:
         mean, std = mean_std(r["acc"] for r in rows if r["strategy"] == call.label)
         accuracy[call.label] = {"mean": mean, "std": std}
     summary = {"problem": cfg.problem, "name": name, "seeds": cfg.seeds, "acc": accuracy, "outputs": outputs,
-               **tally(reasons)}
+               **tally(reasons), "earlier_rows": earlier}
     print_summary(summary)
     return summary
 

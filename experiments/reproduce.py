@@ -169,6 +169,8 @@ def shared_args(cfg: config.ReproduceConfig, stage: str, seeds: list[int], force
             args += section_args(name, getattr(cfg, name))
     if cfg.deterministic:
         args.append("deterministic=true")
+    if stage == "merge":  # a profile's table holds exactly the rules of its YAML file, not those of earlier runs
+        args.append("keep_rows=false")
     return args + (["force=true"] if force else [])
 
 
