@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 import shlex
 import sys
@@ -35,7 +36,10 @@ def arguments(name: str, doc: str | None, cls: type, load: Callable[[list[str]],
         return None
     argv = sys.argv[1:]
     if any(arg in HELP_FLAGS for arg in argv):
-        print(help_text(doc, cls))
+        try:
+            print(help_text(doc, cls), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted; Python's own exit would complain
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     try:
         cfg = load(argv) if load else config.parse_args(cls, argv)

@@ -45,6 +45,9 @@ DATA_DIR_ENV = "MOE_DATA_DIR"
 # results/ (experiments/reproduce.py writes its profile's folder, results/PROFILE, which the pages quote).
 RUNS = "runs"
 
+# The pipeline's profiles (experiments/reproduce.py): a stage may take one as the base of its settings (profile_field)
+PROFILES = Path(__file__).resolve().parent / "experiments" / "profiles"
+
 class ConfigError(UserError, ValueError):
     """A configuration problem the user can fix; the message says how."""
 
@@ -91,6 +94,13 @@ def yaml_files_field() -> Any:
     config's record (``to_dict``, its digest) nor of its equality: the same settings from other files are one
     run."""
     return field(default_factory=list, compare=False, metadata={"unrecorded": True})
+
+
+def profile_field() -> Any:
+    """A profile of the pipeline (``quick``, ``cpu``, ``paper``, or a profile's YAML file) whose settings sections
+    and ``ckpt_dir`` are the base of this config, below its YAML files and ``key=value`` arguments wherever it is
+    given: the settings under which ``make reproduce PROFILE=...`` made its checkpoints (``profile_settings``)."""
+    return field(default="", metadata={"profile": True})
 
 
 def device_field() -> Any:
@@ -472,6 +482,8 @@ class PredictConfig:
     ``rule`` (a logit rule or a gate rule; the sections name the checkpoints it reads)."""
 
     problem: str = "disjoint_mnist"
+    # the pipeline profile that made the experts and gates (quick, cpu, paper or its file): its settings and ckpt_dir
+    profile: str = profile_field()
     seed: int = at_least(0, PAPER_SEEDS[0])  # one seed of the experts (and gates) to combine
     rule: Any = "naive"  # a strategy: name, label such as gate_hard(gate=universal,regime=real), or mapping
     inputs: str = ""  # a folder of PNG/JPEG images, one image, or a tensor file ([N, C, H, W] uint8 or [0,1] float)
@@ -554,6 +566,11 @@ def parse_args(cls: type[C], argv: list[str] | None = None) -> C:
     """Build a ``cls`` config from YAML files and ``key=value`` arguments (see module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = cls()
+    based = [f.name for f in dataclasses.fields(cls) if f.metadata.get("profile")]
+    for arg in argv:  # a profile is the base, wherever it is given: the other arguments override it
+        key, _, text = arg.partition("=")
+        if key.strip() in based and text:
+            cfg = apply_overrides(cfg, profile_settings(text))
     for arg in argv:
         if "=" in arg:
             key, _, text = arg.partition("=")
@@ -571,6 +588,23 @@ def parse_args(cls: type[C], argv: list[str] | None = None) -> C:
             raise ConfigError(f"argument {arg!r} is neither key=value nor a .yaml file")
     check(cfg)
     return cfg
+
+
+def profile_path(name: str) -> Path:
+    """A profile's YAML file: ``experiments/profiles/NAME.yaml``, or ``name`` itself when it is a YAML file."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILES / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        raise ConfigError(f"unknown profile {name!r}; choices: {choices} (or a profile's .yaml file)")
+    return path
+
+
+def profile_settings(name: str) -> dict:
+    """What a pipeline profile sets of the settings sections, and its ``ckpt_dir``: the overrides under which a
+    stage finds the checkpoints ``make reproduce PROFILE=name`` made."""
+    profile = parse_args(ReproduceConfig, [str(profile_path(name))])
+    diff = changes(profile)
+    return {**{k: diff[k] for k in SECTIONS if k in diff}, "ckpt_dir": profile.ckpt_dir}
 
 
 def other_stages_keys(cls: type) -> set[str]:

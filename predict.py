@@ -2,6 +2,10 @@
 
     python predict.py problem=disjoint_mnist seed=770597 rule=naive inputs=my_digits/
     python predict.py experiments/my_problem.yaml rule="gate_hard(gate=universal,regime=real)" inputs=batch.pt
+    python predict.py profile=quick problem=mnist_cifar10 rule=energy inputs=my_images/   # after make reproduce
+
+``profile=`` names the pipeline profile that made the checkpoints (quick, cpu, paper, or its YAML file): its
+settings sections and ckpt_dir select them, as the pipeline's own stages do (other arguments override it).
 
 ``inputs`` is a folder of PNG/JPEG images (sorted by name), one such image, or a tensor file
 (``torch.save`` of ``[N, C, H, W]`` uint8 pixels or [0,1] floats; read with ``weights_only=True``). When grey

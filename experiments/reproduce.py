@@ -32,18 +32,11 @@ if str(REPO) not in sys.path:
 import cli  # noqa: E402
 import config  # noqa: E402
 
-PROFILES = REPO / "experiments" / "profiles"
-
-
 def load_config(argv: list[str] | None = None) -> config.ReproduceConfig:
     """``profile=NAME`` (default quick) loads experiments/profiles/NAME.yaml; other arguments override it."""
     argv = sys.argv[1:] if argv is None else argv
     name = config.parse_args(config.ReproduceConfig, [a for a in argv if a.startswith("profile=")]).profile
-    path = PROFILES / f"{name}.yaml"
-    if not path.is_file():
-        choices = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
-        raise config.ConfigError(f"unknown profile {name!r}; choices: {choices}")
-    return config.parse_args(config.ReproduceConfig, [str(path), *argv])
+    return config.parse_args(config.ReproduceConfig, [str(config.profile_path(name)), *argv])
 
 
 # --help and bad arguments answer before torch loads
