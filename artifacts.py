@@ -447,6 +447,13 @@ class Layout:
         # an upstream recipe is an expert's (no synthesizer) or a synthesizer's (a DAFL generator or any set)
         return self._overrides(stored, wanted, wanted.get("synthesizer") or "expert")
 
+    def missing_commands(self, wanted: list[Wanted]) -> list[str]:
+        """The commands that make every needed artifact not on disk, each once, in the order of the stages (experts,
+        synthetic sets, gates): what ``missing_error`` names, to run."""
+        commands = dict.fromkeys(w.command for w in wanted if not w.path.exists() and "file" not in w.recipe)
+        order = [self.script(name) for name in ("train_source_networks.py", "train_gan.py", "train_pan.py")]
+        return sorted(commands, key=lambda c: next((i for i, start in enumerate(order) if c.startswith(start)), 3))
+
     def missing_error(self, wanted: list[Wanted]) -> CheckpointError | None:
         """One error for every needed artifact not on disk (None when all are there): when each of them exists
         under other settings that the same overrides select, one line naming those settings, the overrides to

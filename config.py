@@ -419,6 +419,9 @@ class MergeConfig:
     # keep the table's rows of earlier runs of the same problem and settings whose rules this run does not ask for
     # (false: the table holds this run's rules only, as the pipeline's tables do)
     keep_rows: bool = True
+    # make the experts, synthetic sets and gates the table needs and does not find, by the commands a missing
+    # checkpoint's error names (each stage in its own process), instead of stopping with that error
+    make_missing: bool = False
     yaml_files: list[str] = yaml_files_field()
 
 
@@ -502,8 +505,10 @@ class PredictConfig:
     yaml_files: list[str] = yaml_files_field()
 
 
-# every stage's config: a YAML file's keys that only other stages read are skipped by a stage (other_stages_keys)
-STAGE_CONFIGS = (TrainConfig, GanConfig, PanConfig, MergeConfig, PredictConfig)
+# every stage script's config: a YAML file's keys that only other stages read are skipped by a stage
+# (other_stages_keys), and merge.py's make_missing gives each command it runs the arguments its stage takes
+STAGE_CONFIGS = {"train_source_networks.py": TrainConfig, "train_gan.py": GanConfig, "train_pan.py": PanConfig,
+                 "merge.py": MergeConfig, "predict.py": PredictConfig}
 
 
 @dataclass
@@ -609,7 +614,7 @@ def profile_settings(name: str) -> dict:
 
 def other_stages_keys(cls: type) -> set[str]:
     """The keys a YAML file may hold for other stages, which ``cls`` skips there: one file serves every stage."""
-    return {f.name for stage in STAGE_CONFIGS for f in dataclasses.fields(stage)} - {
+    return {f.name for stage in STAGE_CONFIGS.values() for f in dataclasses.fields(stage)} - {
         f.name for f in dataclasses.fields(cls)}
 
 

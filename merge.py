@@ -22,7 +22,8 @@ Markdown report to ``NAME.md``. Each row is also appended, as soon as it is comp
 the rule and the settings it depends on, the digests of the expert and gate files it read, and the source
 of the code that computes it (``row_key``). The summary counts reused rows and says why others were made. A run
 with another rule list keeps the table's rows of earlier runs of the same problem and settings (``keep_rows``),
-and says how many it kept and how many it replaced.
+and says how many it kept and how many it replaced. Experts, synthetic sets or gates it does not find stop it with
+the commands that make them, or, with ``make_missing=true``, are made by those commands first.
 """
 from __future__ import annotations
 
@@ -31,8 +32,12 @@ import config
 
 ARGS = cli.arguments(__name__, __doc__, config.MergeConfig)  # --help and bad arguments answer before torch loads
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -45,6 +50,7 @@ from augments import TTA_SETTINGS, apply_augment  # noqa: E402
 from common import (append_row, atomic_write_text, derive_seed, make_generator,  # noqa: E402
                     mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, write_rows)
 from archs import build_model  # noqa: E402
+from errors import UserError  # noqa: E402
 from data import InputFormat, get_source, load_task, prepare_input, task_classes, to_unit  # noqa: E402
 from detector_stats import (GATE_DETECTORS, LOGIT_DETECTORS, DetectorScorer, detection_metrics,  # noqa: E402
                             expert_views, stored_statistics)
@@ -471,7 +477,24 @@ def model_arguments(task: config.TaskSpec) -> dict:
     return {"in_channels": get_source(task.source).channels, "num_classes": len(task_classes(task))}
 
 
-TABLE_KEYS = ("strategies", "keep_rows")  # settings of a table rather than of its rows: rows do not record them
+TABLE_KEYS = ("strategies", "keep_rows", "make_missing")  # settings of the table, not of its rows: rows omit them
+REPO = Path(__file__).resolve().parent
+
+
+def make_missing(cfg: config.MergeConfig, commands: list[str]) -> None:
+    """Run ``commands`` (Layout.missing_commands), each stage script in its own process as a user would (stage scripts
+    never import each other), with this run's data root, folders, device and determinism; a failure stops the run
+    with its command (the stage's own error is printed above it)."""
+    local = {"data_dir": cfg.data_dir, "ckpt_dir": cfg.ckpt_dir, "results_dir": cfg.results_dir,
+             "device": cfg.device, "deterministic": str(cfg.deterministic).lower()}
+    for command in commands:
+        words = shlex.split(command)
+        takes = {f.name for f in dataclasses.fields(config.STAGE_CONFIGS[words[1]])}
+        print(f"make_missing: {command}", flush=True)
+        done = subprocess.run([sys.executable, str(REPO / words[1]), *words[2:],
+                               *(f"{key}={value}" for key, value in local.items() if key in takes)])
+        if done.returncode:
+            raise UserError(f"make_missing: `{command}` failed (exit status {done.returncode}; its error is above)")
 
 
 def with_earlier_rows(rows: list[dict], previous: list[dict], recorded: dict, seeds: list[int],
@@ -522,7 +545,9 @@ def main(cfg: config.MergeConfig) -> dict:
     wanted += [layout.wanted_set(cfg.problem, part, e, seed) for seed in cfg.seeds for c in calls
                if sets_read(c, cfg.gate) for part in components(sets_read(c, cfg.gate)) for e in problem.experts]
     if (error := layout.missing_error(wanted)) is not None:
-        raise error
+        if not cfg.make_missing:
+            raise error
+        make_missing(cfg, layout.missing_commands(wanted))
     name = cfg.name or cfg.problem
     out = Path(cfg.results_dir) / "merge"
     caches = {seed: out / name / f"seed{seed}.jsonl" for seed in cfg.seeds}

@@ -90,3 +90,19 @@ def test_the_readme_path_goes_from_its_yaml_to_predictions(user, capsys):
     assert answer["images"] == 4 and [Path(line[0]).name for line in printed] == [
         "cifar_pets_0.png", "cifar_pets_1.png", "first5_mnist_0.png", "first5_mnist_1.png"]
     assert all(line[2] in ("first5_mnist", "cifar_pets") for line in printed)
+
+
+def test_make_missing_makes_what_the_table_needs_in_one_command(user, capsys):
+    """``python merge.py my.yaml problem=my_problem make_missing=true``: the experts (here; sets and gates alike)
+    are made by the commands the missing-checkpoint error names, each in its own process, then the table."""
+    argv = ["python", "merge.py", "my.yaml", "problem=my_problem", "seeds=[0]", "strategies=[naive,energy]",
+            "make_missing=true"]
+    table = run(argv, user)
+    out = capsys.readouterr().out
+    made = [line for line in out.splitlines() if line.startswith("make_missing: python")]
+    assert made == ["make_missing: python train_source_networks.py my.yaml dataset=first5_mnist arch=lenet5 "
+                    "seeds=[0] expert.epochs=1 expert.batch_size=32",
+                    "make_missing: python train_source_networks.py my.yaml dataset=cifar_pets arch=lenet5_half "
+                    "seeds=[0] expert.epochs=1 expert.batch_size=32"]
+    assert {r["strategy"] for r in read_rows(table["outputs"]["jsonl"])} >= {"naive", "energy", "oracle"}
+    assert run(argv, user)["made"] == 0  # all there now: nothing to make, every row reused
