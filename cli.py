@@ -67,13 +67,12 @@ def interrupted_line(cfg: Any) -> str:
     """What an interrupted run keeps and how to go on: every stage writes finished checkpoints and rows as soon as
     they are done and the resume point of training in progress at every epoch end (training.Saver), so the same
     command continues where it stopped."""
-    kept = ["finished checkpoints, with the resume point of training in progress at its last finished epoch, "
-            f"under {cfg.ckpt_dir}/"] if hasattr(cfg, "ckpt_dir") else []
-    if hasattr(cfg, "results_dir"):
-        kept.append(f"finished rows under {cfg.results_dir}/")
     command = shlex.join(["python", sys.argv[0], *sys.argv[1:]])
-    saved = f"kept {' and '.join(kept)}" if kept else "nothing to keep"
-    return f"interrupted: {saved}; run `{command}` again to resume"
+    if not hasattr(cfg, "results_dir"):  # predict.py: it makes nothing before its answer
+        return f"interrupted: nothing was written; run `{command}` again"
+    return (f"interrupted: kept finished checkpoints, with the resume point of training in progress at its last "
+            f"finished epoch, under {cfg.ckpt_dir}/ and finished rows under {cfg.results_dir}/; run `{command}` "
+            f"again to resume")
 
 
 # ---------------------------------------------------------------- --help

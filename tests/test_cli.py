@@ -100,6 +100,15 @@ def test_ctrl_c_ends_in_one_line_and_the_rerun_says_it_resumed(make_fake_root, t
     assert not list((tmp_path / "ckpt").rglob("*.resume.pt"))  # cleared once the checkpoint is written
 
 
+def test_an_interrupted_predict_says_it_wrote_nothing():
+    import cli
+    import config
+
+    line = cli.interrupted_line(config.PredictConfig())
+    assert line.startswith("interrupted: nothing was written; run `python ") and line.endswith(" again")
+    assert "resume point" in cli.interrupted_line(config.MergeConfig())
+
+
 def test_train_accepts_a_yaml_with_problems_and_merge_rules(tmp_path):
     """One file serves every stage: the training stage skips what only merge.py reads (issue 28, item 1)."""
     mine = tmp_path / "mine.yaml"
