@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -224,11 +225,19 @@ class Layout:
         self.gate: config.GateTraining | None = getattr(cfg, "gate", None)
         self.statistics: config.StatisticsSettings | None = getattr(cfg, "statistics", None)
         self.device: str = getattr(cfg, "device", "auto")
+        # the YAML files the config was read from: a command that makes a missing artifact repeats them, so it finds
+        # the user's own tasks, problems and settings
+        self.files: list[str] = list(getattr(cfg, "yaml_files", []))
         self._recipes: dict[str, dict] = {}  # key -> every recipe this layout computed (alternatives() reads them)
 
     def _known(self, recipe: dict) -> dict:
         self._recipes[recipe_key(recipe)] = recipe
         return recipe
+
+    def script(self, name: str) -> str:
+        """``python NAME`` and the YAML files this config was read from: the start of a command that makes an
+        artifact."""
+        return " ".join(["python", name, *map(shlex.quote, self.files)])
 
     def stacked(self, stage: str) -> bool:
         """Whether ``stage`` (experts, generators or gates) trains its seeds as one stacked network here: its
@@ -269,7 +278,7 @@ class Layout:
             return f"(nothing to train: the expert is the file {expert.file.path})"
         extra = f" arch_kwargs='{json.dumps(expert.arch_kwargs)}'" if expert.arch_kwargs else ""
         settings = "".join(f" {a}" for a in section_args("expert", self.expert_training))
-        return (f"python train_source_networks.py dataset={expert.task} arch={expert.arch}{extra} "
+        return (f"{self.script('train_source_networks.py')} dataset={expert.task} arch={expert.arch}{extra} "
                 f"seeds=[{','.join(map(str, seeds))}]{settings}")
 
     # ------------------------------------------------------------ generators and synthetic sets
@@ -303,7 +312,7 @@ class Layout:
     def gan_command(self, problem: str, seeds: list[int], synthesizers: list[str]) -> str:
         settings = [*section_args("expert", self.expert_training),
                     *(arg for name in synthesizers for arg in section_args(name, self.synthesis[name]))]
-        return " ".join(["python train_gan.py", f"problem={problem}", f"seeds=[{','.join(map(str, seeds))}]",
+        return " ".join([self.script("train_gan.py"), f"problem={problem}", f"seeds=[{','.join(map(str, seeds))}]",
                          f"synthesizers=[{','.join(synthesizers)}]", *settings])
 
     # ------------------------------------------------------------ gates
@@ -345,7 +354,7 @@ class Layout:
 
     def gate_command(self, problem: str, regime: str, gate_type: str, seed: int, synthesizer: str = "dafl") -> str:
         settings = [*section_args("expert", self.expert_training), *section_args("gate", self.gate)]
-        words = ["python train_pan.py", f"problem={problem}", f"regimes=[{regime}]", f"gate_types=[{gate_type}]",
+        words = [self.script("train_pan.py"), f"problem={problem}", f"regimes=[{regime}]", f"gate_types=[{gate_type}]",
                  f"seeds=[{seed}]"]
         if not regime.startswith("real"):
             words.append(f"synthesizers=[{synthesizer}]")
@@ -437,6 +446,13 @@ class Layout:
         stored = stored_meta(files).get("recipe") or {}
         # an upstream recipe is an expert's (no synthesizer) or a synthesizer's (a DAFL generator or any set)
         return self._overrides(stored, wanted, wanted.get("synthesizer") or "expert")
+
+    def missing_commands(self, wanted: list[Wanted]) -> list[str]:
+        """The commands that make every needed artifact not on disk, each once, in the order of the stages (experts,
+        synthetic sets, gates): what ``missing_error`` names, to run."""
+        commands = dict.fromkeys(w.command for w in wanted if not w.path.exists() and "file" not in w.recipe)
+        order = [self.script(name) for name in ("train_source_networks.py", "train_gan.py", "train_pan.py")]
+        return sorted(commands, key=lambda c: next((i for i, start in enumerate(order) if c.startswith(start)), 3))
 
     def missing_error(self, wanted: list[Wanted]) -> CheckpointError | None:
         """One error for every needed artifact not on disk (None when all are there): when each of them exists

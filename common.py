@@ -10,16 +10,18 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from archs import build_model
+from errors import UserError
 
 T = TypeVar("T")
 
@@ -123,11 +125,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------- checkpoints
-
-class UserError(Exception):
-    """A problem the user can fix (a bad config value, a missing file); the message says how. The command
-    line prints it as one line, without a traceback."""
-
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or of the wrong kind; the message says what to do."""
@@ -300,32 +297,83 @@ def print_summary(summary: dict) -> None:
 # ---------------------------------------------------------------- progress
 
 _inner_bars_hidden = False
+LONG_LOOP = 20  # items: a longer loop (epochs of a long training, a folder of images) writes a line at most ...
+LINE_INTERVAL_S = 10.0  # ... this often where no terminal is, so a log file stays readable
+NARROWEST_BAR = 10  # columns: a terminal narrower than this (a zero-size one) shows no bar
 
 
-def progress(iterable: Iterable[T], outer: bool = False, **kwargs: Any) -> tqdm:
-    """A tqdm bar, silent in CI, when stderr is not a terminal, and (unless ``outer``) inside
-    ``hidden_inner_progress()``, where a driver shows one bar of its own."""
-    quiet = bool(os.environ.get("CI")) or not sys.stderr.isatty() or (_inner_bars_hidden and not outer)
-    return tqdm(iterable, disable=quiet, dynamic_ncols=True, **kwargs)
+def progress(iterable: Iterable[T], outer: bool = False, **kwargs: Any) -> tqdm | ProgressLines:
+    """A tqdm bar on a terminal; where stderr is no terminal (a file, a pipe) or one too narrow to draw in, one line
+    per finished item with its time (``ProgressLines``). Silent in CI. Inside ``hidden_inner_progress()``, where a
+    driver shows one bar of its own, a loop that is not ``outer`` draws no bar and writes at most a line every
+    LINE_INTERVAL_S seconds (the driver writes its own line when its step is done)."""
+    hidden = _inner_bars_hidden and not outer
+    if os.environ.get("CI"):
+        return tqdm(iterable, disable=True, **kwargs)
+    if terminal_width() >= NARROWEST_BAR:
+        return tqdm(iterable, disable=hidden, dynamic_ncols=True, **kwargs)
+    return ProgressLines(iterable, hidden=hidden, **kwargs)
+
+
+def terminal_width() -> int:
+    """The columns of the terminal stderr writes to; 0 when it is no terminal."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
+    except (OSError, ValueError, AttributeError):  # stderr replaced by an object without a file descriptor
+        return 0
+
+
+class ProgressLines:
+    """Progress as lines on stderr, for logs and pipes: ``DESC: N/TOTAL UNIT done in S s (T s in all): POSTFIX`` for
+    each finished item; a loop of more than LONG_LOOP items (or one hidden by a driver) writes at most one line
+    every LINE_INTERVAL_S seconds, and a long loop its last item always. Takes the tqdm calls the project makes
+    (iteration, ``update``, ``set_postfix_str``, use as a context manager)."""
+
+    def __init__(self, iterable: Iterable[T] | None = None, desc: str = "", total: int | None = None,
+                 initial: int = 0, unit: str = "it", hidden: bool = False, **_: Any) -> None:
+        self.iterable, self.desc, self.unit, self.n, self.postfix = iterable, desc, unit, initial, ""
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.hidden = hidden
+        self.sparse = hidden or (self.total or 0) > LONG_LOOP
+        self.start = self.item_start = self.last_line = time.perf_counter()
+
+    def __iter__(self) -> Iterator[T]:
+        for item in self.iterable:
+            self.item_start = time.perf_counter()
+            yield item
+            self.update(1)
+
+    def update(self, n: int = 1) -> None:
+        now = time.perf_counter()
+        self.n += n
+        last = self.total is not None and self.n >= self.total
+        if not self.sparse or now - self.last_line >= LINE_INTERVAL_S or (last and not self.hidden):
+            of = f"/{self.total}" if self.total is not None else ""
+            line = (f"{self.desc or 'progress'}: {self.n}{of} {self.unit} done in {now - self.item_start:.1f} s "
+                    f"({now - self.start:.0f} s in all)" + (f": {self.postfix}" if self.postfix else ""))
+            print(line, file=sys.stderr, flush=True)
+            self.last_line = now
+        self.item_start = now
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        self.postfix = text
+
+    def close(self) -> None:
+        """Nothing to clear: every line is final."""
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 @contextmanager
 def hidden_inner_progress() -> Iterator[None]:
-    """Silence the stage scripts' own bars while a driver runs them."""
+    """Silence the stage scripts' own bars, and thin their lines, while a driver runs them."""
     global _inner_bars_hidden
     previous, _inner_bars_hidden = _inner_bars_hidden, True
     try:
         yield
     finally:
         _inner_bars_hidden = previous
-
-
-# ---------------------------------------------------------------- command line
-
-def cli(main: Callable[[Any], dict], load: Callable[[], Any]) -> None:
-    """Run a script's ``main`` on the config ``load()`` builds from the command line; a UserError (bad
-    config, missing file or checkpoint) exits with its one line, before or during the work."""
-    try:
-        main(load())
-    except UserError as err:
-        sys.exit(f"error: {err}")

@@ -15,10 +15,9 @@ Arguments ending in ``.yaml``/``.yml`` are YAML files applied in order; ``key=va
 applied after them. Nested keys use dots (``tasks.my_task.classes=[0,2]``); values are parsed as
 YAML (lists as ``[a,b]``) and then coerced to the field's declared type, so ``lr=1`` is a float.
 Unknown keys are errors that suggest the nearest valid key, and values are checked against their range
-(``check``) before any work. A config class may name, in its ``YAML_SKIPS``, keys of other scripts'
-experiment files that it skips in a YAML file (never on the command line): the generator and gate stages
-read a merge table's problem and seeds and skip its rules (``MERGE_ONLY_KEYS``), so one file defines a
-problem for all three.
+(``check``) before any work. In a YAML file (never on the command line) a stage skips the keys that only
+other stages read (``STAGE_CONFIGS``): one file of tasks, problems, settings and a merge table's rules serves
+every stage. This module imports nothing heavy, so the command line (cli.py) answers before torch loads.
 """
 from __future__ import annotations
 
@@ -31,20 +30,23 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 import yaml
 
-from common import UserError, atomic_write_text
+from errors import UserError
 
 # The paper's seed list (docs/design.md section 3); expert, generator and gate of seed i belong together.
 PAPER_SEEDS = [770597, 600522, 416719, 306890, 201746, 156886, 929271, 247945, 5028, 436287]
 
 DATA_DIR_ENV = "MOE_DATA_DIR"
 
-# Keys of a merge table (experiments/*.yaml for merge.py) that only merge.py reads.
-MERGE_ONLY_KEYS = ("name", "strategies", "fusion_samples")
+# Where an ad-hoc run writes its rows and reports: a folder git ignores, so trying things never touches the committed
+# results/ (experiments/reproduce.py writes its profile's folder, results/PROFILE, which the pages quote).
+RUNS = "runs"
 
+# The pipeline's profiles (experiments/reproduce.py): a stage may take one as the base of its settings (profile_field)
+PROFILES = Path(__file__).resolve().parent / "experiments" / "profiles"
 
 class ConfigError(UserError, ValueError):
     """A configuration problem the user can fix; the message says how."""
@@ -84,6 +86,21 @@ def choice(default: str, choices: tuple[str, ...]) -> Any:
 
 def seed_list(default: list[int]) -> Any:
     return field(default_factory=lambda: list(default), metadata={"seeds": True})
+
+
+def yaml_files_field() -> Any:
+    """The YAML files a config was read from, in order (parse_args records them): the hints that say how to make
+    a missing artifact repeat them, so a copied hint finds the user's own tasks and problems. Not part of the
+    config's record (``to_dict``, its digest) nor of its equality: the same settings from other files are one
+    run."""
+    return field(default_factory=list, compare=False, metadata={"unrecorded": True})
+
+
+def profile_field() -> Any:
+    """A profile of the pipeline (``quick``, ``cpu``, ``paper``, or a profile's YAML file) whose settings sections
+    and ``ckpt_dir`` are the base of this config, below its YAML files and ``key=value`` arguments wherever it is
+    given: the settings under which ``make reproduce PROFILE=...`` made its checkpoints (``profile_settings``)."""
+    return field(default="", metadata={"profile": True})
 
 
 def device_field() -> Any:
@@ -347,20 +364,21 @@ class TrainConfig:
     """Expert training (train_source_networks.py): one checkpoint per (task, arch, seed)."""
 
     dataset: str = "mnist"  # a key of `tasks`
-    arch: str = "lenet5"
+    arch: str = "lenet5"  # a model of archs/ (lenet5, lenet5_half, lenet5_bn, resnet18, resnet, mlp, vgg)
     # extra arguments of the arch beside in_channels and num_classes, e.g. {widths: [400, 200], bias: false}
     # for arch=mlp; they are part of the checkpoint's recipe and name
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    seeds: list[int] = seed_list(PAPER_SEEDS)
+    seeds: list[int] = seed_list(PAPER_SEEDS)  # the paper's seeds; expert, generator and gate of seed i go together
     expert: ExpertTraining = field(default_factory=ExpertTraining)
-    test_limit: int | None = at_least(1, None)
-    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
-    data_dir: str = field(default_factory=default_data_dir)
-    ckpt_dir: str = "checkpoints"
-    results_dir: str = "results"
+    test_limit: int | None = at_least(1, None)  # only the first N test images of each task (null: all)
+    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)  # add more under `tasks:` in a YAML file
+    data_dir: str = field(default_factory=default_data_dir)  # the data root ($MOE_DATA_DIR, default ./data)
+    ckpt_dir: str = "checkpoints"  # where checkpoints, synthetic sets and resume points live
+    results_dir: str = RUNS  # rows, reports and the config beside them
     device: str = device_field()  # auto: cuda when available, else cpu
-    deterministic: bool = False
+    deterministic: bool = False  # deterministic algorithms: reruns give identical numbers
     force: bool = False  # retrain seeds whose checkpoint already exists
+    yaml_files: list[str] = yaml_files_field()
 
 
 # The rules that need only each expert's logits on the test set, in the paper's table order.
@@ -376,7 +394,7 @@ class MergeConfig:
     problem: str = "disjoint_mnist"  # a key of `problems`
     name: str = ""  # names the results files; empty: the problem's name
     strategies: list[Any] = field(default_factory=lambda: list(LOGIT_RULES))  # names, labels or {name: ..., param: ...}
-    seeds: list[int] = seed_list(PAPER_SEEDS)
+    seeds: list[int] = seed_list(PAPER_SEEDS)  # the paper's seeds; expert, generator and gate of seed i go together
     test_limit: int | None = at_least(1, None)  # per expert's test subset (shared labels: of the one test set)
     batch_size: int = at_least(1, 512)  # evaluation batch (larger batches run slower on CPU: activations leave the cache)
     # real training images (from the union of the parents' training sets) that weight-space fusion rules read
@@ -388,16 +406,23 @@ class MergeConfig:
     deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     gate: GateTraining = field(default_factory=GateTraining)
     statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
-    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
-    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
-    data_dir: str = field(default_factory=default_data_dir)
-    ckpt_dir: str = "checkpoints"
-    results_dir: str = "results"
+    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)  # more under `problems:` in YAML
+    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)  # add more under `tasks:` in a YAML file
+    data_dir: str = field(default_factory=default_data_dir)  # the data root ($MOE_DATA_DIR, default ./data)
+    ckpt_dir: str = "checkpoints"  # where checkpoints, synthetic sets and resume points live
+    results_dir: str = RUNS  # rows, reports and the config beside them
     device: str = device_field()
-    deterministic: bool = False
+    deterministic: bool = False  # deterministic algorithms: reruns give identical numbers
     # evaluate every seed's experts together as one stacked network (stacked.py); the rows equal one seed's alone
     stack_seeds: str = stacking_field()
     force: bool = False  # recompute rows already stored for a seed
+    # keep the table's rows of earlier runs of the same problem and settings whose rules this run does not ask for
+    # (false: the table holds this run's rules only, as the pipeline's tables do)
+    keep_rows: bool = True
+    # make the experts, synthetic sets and gates the table needs and does not find, by the commands a missing
+    # checkpoint's error names (each stage in its own process), instead of stopping with that error
+    make_missing: bool = False
+    yaml_files: list[str] = yaml_files_field()
 
 
 @dataclass
@@ -406,23 +431,22 @@ class GanConfig:
     images made from that expert alone (DAFL trains a generator against it first; sections ``dafl``,
     ``inversion``, ``deepinversion``)."""
 
-    YAML_SKIPS: ClassVar[tuple[str, ...]] = MERGE_ONLY_KEYS  # a merge table's rules, in a YAML file
-
     problem: str = "disjoint_mnist"
-    seeds: list[int] = seed_list(PAPER_SEEDS)
+    seeds: list[int] = seed_list(PAPER_SEEDS)  # the paper's seeds; expert, generator and gate of seed i go together
     synthesizers: list[str] = field(default_factory=lambda: ["dafl"])  # names of synthesizers.SYNTHESIZERS
     expert: ExpertTraining = field(default_factory=ExpertTraining)
     dafl: DaflTraining = field(default_factory=DaflTraining)
     inversion: InversionSettings = field(default_factory=InversionSettings)
     deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     eval_samples: int = at_least(1, 4096)  # samples scored for the quality figures
-    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
-    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
-    ckpt_dir: str = "checkpoints"
-    results_dir: str = "results"
+    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)  # more under `problems:` in YAML
+    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)  # add more under `tasks:` in a YAML file
+    ckpt_dir: str = "checkpoints"  # where checkpoints, synthetic sets and resume points live
+    results_dir: str = RUNS  # rows, reports and the config beside them
     device: str = device_field()
-    deterministic: bool = False
-    force: bool = False
+    deterministic: bool = False  # deterministic algorithms: reruns give identical numbers
+    force: bool = False  # redo finished work
+    yaml_files: list[str] = yaml_files_field()
 
 
 @dataclass
@@ -430,10 +454,8 @@ class PanConfig:
     """Gating networks (train_pan.py): per expert of `problem`, per seed, gate type and data regime
     (section ``gate``; ``expert`` and ``dafl`` name the checkpoints the gates read)."""
 
-    YAML_SKIPS: ClassVar[tuple[str, ...]] = MERGE_ONLY_KEYS  # a merge table's rules, in a YAML file
-
     problem: str = "disjoint_mnist"
-    seeds: list[int] = seed_list(PAPER_SEEDS)
+    seeds: list[int] = seed_list(PAPER_SEEDS)  # the paper's seeds; expert, generator and gate of seed i go together
     gate_types: list[str] = field(default_factory=lambda: ["feature", "logits", "agnostic_logits",
                                                            "agnostic_feature", "universal", "detectors"])
     regimes: list[str] = field(default_factory=lambda: ["real", "synthetic", "noise"])
@@ -445,15 +467,16 @@ class PanConfig:
     deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     gate: GateTraining = field(default_factory=GateTraining)
     statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
-    test_limit: int | None = at_least(1, None)
-    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
-    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
-    data_dir: str = field(default_factory=default_data_dir)
-    ckpt_dir: str = "checkpoints"
-    results_dir: str = "results"
+    test_limit: int | None = at_least(1, None)  # only the first N test images of each task (null: all)
+    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)  # more under `problems:` in YAML
+    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)  # add more under `tasks:` in a YAML file
+    data_dir: str = field(default_factory=default_data_dir)  # the data root ($MOE_DATA_DIR, default ./data)
+    ckpt_dir: str = "checkpoints"  # where checkpoints, synthetic sets and resume points live
+    results_dir: str = RUNS  # rows, reports and the config beside them
     device: str = device_field()
-    deterministic: bool = False
-    force: bool = False
+    deterministic: bool = False  # deterministic algorithms: reruns give identical numbers
+    force: bool = False  # redo finished work
+    yaml_files: list[str] = yaml_files_field()
 
 
 @dataclass
@@ -461,11 +484,10 @@ class PredictConfig:
     """Classify your own images with a mixture (predict.py): one seed of ``problem``'s experts combined by
     ``rule`` (a logit rule or a gate rule; the sections name the checkpoints it reads)."""
 
-    # a merge table's keys that only evaluation reads, in a YAML file
-    YAML_SKIPS: ClassVar[tuple[str, ...]] = MERGE_ONLY_KEYS + ("seeds", "test_limit", "data_dir", "results_dir")
-
     problem: str = "disjoint_mnist"
-    seed: int = PAPER_SEEDS[0]
+    # the pipeline profile that made the experts and gates (quick, cpu, paper or its file): its settings and ckpt_dir
+    profile: str = profile_field()
+    seed: int = at_least(0, PAPER_SEEDS[0])  # one seed of the experts (and gates) to combine
     rule: Any = "naive"  # a strategy: name, label such as gate_hard(gate=universal,regime=real), or mapping
     inputs: str = ""  # a folder of PNG/JPEG images, one image, or a tensor file ([N, C, H, W] uint8 or [0,1] float)
     output: str = ""  # also write the predictions to this CSV file; empty: print them only
@@ -476,10 +498,17 @@ class PredictConfig:
     deepinversion: DeepInversionSettings = field(default_factory=DeepInversionSettings)
     gate: GateTraining = field(default_factory=GateTraining)
     statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
-    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)
-    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)
-    ckpt_dir: str = "checkpoints"
+    problems: dict[str, ProblemSpec] = field(default_factory=default_problems)  # more under `problems:` in YAML
+    tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)  # add more under `tasks:` in a YAML file
+    ckpt_dir: str = "checkpoints"  # where checkpoints, synthetic sets and resume points live
     device: str = device_field()
+    yaml_files: list[str] = yaml_files_field()
+
+
+# every stage script's config: a YAML file's keys that only other stages read are skipped by a stage
+# (other_stages_keys), and merge.py's make_missing gives each command it runs the arguments its stage takes
+STAGE_CONFIGS = {"train_source_networks.py": TrainConfig, "train_gan.py": GanConfig, "train_pan.py": PanConfig,
+                 "merge.py": MergeConfig, "predict.py": PredictConfig}
 
 
 @dataclass
@@ -513,7 +542,7 @@ class ReproduceConfig:
     targets: list[dict[str, Any]] = field(default_factory=list)
     scaling: dict[str, list[str]] = field(default_factory=dict)  # series name -> problems, fewest experts first
     only_problems: list[str] = field(default_factory=list)  # run just these problems (and tables using only them)
-    data_dir: str = field(default_factory=default_data_dir)
+    data_dir: str = field(default_factory=default_data_dir)  # the data root ($MOE_DATA_DIR, default ./data)
     ckpt_dir: str = "checkpoints/quick"
     results_dir: str = "results/quick"
     device: str = device_field()
@@ -542,6 +571,11 @@ def parse_args(cls: type[C], argv: list[str] | None = None) -> C:
     """Build a ``cls`` config from YAML files and ``key=value`` arguments (see module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = cls()
+    based = [f.name for f in dataclasses.fields(cls) if f.metadata.get("profile")]
+    for arg in argv:  # a profile is the base, wherever it is given: the other arguments override it
+        key, _, text = arg.partition("=")
+        if key.strip() in based and text:
+            cfg = apply_overrides(cfg, profile_settings(text))
     for arg in argv:
         if "=" in arg:
             key, _, text = arg.partition("=")
@@ -551,12 +585,37 @@ def parse_args(cls: type[C], argv: list[str] | None = None) -> C:
                 raise ConfigError(f"cannot parse the value of {key!r}: {text!r} ({err})") from None
             cfg = apply_overrides(cfg, _nest(key.strip(), value))
         elif arg.endswith((".yaml", ".yml")):
-            skips = getattr(cls, "YAML_SKIPS", ())
+            skips = other_stages_keys(cls)
             cfg = apply_overrides(cfg, {k: v for k, v in load_yaml(arg).items() if k not in skips})
+            if hasattr(cfg, "yaml_files"):
+                cfg = dataclasses.replace(cfg, yaml_files=[*cfg.yaml_files, arg])
         else:
             raise ConfigError(f"argument {arg!r} is neither key=value nor a .yaml file")
     check(cfg)
     return cfg
+
+
+def profile_path(name: str) -> Path:
+    """A profile's YAML file: ``experiments/profiles/NAME.yaml``, or ``name`` itself when it is a YAML file."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILES / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        raise ConfigError(f"unknown profile {name!r}; choices: {choices} (or a profile's .yaml file)")
+    return path
+
+
+def profile_settings(name: str) -> dict:
+    """What a pipeline profile sets of the settings sections, and its ``ckpt_dir``: the overrides under which a
+    stage finds the checkpoints ``make reproduce PROFILE=name`` made."""
+    profile = parse_args(ReproduceConfig, [str(profile_path(name))])
+    diff = changes(profile)
+    return {**{k: diff[k] for k in SECTIONS if k in diff}, "ckpt_dir": profile.ckpt_dir}
+
+
+def other_stages_keys(cls: type) -> set[str]:
+    """The keys a YAML file may hold for other stages, which ``cls`` skips there: one file serves every stage."""
+    return {f.name for stage in STAGE_CONFIGS.values() for f in dataclasses.fields(stage)} - {
+        f.name for f in dataclasses.fields(cls)}
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -564,7 +623,15 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark or err.context_mark
+            where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {path}{where}: {err.problem or err.context}; fix the YAML "
+                              f"there") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not YAML ({err}); fix it") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     return data
@@ -576,7 +643,8 @@ def apply_overrides(cfg: C, overrides: dict[str, Any]) -> C:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    unrecorded = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("unrecorded")}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unrecorded}
 
 
 def describe(cfg: Any) -> str:
@@ -654,6 +722,8 @@ def row_config(cfg: Any, table_keys: tuple[str, ...] = ()) -> dict:
 def save(cfg: Any, path: str | os.PathLike) -> None:
     """The whole resolved config as YAML, headed by its digest (the ``config_digest`` of the rows beside it),
     without the machine's paths."""
+    from common import atomic_write_text  # common loads torch; the command line reads this module before it
+
     atomic_write_text(path, f"# config digest: {digest(cfg)}\n" + yaml.safe_dump(
         portable(to_dict(cfg)), sort_keys=False, default_flow_style=None))
 
@@ -682,6 +752,9 @@ def _check_dataclass(obj: Any, prefix: str) -> None:
                 raise ConfigError(f"{key} is empty: give at least one seed, e.g. {key}=[0]")
             if len(set(value)) != len(value):
                 raise ConfigError(f"{key} lists a seed twice: {value}")
+            if any(seed < 0 for seed in value):  # torch's generators take no negative seed
+                raise ConfigError(f"{key}={value} holds a negative seed: seeds are whole numbers >= 0, e.g. "
+                                  f"{key}=[0]")
         if f.metadata.get("device"):
             check_device(value, key)
         if dataclasses.is_dataclass(value):
@@ -690,6 +763,17 @@ def _check_dataclass(obj: Any, prefix: str) -> None:
             for k, v in value.items():
                 if dataclasses.is_dataclass(v):
                     _check_dataclass(v, f"{key}.{k}.")
+
+
+def check_names(cfg: Any) -> None:
+    """The task a run trains on (``dataset``) and the problem it reads (``problem``) must be entries of its tables;
+    the command line checks this before torch loads, every script again at its start."""
+    if hasattr(cfg, "dataset") and cfg.dataset not in cfg.tasks:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}; choices: {', '.join(cfg.tasks)} "
+                          f"(define more under `tasks` in a YAML file)")
+    if hasattr(cfg, "problem") and hasattr(cfg, "problems") and cfg.problem not in cfg.problems:
+        raise ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)} "
+                          f"(define more under `problems` in a YAML file)")
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -57,7 +57,7 @@ def train_generator(expert: nn.Module, generator: nn.Module, dafl: config.DaflTr
     log: list[dict] = saver.restore()
     generator.train()
     for epoch in progress(range(len(log), dafl.epochs), desc=desc, leave=False, initial=len(log),
-                          total=dafl.epochs):
+                          total=dafl.epochs, unit="epoch"):
         for _ in range(dafl.iters_per_epoch):
             z = torch.randn(dafl.batch_size, dafl.latent_dim, generator=noise, device=device)
             logits, features = expert(generator(z), return_features=True)
@@ -95,7 +95,7 @@ def train_generators(experts: list[nn.Module], generators: list[nn.Module], dafl
     saver.restore_optimiser(optimiser)
     network.train()
     for epoch in progress(range(len(logs[0]), dafl.epochs), desc=desc, leave=False, initial=len(logs[0]),
-                          total=dafl.epochs):
+                          total=dafl.epochs, unit="epoch"):
         for _ in range(dafl.iters_per_epoch):
             z = torch.stack([torch.randn(dafl.batch_size, dafl.latent_dim, generator=noise, device=device)
                              for noise in noises])

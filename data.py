@@ -438,6 +438,31 @@ def ensure_data(root: str | os.PathLike, sources: list[str] | None = None) -> No
             _fetch(name, root, files, download=False)
 
 
+USAGE = f"""python data.py [DATA_ROOT]
+
+Make a data root ready for every dataset (MNIST, Fashion-MNIST, CIFAR-10): files already there are kept, else
+the offline mirror lays them out (${MIRROR_ENV}, default {DEFAULT_MIRROR}), else torchvision downloads them.
+
+  DATA_ROOT  (a folder; default ${DATA_DIR_ENV}, else ./data)  where the datasets go, in torchvision's layout"""
+
+
+def prepare_command_line(argv: list[str]) -> None:
+    """``python data.py [DATA_ROOT]``: ``-h``/``--help`` prints USAGE; a wrong argument or Ctrl-C ends with one line."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE)
+        return
+    if len(argv) > 1 or any(arg.startswith("-") for arg in argv):
+        sys.exit(f"error: data.py takes one argument, the data root, got {' '.join(argv)}; see python data.py --help")
+    root = data_root(argv[0] if argv else None)
+    try:
+        ensure_data(root)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: the datasets complete under {root} are kept; run `python data.py {root}` again "
+                 f"to finish")
+    print(f"data ready under {root}")
+
+
 if __name__ == "__main__":
-    ensure_data(sys.argv[1] if len(sys.argv) > 1 else data_root())
-    print(f"data ready under {data_root(sys.argv[1] if len(sys.argv) > 1 else None)}")
+    prepare_command_line(sys.argv[1:])

@@ -15,44 +15,59 @@ other (report.best_of_families). Gate rules also say, per evaluated expert, whet
 on that very expert checkpoint (``gate_experts``; ``unseen`` when none of them) and how well its gate
 tells the expert's own test images from the others (membership accuracy).
 
-Rows (one per strategy and seed, plus the experts' own accuracies) go to ``results/merge/NAME.{jsonl,csv}``
-with the config, and a Markdown report to ``NAME.md``. Each row is also appended, as soon as it is
-computed, to ``results/merge/NAME/seedS.jsonl``; a rerun reuses a stored row only when its key matches:
+Rows (one per strategy and seed, plus the experts' own accuracies) go to ``RESULTS_DIR/merge/NAME.{jsonl,csv}``
+(``results_dir``: runs/ by default, which git ignores; the pipeline writes results/PROFILE) with the config, and a
+Markdown report to ``NAME.md``. Each row is also appended, as soon as it is computed, to
+``RESULTS_DIR/merge/NAME/seedS.jsonl``; a rerun reuses a stored row only when its key matches:
 the rule and the settings it depends on, the digests of the expert and gate files it read, and the source
-of the code that computes it (``row_key``). The summary counts reused rows and says why others were made.
+of the code that computes it (``row_key``). The summary counts reused rows and says why others were made. A run
+with another rule list keeps the table's rows of earlier runs of the same problem and settings (``keep_rows``),
+and says how many it kept and how many it replaced. Experts, synthetic sets or gates it does not find stop it with
+the commands that make them, or, with ``make_missing=true``, are made by those commands first.
 """
 from __future__ import annotations
 
-import functools
-import json
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-import torch.nn as nn
-
+import cli
 import config
-from artifacts import Layout, code_digest, digest_of, recipe_key, tally
-from augments import TTA_SETTINGS, apply_augment
-from common import (append_row, atomic_write_text, cli, derive_seed, make_generator,
+
+ARGS = cli.arguments(__name__, __doc__, config.MergeConfig)  # --help and bad arguments answer before torch loads
+
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from artifacts import Layout, code_digest, digest_of, recipe_key, tally  # noqa: E402
+from augments import TTA_SETTINGS, apply_augment  # noqa: E402
+from common import (append_row, atomic_write_text, derive_seed, make_generator,  # noqa: E402
                     mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, source_commit,
                     write_rows)
-from archs import build_model
-from data import InputFormat, get_source, load_task, prepare_input, task_classes, to_unit
-from detector_stats import (GATE_DETECTORS, LOGIT_DETECTORS, DetectorScorer, detection_metrics, expert_views,
-                            stored_statistics)
-from detectors import last_batch_norm
-from expert_files import FEATURE_TYPES, require
-from gating import SHARED_GATES, gate_paths, gate_runner, wanted_gates
-from problems import (Problem, build_problem, expert_activations, expert_logits, run_experts, run_stacked,
+from archs import build_model  # noqa: E402
+from errors import UserError  # noqa: E402
+from data import InputFormat, get_source, load_task, prepare_input, task_classes, to_unit  # noqa: E402
+from detector_stats import (GATE_DETECTORS, LOGIT_DETECTORS, DetectorScorer, detection_metrics,  # noqa: E402
+                            expert_views, stored_statistics)
+from detectors import last_batch_norm  # noqa: E402
+from expert_files import FEATURE_TYPES, require  # noqa: E402
+from gating import SHARED_GATES, gate_paths, gate_runner, wanted_gates  # noqa: E402
+from problems import (Problem, build_problem, expert_activations, expert_logits, run_experts, run_stacked,  # noqa: E402
                       test_batches, test_batches_with_units)
-from stacked import resolve_stacking, stack, stackable
-from report import merge_report
-from strategies import (BASE_CODE, DEFAULT_SYNTHESIZER, NO_EXPERT, REGISTRY, Decision, FusionInputs, MergeInputs,
-                        StrategyCall, check_fusion, parse_strategies, with_gate_statistics)
-from sources import Source, parse_source
-from synthesis import components, load_set
+from stacked import resolve_stacking, stack, stackable  # noqa: E402
+from report import merge_report  # noqa: E402
+from strategies import (BASE_CODE, DEFAULT_SYNTHESIZER, NO_EXPERT, REGISTRY, Decision, FusionInputs,  # noqa: E402
+                        MergeInputs, StrategyCall, check_fusion, parse_strategies,
+                        with_gate_statistics)
+from sources import Source, parse_source  # noqa: E402
+from synthesis import components, load_set  # noqa: E402
+
 
 SELECTION_SEED = "selection half"  # names the seeded split of every combined test set into two halves
 
@@ -395,7 +410,9 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
                          run_gates=gate_runner(layout, problem, activations, seed, device, detector_gate_inputs),
                          run_synthetic=synthetic_runner(layout, problem, models, formats, seed, device),
                          run_detector=scorer)
-    for call in calls:
+    rules = progress(calls, desc=f"{base['name']} seed {seed}", unit="rule", leave=False)
+    for call in rules:
+        rules.set_postfix_str(call.label)  # which rule is running (on a terminal) or just finished (in a log)
         setting = call.param("setting")
         if setting is not None:  # expert passes, timed apart from the rule
             inputs.passes(setting)
@@ -464,10 +481,53 @@ def model_arguments(task: config.TaskSpec) -> dict:
     return {"in_channels": get_source(task.source).channels, "num_classes": len(task_classes(task))}
 
 
+TABLE_KEYS = ("strategies", "keep_rows", "make_missing")  # settings of the table, not of its rows: rows omit them
+REPO = Path(__file__).resolve().parent
+
+
+def make_missing(cfg: config.MergeConfig, commands: list[str]) -> None:
+    """Run ``commands`` (Layout.missing_commands), each stage script in its own process as a user would (stage scripts
+    never import each other), with this run's data root, folders, device and determinism; a failure stops the run
+    with its command (the stage's own error is printed above it)."""
+    local = {"data_dir": cfg.data_dir, "ckpt_dir": cfg.ckpt_dir, "results_dir": cfg.results_dir,
+             "device": cfg.device, "deterministic": str(cfg.deterministic).lower()}
+    for command in commands:
+        words = shlex.split(command)
+        takes = {f.name for f in dataclasses.fields(config.STAGE_CONFIGS[words[1]])}
+        print(f"make_missing: {command}", flush=True)
+        done = subprocess.run([sys.executable, str(REPO / words[1]), *words[2:],
+                               *(f"{key}={value}" for key, value in local.items() if key in takes)])
+        if done.returncode:
+            raise UserError(f"make_missing: `{command}` failed (exit status {done.returncode}; its error is above)")
+
+
+def with_earlier_rows(rows: list[dict], previous: list[dict], recorded: dict, seeds: list[int],
+                      keep: bool) -> tuple[list[dict], dict, str]:
+    """The table's rows: per seed, this run's ``rows``, then (with ``keep``) the rows of earlier runs in the table
+    as it was (``previous``) of the same problem and settings (the same ``recorded`` config) whose rule this run
+    did not compute, so a run with another rule list adds to a table instead of replacing it. Also how many earlier
+    rows were kept and how many replaced, and a line saying so (empty when neither)."""
+    same = json.dumps(recorded["config"], sort_keys=True, default=str)
+    ours = {(r["seed"], r["strategy"]) for r in rows}
+    others = [r for r in previous if (r["seed"], r["strategy"]) not in ours]
+    kept = [r for r in others if keep and json.dumps(r.get("config"), sort_keys=True) == same]
+    table = [r for seed in dict.fromkeys([*seeds, *(r["seed"] for r in kept)])
+             for r in [*(r for r in rows if r["seed"] == seed), *(r for r in kept if r["seed"] == seed)]]
+    lines = []
+    if kept:
+        labels = ", ".join(dict.fromkeys(r["strategy"] for r in kept))
+        lines.append(f"kept {len(kept)} rows of earlier runs of this table with the same problem and settings: "
+                     f"{labels}")
+    if len(others) > len(kept):
+        why = ("keep_rows=false" if not keep else "they were made with other settings; rerunning those settings "
+               "reads them back from the per-seed caches")
+        lines.append(f"replaced {len(others) - len(kept)} rows of an earlier run of this table ({why})")
+    return table, {"kept": len(kept), "replaced": len(others) - len(kept)}, "; ".join(lines)
+
+
 def main(cfg: config.MergeConfig) -> dict:
     config.check(cfg)
-    if cfg.problem not in cfg.problems:
-        raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
+    config.check_names(cfg)
     calls = with_gate_statistics(parse_strategies(cfg.strategies), cfg.gate.detector_stats)
     if "oracle" not in [c.label for c in calls]:  # the bound goes beside every table
         calls.append(parse_strategies(["oracle"])[0])
@@ -489,7 +549,9 @@ def main(cfg: config.MergeConfig) -> dict:
     wanted += [layout.wanted_set(cfg.problem, part, e, seed) for seed in cfg.seeds for c in calls
                if sets_read(c, cfg.gate) for part in components(sets_read(c, cfg.gate)) for e in problem.experts]
     if (error := layout.missing_error(wanted)) is not None:
-        raise error
+        if not cfg.make_missing:
+            raise error
+        make_missing(cfg, layout.missing_commands(wanted))
     name = cfg.name or cfg.problem
     out = Path(cfg.results_dir) / "merge"
     caches = {seed: out / name / f"seed{seed}.jsonl" for seed in cfg.seeds}
@@ -504,7 +566,12 @@ def main(cfg: config.MergeConfig) -> dict:
                                 caches[seed]) if plan.todo else {}
         rows += finish_seed(plan, computed, caches[seed])
         reasons += list(plan.reasons.values())
-    outputs = write_rows(out / name, [{**r, **config.row_config(cfg, table_keys=("strategies",))} for r in rows])
+    recorded = config.row_config(cfg, table_keys=TABLE_KEYS)
+    rows, earlier, line = with_earlier_rows([{**r, **recorded} for r in rows], read_rows(out / f"{name}.jsonl"),
+                                            recorded, cfg.seeds, cfg.keep_rows)
+    if line:
+        print(line, flush=True)
+    outputs = write_rows(out / name, rows)
     outputs["report"] = str(out / f"{name}.md")
     atomic_write_text(outputs["report"], merge_report(rows, title=f"{name} ({cfg.problem})"))
     outputs["config"] = str(out / f"{name}.config.yaml")
@@ -514,10 +581,10 @@ def main(cfg: config.MergeConfig) -> dict:
         mean, std = mean_std(r["acc"] for r in rows if r["strategy"] == call.label)
         accuracy[call.label] = {"mean": mean, "std": std}
     summary = {"problem": cfg.problem, "name": name, "seeds": cfg.seeds, "acc": accuracy, "outputs": outputs,
-               **tally(reasons)}
+               **tally(reasons), "earlier_rows": earlier}
     print_summary(summary)
     return summary
 
 
 if __name__ == "__main__":
-    cli(main, lambda: config.parse_args(config.MergeConfig))
+    cli.run(main, ARGS)

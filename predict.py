@@ -2,6 +2,10 @@
 
     python predict.py problem=disjoint_mnist seed=770597 rule=naive inputs=my_digits/
     python predict.py experiments/my_problem.yaml rule="gate_hard(gate=universal,regime=real)" inputs=batch.pt
+    python predict.py profile=quick problem=mnist_cifar10 rule=energy inputs=my_images/   # after make reproduce
+
+``profile=`` names the pipeline profile that made the checkpoints (quick, cpu, paper, or its YAML file): its
+settings sections and ckpt_dir select them, as the pipeline's own stages do (other arguments override it).
 
 ``inputs`` is a folder of PNG/JPEG images (sorted by name), one such image, or a tensor file
 (``torch.save`` of ``[N, C, H, W]`` uint8 pixels or [0,1] floats; read with ``weights_only=True``). When grey
@@ -18,22 +22,27 @@ chosen expert's softmax probability of its top class), tab-separated; ``output=F
 """
 from __future__ import annotations
 
-import csv
-import io
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
-import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
-
+import cli
 import config
-from artifacts import Layout
-from common import UserError, atomic_write_text, cli, print_summary, progress, resolve_device
-from data import get_source, to_problem_size
-from expert_files import FEATURE_TYPES, require
-from gating import gate_runner, wanted_gates
-from problems import Problem, describe_problem, run_experts
-from strategies import NO_EXPERT, REGISTRY, MergeInputs, StrategyCall, parse_strategies
+
+ARGS = cli.arguments(__name__, __doc__, config.PredictConfig)  # --help and bad arguments answer before torch loads
+
+import csv  # noqa: E402
+import io  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torchvision.io import ImageReadMode, decode_image, read_file  # noqa: E402
+
+from artifacts import Layout  # noqa: E402
+from common import UserError, atomic_write_text, print_summary, progress, resolve_device  # noqa: E402
+from data import get_source, to_problem_size  # noqa: E402
+from expert_files import FEATURE_TYPES, require  # noqa: E402
+from gating import gate_runner, wanted_gates  # noqa: E402
+from problems import Problem, describe_problem, run_experts  # noqa: E402
+from strategies import NO_EXPERT, REGISTRY, MergeInputs, StrategyCall, parse_strategies  # noqa: E402
+
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -68,8 +77,7 @@ def check_rule(cfg: config.PredictConfig) -> StrategyCall:
 def load_mixture(cfg: config.PredictConfig) -> tuple[Problem, StrategyCall]:
     """The problem (its experts and labels, no test set) and the rule, checked; every file they need exists."""
     config.check(cfg)
-    if cfg.problem not in cfg.problems:
-        raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
+    config.check_names(cfg)
     call = check_rule(cfg)
     problem = describe_problem(cfg.problem, cfg.problems[cfg.problem], cfg.tasks)
     layout = Layout(cfg)
@@ -204,4 +212,4 @@ def main(cfg: config.PredictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main, lambda: config.parse_args(config.PredictConfig))
+    cli.run(main, ARGS)

@@ -15,24 +15,30 @@ run continues from its last saved epoch (DAFL) or batch of images (inversions).
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-import torch
-import torch.nn as nn
-
+import cli
 import config
-from artifacts import ExpertId, Layout, check_reuse, digest_of, experts_of, made_meanwhile, recipe_key, tally
-from common import (atomic_write_bytes, cli, compact_png, derive_seed, load_model, mean_std, print_summary,
+
+ARGS = cli.arguments(__name__, __doc__, config.GanConfig)  # --help and bad arguments answer before torch loads
+
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from artifacts import (ExpertId, Layout, check_reuse, digest_of, experts_of, made_meanwhile, recipe_key,  # noqa: E402
+                       tally)
+from common import (atomic_write_bytes, compact_png, derive_seed, load_model, mean_std, print_summary,  # noqa: E402
                     progress, resolve_device, save_checkpoint, seed_everything, write_rows)
-from dafl import build_generator, sample_images, train_generator, train_generators
-from data import InputFormat, to_unit
-from expert_files import require
-from inversion import data_impressions, deep_inversion
-from problems import load_expert
-from stacked import stackable
-from synthesis import (GRID_SAMPLES, check_experts, components, png_grid, sample_quality, save_set, to_uint8)
-from training import Resume
+from dafl import build_generator, sample_images, train_generator, train_generators  # noqa: E402
+from data import InputFormat, to_unit  # noqa: E402
+from expert_files import require  # noqa: E402
+from inversion import data_impressions, deep_inversion  # noqa: E402
+from problems import load_expert  # noqa: E402
+from stacked import stackable  # noqa: E402
+from synthesis import GRID_SAMPLES, check_experts, components, png_grid, sample_quality, save_set, to_uint8  # noqa: E402
+from training import Resume, why_made  # noqa: E402
+
 
 INVERSIONS = {"inversion": data_impressions, "deepinversion": deep_inversion}
 
@@ -69,7 +75,8 @@ def dafl_generators(cfg: config.GanConfig, experts: list[ExpertId], seeds: list[
             model, fmt = load_expert(layout, expert, seed, device, cfg.tasks[expert.task])
             seed_everything(derive_seed(seed, expert.task, expert.arch, "generator"), cfg.deterministic)
             todo.append({"expert": expert, "seed": seed, "path": path, "recipe": recipe, "upstream": upstream,
-                         "why": reuse.why, "model": model, "fmt": fmt,
+                         "why": why_made(reuse.why, Resume.beside(path, recipe_key(recipe) + upstream["expert"])),
+                         "model": model, "fmt": fmt,
                          "generator": build_generator(cfg.dafl, fmt.channels)[0].to(device),
                          "noise": derive_seed(seed, f"{expert.task} seed {seed}", "noise")})
     groups: dict[tuple, list[dict]] = {}
@@ -182,8 +189,7 @@ def make_set(cfg: config.GanConfig, synthesizer: str, expert: ExpertId, seed: in
 
 def main(cfg: config.GanConfig) -> dict:
     config.check(cfg)
-    if cfg.problem not in cfg.problems:
-        raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
+    config.check_names(cfg)
     synthesizers = list(dict.fromkeys(part for name in cfg.synthesizers for part in components(name)))
     spec = cfg.problems[cfg.problem]
     trained_here = [e for e in spec.experts if e.file is None]
@@ -227,4 +233,4 @@ def main(cfg: config.GanConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main, lambda: config.parse_args(config.GanConfig))
+    cli.run(main, ARGS)

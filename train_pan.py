@@ -25,29 +25,33 @@ it), as for the oracle in merge.py.
 """
 from __future__ import annotations
 
-import functools
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-import torch.nn as nn
-
+import cli
 import config
-from archs import build_model
-from artifacts import Layout, check_reuse, digest_of, made_meanwhile, recipe_key, tally
-from common import (cli, derive_seed, load_model, make_generator, print_summary,
+
+ARGS = cli.arguments(__name__, __doc__, config.PanConfig)  # --help and bad arguments answer before torch loads
+
+import functools  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from archs import build_model  # noqa: E402
+from artifacts import Layout, check_reuse, digest_of, made_meanwhile, recipe_key, tally  # noqa: E402
+from common import (derive_seed, load_model, make_generator, print_summary,  # noqa: E402
                     progress, resolve_device, save_checkpoint, seed_everything, write_rows)
-from data import load_task, to_unit
-from diagnostics import set_diagnostics
-from expert_files import FEATURE_TYPES, require
-from gating import (GATE_TYPES, SHARED_GATES, check_regime, gate_arch, gate_inputs, in_domain_probability, is_real,
-                    real_images)
-from detector_stats import StoredStatistics, detector_vector, expert_views, stored_statistics
-from problems import Problem, build_problem, expert_activations, run_experts, test_batches
-from sources import parse_source
-from synthesis import components, load_set
-from training import Resume, train_classifiers
+from data import load_task, to_unit  # noqa: E402
+from diagnostics import set_diagnostics  # noqa: E402
+from expert_files import FEATURE_TYPES, require  # noqa: E402
+from gating import (GATE_TYPES, SHARED_GATES, check_regime, gate_arch, gate_inputs, in_domain_probability,  # noqa: E402
+                    is_real, real_images)
+from detector_stats import StoredStatistics, detector_vector, expert_views, stored_statistics  # noqa: E402
+from problems import Problem, build_problem, expert_activations, run_experts, test_batches  # noqa: E402
+from sources import parse_source  # noqa: E402
+from synthesis import components, load_set  # noqa: E402
+from training import Resume, train_classifiers  # noqa: E402
 
 
 @dataclass
@@ -337,8 +341,7 @@ def train_regime(cfg: config.PanConfig, problem: Problem, regime: str, synthesiz
 
 def main(cfg: config.PanConfig) -> dict:
     config.check(cfg)
-    if cfg.problem not in cfg.problems:
-        raise config.ConfigError(f"unknown problem {cfg.problem!r}; choices: {', '.join(cfg.problems)}")
+    config.check_names(cfg)
     unknown = [v for v in cfg.gate_types if v not in GATE_TYPES]
     if unknown:
         raise config.ConfigError(f"unknown gate_types {unknown}; choices: {', '.join(GATE_TYPES)}")
@@ -409,4 +412,4 @@ def main(cfg: config.PanConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main, lambda: config.parse_args(config.PanConfig))
+    cli.run(main, ARGS)

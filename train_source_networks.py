@@ -14,18 +14,22 @@ from its last saved epoch (training.Resume). ``force=true`` retrains.
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-import torch
-
+import cli
 import config
-from archs import ARCHS, build_model
-from artifacts import ExpertId, Layout, arch_tag, check_reuse, made_meanwhile, recipe_key, tally
-from common import (cli, derive_seed, load_model, mean_std, print_summary, resolve_device, save_checkpoint,
+
+ARGS = cli.arguments(__name__, __doc__, config.TrainConfig)  # --help and bad arguments answer before torch loads
+
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from archs import ARCHS, build_model  # noqa: E402
+from artifacts import ExpertId, Layout, arch_tag, check_reuse, made_meanwhile, recipe_key, tally  # noqa: E402
+from common import (derive_seed, load_model, mean_std, print_summary, resolve_device, save_checkpoint,  # noqa: E402
                     seed_everything, write_rows)
-from data import InputFormat, check_split, get_source, load_task, prepare_input, task_classes, to_unit
-from training import Resume, accuracy, train_classifier, train_classifiers
+from data import InputFormat, check_split, get_source, load_task, prepare_input, task_classes, to_unit  # noqa: E402
+from training import Resume, accuracy, train_classifier, train_classifiers, why_made  # noqa: E402
 
 
 def model_kwargs(cfg: config.TrainConfig) -> dict:
@@ -41,9 +45,10 @@ def reused_row(cfg: config.TrainConfig, seed: int, test, device: torch.device) -
     layout = Layout(cfg)
     expert = ExpertId(cfg.dataset, cfg.arch, dict(cfg.arch_kwargs))
     path = layout.expert_path(expert, seed)
-    reuse = check_reuse(path, layout.expert_recipe(expert), upstream={}, force=cfg.force)
+    recipe = layout.expert_recipe(expert)
+    reuse = check_reuse(path, recipe, upstream={}, force=cfg.force)
     if not reuse.reused:
-        return None, reuse.why
+        return None, why_made(reuse.why, Resume.beside(path, recipe_key(recipe)))
     row = reuse.meta["row"]
     if row.get("test_limit", "unknown") != cfg.test_limit:  # accuracy measured on another test subset
         model = load_model(path, expect_arch=cfg.arch, device=device)[0]
@@ -117,9 +122,7 @@ def check_arch_kwargs(cfg: config.TrainConfig) -> None:
 
 def main(cfg: config.TrainConfig) -> dict:
     config.check(cfg)
-    if cfg.dataset not in cfg.tasks:
-        raise config.ConfigError(f"unknown dataset {cfg.dataset!r}; choices: {', '.join(cfg.tasks)} "
-                                 f"(define more under `tasks` in a YAML file)")
+    config.check_names(cfg)
     if cfg.arch not in ARCHS:
         raise config.ConfigError(f"unknown arch {cfg.arch!r}; choices: {', '.join(ARCHS)}")
     check_arch_kwargs(cfg)
@@ -145,4 +148,4 @@ def main(cfg: config.TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main, lambda: config.parse_args(config.TrainConfig))
+    cli.run(main, ARGS)

@@ -1,13 +1,12 @@
 """Training loops shared by the stages, and the resumable state that lets a killed run continue.
 
-A long run saves its state (model, optimiser, random generator, epoch, log) atomically at epoch ends, at
-most every ``RESUME_INTERVAL_S`` seconds, beside the checkpoint it will write. A rerun of the same work (the
-same ``key``: its recipe and upstream digests) continues from there and ends with the weights an
-uninterrupted run would have ended with; a state of other work is ignored.
+A long run saves its state (model, optimiser, random generator, epoch, log) atomically at every epoch end,
+beside the checkpoint it will write, so a kill (or Ctrl-C) loses at most the epoch in progress. A rerun of the
+same work (the same ``key``: its recipe and upstream digests) says so, continues from there and ends with the
+weights an uninterrupted run would have ended with; a state of other work is ignored.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import atomic_torch_save, fast_memory_format, make_generator, progress
-
-RESUME_INTERVAL_S = 30.0  # the longest stretch of work a kill may lose
-
 
 @dataclass
 class Resume:
@@ -31,6 +27,12 @@ class Resume:
     @classmethod
     def beside(cls, checkpoint: Path, key: str) -> "Resume":
         return cls(checkpoint.with_name(checkpoint.stem + ".resume.pt"), key)
+
+    def epochs_done(self) -> int | None:
+        """How many epochs the saved state of this run holds, or None when there is none: a stage says "resumed"
+        rather than "no checkpoint" for such work."""
+        state = self.load()
+        return None if state is None else len(state["log"])
 
     def load(self) -> dict | None:
         """The saved state of this run, or None (none saved, or saved by other work, or unreadable)."""
@@ -51,12 +53,11 @@ class Resume:
 
 class Saver:
     """One run's model, optimiser and random generator: restored from a saved state when there is one, and
-    saved at epoch ends, at most every RESUME_INTERVAL_S seconds, with the run's per-epoch log."""
+    saved at every epoch end with the run's per-epoch log."""
 
     def __init__(self, resume: Resume | None, model: nn.Module, optimiser: torch.optim.Optimizer,
                  rng: torch.Generator) -> None:
         self.resume, self.model, self.optimiser, self.rng = resume, model, optimiser, rng
-        self.last = time.monotonic()
 
     def restore(self) -> list:
         """The log of the epochs already done (empty when starting afresh), after loading their state."""
@@ -66,15 +67,28 @@ class Saver:
         self.model.load_state_dict(saved["model"])
         self.optimiser.load_state_dict(saved["optimiser"])
         self.rng.set_state(saved["rng"])
+        announce_resume(self.resume, len(saved["log"]))
         return list(saved["log"])
 
     def epoch_done(self, log: list, epochs: int) -> None:
         if self.resume is None or len(log) == epochs:  # after the last epoch the caller writes the checkpoint
             return
-        if time.monotonic() - self.last >= RESUME_INTERVAL_S:
-            self.resume.save({"model": self.model.state_dict(), "optimiser": self.optimiser.state_dict(),
-                              "rng": self.rng.get_state(), "log": log})
-            self.last = time.monotonic()
+        self.resume.save({"model": self.model.state_dict(), "optimiser": self.optimiser.state_dict(),
+                          "rng": self.rng.get_state(), "log": log})
+
+
+RESUMED = "resumed from its last saved epoch"  # why a stage makes work that a kill or Ctrl-C interrupted
+
+
+def why_made(why: str, resume: Resume) -> str:
+    """Why a stage makes an artifact (artifacts.check_reuse's reason), told more exactly: work that has no
+    checkpoint yet but a saved resume point is resumed, not started afresh."""
+    return RESUMED if why == "no checkpoint" and resume.epochs_done() is not None else why
+
+
+def announce_resume(resume: Resume, epochs: int) -> None:
+    """A resumed run says so (a kill or Ctrl-C earlier saved it), before it goes on."""
+    print(f"resuming after epoch {epochs} from {resume.path}", flush=True)
 
 
 def epoch_entry(epoch: int, loss: float, correct: float, n: int) -> dict:
@@ -99,7 +113,8 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
     saver = Saver(resume, model, optimiser, order)
     history: list[dict] = saver.restore()
     model.train()
-    for epoch in progress(range(len(history), epochs), desc=desc, leave=False, initial=len(history), total=epochs):
+    for epoch in progress(range(len(history), epochs), desc=desc, leave=False, initial=len(history), total=epochs,
+                          unit="epoch"):
         perm = torch.randperm(len(inputs), generator=order).to(inputs.device)
         total = torch.zeros(2, device=inputs.device)  # summed loss, correct predictions: one host sync per epoch
         for start in range(0, len(inputs), batch_size):
@@ -180,7 +195,7 @@ def train_classifiers(models: list[nn.Module], inputs: torch.Tensor | list[torch
     given = [w for w in class_weights if w is not None]
     weights = torch.stack([w if w is not None else torch.ones_like(given[0]) for w in class_weights]) if given else None
     network.train()
-    for epoch in progress(range(done[0], epochs), desc=desc, leave=False, initial=done[0], total=epochs):
+    for epoch in progress(range(done[0], epochs), desc=desc, leave=False, initial=done[0], total=epochs, unit="epoch"):
         perms = torch.stack([torch.randperm(n, generator=order) for order in orders]).to(data.device)
         totals = torch.zeros(2, count, device=data.device)  # per seed: summed loss, correct predictions
         for start in range(0, n, batch_size):
@@ -218,16 +233,16 @@ class StackedSaver:
     def __init__(self, resumes: list[Resume | None], models: list[nn.Module], rngs: list[torch.Generator]) -> None:
         self.resumes, self.models, self.rngs = resumes, models, rngs
         self.saved: list[dict | None] = [r.load() if r else None for r in resumes]
-        self.last = time.monotonic()
 
     def restore(self) -> list[list]:
         """Every model's log of finished epochs, after loading its weights and random state (call before
         stacking: the stack copies the weights)."""
         logs: list[list] = []
-        for model, rng, state in zip(self.models, self.rngs, self.saved):
+        for resume, model, rng, state in zip(self.resumes, self.models, self.rngs, self.saved):
             if state is not None:
                 model.load_state_dict(state["model"])
                 rng.set_state(state["rng"])
+                announce_resume(resume, len(state["log"]))
             logs.append(list(state["log"]) if state else [])
         return logs
 
@@ -239,14 +254,13 @@ class StackedSaver:
     def epoch_done(self, network: nn.Module, optimiser: torch.optim.Optimizer, logs: list[list], epochs: int) -> None:
         from stacked import unstack_into
 
-        if not any(self.resumes) or len(logs[0]) == epochs or time.monotonic() - self.last < RESUME_INTERVAL_S:
+        if not any(self.resumes) or len(logs[0]) == epochs:
             return
         unstack_into(network, self.models)
         for resume, model, rng, log, state in zip(self.resumes, self.models, self.rngs, logs,
                                                   split_optimiser_state(self.models, network, optimiser)):
             if resume is not None:
                 resume.save({"model": model.state_dict(), "optimiser": state, "rng": rng.get_state(), "log": log})
-        self.last = time.monotonic()
 
 
 def _holding(model: nn.Module, tensors: list[torch.Tensor]) -> nn.Module:

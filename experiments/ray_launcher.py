@@ -57,7 +57,6 @@ def die_after_first_resume_save(marker: Path) -> None:
     import training
 
     marker.write_text("killed once\n")
-    training.RESUME_INTERVAL_S = 0.0
     save = training.Resume.save
 
     def save_then_die(self, state):

@@ -30,17 +30,28 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import cli  # noqa: E402
 import config  # noqa: E402
+
+def load_config(argv: list[str] | None = None) -> config.ReproduceConfig:
+    """``profile=NAME`` (default quick) loads experiments/profiles/NAME.yaml; other arguments override it."""
+    argv = sys.argv[1:] if argv is None else argv
+    name = config.parse_args(config.ReproduceConfig, [a for a in argv if a.startswith("profile=")]).profile
+    return config.parse_args(config.ReproduceConfig, [str(config.profile_path(name)), *argv])
+
+
+# --help and bad arguments answer before torch loads
+ARGS = cli.arguments(__name__, __doc__, config.ReproduceConfig, load_config)
+
 import figures  # noqa: E402
 from artifacts import arch_tag, code_digest, section_args  # noqa: E402
-from common import (UserError, atomic_write_text, cli, hidden_inner_progress, print_summary, progress,  # noqa: E402
+from common import (UserError, atomic_write_text, hidden_inner_progress, print_summary, progress,  # noqa: E402
                     read_rows, resolve_device, write_rows)
 from report import (REAL_COUNTS_X, answer_rows, answer_table, best_of_families, real_data_curves,  # noqa: E402
                     reproduction_report, resolve, scaling_rows, target_rows, targets_table)
 from strategies import BASE_CODE, REGISTRY, parse_strategies  # noqa: E402
 from synthesis import components  # noqa: E402
 
-PROFILES = REPO / "experiments" / "profiles"
 NO_FIGURES = "matplotlib is not installed"
 # stage -> (script module, its config class); the order is the pipeline's
 STAGES = {"experts": ("train_source_networks", config.TrainConfig), "generators": ("train_gan", config.GanConfig),
@@ -64,17 +75,6 @@ class Step:
     @property
     def script(self) -> str:
         return STAGES[self.stage][0] + ".py"
-
-
-def load_config(argv: list[str] | None = None) -> config.ReproduceConfig:
-    """``profile=NAME`` (default quick) loads experiments/profiles/NAME.yaml; other arguments override it."""
-    argv = sys.argv[1:] if argv is None else argv
-    name = config.parse_args(config.ReproduceConfig, [a for a in argv if a.startswith("profile=")]).profile
-    path = PROFILES / f"{name}.yaml"
-    if not path.is_file():
-        choices = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
-        raise config.ConfigError(f"unknown profile {name!r}; choices: {choices}")
-    return config.parse_args(config.ReproduceConfig, [str(path), *argv])
 
 
 def plan(cfg: config.ReproduceConfig) -> list[Step]:
@@ -163,6 +163,8 @@ def shared_args(cfg: config.ReproduceConfig, stage: str, seeds: list[int], force
             args += section_args(name, getattr(cfg, name))
     if cfg.deterministic:
         args.append("deterministic=true")
+    if stage == "merge":  # a profile's table holds exactly the rules of its YAML file, not those of earlier runs
+        args.append("keep_rows=false")
     return args + (["force=true"] if force else [])
 
 
@@ -461,4 +463,4 @@ def main(cfg: config.ReproduceConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cli(main, load_config)
+    cli.run(main, ARGS)

@@ -281,7 +281,8 @@ def test_save_round_trip(tmp_path):
     again = parse_args(TrainConfig, [str(path)])
     # everything round-trips but the machine's paths, which the reading machine's defaults fill (issue 27)
     assert again == dataclasses.replace(cfg, data_dir=TrainConfig().data_dir)
-    assert config.portable(dataclasses.asdict(again)) == config.portable(dataclasses.asdict(cfg))
+    assert config.portable(config.to_dict(again)) == config.portable(config.to_dict(cfg))
+    assert again.yaml_files == [str(path)]  # only says where it was read
 
 
 # ---------------------------------------------------------------- ranges, checked at load

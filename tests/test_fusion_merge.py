@@ -293,7 +293,8 @@ def test_missing_parents_name_the_command_with_their_arch_kwargs(env, tmp_path):
     with pytest.raises(CheckpointError) as err:
         merge.main(merge_cfg(env, tmp_path, "twice", "[vanilla_avg]", f"ckpt_dir={tmp_path / 'empty'}"))
     (command,) = [line.strip() for line in str(err.value).splitlines() if "train_source_networks.py" in line]
-    assert command.startswith("python train_source_networks.py dataset=s_p0 arch=mlp arch_kwargs=")
+    files = f"{env['base'] / 'tasks.yaml'} {env['base'] / 'problems.yaml'}"  # the hint repeats the YAML files read
+    assert command.startswith(f"python train_source_networks.py {files} dataset=s_p0 arch=mlp arch_kwargs=")
     assert f"seeds=[{SEED}] expert.epochs=1" in command  # one checkpoint serves both parents: named once
     kwargs = command.split("arch_kwargs=")[1].split("' ")[0].strip("'")
     assert parse_args(TrainConfig, [f"arch_kwargs={kwargs}"]).arch_kwargs == WIDE

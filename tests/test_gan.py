@@ -425,7 +425,6 @@ def test_unknown_problem_lists_the_choices(tmp_path):
 def test_an_interrupted_generator_resumes_and_ends_with_the_uninterrupted_weights(env, tmp_path, monkeypatch):
     import training
 
-    monkeypatch.setattr(training, "RESUME_INTERVAL_S", 0.0)  # save at every epoch end
     longer = ["dafl.epochs=4"]
     ckpt, uncut = tmp_path / "ckpt", tmp_path / "uncut"
     for folder in (ckpt, uncut):

@@ -77,7 +77,7 @@ def test_merge_end_to_end(env, tmp_path, capsys):
     out = capsys.readouterr().out
 
     # the summary, and the last printed line is that summary as JSON
-    assert set(summary) == {"problem", "name", "seeds", "acc", "outputs", "made", "reused", "why_made"}
+    assert set(summary) == {"problem", "name", "seeds", "acc", "outputs", "made", "reused", "why_made", "earlier_rows"}
     n_rows = len(SEEDS) * (len(TASKS) + len(LABELS))
     assert summary["made"] == n_rows and summary["reused"] == 0 and summary["why_made"] == {"no stored row": n_rows}
     assert summary["problem"] == summary["name"] == "disjoint_mnist" and summary["seeds"] == SEEDS
@@ -435,3 +435,44 @@ def test_stacked_seeds_give_the_rows_of_each_seed_alone(env, tmp_path):
         assert a["acc"] == pytest.approx(b["acc"], abs=2 / a["n"]), a["strategy"]  # a near tie may flip a sample
         if a["kind"] == "strategy":
             assert a["stacked_seeds"] == len(SEEDS) and b["stacked_seeds"] == 1
+
+
+# ---------------------------------------------------------------- issue 28: progress and tables that keep rows
+
+def test_merge_names_each_rule_in_its_progress_lines(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)  # stderr is pytest's capture, no terminal: one line per finished rule
+    merge.main(merge_cfg(env, tmp_path, seeds=[1]))
+    lines = capsys.readouterr().err.splitlines()
+    for n, label in enumerate(LABELS, start=1):
+        assert any(line.startswith(f"disjoint_mnist seed 1: {n}/{len(LABELS)} rule done in ")
+                   and line.endswith(f": {label}") for line in lines), (label, lines)
+
+
+def test_a_second_run_with_other_rules_keeps_the_earlier_rows_of_the_same_settings(env, tmp_path, capsys):
+    merge.main(merge_cfg(env, tmp_path, strategies="[naive,energy]"))
+    summary = merge.main(merge_cfg(env, tmp_path, strategies="[std_lower]"))
+    out = capsys.readouterr().out
+    rows = read_rows(summary["outputs"]["jsonl"])
+    for seed in SEEDS:
+        assert set(by_label(rows, seed)) == {*(f"expert:{t}" for t in TASKS), "std_lower", "oracle", "naive", "energy"}
+    assert summary["earlier_rows"] == {"kept": 2 * len(SEEDS), "replaced": 0}
+    assert f"kept {2 * len(SEEDS)} rows of earlier runs of this table with the same problem and settings: " \
+           "naive, energy" in out
+    report = Path(summary["outputs"]["report"]).read_text()
+    assert "energy" in report and "std_lower" in report
+
+    # other settings (another test subset) make another table: the earlier rows are replaced, and it says so
+    other = merge.main(merge_cfg(env, tmp_path, "test_limit=20", strategies="[naive]"))
+    assert other["earlier_rows"] == {"kept": 0, "replaced": 2 * len(SEEDS)}  # std_lower and energy
+    assert "replaced 4 rows of an earlier run of this table (they were made with other settings" in \
+           capsys.readouterr().out
+    # the pipeline's tables hold exactly their YAML's rules
+    assert merge.main(merge_cfg(env, tmp_path, "keep_rows=false", strategies="[std_lower]"))["earlier_rows"] == \
+        {"kept": 0, "replaced": len(SEEDS)}
+
+
+def test_ad_hoc_runs_write_under_an_ignored_folder():
+    assert {MergeConfig().results_dir, TrainConfig().results_dir, config.GanConfig().results_dir,
+            config.PanConfig().results_dir} == {"runs"}
+    ignored = (Path(__file__).resolve().parent.parent / ".gitignore").read_text().splitlines()
+    assert "/runs/" in ignored

@@ -366,3 +366,28 @@ def test_summary_line_is_json(make_fake_root, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("report: ")
     assert json.loads(lines[-1])["profile"] == "tiny"
+
+
+@pytest.mark.parametrize("profile", ["quick", "cpu", "experiments/profiles/quick.yaml"])
+def test_predict_takes_the_profile_that_made_the_experts_and_gates(profile):
+    """profile=NAME (or its file) in predict.py finds the checkpoints make reproduce PROFILE=NAME made: the same
+    expert and gate files as the pipeline's own steps, without rebuilding its overrides (issue 28, item 2)."""
+    from artifacts import Layout, experts_of
+
+    pipeline = reproduce.load_config([f"profile={Path(profile).stem}"])
+    gates = next(s for s in reproduce.plan(pipeline) if s.stage == "gates" and s.label == "disjoint_mnist")
+    stage = reproduce.parse_step(gates, pipeline.seeds, reproduce.shared_args(pipeline, "gates", pipeline.seeds,
+                                                                              False))
+    mine = config.parse_args(config.PredictConfig, ["problem=disjoint_mnist", f"profile={profile}"])
+    seed = pipeline.seeds[0]
+    for expert in experts_of(mine.problems["disjoint_mnist"]):
+        assert Layout(mine).expert_path(expert, seed) == Layout(stage).expert_path(expert, seed)
+    assert Layout(mine).gate_path("disjoint_mnist", "real", "universal", None, seed) == \
+        Layout(stage).gate_path("disjoint_mnist", "real", "universal", None, seed)
+    # the other arguments override the profile, wherever it stands
+    assert config.parse_args(config.PredictConfig, ["expert.epochs=7", f"profile={profile}"]).expert.epochs == 7
+
+
+def test_an_unknown_profile_in_predict_is_one_line_with_the_choices():
+    with pytest.raises(config.ConfigError, match="unknown profile 'qiuck'; choices: .*quick"):
+        config.parse_args(config.PredictConfig, ["profile=qiuck"])

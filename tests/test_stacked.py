@@ -128,7 +128,6 @@ def test_stacked_gates_train_on_their_own_data_and_class_weights():
 
 @pytest.mark.parametrize("momentum", [0.9, 0.0])  # without momentum SGD keeps no state to save or restore
 def test_a_stacked_run_resumes_alone_or_stacked_to_the_same_weights(tmp_path, monkeypatch, momentum):
-    monkeypatch.setattr(training, "RESUME_INTERVAL_S", 0.0)
     settings = {**SETTINGS, "momentum": momentum}
     models = models_of("mlp", {"in_channels": 1, "num_classes": 10, "widths": [16, 8]})
     start = snapshot(models)

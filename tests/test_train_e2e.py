@@ -248,7 +248,6 @@ def summary_checkpoint(summary: dict) -> Path:
 def test_an_interrupted_expert_resumes_and_ends_with_the_uninterrupted_weights(squares, tmp_path, monkeypatch):
     """Kill a 4-epoch run after the state of its second epoch is saved; the rerun continues from there and
     ends with exactly the weights of a run that was never interrupted."""
-    monkeypatch.setattr(training, "RESUME_INTERVAL_S", 0.0)  # save at every epoch end
     whole = train(squares, tmp_path, "seeds=[1]", "expert.epochs=4", ckpt="whole", results="rw")
     saves = []
     original = training.Resume.save
