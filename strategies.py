@@ -135,8 +135,9 @@ SYNTHESIS_CODE = ("synthesis.py", "dafl.py", "inversion.py", "archs/generator.py
 GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py") + SYNTHESIS_CODE
 DEFAULT_SYNTHESIZER = "dafl"  # what a rule's ``synthesizer=""`` reads: the paper's generator
 FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
-                                ("__init__", "_common", "transport", "cross_layer", "interpolation", "ensemble",
-                                 "residual", "residual_fit", "residual_depth"))
+                                ("__init__", "levels", "ot", "grouping", "fitting", "cka", "finetuning", "ensemble",
+                                 "transport", "interpolation", "cross_layer", "residual", "residual_fit",
+                                 "residual_depth"))
 
 
 @dataclass(frozen=True)

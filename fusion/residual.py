@@ -34,8 +34,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from archs.resnet import BasicBlock, ResNet
-from fusion._common import SAMPLE_CHUNK, columns
-from fusion.transport import _emd_transport, check_otfusion_args
+from fusion.levels import SAMPLE_CHUNK, columns
+from fusion.ot import check_otfusion_args, distances, emd_transport
 
 NORM_ENTRIES = ("weight", "bias", "running_mean", "running_var")
 
@@ -193,8 +193,7 @@ def align(state: dict[str, Tensor], anchor_state: dict[str, Tensor], plan: Plan,
         else:
             points = columns(acts[space.name], positions).T
             anchor_points = columns(anchor_acts[space.name], positions).T
-        cost = torch.cdist(points, anchor_points, compute_mode="donot_use_mm_for_euclid_dist")
-        transports[space.name] = _emd_transport(cost)
+        transports[space.name] = emd_transport(distances(points, anchor_points))
     return transported(state, plan, transports)
 
 

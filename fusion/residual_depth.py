@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from archs.resnet import LAYOUTS, BasicBlock, ResNet
-from fusion.cross_layer import linear_cka
+from fusion.cka import linear_cka
 from fusion.residual import check_resnets, otfusion, plan_of, space_activations
 
 

@@ -265,6 +265,15 @@ def test_a_fused_decision_routes_nothing():
     assert routed["routing_acc"] == 0.75 and routed["routing_counts"] == {"a": 1, "b": 3}
 
 
+def test_fusion_rows_are_keyed_by_every_module_of_fusion():
+    """A fusion row's key covers the whole package: a module moved or added under fusion/ must stay in the key."""
+    modules = {f"fusion/{path.name}" for path in (REPO_ROOT / "fusion").glob("*.py")}
+    for name, strategy in REGISTRY.items():
+        if strategy.fusion is not None:
+            assert modules <= set(strategy.code), (name, sorted(modules - set(strategy.code)))
+            assert all((REPO_ROOT / path).is_file() for path in strategy.code), name
+
+
 # ---------------------------------------------------------------- clear errors before any work
 
 def forbid_work(monkeypatch):

@@ -1,4 +1,4 @@
-"""Shared plumbing of the fusion methods: a network as a list of levels, parent checks, building the fused network.
+"""A network as a list of levels: parent checks, pre-activations, moving channels, building the fused network.
 
 A network is handled as ``Levels``: one ``Level`` per layer with weights (hidden layers, then the output
 layer), in float64 on the CPU. A level is a Linear (weight ``[out, in]``) or a Conv2d (weight
