@@ -12,16 +12,23 @@ alike and sends them to the module that fuses that family.
   and ``kf_gradient`` (KF, any number), with uniform or conductance importance.
 - Ensembles of the parents' outputs, the baseline fusion has to beat (``ensemble.py``).
 
+Averaging methods (vanilla averaging, OTFusion, CLAFusion) first align the parents (``align``), then average them;
+``repaired`` averages them with REPAIR (Jordan et al. 2023): every fused channel renormalised to its aligned
+parents' mean and standard deviation on the samples (``repair.py``, ``residual_repair.py``), and ``std_ratios`` is
+the per-layer variance-collapse diagnostic it is judged by.
+
 Modules, lowest first (none imports one above it, none imports this package):
 
 - primitives: ``levels.py`` (a chain as a list of levels: a Linear or Conv2d, its ReLU, maybe a max-pool; how a
   level's alignment moves the next level's input channels, across the flatten too), ``ot.py`` (exact OT plans),
   ``grouping.py`` (Hungarian and k-means groups, group targets), ``fitting.py`` (least squares, Adam),
   ``cka.py`` (linear CKA), ``finetuning.py``, ``ensemble.py``;
+- REPAIR: ``repair.py`` (chains; its statistics also serve ``residual_repair.py``);
 - chains: ``transport.py`` (averaging, OTFusion), ``interpolation.py`` (HF, KF, importance), ``cross_layer.py``
   (CLAFusion);
 - ResNets (docs/fusion_resnet.md): ``residual.py`` (channel spaces, averaging, OTFusion, batch-norm statistics),
-  ``residual_fit.py`` (HF and KF, a block as a level), ``residual_depth.py`` (CLAFusion with identity blocks).
+  ``residual_fit.py`` (HF and KF, a block as a level), ``residual_depth.py`` (CLAFusion with identity blocks),
+  ``residual_repair.py`` (REPAIR).
 
 A chain's channel is a neuron, and neurons are compared through their incoming weights (a kernel flattened) or
 their pre-activations (before the ReLU) on a few hundred samples (a channel's at every position, or averaged over
@@ -29,22 +36,32 @@ positions). Parents read the same inputs and predict the same classes.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from types import ModuleType
+from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 from torch import Tensor
 
-from fusion import cross_layer, interpolation, residual, residual_depth, residual_fit, transport
+from fusion import (cross_layer, interpolation, repair, residual, residual_depth, residual_fit, residual_repair,
+                    transport)
 from fusion.cka import linear_cka
 from fusion.cross_layer import align_layers, insert_identity_layers, layer_cost_matrix, stages
 from fusion.ensemble import class_share_weights, ensemble_softmax
 from fusion.finetuning import finetune
 from fusion.interpolation import conductance_importance, uniform_importance
-from fusion.levels import FUSABLE
+from fusion.levels import FUSABLE, Aligned
 from fusion.ot import HAS_POT, POT_MISSING
-from fusion.residual import is_resnet, recompute_norm_statistics
+from fusion.residual import AlignedStates, is_resnet, reset_norm_statistics
 
 Importance = Sequence[Sequence[Tensor]] | None
+# the averaging methods' alignments, for chains and for ResNets; each takes (parents, samples, **options), but
+# vanilla averaging reads no samples
+ALIGNERS: dict[str, tuple[Callable[..., Aligned], Callable[..., AlignedStates]]] = {
+    "vanilla_avg": (lambda parents, samples: transport.align_as_they_are(parents),
+                    lambda parents, samples: residual.align_as_they_are(parents)),
+    "otfusion": (transport.align_by_ot, residual.align_by_ot),
+    "clafusion": (cross_layer.align_across_layers, residual_depth.align_across_blocks),
+}
 
 
 def vanilla_avg(parents: Sequence[nn.Module]) -> nn.Module:
@@ -89,9 +106,37 @@ def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Impor
     return module.kf_gradient(parents, samples, importance, widths, steps, lr, seed, positions, ridge)
 
 
+def align(method: str, parents: Sequence[nn.Module], samples: Tensor | None = None,
+          **options: Any) -> Aligned | AlignedStates:
+    """The parents aligned by averaging method ``method`` (``vanilla_avg``, ``otfusion``, ``clafusion``; ``options``:
+    its other arguments), before the average: ``align(...).network()`` is the method's fused network."""
+    if method not in ALIGNERS:
+        raise ValueError(f"align: {method!r} is not an averaging method ({', '.join(ALIGNERS)})")
+    chain, resnet = ALIGNERS[method]
+    return (resnet if is_resnet(parents) else chain)(parents, samples, **options)
+
+
+def _repair_module(alignment: Aligned | AlignedStates) -> ModuleType:
+    return residual_repair if isinstance(alignment, AlignedStates) else repair
+
+
+def std_ratios(network: nn.Module, alignment: Aligned | AlignedStates, samples: Tensor) -> list[float]:
+    """Per layer, ``network``'s mean channel standard deviation on ``samples`` over its aligned parents' (Jordan
+    et al.'s variance-collapse diagnostic: the fused network's is far under 1 where averaging collapsed it)."""
+    return _repair_module(alignment).std_ratios(network, alignment, samples)
+
+
+def repaired(alignment: Aligned | AlignedStates, samples: Tensor) -> tuple[nn.Module, dict[str, list[float]]]:
+    """The aligned parents' average after REPAIR on ``samples``, and the per-layer std ratios before and after
+    (``repair_std_ratio_before``, ``repair_std_ratio_after``: what a result row records)."""
+    network = _repair_module(alignment).repair(alignment, samples)
+    return network, {"repair_std_ratio_before": std_ratios(alignment.network(), alignment, samples),
+                     "repair_std_ratio_after": std_ratios(network, alignment, samples)}
+
+
 __all__ = [
-    "FUSABLE", "HAS_POT", "POT_MISSING", "align_layers", "class_share_weights", "clafusion", "conductance_importance",
+    "FUSABLE", "HAS_POT", "POT_MISSING", "align", "align_layers", "class_share_weights", "clafusion", "conductance_importance",
     "ensemble_softmax", "finetune", "hungarian_fusion", "insert_identity_layers", "kf_gradient", "kf_linear",
-    "layer_cost_matrix", "linear_cka", "otfusion", "recompute_norm_statistics", "stages", "uniform_importance",
-    "vanilla_avg",
+    "layer_cost_matrix", "linear_cka", "otfusion", "repaired", "reset_norm_statistics", "stages", "std_ratios",
+    "uniform_importance", "vanilla_avg",
 ]

@@ -205,6 +205,18 @@ def mean_levels(aligned: Sequence[Levels]) -> Levels:
             for levels in zip(*aligned)]
 
 
+@dataclass(frozen=True)
+class Aligned:
+    """Parents re-expressed in the channels of one network, ``template``'s widths: fusing them is averaging them
+    (``network``), and REPAIR reads each one's channel statistics (fusion/repair.py)."""
+
+    template: nn.Module
+    parents: list[Levels]
+
+    def network(self) -> nn.Module:
+        return to_network(self.template, mean_levels(self.parents))
+
+
 def to_network(template: nn.Module, levels: Levels) -> nn.Module:
     """A new network reading inputs like ``template``, with the levels' widths, pools and weights.
 

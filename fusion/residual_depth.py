@@ -20,7 +20,7 @@ from torch import Tensor
 
 from archs.resnet import LAYOUTS, BasicBlock, ResNet
 from fusion.cka import linear_cka
-from fusion.residual import check_resnets, otfusion, plan_of, space_activations
+from fusion.residual import AlignedStates, align_by_ot, check_resnets, plan_of, space_activations
 
 
 def stage_blocks(model: ResNet) -> list[list[int]]:
@@ -116,11 +116,17 @@ def deepen(model: ResNet, depth: int, mapping: Sequence[Sequence[int]]) -> ResNe
 
 def clafusion(parents: Sequence[nn.Module], samples: Tensor | None, cost: str = "cka",
               ot_cost: str = "activation") -> ResNet:
-    """CLAFusion of two ResNets: align blocks stage by stage, deepen the shallower one, OTFusion onto the deeper
-    one (its widths). Equal depths go straight to OTFusion with ``parents[0]`` as anchor."""
+    """CLAFusion of two ResNets: ``align_across_blocks``, then average."""
+    return align_across_blocks(parents, samples, cost, ot_cost).network()
+
+
+def align_across_blocks(parents: Sequence[nn.Module], samples: Tensor | None, cost: str = "cka",
+                        ot_cost: str = "activation") -> AlignedStates:
+    """CLAFusion's alignment of two ResNets: align blocks stage by stage, deepen the shallower one, align it by OT
+    to the deeper one (its widths). Equal depths go straight to OT alignment with ``parents[0]`` as anchor."""
     check_resnets(parents, "clafusion", count=2, same_depth=False)
     deep, shallow = sorted(parents, key=lambda p: -p.depth)  # stable: equal depths keep their order
     if shallow.depth != deep.depth:
         mapping = [align_blocks(c) for c in block_cost(deep, shallow, samples, cost)]
         shallow = deepen(shallow, deep.depth, mapping)
-    return otfusion([deep, shallow], samples, cost=ot_cost, anchor=0)
+    return align_by_ot([deep, shallow], samples, cost=ot_cost, anchor=0)

@@ -8,15 +8,20 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fusion.levels import (Level, Levels, carry_transport, check_parents, columns, inputs_of, levels_of, mean_levels,
-                           pre_acts, to_network, transport_out)
+from fusion.levels import (Aligned, Level, Levels, carry_transport, check_parents, columns, inputs_of, levels_of,
+                           pre_acts, transport_out)
 from fusion.ot import check_otfusion_args, distances, emd_transport
+
+
+def align_as_they_are(parents: Sequence[nn.Module]) -> Aligned:
+    """Parents with identical widths and layers, their neurons left where they are (vanilla averaging)."""
+    check_parents(parents, "vanilla_avg", same_widths=True, same_depth=True)
+    return Aligned(parents[0], [levels_of(p) for p in parents])
 
 
 def vanilla_avg(parents: Sequence[nn.Module]) -> nn.Module:
     """Parameter-wise mean of parents with identical widths and layers (no alignment of neurons)."""
-    check_parents(parents, "vanilla_avg", same_widths=True, same_depth=True)
-    return to_network(parents[0], mean_levels([levels_of(p) for p in parents]))
+    return align_as_they_are(parents).network()
 
 
 def _points(level: Level) -> Tensor:
@@ -47,7 +52,14 @@ def _ot_align(levels: Levels, anchor: Levels, acts: list[Tensor] | None = None,
 
 def otfusion(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: str = "weight", anchor: int = 0,
              positions: str = "flatten") -> nn.Module:
-    """OTFusion: align every parent to ``parents[anchor]`` by exact OT, layer by layer, then average.
+    """OTFusion: align every parent to ``parents[anchor]`` by exact OT, layer by layer (``align_by_ot``), then
+    average."""
+    return align_by_ot(parents, samples, cost, anchor, positions).network()
+
+
+def align_by_ot(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: str = "weight", anchor: int = 0,
+                positions: str = "flatten") -> Aligned:
+    """Every parent aligned to ``parents[anchor]`` by exact OT, layer by layer (OTFusion before its average).
 
     ``cost="weight"`` compares neurons by their incoming weights (a convolution's kernel flattened, the
     bias as an extra column), after the previous layer's transport; ``cost="activation"`` by their
@@ -68,4 +80,4 @@ def otfusion(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: 
         else:
             aligned.append(_ot_align(levels, anchor_levels, None if x is None else pre_acts(levels, x), anchor_acts,
                                      positions))
-    return to_network(parents[anchor], mean_levels(aligned))
+    return Aligned(parents[anchor], aligned)

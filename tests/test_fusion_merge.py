@@ -181,16 +181,22 @@ def test_every_fusion_rule_on_sharded_parents(env, tmp_path):
 
 @pytest.mark.pot
 def test_fusing_one_network_with_itself_gives_it_back(env, tmp_path):
-    rules = "[vanilla_avg,{name: otfusion, cost: weight},{name: otfusion, cost: activation},hf,kf_linear,ensemble]"
+    rules = ("[vanilla_avg,{name: otfusion, cost: weight},{name: otfusion, cost: activation},hf,kf_linear,ensemble,"
+             "{name: otfusion, cost: activation, repair: true}]")
     summary = merge.main(merge_cfg(env, tmp_path, "twice", rules, "fusion_samples=850"))
     rows = rows_by_label(summary)
     name = f"s_p0_{tsn.arch_tag('mlp', WIDE)}"
     parent = trained_acc(env, "s_p0", WIDE)
     assert rows[f"expert:{name}#0"]["acc"] == rows[f"expert:{name}#1"]["acc"] == pytest.approx(parent, abs=1e-6)
     for label in ("vanilla_avg", "otfusion(cost=weight)", "otfusion(cost=activation)", "hf(ridge=0.0)",
-                  "kf_linear(importance=uniform,ridge=0.0)", "ensemble"):
+                  "kf_linear(importance=uniform,ridge=0.0)", "ensemble", "otfusion(cost=activation,repair=True)"):
         assert rows[label]["acc"] == pytest.approx(parent, abs=1e-6), label
     assert rows["kf_linear(importance=uniform,ridge=0.0)"]["fusion_samples"] == 850
+    # REPAIR of a network with itself changes nothing, and its row says so layer by layer
+    repaired = rows["otfusion(cost=activation,repair=True)"]
+    assert repaired["fusion_samples"] == 850 and len(repaired["repair_std_ratio_before"]) == len(WIDE["widths"])
+    assert repaired["repair_std_ratio_before"] == pytest.approx([1.0] * len(WIDE["widths"]), abs=1e-5)
+    assert repaired["repair_std_ratio_after"] == pytest.approx([1.0] * len(WIDE["widths"]), abs=1e-5)
 
 
 @pytest.mark.pot
