@@ -28,8 +28,8 @@ from torch import Tensor
 from augments import TTA_SETTINGS
 from config import ConfigError, ProblemSpec, coerce
 from detectors import DETECTORS
-from fusion import (HAS_POT, POT_MISSING, align, class_share_weights, conductance_importance, ensemble_softmax, finetune,
-                    hungarian_fusion, kf_gradient, kf_linear, repaired, reset_norm_statistics)
+from fusion import (HAS_POT, POT_MISSING, align, class_share_weights, conductance_importance, ensemble_softmax,
+                    finetune, hungarian_fusion, kf_gradient, kf_linear, repaired, reset_norm_statistics)
 from gating import GATE_TYPES, check_regime, is_real
 from sources import Source, parse_source
 from synthesis import components
@@ -135,8 +135,8 @@ GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py") + SYNTHESIS_CODE
 DEFAULT_SYNTHESIZER = "dafl"  # what a rule's ``synthesizer=""`` reads: the paper's generator
 FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
                                 ("__init__", "levels", "ot", "grouping", "fitting", "cka", "finetuning", "ensemble",
-                                 "transport", "interpolation", "cross_layer", "repair", "residual", "residual_fit",
-                                 "residual_depth", "residual_repair"))
+                                 "depths", "transport", "interpolation", "cross_layer", "repair", "residual",
+                                 "residual_fit", "residual_depth", "residual_repair"))
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,9 @@ class StrategyCall:
 
     @property
     def label(self) -> str:
-        # "" means "not set" and False "off", so a switch added off by default leaves every label as it was
-        args = ",".join(f"{k}={v}" for k, v in self.params.items() if v != "" and v is not False)
+        # "" and None mean "not set" and False "off", so a parameter added unset or off by default leaves every
+        # label (and the rows keyed by it) as it was
+        args = ",".join(f"{k}={v}" for k, v in self.params.items() if v != "" and v is not False and v is not None)
         return f"{self.name}({args})" if args else self.name
 
     def param(self, key: str) -> Any:
@@ -211,6 +212,10 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
                                             for e in spec.experts):
         raise ConfigError(f"strategy {call.label!r} resets batch-norm running statistics, but problem {problem!r} has "
                           f"experts without batch norm (only ResNets with batch_norm: true have it); drop norm_stats")
+    target = call.param("target")
+    if target is not None and not 0 <= target < len(archs):
+        raise ConfigError(f"strategy {call.label!r}: target={target} is not a parent of problem {problem!r}, whose "
+                          f"parents are 0..{len(archs) - 1}")
     if needs.parents is not None and len(archs) != needs.parents:
         raise ConfigError(f"strategy {call.name!r} fuses exactly {needs.parents} experts, but problem {problem!r} "
                           f"has {len(archs)}")
@@ -644,15 +649,22 @@ def vanilla_avg_rule(inputs: MergeInputs, *, norm_stats: NormStats = "", repair:
 
 @register("otfusion", fusion=FusionNeeds(pot=True), validate=check_repair_params)
 def otfusion_rule(inputs: MergeInputs, *, cost: Literal["weight", "activation"] = "weight",
-                  norm_stats: NormStats = "", repair: bool = False) -> Decision:
+                  norm_stats: NormStats = "", repair: bool = False, target: int | None = None) -> Decision:
     """OTFusion: align the parents' neurons to the first parent's by exact optimal transport, then average.
 
-    ``norm_stats=reset``: batch-norm running statistics reset to the fusion samples' (ResNets with batch norm).
-    ``repair=true``: REPAIR (Jordan et al. 2023) on the fusion samples (fusion/repair.py)."""
+    ``target=k``: align to parent k instead, whose widths the fused network takes (parents of different widths:
+    the smaller one's shape compresses). ``norm_stats=reset``: batch-norm running statistics reset to the fusion
+    samples' (ResNets with batch norm). ``repair=true``: REPAIR (Jordan et al. 2023) on the fusion samples
+    (fusion/repair.py)."""
     fusion = fusion_inputs(inputs, "otfusion")
     row: dict[str, Any] = {}
+    anchor = 0 if target is None else target
+
+    def make() -> nn.Module:
+        return with_norm_stats(fusion, averaged(fusion, "otfusion", repair, row, cost=cost, anchor=anchor), norm_stats)
+
     decision = network_decision(
-        fusion, lambda: with_norm_stats(fusion, averaged(fusion, "otfusion", repair, row, cost=cost), norm_stats),
+        fusion, make,
         samples_used=len(fusion.samples) if cost == "activation" or norm_stats or repair else 0)
     decision.row.update(row)
     return decision
@@ -688,9 +700,11 @@ def kf_gradient_rule(inputs: MergeInputs, *, importance: Importance = "uniform",
 
 @register("clafusion", fusion=FusionNeeds(parents=2, pot=True), validate=check_repair_params)
 def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0, norm_stats: NormStats = "",
-                   repair: bool = False) -> Decision:
+                   repair: bool = False, target: int | None = None) -> Decision:
     """CLAFusion: align the hidden layers (ResNets: blocks) of two parents of any depths, then OTFusion; optionally
     fine-tune.
+
+    The fused network has the deeper parent's depth and, by default, its widths; ``target=k``: parent k's widths.
 
     Fine-tuning trains the fused network for ``finetune_epochs`` epochs on the union of the parents'
     training sets (real data; the row records how many images). ``norm_stats=reset``: batch-norm running
@@ -701,7 +715,7 @@ def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0, norm_stats:
     row: dict[str, Any] = {}
 
     def make() -> nn.Module:
-        fused = with_norm_stats(fusion, averaged(fusion, "clafusion", repair, row), norm_stats)
+        fused = with_norm_stats(fusion, averaged(fusion, "clafusion", repair, row, target=target), norm_stats)
         return finetune(fused, *fusion.training_data(), epochs=finetune_epochs, seed=fusion.seed) \
             if finetune_epochs else fused
 

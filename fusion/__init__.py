@@ -22,7 +22,7 @@ Modules, lowest first (none imports one above it, none imports this package):
 - primitives: ``levels.py`` (a chain as a list of levels: a Linear or Conv2d, its ReLU, maybe a max-pool; how a
   level's alignment moves the next level's input channels, across the flatten too), ``ot.py`` (exact OT plans),
   ``grouping.py`` (Hungarian and k-means groups, group targets), ``fitting.py`` (least squares, Adam),
-  ``cka.py`` (linear CKA), ``finetuning.py``, ``ensemble.py``;
+  ``cka.py`` (linear CKA), ``depths.py`` (CLAFusion's deeper parent and target), ``finetuning.py``, ``ensemble.py``;
 - REPAIR: ``repair.py`` (chains; its statistics also serve ``residual_repair.py``);
 - chains: ``transport.py`` (averaging, OTFusion), ``interpolation.py`` (HF, KF, importance), ``cross_layer.py``
   (CLAFusion);
@@ -77,9 +77,10 @@ def otfusion(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: 
 
 
 def clafusion(parents: Sequence[nn.Module], samples: Tensor | None, cost: str = "cka",
-              ot_cost: str = "activation") -> nn.Module:
-    """CLAFusion of two parents of any depths (``cross_layer.clafusion``; ResNets: ``residual_depth.clafusion``)."""
-    return (residual_depth if is_resnet(parents) else cross_layer).clafusion(parents, samples, cost, ot_cost)
+              ot_cost: str = "activation", target: int | None = None) -> nn.Module:
+    """CLAFusion of two parents of any depths into parent ``target``'s widths (None: the deeper parent's;
+    ``cross_layer.clafusion``; ResNets: ``residual_depth.clafusion``)."""
+    return (residual_depth if is_resnet(parents) else cross_layer).clafusion(parents, samples, cost, ot_cost, target)
 
 
 def hungarian_fusion(parents: Sequence[nn.Module], samples: Tensor, importance: Importance = None,
@@ -129,14 +130,13 @@ def std_ratios(network: nn.Module, alignment: Aligned | AlignedStates, samples: 
 def repaired(alignment: Aligned | AlignedStates, samples: Tensor) -> tuple[nn.Module, dict[str, list[float]]]:
     """The aligned parents' average after REPAIR on ``samples``, and the per-layer std ratios before and after
     (``repair_std_ratio_before``, ``repair_std_ratio_after``: what a result row records)."""
-    network = _repair_module(alignment).repair(alignment, samples)
-    return network, {"repair_std_ratio_before": std_ratios(alignment.network(), alignment, samples),
-                     "repair_std_ratio_after": std_ratios(network, alignment, samples)}
+    result = _repair_module(alignment).repair(alignment, samples)
+    return result.network, {"repair_std_ratio_before": result.ratio_before, "repair_std_ratio_after": result.ratio_after}
 
 
 __all__ = [
-    "FUSABLE", "HAS_POT", "POT_MISSING", "align", "align_layers", "class_share_weights", "clafusion", "conductance_importance",
-    "ensemble_softmax", "finetune", "hungarian_fusion", "insert_identity_layers", "kf_gradient", "kf_linear",
+    "FUSABLE", "HAS_POT", "POT_MISSING", "align", "align_layers", "class_share_weights", "clafusion",
+    "conductance_importance", "ensemble_softmax", "finetune", "hungarian_fusion", "insert_identity_layers", "kf_gradient", "kf_linear",
     "layer_cost_matrix", "linear_cka", "otfusion", "repaired", "reset_norm_statistics", "stages", "std_ratios",
     "uniform_importance", "vanilla_avg",
 ]

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from fusion.cka import linear_cka
+from fusion.depths import deep_first
 from fusion.levels import (Aligned, Level, Levels, check_parents, hidden_widths, inputs_of, levels_of, pre_acts,
                            to_network)
 from fusion.transport import align_by_ot
@@ -149,26 +150,29 @@ def insert_identity_layers(model: nn.Module, deep: nn.Module, mapping: Sequence[
 
 
 def clafusion(parents: Sequence[nn.Module], samples: Tensor | None, cost: str = "cka",
-              ot_cost: str = "activation") -> nn.Module:
+              ot_cost: str = "activation", target: int | None = None) -> nn.Module:
     """CLAFusion of two networks of possibly different depths: ``align_across_layers``, then average."""
-    return align_across_layers(parents, samples, cost, ot_cost).network()
+    return align_across_layers(parents, samples, cost, ot_cost, target).network()
 
 
 def align_across_layers(parents: Sequence[nn.Module], samples: Tensor | None, cost: str = "cka",
-                        ot_cost: str = "activation") -> Aligned:
+                        ot_cost: str = "activation", target: int | None = None) -> Aligned:
     """CLAFusion's alignment of two networks of possibly different depths: align layers, balance depths, then
     align by OT.
 
     The layer map minimises ``layer_cost_matrix(kind=cost)`` among maps that keep every layer at its
     stage; the shallower parent gets identity levels at the unmatched positions
-    (``insert_identity_layers``) and is aligned by OT (``ot_cost``: 'activation' or 'weight') to the deeper
-    parent, so the fused network has the deeper parent's widths. Equal depths go straight to OT alignment with
-    ``parents[0]`` as anchor. ResNets: ``fusion.residual_depth`` (blocks aligned within stages, identity blocks).
+    (``insert_identity_layers``); the two are aligned by OT (``ot_cost``: 'activation' or 'weight') to the
+    parent ``target`` (None: the deeper one), so the fused network has the deeper parent's depth and the target's
+    widths (a shallower target's inserted levels: the width of the level each follows). Equal depths go straight
+    to OT alignment, with ``parents[0]`` as anchor unless ``target`` says otherwise. ResNets:
+    ``fusion.residual_depth`` (blocks aligned within stages, identity blocks).
     """
     check_parents(parents, "clafusion", count=2)
-    deep, shallow = sorted(parents, key=lambda p: -len(levels_of(p)))  # stable: equal depths keep their order
+    order, anchor = deep_first(parents, lambda p: len(levels_of(p)), target)
+    deep, shallow = (parents[k] for k in order)
     if len(levels_of(shallow)) < len(levels_of(deep)):
         _check_same_pools(deep, shallow)
         mapping = align_layers(layer_cost_matrix(deep, shallow, samples, kind=cost))
         shallow = insert_identity_layers(shallow, deep, mapping)
-    return align_by_ot([deep, shallow], samples, cost=ot_cost, anchor=0)
+    return align_by_ot([deep, shallow], samples, cost=ot_cost, anchor=anchor)

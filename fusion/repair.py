@@ -14,6 +14,8 @@ logits) is left as it is.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -22,6 +24,15 @@ from fusion.levels import (Aligned, Level, Levels, activate, apply_level, column
                            pre_acts, to_network)
 
 Stats = tuple[Tensor, Tensor]  # per channel: mean, standard deviation
+
+
+@dataclass(frozen=True)
+class Repaired:
+    """A repaired network and the per-layer std ratio fused / parents before and after REPAIR (``std_ratios``)."""
+
+    network: nn.Module
+    ratio_before: list[float]
+    ratio_after: list[float]
 
 
 def channel_stats(z: Tensor) -> Stats:
@@ -49,9 +60,8 @@ def _renormalised(level: Level, z: Tensor, target: Stats) -> Level:
     return level.with_weights(weight, bias)
 
 
-def repaired_levels(alignment: Aligned, x: Tensor) -> Levels:
-    """The aligned parents' mean, every hidden level renormalised to its targets on inputs ``x``."""
-    targets = parent_targets(alignment, x)
+def repaired_levels(alignment: Aligned, x: Tensor, targets: list[Stats]) -> Levels:
+    """The aligned parents' mean, every hidden level renormalised to its ``targets`` on inputs ``x``."""
     out: Levels = []
     h = x
     for i, level in enumerate(mean_levels(alignment.parents)):
@@ -62,15 +72,22 @@ def repaired_levels(alignment: Aligned, x: Tensor) -> Levels:
     return out
 
 
-def repair(alignment: Aligned, samples: Tensor) -> nn.Module:
-    """The fused network of ``alignment`` (the aligned parents' mean) after REPAIR on ``samples``."""
-    return to_network(alignment.template, repaired_levels(alignment, inputs_of(alignment.template, samples)))
+def repair(alignment: Aligned, samples: Tensor) -> Repaired:
+    """The fused network of ``alignment`` (the aligned parents' mean) after REPAIR on ``samples``, and its std
+    ratios before and after."""
+    x = inputs_of(alignment.template, samples)
+    targets = parent_targets(alignment, x)
+    network = to_network(alignment.template, repaired_levels(alignment, x, targets))
+    return Repaired(network, _ratios(alignment.network(), x, targets), _ratios(network, x, targets))
+
+
+def _ratios(network: nn.Module, x: Tensor, targets: list[Stats]) -> list[float]:
+    own = [channel_stats(z) for z in pre_acts(levels_of(network), x)[:-1]]
+    return [float(std.mean() / target_std.mean()) for (_, std), (_, target_std) in zip(own, targets)]
 
 
 def std_ratios(network: nn.Module, alignment: Aligned, samples: Tensor) -> list[float]:
     """Per hidden level, the mean standard deviation of ``network``'s channels over that of their targets (the
     aligned parents' channels): Jordan et al.'s variance-collapse diagnostic; 1 where nothing collapsed."""
     x = inputs_of(alignment.template, samples)
-    own = [channel_stats(z) for z in pre_acts(levels_of(network), x)[:-1]]
-    targets = parent_targets(alignment, x)
-    return [float(std.mean() / target_std.mean()) for (_, std), (_, target_std) in zip(own, targets)]
+    return _ratios(network, x, parent_targets(alignment, x))

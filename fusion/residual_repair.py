@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from archs.resnet import BasicBlock, ResNet
-from fusion.repair import Stats, channel_stats
+from fusion.repair import Repaired, Stats, channel_stats
 from fusion.residual import AlignedStates, plan_of, space_activations, state_of, with_state
 
 
@@ -47,8 +47,9 @@ def parent_targets(alignment: AlignedStates, x: Tensor) -> dict[str, Stats]:
                    torch.stack([p[name][1] for p in per_parent]).mean(0)) for name in names}
 
 
-def repair(alignment: AlignedStates, samples: Tensor) -> ResNet:
-    """The fused ResNet of ``alignment`` (the aligned parents' mean) after REPAIR on ``samples``."""
+def repair(alignment: AlignedStates, samples: Tensor) -> Repaired:
+    """The fused ResNet of ``alignment`` (the aligned parents' mean) after REPAIR on ``samples``, and its std
+    ratios before and after."""
     template = alignment.template
     x = samples.detach().double().cpu().contiguous()
     targets = parent_targets(alignment, x)
@@ -86,13 +87,17 @@ def repair(alignment: AlignedStates, samples: Tensor) -> ResNet:
             state[f"{conv}.weight"] = state[f"{conv}.weight"] * scale.view(-1, 1, 1, 1)
             if template.bias:
                 state[f"{conv}.bias"] = (state[f"{conv}.bias"] - own_mean) * scale + mean
-    return with_state(template, state)
+    network = with_state(template, state)
+    return Repaired(network, _ratios(fused, x, targets), _ratios(network, x, targets))
+
+
+def _ratios(network: ResNet, x: Tensor, targets: dict[str, Stats]) -> list[float]:
+    own = _stats(copy.deepcopy(network).double(), x, list(targets))
+    return [float(own[name][1].mean() / targets[name][1].mean()) for name in targets]
 
 
 def std_ratios(network: ResNet, alignment: AlignedStates, samples: Tensor) -> list[float]:
     """Per renormalised output, the mean standard deviation of ``network``'s channels over that of their targets:
     Jordan et al.'s variance-collapse diagnostic; 1 where nothing collapsed."""
     x = samples.detach().double().cpu().contiguous()
-    targets = parent_targets(alignment, x)
-    own = _stats(copy.deepcopy(network).double(), x, list(targets))
-    return [float(own[name][1].mean() / targets[name][1].mean()) for name in targets]
+    return _ratios(network, x, parent_targets(alignment, x))
