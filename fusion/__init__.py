@@ -131,12 +131,13 @@ def repaired(alignment: Aligned | AlignedStates, samples: Tensor) -> tuple[nn.Mo
     """The aligned parents' average after REPAIR on ``samples``, and the per-layer std ratios before and after
     (``repair_std_ratio_before``, ``repair_std_ratio_after``: what a result row records)."""
     result = _repair_module(alignment).repair(alignment, samples)
-    return result.network, {"repair_std_ratio_before": result.ratio_before, "repair_std_ratio_after": result.ratio_after}
+    ratios = {"repair_std_ratio_before": result.ratio_before, "repair_std_ratio_after": result.ratio_after}
+    return result.network, ratios
 
 
 __all__ = [
     "FUSABLE", "HAS_POT", "POT_MISSING", "align", "align_layers", "class_share_weights", "clafusion",
-    "conductance_importance", "ensemble_softmax", "finetune", "hungarian_fusion", "insert_identity_layers", "kf_gradient", "kf_linear",
-    "layer_cost_matrix", "linear_cka", "otfusion", "repaired", "reset_norm_statistics", "stages", "std_ratios",
-    "uniform_importance", "vanilla_avg",
+    "conductance_importance", "ensemble_softmax", "finetune", "hungarian_fusion", "insert_identity_layers",
+    "kf_gradient", "kf_linear", "layer_cost_matrix", "linear_cka", "otfusion", "repaired", "reset_norm_statistics",
+    "stages", "std_ratios", "uniform_importance", "vanilla_avg",
 ]

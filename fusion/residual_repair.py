@@ -66,7 +66,8 @@ def repair(alignment: AlignedStates, samples: Tensor) -> Repaired:
         return (output - own_mean.view(view)) * scale.view(view) + mean.view(view) if shifts \
             else output * scale.view(view)
 
-    probe = copy.deepcopy(fused).double()  # measured in float64 whatever the parents' precision
+    # measured in float64 on the CPU, with the targets, whatever the parents' precision and device
+    probe = copy.deepcopy(fused).to("cpu", torch.float64)
     modules = dict(probe.named_modules())
     hooks = [modules[name].register_forward_hook(lambda module, inputs, output, name=name: renormalise(name, output))
              for name in targets]

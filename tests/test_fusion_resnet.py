@@ -296,8 +296,8 @@ def test_resnets_fuse_through_merge(tmp_path):
     # one ratio per renormalised convolution of a ResNet18: the stem, two per block, three projections
     assert len(repaired["repair_std_ratio_before"]) == len(repaired["repair_std_ratio_after"]) == 1 + 2 * 8 + 3
     assert all(abs(r - 1) < 1e-4 for r in repaired["repair_std_ratio_after"])  # float32 parents
-    depths = rows("resnet_depths", "[{name: clafusion, finetune_epochs: 1},{name: parent, index: 1, finetune_epochs: 1},"
-                                   "{name: clafusion, repair: true}]")
+    depths = rows("resnet_depths", "[{name: clafusion, finetune_epochs: 1},"
+                                   "{name: parent, index: 1, finetune_epochs: 1},{name: clafusion, repair: true}]")
     assert 0 <= depths["clafusion(finetune_epochs=1)"]["acc"] <= 1
     assert len(depths["clafusion(finetune_epochs=0,repair=True)"]["repair_std_ratio_after"]) == 1 + 2 * 16 + 3
     assert depths["parent(index=1,finetune_epochs=1)"]["finetune_images"] == 200
