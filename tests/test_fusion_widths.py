@@ -8,6 +8,7 @@ import torch
 import fusion
 from archs.mlp import MLP
 from archs.resnet import ResNet
+from archs.vgg import VGG
 from config import ConfigError, MergeConfig, parse_args
 from conftest import REPO_ROOT
 from fusion.levels import levels_of
@@ -62,6 +63,20 @@ def test_otfusion_takes_the_target_parents_widths(cost, target):
     self_fused = fusion.otfusion([parents[target], mlp(target, (16, 12) if target == 0 else (6, 4))], x, cost,
                                  anchor=target)
     torch.testing.assert_close(self_fused(x), parents[target](x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("target", [0, 1])
+def test_a_double_width_vgg_and_a_half_width_vgg_fuse_into_either_shape(target):
+    x = images(20, 2)
+    torch.manual_seed(0)
+    double = VGG(2, 3, (8, "M", 12, "M"), (10,), bias=True, img_size=8).double().eval()
+    torch.manual_seed(1)
+    half = VGG(2, 3, (2, "M", 3, "M"), (5,), bias=True, img_size=8).double().eval()
+    parents = [double, half]
+    fused, ratios = fusion.repaired(fusion.align("otfusion", parents, x, cost="activation", anchor=target), x)
+    # every level, the Linear after the flatten included, takes the target's shape
+    assert [lv.weight.shape for lv in levels_of(fused)] == [lv.weight.shape for lv in levels_of(parents[target])]
+    assert ratios["repair_std_ratio_after"] == pytest.approx([1.0] * 3, abs=1e-9)
 
 
 def test_clafusion_fuses_into_the_shallower_narrower_parents_widths():
