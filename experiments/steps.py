@@ -65,7 +65,10 @@ def in_repo() -> Iterator[None]:
         os.chdir(previous)
 
 
-def parse_step(step: Step, seeds: list[int], extra: list[str] = ()):
+StageConfig = config.TrainConfig | config.GanConfig | config.PanConfig | config.MergeConfig
+
+
+def parse_step(step: Step, seeds: list[int], extra: list[str] = ()) -> StageConfig:
     """The step's stage config for ``seeds`` (``extra``: arguments after the step's own)."""
     with in_repo():
         return config.parse_args(STAGES[step.stage][1], [*step.args, f"seeds={seeds}", *extra])
