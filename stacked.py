@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from archs.gates import _Standardised
+from archs.gates import Standardised
 from archs.generator import Generator
 from archs.lenet import LeNet5
 from archs.mlp import MLP
@@ -193,7 +193,7 @@ class StackedMLP(nn.Module):
 class StackedPAN(nn.Module):
     """S gates (PAN or AgnosticPAN) of one shape, each with its own input standardisation: ``[S, B, D]``."""
 
-    def __init__(self, models: list[_Standardised]) -> None:
+    def __init__(self, models: list[Standardised]) -> None:
         super().__init__()
         self.seeds = len(models)
         self.register_buffer("input_mean", torch.stack([m.input_mean for m in models]).unsqueeze(1))
@@ -229,7 +229,7 @@ class StackedGenerator(nn.Module):
                 for p, b in zip(project, self.body.unstack(self.seeds))]
 
 
-STACKED = ((LeNet5, StackedLeNet), (MLP, StackedMLP), (_Standardised, StackedPAN), (Generator, StackedGenerator))
+STACKED = ((LeNet5, StackedLeNet), (MLP, StackedMLP), (Standardised, StackedPAN), (Generator, StackedGenerator))
 
 
 def stackable(models: list[nn.Module]) -> bool:

@@ -28,9 +28,8 @@ from torch import Tensor
 from augments import TTA_SETTINGS
 from config import ConfigError, ProblemSpec, coerce
 from detectors import DETECTORS
-from fusion import (HAS_POT, POT_MISSING, class_share_weights, clafusion, conductance_importance, ensemble_softmax,
-                    finetune, hungarian_fusion, kf_gradient, kf_linear, otfusion, recompute_norm_statistics,
-                    vanilla_avg)
+from fusion import (HAS_POT, POT_MISSING, align, class_share_weights, conductance_importance, ensemble_softmax,
+                    finetune, hungarian_fusion, kf_gradient, kf_linear, repaired, reset_norm_statistics)
 from gating import GATE_TYPES, check_regime, is_real
 from sources import Source, parse_source
 from synthesis import components
@@ -135,8 +134,9 @@ SYNTHESIS_CODE = ("synthesis.py", "dafl.py", "inversion.py", "archs/generator.py
 GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py") + SYNTHESIS_CODE
 DEFAULT_SYNTHESIZER = "dafl"  # what a rule's ``synthesizer=""`` reads: the paper's generator
 FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
-                                ("__init__", "_common", "transport", "cross_layer", "interpolation", "ensemble",
-                                 "residual", "residual_fit", "residual_depth"))
+                                ("__init__", "levels", "ot", "grouping", "fitting", "cka", "finetuning", "ensemble",
+                                 "depths", "transport", "interpolation", "cross_layer", "repair", "residual",
+                                 "residual_fit", "residual_depth", "residual_repair"))
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,9 @@ class StrategyCall:
 
     @property
     def label(self) -> str:
-        args = ",".join(f"{k}={v}" for k, v in self.params.items() if v != "")  # "" means "not set"
+        # "" and None mean "not set" and False "off", so a parameter added unset or off by default leaves every
+        # label (and the rows keyed by it) as it was
+        args = ",".join(f"{k}={v}" for k, v in self.params.items() if v != "" and v is not False and v is not None)
         return f"{self.name}({args})" if args else self.name
 
     def param(self, key: str) -> Any:
@@ -208,8 +210,12 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
                           f"use importance=uniform")
     if call.param("norm_stats") and not all(e.arch == "resnet" and e.arch_kwargs.get("batch_norm", True)
                                             for e in spec.experts):
-        raise ConfigError(f"strategy {call.label!r} recomputes batch-norm statistics, but problem {problem!r} has "
+        raise ConfigError(f"strategy {call.label!r} resets batch-norm running statistics, but problem {problem!r} has "
                           f"experts without batch norm (only ResNets with batch_norm: true have it); drop norm_stats")
+    target = call.param("target")
+    if target is not None and not 0 <= target < len(archs):
+        raise ConfigError(f"strategy {call.label!r}: target={target} is not a parent of problem {problem!r}, whose "
+                          f"parents are 0..{len(archs) - 1}")
     if needs.parents is not None and len(archs) != needs.parents:
         raise ConfigError(f"strategy {call.name!r} fuses exactly {needs.parents} experts, but problem {problem!r} "
                           f"has {len(archs)}")
@@ -299,6 +305,11 @@ def _check_synthesizer(name: str, params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "synthesizer": "" if synthesizer == DEFAULT_SYNTHESIZER else synthesizer}
 
 
+# parameter values that were renamed: an old config fails at load naming the new value
+RENAMED_VALUES = {("norm_stats", "recomputed"): "norm_stats=reset (it resets batch-norm running statistics; REPAIR "
+                                                "is repair=true)"}
+
+
 def _check_params(strategy: Strategy, given: dict[str, Any]) -> dict[str, Any]:
     params = {}
     for key, value in given.items():
@@ -306,6 +317,8 @@ def _check_params(strategy: Strategy, given: dict[str, Any]) -> dict[str, Any]:
             valid = ", ".join(strategy.params) or "none"
             raise ConfigError(f"strategy {strategy.name!r} has no parameter {key!r} (parameters: {valid})")
         tp, _ = strategy.params[key]
+        if isinstance(value, str) and (key, value) in RENAMED_VALUES:
+            raise ConfigError(f"strategy {strategy.name!r}: {key}={value} is now {RENAMED_VALUES[key, value]}")
         if typing.get_origin(tp) is Literal:
             if value not in typing.get_args(tp):
                 raise ConfigError(f"strategy {strategy.name!r}: {key}={value!r} is not one of "
@@ -588,9 +601,10 @@ def gate_soft(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime
 # ---------------------------------------------------------------- weight-space fusion (one network, no routing)
 
 Importance = Literal["uniform", "conductance"]
-# "" keeps the batch-norm statistics the fusion moved with the channels; "recomputed" recomputes them on the fusion
-# samples afterwards (REPAIR's point: averaged networks' activations no longer have their parents' statistics)
-NormStats = Literal["", "recomputed"]
+# "" keeps the batch-norm statistics the fusion moved with the channels; "reset" resets the running statistics to
+# the fusion samples' afterwards (not REPAIR, which is ``repair=true``: it sets every channel's output statistics
+# to its parents')
+NormStats = Literal["", "reset"]
 
 
 def fusion_inputs(inputs: MergeInputs, rule: str) -> FusionInputs:
@@ -622,30 +636,63 @@ def importance_scores(parents: list[nn.Module], samples: Tensor, importance: str
 
 
 def with_norm_stats(fusion: FusionInputs, network: nn.Module, norm_stats: str) -> nn.Module:
-    """``network``, its batch-norm statistics recomputed on the fusion samples if ``norm_stats`` says so."""
-    return recompute_norm_statistics(network, fusion.samples) if norm_stats == "recomputed" else network
+    """``network``, its batch-norm running statistics reset to the fusion samples' if ``norm_stats`` says so."""
+    return reset_norm_statistics(network, fusion.samples) if norm_stats == "reset" else network
 
 
-@register("vanilla_avg", fusion=FusionNeeds())
-def vanilla_avg_rule(inputs: MergeInputs, *, norm_stats: NormStats = "") -> Decision:
+def averaged(fusion: FusionInputs, method: str, repair: bool, row: dict[str, Any], **options: Any) -> nn.Module:
+    """The parents aligned by ``method`` and averaged, with REPAIR if ``repair`` (its per-layer std ratios before
+    and after go into ``row``)."""
+    alignment = align(method, fusion.parents, fusion.samples, **options)
+    if not repair:
+        return alignment.network()
+    network, ratios = repaired(alignment, fusion.samples)
+    row.update(ratios)
+    return network
+
+
+def check_repair_params(params: dict[str, Any]) -> None:
+    if params.get("repair") and params.get("norm_stats"):
+        raise ConfigError("repair=true and norm_stats=reset both set the fused network's statistics from the fusion "
+                          "samples; choose one")
+
+
+@register("vanilla_avg", fusion=FusionNeeds(), validate=check_repair_params)
+def vanilla_avg_rule(inputs: MergeInputs, *, norm_stats: NormStats = "", repair: bool = False) -> Decision:
     """Fuse the parents into their parameter-wise mean (identical widths, neurons not aligned).
 
-    ``norm_stats=recomputed``: batch-norm statistics recomputed on the fusion samples (ResNets with batch norm)."""
+    ``norm_stats=reset``: batch-norm running statistics reset to the fusion samples' (ResNets with batch norm).
+    ``repair=true``: REPAIR (Jordan et al. 2023) on the fusion samples (fusion/repair.py)."""
     fusion = fusion_inputs(inputs, "vanilla_avg")
-    return network_decision(fusion, lambda: with_norm_stats(fusion, vanilla_avg(fusion.parents), norm_stats),
-                            samples_used=len(fusion.samples) if norm_stats else 0)
+    row: dict[str, Any] = {}
+    decision = network_decision(
+        fusion, lambda: with_norm_stats(fusion, averaged(fusion, "vanilla_avg", repair, row), norm_stats),
+        samples_used=len(fusion.samples) if norm_stats or repair else 0)
+    decision.row.update(row)
+    return decision
 
 
-@register("otfusion", fusion=FusionNeeds(pot=True))
+@register("otfusion", fusion=FusionNeeds(pot=True), validate=check_repair_params)
 def otfusion_rule(inputs: MergeInputs, *, cost: Literal["weight", "activation"] = "weight",
-                  norm_stats: NormStats = "") -> Decision:
+                  norm_stats: NormStats = "", repair: bool = False, target: int | None = None) -> Decision:
     """OTFusion: align the parents' neurons to the first parent's by exact optimal transport, then average.
 
-    ``norm_stats=recomputed``: batch-norm statistics recomputed on the fusion samples (ResNets with batch norm)."""
+    ``target=k``: align to parent k instead, whose widths the fused network takes (parents of different widths:
+    the smaller one's shape compresses). ``norm_stats=reset``: batch-norm running statistics reset to the fusion
+    samples' (ResNets with batch norm). ``repair=true``: REPAIR (Jordan et al. 2023) on the fusion samples
+    (fusion/repair.py)."""
     fusion = fusion_inputs(inputs, "otfusion")
-    return network_decision(
-        fusion, lambda: with_norm_stats(fusion, otfusion(fusion.parents, fusion.samples, cost=cost), norm_stats),
-        samples_used=len(fusion.samples) if cost == "activation" or norm_stats else 0)
+    row: dict[str, Any] = {}
+    anchor = 0 if target is None else target
+
+    def make() -> nn.Module:
+        return with_norm_stats(fusion, averaged(fusion, "otfusion", repair, row, cost=cost, anchor=anchor), norm_stats)
+
+    decision = network_decision(
+        fusion, make,
+        samples_used=len(fusion.samples) if cost == "activation" or norm_stats or repair else 0)
+    decision.row.update(row)
+    return decision
 
 
 @register("hf", fusion=FusionNeeds(parents=2))
@@ -676,26 +723,32 @@ def kf_gradient_rule(inputs: MergeInputs, *, importance: Importance = "uniform",
         seed=fusion.seed, ridge=ridge), samples_used=len(fusion.samples))
 
 
-@register("clafusion", fusion=FusionNeeds(parents=2, pot=True))
-def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0, norm_stats: NormStats = "") -> Decision:
+@register("clafusion", fusion=FusionNeeds(parents=2, pot=True), validate=check_repair_params)
+def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0, norm_stats: NormStats = "",
+                   repair: bool = False, target: int | None = None) -> Decision:
     """CLAFusion: align the hidden layers (ResNets: blocks) of two parents of any depths, then OTFusion; optionally
     fine-tune.
 
+    The fused network has the deeper parent's depth and, by default, its widths; ``target=k``: parent k's widths.
+
     Fine-tuning trains the fused network for ``finetune_epochs`` epochs on the union of the parents'
-    training sets (real data; the row records how many images). ``norm_stats=recomputed``: batch-norm
-    statistics recomputed on the fusion samples first."""
+    training sets (real data; the row records how many images). ``norm_stats=reset``: batch-norm running
+    statistics reset to the fusion samples' first; ``repair=true``: REPAIR on the fusion samples first."""
     if finetune_epochs < 0:
         raise ValueError(f"clafusion: finetune_epochs must be 0 or more, got {finetune_epochs}")
     fusion = fusion_inputs(inputs, "clafusion")
+    row: dict[str, Any] = {}
 
     def make() -> nn.Module:
-        fused = with_norm_stats(fusion, clafusion(fusion.parents, fusion.samples), norm_stats)
+        fused = with_norm_stats(fusion, averaged(fusion, "clafusion", repair, row, target=target), norm_stats)
         return finetune(fused, *fusion.training_data(), epochs=finetune_epochs, seed=fusion.seed) \
             if finetune_epochs else fused
 
     # the training data is loaded here, before make() runs, so loading it is not counted as fusing
-    return network_decision(fusion, make, samples_used=len(fusion.samples), finetune_epochs=finetune_epochs,
-                            finetune_images=len(fusion.training_data()[0]) if finetune_epochs else 0)
+    decision = network_decision(fusion, make, samples_used=len(fusion.samples), finetune_epochs=finetune_epochs,
+                                finetune_images=len(fusion.training_data()[0]) if finetune_epochs else 0)
+    decision.row.update(row)
+    return decision
 
 
 @register("parent", fusion=FusionNeeds(weights=False))

@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 
 
-class _Standardised(nn.Module):
+class Standardised(nn.Module):
+    """A gate's network behind the standardisation of its inputs (stacked.py stacks every gate through it)."""
+
     def __init__(self, in_features: int, net: nn.Module) -> None:
         super().__init__()
         self.register_buffer("input_mean", torch.zeros(in_features))
@@ -35,7 +37,7 @@ class _Standardised(nn.Module):
         return self.net((x - self.input_mean) / self.input_std)
 
 
-class PAN(_Standardised):
+class PAN(Standardised):
     """Pattern attribution network: Linear(in, 80) ReLU Linear(80, 60) ReLU Linear(60, 2)."""
 
     def __init__(self, in_features: int) -> None:
@@ -43,7 +45,7 @@ class PAN(_Standardised):
             nn.Linear(in_features, 80), nn.ReLU(), nn.Linear(80, 60), nn.ReLU(), nn.Linear(60, 2)))
 
 
-class AgnosticPAN(_Standardised):
+class AgnosticPAN(Standardised):
     """A PAN over a few architecture-free statistics: Linear(in, 80) ReLU 50 ReLU 20 ReLU Linear(20, 2)."""
 
     def __init__(self, in_features: int = 3) -> None:

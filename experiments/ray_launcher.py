@@ -27,7 +27,7 @@ MAX_RETRIES = 3  # a worker that dies (killed, out of memory, a lost node) is re
 
 
 def execute(settings: dict, step: dict, seeds: list[int], log: str, threads: int, *upstream: dict) -> dict:
-    """One step for ``seeds`` in a worker: the same code as the local launcher (reproduce.run_step) on ``threads``
+    """One step for ``seeds`` in a worker: the same code as the local launcher (steps.run_step) on ``threads``
     CPU threads (set here: Ray's own default depends on the worker); its output goes to its own log.
     ``upstream`` (the results of the steps it reads) only orders it after them."""
     if str(REPO) not in sys.path:
@@ -36,16 +36,16 @@ def execute(settings: dict, step: dict, seeds: list[int], log: str, threads: int
     torch.set_num_threads(threads)
     import config
     from common import hidden_inner_progress
-    from experiments import reproduce
+    from experiments import steps
 
     cfg = config.apply_overrides(config.ReproduceConfig(), settings)
-    work = reproduce.Step(**step)
+    work = steps.Step(**step)
     start = time.perf_counter()
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out, contextlib.redirect_stdout(out), hidden_inner_progress():
         if cfg.fault_injection == f"{work.stage} {work.label}":
             die_after_first_resume_save(Path(log).with_suffix(".fault"))
-        summary = reproduce.run_step(work, cfg, seeds, cfg.force)
+        summary = steps.run_step(work, cfg, seeds, cfg.force)
     return {"step": step, "seeds": seeds, "wall_s": time.perf_counter() - start, "made": summary.get("made", 1)}
 
 
@@ -95,7 +95,7 @@ def run_graph(cfg, steps: list, graph: list[set[int]]) -> list[dict]:
     done / started / waiting, and the time left); returns a timing row per task, as the local launcher does."""
     import config
     from common import progress, resolve_device
-    from experiments.reproduce import timing_row
+    from experiments.steps import timing_row
 
     start = time.perf_counter()
     if not ray.is_initialized():  # a cluster started by the caller (a test, a notebook) is used as it is

@@ -16,14 +16,11 @@ shell commands, for running stages by hand.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib
 import json
 import shlex
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,37 +41,21 @@ def load_config(argv: list[str] | None = None) -> config.ReproduceConfig:
 ARGS = cli.arguments(__name__, __doc__, config.ReproduceConfig, load_config)
 
 import figures  # noqa: E402
-from artifacts import arch_tag, code_digest, section_args  # noqa: E402
-from common import (UserError, atomic_write_text, hidden_inner_progress, print_summary, progress,  # noqa: E402
-                    read_rows, resolve_device, write_rows)
+from artifacts import arch_tag, code_digest  # noqa: E402
+from common import (atomic_write_text, hidden_inner_progress, print_summary, progress, read_rows,  # noqa: E402
+                    resolve_device, write_rows)
+from experiments.steps import STAGES, Step, parse_step, run_step, shared_args, timing_row  # noqa: E402
 from report import (REAL_COUNTS_X, answer_rows, answer_table, best_of_families, real_data_curves,  # noqa: E402
                     reproduction_report, resolve, scaling_rows, target_rows, targets_table)
 from strategies import BASE_CODE, REGISTRY, parse_strategies  # noqa: E402
 from synthesis import components  # noqa: E402
 
 NO_FIGURES = "matplotlib is not installed"
-# stage -> (script module, its config class); the order is the pipeline's
-STAGES = {"experts": ("train_source_networks", config.TrainConfig), "generators": ("train_gan", config.GanConfig),
-          "gates": ("train_pan", config.PanConfig), "merge": ("merge", config.MergeConfig)}
 PROBLEM_STAGE_KEYS = {"gan": "generators", "pan": "gates"}
 FUSION_PARENTS = "experiments/fusion_parents.yaml"  # the tasks (splits of MNIST and CIFAR-10) fusion parents learn
 FUSION_KEYS = ("files", *PROBLEM_STAGE_KEYS)
 
 
-@dataclass
-class Step:
-    """One call of a stage script: its stage, what it works on, and its arguments (seeds come later). A step of
-    a fusion table reads the table's recipe files, which may set settings sections of its own (its parents'
-    training), the same in each of its steps."""
-
-    stage: str
-    label: str
-    args: list[str]
-    fusion: bool = False
-
-    @property
-    def script(self) -> str:
-        return STAGES[self.stage][0] + ".py"
 
 
 def plan(cfg: config.ReproduceConfig) -> list[Step]:
@@ -153,51 +134,6 @@ def unique(steps: list[Step]) -> list[Step]:
     return list(out.values())
 
 
-def shared_args(cfg: config.ReproduceConfig, stage: str, seeds: list[int], force: bool) -> list[str]:
-    """The arguments every step gets from the pipeline: seeds, where things live, the settings sections its
-    stage reads (as what differs from config.py's defaults)."""
-    fields = {f.name for f in dataclasses.fields(STAGES[stage][1])}
-    args = [f"seeds=[{','.join(map(str, seeds))}]", f"ckpt_dir={cfg.ckpt_dir}", f"results_dir={cfg.results_dir}"]
-    for name in config.SECTIONS:
-        if name in fields:
-            args += section_args(name, getattr(cfg, name))
-    if cfg.deterministic:
-        args.append("deterministic=true")
-    if stage == "merge":  # a profile's table holds exactly the rules of its YAML file, not those of earlier runs
-        args.append("keep_rows=false")
-    return args + (["force=true"] if force else [])
-
-
-def parse_step(step: Step, seeds: list[int], extra: list[str] = ()):
-    with _in_repo():
-        return config.parse_args(STAGES[step.stage][1], [*step.args, f"seeds={seeds}", *extra])
-
-
-@contextlib.contextmanager
-def _in_repo():
-    """Stage arguments name experiment files relative to the repository root."""
-    import os
-
-    previous = os.getcwd()
-    os.chdir(REPO)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def run_step(step: Step, cfg: config.ReproduceConfig, seeds: list[int], force: bool) -> dict:
-    module = importlib.import_module(STAGES[step.stage][0])
-    local = [f"device={cfg.device}"]
-    if "data_dir" in {f.name for f in dataclasses.fields(STAGES[step.stage][1])}:  # generators read no data
-        local.append(f"data_dir={cfg.data_dir}")
-    stage_cfg = parse_step(step, seeds, [*shared_args(cfg, step.stage, seeds, force), *local])
-    try:
-        return module.main(stage_cfg)
-    except UserError as err:
-        raise type(err)(f"{step.stage} step {step.label!r}: {err}") from None
-
-
 def script_path(profile: str) -> Path:
     return REPO / "experiments" / f"reproduce_{profile}.sh"
 
@@ -216,13 +152,6 @@ def render_script(cfg: config.ReproduceConfig, steps: list[Step]) -> str:
         lines.append(" ".join(['"$PY"', step.script, *map(shlex.quote, args)]))
     lines.append(f'"$PY" experiments/reproduce.py profile={cfg.profile} report_only=true')
     return "\n".join(lines) + "\n"
-
-
-def timing_row(step: Step, seeds: list[int], wall_s: float, summary: dict, device: str) -> dict:
-    # a step that found all its work finished "reused" it; its time is not the time the work took
-    reused = summary["made"] == 0
-    return {"stage": step.stage, "step": step.label, "seeds": seeds, "wall_s": wall_s, "reused": reused,
-            "device": device}
 
 
 def keep_work_timings(previous: list[dict], current: list[dict]) -> list[dict]:

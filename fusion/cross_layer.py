@@ -7,39 +7,18 @@ function unchanged; OTFusion does the rest.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from archs.resnet import ResNet
-from fusion._common import Level, Levels, check_parents, hidden_widths, inputs_of, levels_of, pre_acts, to_network
-from fusion.transport import otfusion
-
-
-def linear_cka(x: Tensor, y: Tensor) -> float:
-    """Linear CKA of two activation matrices with the same rows (samples); 0 if either is constant.
-
-    Feature maps are flattened per sample. Computed through the samples' Gram matrices when there are
-    more features than samples (a convolution's map), which gives the same value at a fraction of the cost.
-    """
-    x = x.double().flatten(1)
-    y = y.double().flatten(1)
-    x, y = x - x.mean(0), y - y.mean(0)
-    if max(x.shape[1], y.shape[1]) > len(x):
-        gram_x, gram_y = x @ x.T, y @ y.T
-        norm_x, norm_y = torch.linalg.norm(gram_x), torch.linalg.norm(gram_y)
-        if norm_x == 0 or norm_y == 0:
-            return 0.0
-        return float((gram_x * gram_y).sum() / (norm_x * norm_y))
-    norm_x, norm_y = torch.linalg.norm(x.T @ x), torch.linalg.norm(y.T @ y)
-    if norm_x == 0 or norm_y == 0:
-        return 0.0
-    return float(torch.linalg.norm(y.T @ x) ** 2 / (norm_x * norm_y))
+from fusion.cka import linear_cka
+from fusion.depths import deep_first
+from fusion.levels import (Aligned, Level, Levels, check_parents, hidden_widths, inputs_of, levels_of, pre_acts,
+                           to_network)
+from fusion.transport import align_by_ot
 
 
 def stages(model: nn.Module) -> list[int]:
@@ -109,7 +88,7 @@ def _flatten_positions(levels: Levels) -> int:
     return levels[first_linear].weight.shape[1] // levels[first_linear - 1].width if first_linear else 1
 
 
-def _identity_level(position: Level, previous: Level, bias: bool, flatten_positions: int) -> Level:
+def identity_level(position: Level, previous: Level, bias: bool, flatten_positions: int) -> Level:
     """A level computing the identity on the non-negative outputs of ``previous``, shaped like the deep parent's
     level ``position`` (a convolution keeps the map's size only with odd kernels and 'same' padding)."""
     if position.conv:
@@ -165,45 +144,35 @@ def insert_identity_layers(model: nn.Module, deep: nn.Module, mapping: Sequence[
             level = model_levels[position[p]]
             new_levels.append(replace(level, pool=deep_levels[p].pool) if level.conv else level)
         else:
-            new_levels.append(_identity_level(deep_levels[p], new_levels[-1], bias, _flatten_positions(deep_levels)))
+            new_levels.append(identity_level(deep_levels[p], new_levels[-1], bias, _flatten_positions(deep_levels)))
     new_levels.append(model_levels[-1])
     return to_network(model, new_levels)
 
 
 def clafusion(parents: Sequence[nn.Module], samples: Tensor | None, cost: str = "cka",
-              ot_cost: str = "activation") -> nn.Module:
-    """CLAFusion of two networks of possibly different depths: align layers, balance depths, then OTFusion.
+              ot_cost: str = "activation", target: int | None = None) -> nn.Module:
+    """CLAFusion of two networks of possibly different depths: ``align_across_layers``, then average."""
+    return align_across_layers(parents, samples, cost, ot_cost, target).network()
+
+
+def align_across_layers(parents: Sequence[nn.Module], samples: Tensor | None, cost: str = "cka",
+                        ot_cost: str = "activation", target: int | None = None) -> Aligned:
+    """CLAFusion's alignment of two networks of possibly different depths: align layers, balance depths, then
+    align by OT.
 
     The layer map minimises ``layer_cost_matrix(kind=cost)`` among maps that keep every layer at its
     stage; the shallower parent gets identity levels at the unmatched positions
-    (``insert_identity_layers``) and is fused by ``otfusion`` (``ot_cost``: 'activation' or 'weight')
-    with the deeper parent as anchor, so the fused network has the deeper parent's widths. Equal depths
-    go straight to OTFusion with ``parents[0]`` as anchor. ResNets: ``fusion.residual_depth.clafusion`` (blocks
-    aligned within stages, identity blocks).
+    (``insert_identity_layers``); the two are aligned by OT (``ot_cost``: 'activation' or 'weight') to the
+    parent ``target`` (None: the deeper one), so the fused network has the deeper parent's depth and the target's
+    widths (a shallower target's inserted levels: the width of the level each follows). Equal depths go straight
+    to OT alignment, with ``parents[0]`` as anchor unless ``target`` says otherwise. ResNets:
+    ``fusion.residual_depth`` (blocks aligned within stages, identity blocks).
     """
-    if any(isinstance(p, ResNet) for p in parents):
-        from fusion import residual_depth  # imported here: it builds on this module
-        return residual_depth.clafusion(parents, samples, cost, ot_cost)
     check_parents(parents, "clafusion", count=2)
-    deep, shallow = sorted(parents, key=lambda p: -len(levels_of(p)))  # stable: equal depths keep their order
+    order, anchor = deep_first(parents, lambda p: len(levels_of(p)), target)
+    deep, shallow = (parents[k] for k in order)
     if len(levels_of(shallow)) < len(levels_of(deep)):
         _check_same_pools(deep, shallow)
         mapping = align_layers(layer_cost_matrix(deep, shallow, samples, kind=cost))
         shallow = insert_identity_layers(shallow, deep, mapping)
-    return otfusion([deep, shallow], samples, cost=ot_cost, anchor=0)
-
-
-def finetune(model: nn.Module, images: Tensor, labels: Tensor, epochs: int = 1, lr: float = 1e-2,
-             batch_size: int = 64, momentum: float = 0.9, seed: int = 0) -> nn.Module:
-    """A copy of ``model`` after a few epochs of SGD on cross-entropy (the optional CLAFusion fine-tuning step)."""
-    tuned = copy.deepcopy(model).train()
-    optimiser = torch.optim.SGD(tuned.parameters(), lr=lr, momentum=momentum)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():  # callers often hold no_grad while they evaluate fused models
-        for _ in range(epochs):
-            for idx in torch.randperm(len(images), generator=generator).split(batch_size):
-                loss = F.cross_entropy(tuned(images[idx]), labels[idx])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-    return tuned.eval()
+    return align_by_ot([deep, shallow], samples, cost=ot_cost, anchor=anchor)

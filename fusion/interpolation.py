@@ -15,19 +15,20 @@ hundreds of thousands of rows).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from archs.resnet import ResNet
-from fusion._common import (POSITIONS, SAMPLE_CHUNK, Level, Levels, activate, apply_level, check_parents, columns,
-                            hidden_widths, inputs_of, levels_of, pre_acts, to_network)
+from fusion.fitting import best_of_adam, least_squares
+from fusion.grouping import Grouping, group_means, hungarian_grouping, kmeans_grouping, normalised
+from fusion.levels import (POSITIONS, SAMPLE_CHUNK, Level, Levels, activate, apply_level, check_parents, columns,
+                           hidden_widths, inputs_of, levels_of, pre_acts, to_network)
 
-KMEANS_MAX_ITER = 100
+CHAIN_STEPS = 200  # KF-gradient's Adam steps per level of a chain (each step is one pass of a level over the samples)
+CHAIN_LR = 1e-2
 
 
 # ---------------------------------------------------------------- importance scores
@@ -61,13 +62,13 @@ def conductance_importance(model: nn.Module, samples: Tensor, layer: int | None 
     x = inputs_of(model, samples).to(dtype)
     totals = [torch.zeros(level.width, dtype=torch.float64) for level in levels]
     for chunk in x.split(SAMPLE_CHUNK):  # every path point of a chunk at once; chunks bound the memory
-        for total, conductance in zip(totals, _conductance(levels, chunk, steps)):
+        for total, conductance in zip(totals, sample_conductance(levels, chunk, steps)):
             total += conductance.abs().sum(0).double()
     scores = [total / len(x) for total in totals]
     return scores if layer is None else scores[layer]
 
 
-def _conductance(levels: Levels, x: Tensor, steps: int) -> list[Tensor]:
+def sample_conductance(levels: Levels, x: Tensor, steps: int) -> list[Tensor]:
     """Per level, ``[n, width]``: each sample's conductance of each neuron, from one forward and backward pass."""
     alphas = torch.arange(steps + 1, dtype=x.dtype) / steps
     h = (alphas.view(-1, *[1] * x.dim()) * x).flatten(0, 1)  # [(steps + 1) * n, ...]
@@ -107,143 +108,23 @@ def _importance(parents: Sequence[nn.Module], importance: Sequence[Sequence[Tens
     return scores
 
 
-# ---------------------------------------------------------------- grouping and fitting
-
-def _group_means(acts: Tensor, weights: Tensor, groups: Tensor, k: int) -> Tensor:
-    """``[N, k]``: importance-weighted mean of the columns of ``acts`` in each group.
-
-    A group whose members all have importance 0 falls back to the plain mean. Groups must not be empty.
-    """
-    onehot = F.one_hot(groups, k).double()  # [P, k]
-    mass = weights @ onehot
-    weighted = (acts * weights) @ onehot / mass
-    plain = acts @ onehot / onehot.sum(0)
-    return torch.where(mass > 0, weighted, plain)
-
-
-def _hungarian_groups(acts: list[Tensor], match: str) -> Tensor:
-    """Parent A's neuron i forms group i; parent B's neuron joins the group of the A neuron it is matched to."""
-    a, b = acts
-    if match == "correlation":
-        # a constant neuron has no correlation with anything: its standardised column becomes 0
-        za = (a - a.mean(0)) / a.std(0).clamp_min(1e-12)
-        zb = (b - b.mean(0)) / b.std(0).clamp_min(1e-12)
-        cost = -(za.T @ zb) / len(a)
-    else:
-        cost = torch.cdist(a.T, b.T, compute_mode="donot_use_mm_for_euclid_dist")
-    rows, cols = linear_sum_assignment(cost.numpy())
-    groups_b = torch.empty(b.shape[1], dtype=torch.long)
-    groups_b[torch.from_numpy(cols)] = torch.from_numpy(rows)
-    return torch.cat([torch.arange(a.shape[1]), groups_b])
-
-
-def _kmeans_plus_plus(points: Tensor, k: int, generator: torch.Generator) -> Tensor:
-    """Indices of ``k`` distinct seed points, each drawn with probability proportional to its squared
-    distance from the seeds so far (importance is left out of the seeding; the Lloyd steps use it)."""
-    chosen = [int(torch.randint(len(points), (1,), generator=generator))]
-    d2 = ((points - points[chosen[0]]) ** 2).sum(1)
-    while len(chosen) < k:
-        if d2.sum() > 0:
-            nxt = int(torch.multinomial(d2, 1, generator=generator))
-        else:  # fewer distinct points than groups: take the next point not chosen yet
-            nxt = next(i for i in range(len(points)) if i not in chosen)
-        chosen.append(nxt)
-        d2 = torch.minimum(d2, ((points - points[nxt]) ** 2).sum(1))
-    return torch.tensor(chosen)
-
-
-def _weighted_kmeans(points: Tensor, weights: Tensor, k: int, generator: torch.Generator) -> Tensor:
-    """Group index of every row of ``points`` ``[P, N]``: Lloyd's algorithm with importance-weighted centres."""
-    if k > len(points):
-        raise ValueError(f"cannot group {len(points)} neurons into {k} non-empty groups")
-    centres = points[_kmeans_plus_plus(points, k, generator)]
-    groups = None
-    for _ in range(KMEANS_MAX_ITER):
-        dist = torch.cdist(points, centres, compute_mode="donot_use_mm_for_euclid_dist")
-        new = dist.argmin(1)
-        counts = torch.bincount(new, minlength=k)
-        far = dist.gather(1, new[:, None]).squeeze(1)
-        for c in (counts == 0).nonzero().flatten().tolist():
-            # an empty group takes the point farthest from its centre among groups that can spare one
-            i = int(torch.where(counts[new] > 1, far, -1.0).argmax())
-            counts[new[i]] -= 1
-            counts[c] = 1
-            new[i], far[i] = c, 0.0
-        if groups is not None and torch.equal(new, groups):
-            break
-        groups = new
-        centres = _group_means(points.T, weights, groups, k).T
-    return groups
-
-
-def _least_squares(h: Tensor, target: Tensor, bias: bool, ridge: float = 0.0) -> tuple[Tensor, Tensor | None]:
-    """Fit ``target ~ h @ w.T + b`` by least squares, taking the minimum-norm solution; with ``ridge > 0``, by
-    ridge regression with penalty ``ridge`` x the mean squared norm of an input row (bias column included).
-
-    With fewer samples than inputs (a few hundred samples, 784 pixels) the system is
-    under-determined: every exact solution reproduces the targets on the fusion samples, so fusing a
-    network with itself gives back the same function there. The SVD-based 'gelsd' driver picks the
-    unique minimum-norm one, deliberately, instead of whatever a QR driver would return. Where the
-    samples barely outnumber the inputs (the Linear after a CNN's flatten: 1,025 inputs) the exact fit
-    is ill-conditioned and generalises badly; the ridge keeps it in check.
-    """
-    a = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1) if bias else h
-    if ridge:
-        penalty = ridge * a.pow(2).sum() / len(a)
-        if len(a) < a.shape[1]:  # the dual form: an [N, N] system instead of [inputs, inputs]
-            gram = a @ a.T
-            sol = a.T @ torch.linalg.solve(gram + penalty * torch.eye(len(a), dtype=a.dtype), target)
-        else:
-            gram = a.T @ a
-            sol = torch.linalg.solve(gram + penalty * torch.eye(len(gram), dtype=a.dtype), a.T @ target)
-    else:
-        sol = torch.linalg.lstsq(a, target, driver="gelsd").solution
-    return (sol[:-1].T.contiguous(), sol[-1].clone()) if bias else (sol.T.contiguous(), None)
-
-
-def _best_of_adam(params: list[Tensor], loss_of: Callable[[], Tensor], steps: int, lr: float) -> list[Tensor]:
-    """Adam on ``loss_of()`` from ``params``; returns the best iterate's values.
-
-    Keeping the best iterate matters: the least-squares start already minimises the weighted MSE on
-    these samples (the loss separates over neurons), and Adam's normalised steps would otherwise
-    jitter around it at the scale of ``lr``.
-    """
-    params = [p.clone().requires_grad_() for p in params]
-    optimiser = torch.optim.Adam(params, lr=lr)
-    best_loss, best = float("inf"), params
-    with torch.enable_grad():
-        for step in range(steps + 1):
-            loss = loss_of(*params)
-            if loss.item() < best_loss:
-                best_loss, best = loss.item(), [p.detach().clone() for p in params]
-            if step == steps:
-                break
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    return best
-
-
-def _normalised(group_weights: Tensor) -> Tensor:
-    total = group_weights.sum()
-    return group_weights / total if total > 0 else torch.full_like(group_weights, 1 / len(group_weights))
-
+# ---------------------------------------------------------------- fitting a level
 
 def _fit_linear(h: Tensor, target: Tensor, template: Level, group_weights: Tensor, steps: int, lr: float,
                 ridge: float) -> Level:
     """A Linear level fitted to ``target`` ``[N, width]`` from inputs ``h`` (least squares, then Adam if ``steps``,
     on the same objective: the weighted MSE plus the ridge penalty)."""
     h = h.flatten(1)
-    w, b = _least_squares(h, target, template.bias is not None, ridge)
+    w, b = least_squares(h, target, template.bias is not None, ridge)
     if steps:
-        weights = _normalised(group_weights)
+        weights = normalised(group_weights)
         per_row = ridge * (h.pow(2).sum() + (len(h) if b is not None else 0)) / len(h) / len(h)
 
         def loss_of(w: Tensor, b: Tensor | None = None) -> Tensor:
             norm = w.pow(2).sum(1) + (0 if b is None else b.pow(2))
             return ((F.linear(h, w, b) - target).pow(2).mean(0) + per_row * norm) @ weights
 
-        w, *rest = _best_of_adam([w] if b is None else [w, b], loss_of, steps, lr)
+        w, *rest = best_of_adam([w] if b is None else [w, b], loss_of, steps, lr)
         b = rest[0] if rest else None
     return template.with_weights(w, b)
 
@@ -283,8 +164,8 @@ def _fit_conv(h: Tensor, target: Tensor, template: Level, width: int, group_weig
     gram = gram + penalty * torch.eye(len(gram), dtype=gram.dtype)
     sol = torch.linalg.lstsq(gram, cross, driver="gelsd").solution  # [in * kh * kw (+ 1), width]
     if steps:  # the weighted MSE plus the ridge penalty, through the (penalised) Gram matrix
-        weights, square = _normalised(group_weights), target.pow(2).sum(0)
-        sol, = _best_of_adam([sol], lambda s: (((s * (gram @ s)).sum(0) - 2 * (s * cross).sum(0) + square) / count)
+        weights, square = normalised(group_weights), target.pow(2).sum(0)
+        sol, = best_of_adam([sol], lambda s: (((s * (gram @ s)).sum(0) - 2 * (s * cross).sum(0) + square) / count)
                              @ weights, steps, lr)
     kernel = sol[:-1] if bias else sol
     weight = kernel.T.reshape(width, h.shape[1], *template.weight.shape[2:]).contiguous()
@@ -293,7 +174,7 @@ def _fit_conv(h: Tensor, target: Tensor, template: Level, width: int, group_weig
 
 def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
                           importance: Sequence[Sequence[Tensor]] | None, widths: Sequence[int],
-                          grouping: Callable[[list[Tensor], Tensor, int], Tensor], steps: int = 0, lr: float = 0.0,
+                          grouping: Grouping, steps: int = 0, lr: float = 0.0,
                           positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
     """Fit the fused network level by level to group targets; ``grouping(level_columns, weights, width)`` forms
     the groups from each parent's ``columns`` of the level (``positions``: how a channel's map becomes one).
@@ -322,7 +203,7 @@ def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
         else:  # output neuron c of every parent is class c
             width = template.width
             groups = torch.arange(width).repeat(len(parents))
-        target = _group_means(torch.cat(flat, 1), weights, groups, width)
+        target = group_means(torch.cat(flat, 1), weights, groups, width)
         group_weights = weights @ F.one_hot(groups, width).double()
         if template.conv:
             fused.append(_fit_conv(h, target, template, width, group_weights, steps, lr, ridge))
@@ -330,21 +211,6 @@ def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
             fused.append(_fit_linear(h, target, template, group_weights, steps, lr, ridge))
         h = activate(fused[-1], apply_level(fused[-1], h))
     return to_network(parents[0], fused)
-
-
-def _resnet_interpolation(parents: Sequence[nn.Module], samples: Tensor, method: str,
-                          importance: Sequence[Sequence[Tensor]] | None, widths: Sequence[int] | None,
-                          grouping: Callable[[list[Tensor], Tensor, int], Tensor], positions: str, ridge: float,
-                          steps: int = 0, lr: float = 0.0, count: int | None = None) -> nn.Module:
-    """ResNet parents: ``fusion.residual_fit.interpolate``, a residual block as a level."""
-    from fusion import residual, residual_fit  # imported here: they build on this module
-    residual.check_resnets(parents, method, count=count, same_widths=count == 2)
-    if importance is not None or widths is not None:
-        raise ValueError(f"{method} fuses ResNets with uniform importance into parent 0's widths; leave importance "
-                         "and widths unset")
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    return residual_fit.interpolate(parents, samples, grouping, steps, lr, positions, ridge)
 
 
 def hungarian_fusion(parents: Sequence[nn.Module], samples: Tensor,
@@ -359,34 +225,10 @@ def hungarian_fusion(parents: Sequence[nn.Module], samples: Tensor,
     permuting B as one goes. Each pair's target is the importance-weighted mean of its two
     pre-activations; each fused level is a least-squares fit from the fused previous level.
     """
-    if match not in ("correlation", "euclidean"):
-        raise ValueError(f"match must be 'correlation' or 'euclidean', got {match!r}")
-    grouping = lambda level_columns, weights, width: _hungarian_groups(level_columns, match)  # noqa: E731
-    if _is_resnet(parents):
-        return _resnet_interpolation(parents, samples, "hungarian_fusion", importance, None, grouping, positions,
-                                     ridge, count=2)
+    grouping = hungarian_grouping(match)
     check_parents(parents, "hungarian_fusion", count=2, same_widths=True, same_depth=True)
     return _neuron_interpolation(parents, samples, importance, hidden_widths(parents[0]), grouping,
                                  positions=positions, ridge=ridge)
-
-
-def _is_resnet(parents: Sequence[nn.Module]) -> bool:
-    return any(isinstance(p, ResNet) for p in parents)
-
-
-def _kmeans_grouping(seed: int) -> Callable[[list[Tensor], Tensor, int], Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-
-    def grouping(level_columns: list[Tensor], weights: Tensor, width: int) -> Tensor:
-        points = torch.cat(level_columns, 1).T  # [neurons, rows]
-        if points.shape[1] > points.shape[0]:
-            # a channel's vector over every sample and position is long (400 x 1024 for CIFAR maps); the rows of
-            # R from points.T = QR keep every distance between neurons in as many coordinates as there are
-            # neurons, and k-means only reads distances and weighted means
-            points = torch.linalg.qr(points.T, mode="r").R.T
-        return _weighted_kmeans(points, weights, width, generator)
-
-    return grouping
 
 
 def _fused_widths(parents: Sequence[nn.Module], widths: Sequence[int] | None) -> list[int]:
@@ -409,14 +251,11 @@ def kf_linear(parents: Sequence[nn.Module], samples: Tensor, importance: Sequenc
     default); k-means++ seeding draws from a generator seeded with ``seed``. A group's target is the
     importance-weighted mean of its members; each fused level is a least-squares fit from the fused
     previous level. The fused widths (one per convolution and hidden Linear layer) default to the first
-    parent's. ``ridge > 0`` fits every level by ridge regression instead (``_least_squares`` says how it
+    parent's. ``ridge > 0`` fits every level by ridge regression instead (``fitting.least_squares`` says how it
     is scaled); 0 is the plain minimum-norm least-squares fit. ResNets: fusion/residual_fit.py, a block a level.
     """
-    if _is_resnet(parents):
-        return _resnet_interpolation(parents, samples, "kf_linear", importance, widths, _kmeans_grouping(seed),
-                                     positions, ridge)
     check_parents(parents, "kf_linear", same_depth=True)
-    return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), _kmeans_grouping(seed),
+    return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), kmeans_grouping(seed),
                                  positions=positions, ridge=ridge)
 
 
@@ -425,9 +264,8 @@ def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Seque
                 seed: int = 0, positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
     """KF-gradient: ``kf_linear``'s groups and targets, each level then trained by Adam from the least-squares fit.
 
-    ``steps`` and ``lr`` (None: the family's defaults) are Adam's per level: 200 steps at 1e-2 for a chain's
-    levels, ``residual_fit.BLOCK_STEPS`` at ``residual_fit.BLOCK_LR`` for a ResNet's blocks, where every step
-    runs the block over every sample and position.
+    ``steps`` and ``lr`` (None: ``CHAIN_STEPS`` at ``CHAIN_LR``) are Adam's per level (for a ResNet's blocks,
+    ``residual_fit.kf_gradient`` has its own).
 
     The loss is the MSE to the group targets, each fused neuron weighted by its group's total
     importance. The best iterate is kept, so each level's loss on the fusion samples is never above
@@ -436,12 +274,7 @@ def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Seque
     block is a level with no closed-form fit, and Adam trains it end to end from the piecewise least-squares
     start (fusion/residual_fit.py): there the two differ.
     """
-    if _is_resnet(parents):
-        from fusion.residual_fit import BLOCK_LR, BLOCK_STEPS  # imported here: residual_fit builds on this module
-        return _resnet_interpolation(parents, samples, "kf_gradient", importance, widths, _kmeans_grouping(seed),
-                                     positions, ridge, BLOCK_STEPS if steps is None else steps,
-                                     BLOCK_LR if lr is None else lr)
     check_parents(parents, "kf_gradient", same_depth=True)
-    return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), _kmeans_grouping(seed),
-                                 steps=200 if steps is None else steps, lr=1e-2 if lr is None else lr,
+    return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), kmeans_grouping(seed),
+                                 steps=CHAIN_STEPS if steps is None else steps, lr=CHAIN_LR if lr is None else lr,
                                  positions=positions, ridge=ridge)

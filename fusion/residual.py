@@ -14,8 +14,9 @@ inputs). Aligning a parent to the anchor is one transport per space, found where
 stem, a block's first convolution, a projection shortcut: "aligned like a convolution"), and applied to every
 parameter that reads or writes the space, so a block's output and its skip share one transport. Batch norm
 moves with its channels (its affine vectors and running statistics are mixed by the same transport);
-``recompute_norm_statistics`` optionally recomputes the fused network's running statistics on the fusion
-samples instead, as REPAIR (Jordan et al. 2023) argues averaged networks need.
+``reset_norm_statistics`` optionally resets the fused network's running statistics to the fusion samples'
+instead. That reset is not REPAIR (fusion/residual_repair.py), which sets each channel's output statistics to
+its parents'.
 
 Weight cost compares a space's channels by the incoming weights of its defining convolution with the batch norm
 folded in (the affine map a channel computes in eval mode), after the previous spaces' transports; activation
@@ -34,8 +35,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from archs.resnet import BasicBlock, ResNet
-from fusion._common import SAMPLE_CHUNK, columns
-from fusion.transport import _emd_transport, check_otfusion_args
+from fusion.levels import SAMPLE_CHUNK, columns
+from fusion.ot import check_otfusion_args, distances, emd_transport
 
 NORM_ENTRIES = ("weight", "bias", "running_mean", "running_var")
 
@@ -193,8 +194,7 @@ def align(state: dict[str, Tensor], anchor_state: dict[str, Tensor], plan: Plan,
         else:
             points = columns(acts[space.name], positions).T
             anchor_points = columns(anchor_acts[space.name], positions).T
-        cost = torch.cdist(points, anchor_points, compute_mode="donot_use_mm_for_euclid_dist")
-        transports[space.name] = _emd_transport(cost)
+        transports[space.name] = emd_transport(distances(points, anchor_points))
     return transported(state, plan, transports)
 
 
@@ -206,18 +206,41 @@ def with_state(template: ResNet, state: dict[str, Tensor]) -> ResNet:
     return model.eval()
 
 
+@dataclass(frozen=True)
+class AlignedStates:
+    """ResNet parents' parameters re-expressed in ``template``'s channels: fusing them is averaging them
+    (``network``), and REPAIR reads each one's channel statistics (fusion/residual_repair.py)."""
+
+    template: ResNet
+    parents: list[dict[str, Tensor]]
+
+    def network(self) -> ResNet:
+        """The parameter-wise mean (batch-norm statistics averaged too)."""
+        return with_state(self.template, {k: torch.stack([s[k] for s in self.parents]).mean(0)
+                                          for k in plan_of(self.template).axes})
+
+
+def align_as_they_are(parents: Sequence[nn.Module]) -> AlignedStates:
+    """ResNets of one depth and width, their channels left where they are (vanilla averaging)."""
+    check_resnets(parents, "vanilla_avg", same_widths=True)
+    return AlignedStates(parents[0], [state_of(p) for p in parents])
+
+
 def vanilla_avg(parents: Sequence[nn.Module]) -> ResNet:
     """Parameter-wise mean of ResNets of one depth and width (batch-norm statistics averaged too)."""
-    check_resnets(parents, "vanilla_avg", same_widths=True)
-    plan = plan_of(parents[0])
-    states = [state_of(p) for p in parents]
-    return with_state(parents[0], {k: torch.stack([s[k] for s in states]).mean(0) for k in plan.axes})
+    return align_as_they_are(parents).network()
 
 
 def otfusion(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: str = "weight", anchor: int = 0,
              positions: str = "flatten") -> ResNet:
-    """OTFusion of ResNets of one depth: align every parent's channel spaces to ``parents[anchor]``'s, average
-    (``recompute_norm_statistics`` may follow)."""
+    """OTFusion of ResNets of one depth: ``align_by_ot``, then average."""
+    return align_by_ot(parents, samples, cost, anchor, positions).network()
+
+
+def align_by_ot(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: str = "weight", anchor: int = 0,
+                positions: str = "flatten") -> AlignedStates:
+    """Every ResNet parent's channel spaces aligned to ``parents[anchor]``'s by exact OT (OTFusion before its
+    average)."""
     check_resnets(parents, "otfusion")
     check_otfusion_args(parents, samples, cost, anchor, positions)
     plan = plan_of(parents[anchor])
@@ -229,15 +252,15 @@ def otfusion(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: 
         state = state_of(parent)
         acts = space_activations(parent, samples, plan) if cost == "activation" and k != anchor else None
         aligned.append(state if k == anchor else align(state, anchor_state, plan, eps, acts, anchor_acts, positions))
-    return with_state(parents[anchor], {k: torch.stack([s[k] for s in aligned]).mean(0) for k in plan.axes})
+    return AlignedStates(parents[anchor], aligned)
 
 
-def recompute_norm_statistics(model: nn.Module, samples: Tensor) -> nn.Module:
-    """``model`` with every batch norm's running mean and variance recomputed on ``samples`` (each layer's
+def reset_norm_statistics(model: nn.Module, samples: Tensor) -> nn.Module:
+    """``model`` with every batch norm's running mean and variance reset to those of ``samples`` (each layer's
     statistics under the batch statistics of the layers before it, as training computes them)."""
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     if not norms:
-        raise ValueError(f"recomputing batch-norm statistics needs batch norms, and this {type(model).__name__} has "
+        raise ValueError(f"resetting batch-norm statistics needs batch norms, and this {type(model).__name__} has "
                          "none (a ResNet with batch_norm: false)")
     momenta = [m.momentum for m in norms]
     param = next(model.parameters())

@@ -19,8 +19,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from archs.resnet import LAYOUTS, BasicBlock, ResNet
-from fusion.cross_layer import linear_cka
-from fusion.residual import check_resnets, otfusion, plan_of, space_activations
+from fusion.cka import linear_cka
+from fusion.depths import deep_first
+from fusion.residual import AlignedStates, align_by_ot, check_resnets, plan_of, space_activations
 
 
 def stage_blocks(model: ResNet) -> list[list[int]]:
@@ -115,12 +116,20 @@ def deepen(model: ResNet, depth: int, mapping: Sequence[Sequence[int]]) -> ResNe
 
 
 def clafusion(parents: Sequence[nn.Module], samples: Tensor | None, cost: str = "cka",
-              ot_cost: str = "activation") -> ResNet:
-    """CLAFusion of two ResNets: align blocks stage by stage, deepen the shallower one, OTFusion onto the deeper
-    one (its widths). Equal depths go straight to OTFusion with ``parents[0]`` as anchor."""
+              ot_cost: str = "activation", target: int | None = None) -> ResNet:
+    """CLAFusion of two ResNets: ``align_across_blocks``, then average."""
+    return align_across_blocks(parents, samples, cost, ot_cost, target).network()
+
+
+def align_across_blocks(parents: Sequence[nn.Module], samples: Tensor | None, cost: str = "cka",
+                        ot_cost: str = "activation", target: int | None = None) -> AlignedStates:
+    """CLAFusion's alignment of two ResNets: align blocks stage by stage, deepen the shallower one, align both by
+    OT to parent ``target`` (None: the deeper one), whose widths the fused network takes, at the deeper depth.
+    Equal depths go straight to OT alignment, with ``parents[0]`` as anchor unless ``target`` says otherwise."""
     check_resnets(parents, "clafusion", count=2, same_depth=False)
-    deep, shallow = sorted(parents, key=lambda p: -p.depth)  # stable: equal depths keep their order
+    order, anchor = deep_first(parents, lambda p: p.depth, target)
+    deep, shallow = (parents[k] for k in order)
     if shallow.depth != deep.depth:
         mapping = [align_blocks(c) for c in block_cost(deep, shallow, samples, cost)]
         shallow = deepen(shallow, deep.depth, mapping)
-    return otfusion([deep, shallow], samples, cost=ot_cost, anchor=0)
+    return align_by_ot([deep, shallow], samples, cost=ot_cost, anchor=anchor)

@@ -19,23 +19,24 @@ holding the fitted bias (weight 1, bias b, running mean 0, running variance 1 - 
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from archs.resnet import BasicBlock, ResNet
-from fusion._common import SAMPLE_CHUNK, columns
-from fusion.interpolation import _best_of_adam, _group_means, _least_squares, _normalised
-from fusion.residual import norm_eps, plan_of, space_activations, with_state
+from fusion.fitting import best_of_adam, least_squares
+from fusion.grouping import Grouping, group_means, hungarian_grouping, kmeans_grouping, normalised
+from fusion.levels import POSITIONS, SAMPLE_CHUNK, columns
+from fusion.residual import check_resnets, norm_eps, plan_of, space_activations, with_state
 
 # KF-gradient's Adam per block: every step runs the block over every sample and position, so fewer steps than a
 # chain's 200 keep a ResNet18's fusion within seconds to a minute on a CPU core; a smaller rate than a chain's
 # 1e-2 suits convolution kernels whose weights are ~0.1 (the best iterate is kept either way)
 BLOCK_STEPS = 50
 BLOCK_LR = 1e-3
-Grouping = Callable[[list[Tensor], Tensor, int], Tensor]  # (each parent's columns, importance, width) -> groups
 
 
 def _patches(h: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
@@ -84,8 +85,8 @@ def _targets(acts: list[Tensor], grouping: Grouping | None, groups: Tensor | Non
     weights = torch.ones(sum(a.shape[1] for a in acts), dtype=torch.float64)  # uniform importance
     if groups is None:
         groups = grouping([columns(a, positions) for a in acts], weights, width)
-    target = _group_means(torch.cat([columns(a) for a in acts], 1), weights, groups, width)
-    return groups, target, _normalised(weights @ F.one_hot(groups, width).double())
+    target = group_means(torch.cat([columns(a) for a in acts], 1), weights, groups, width)
+    return groups, target, normalised(weights @ F.one_hot(groups, width).double())
 
 
 def _refine(h: Tensor, p: dict[str, Tensor | None], stride: int, target: Tensor, group_weights: Tensor,
@@ -98,7 +99,7 @@ def _refine(h: Tensor, p: dict[str, Tensor | None], stride: int, target: Tensor,
         _, out = block_output(h_, {**p, **dict(zip(names, values))}, stride)
         return (columns(out) - target_).pow(2).mean(0) @ w_
 
-    best = _best_of_adam([p[k].to(dtype) for k in names], loss_of, steps, lr)
+    best = best_of_adam([p[k].to(dtype) for k in names], loss_of, steps, lr)
     return {**p, **{k: v.double() for k, v in zip(names, best)}}
 
 
@@ -142,9 +143,9 @@ def interpolate(parents: Sequence[ResNet], samples: Tensor, grouping: Grouping, 
     pooled = h.mean((2, 3))
     logits = [a["fc"] for a in acts]
     classes = torch.arange(template.num_classes).repeat(len(parents))
-    target = _group_means(torch.cat(logits, 1), torch.ones(len(classes), dtype=torch.float64), classes,
+    target = group_means(torch.cat(logits, 1), torch.ones(len(classes), dtype=torch.float64), classes,
                           template.num_classes)
-    fc_weight, fc_bias = _least_squares(pooled, target, True, ridge)
+    fc_weight, fc_bias = least_squares(pooled, target, True, ridge)
     return with_state(template, {"fc.weight": fc_weight, "fc.bias": fc_bias} | _as_state(template, fused))
 
 
@@ -169,3 +170,41 @@ def _as_state(template: ResNet, fused: dict[str, Tensor | None]) -> dict[str, Te
             state |= {f"{norm}.weight": torch.ones_like(b), f"{norm}.bias": b if not template.bias else b * 0,
                       f"{norm}.running_mean": torch.zeros_like(b), f"{norm}.running_var": torch.full_like(b, 1 - eps)}
     return state
+
+
+def _checked(parents: Sequence[nn.Module], method: str, importance: Sequence[Sequence[Tensor]] | None,
+             widths: Sequence[int] | None, positions: str, count: int | None = None) -> None:
+    """What the chains' neuron interpolation takes and a ResNet's does not, refused in one line before any work."""
+    check_resnets(parents, method, count=count, same_widths=count == 2)
+    if importance is not None or widths is not None:
+        raise ValueError(f"{method} fuses ResNets with uniform importance into parent 0's widths; leave importance "
+                         "and widths unset")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+
+
+def hungarian_fusion(parents: Sequence[nn.Module], samples: Tensor,
+                     importance: Sequence[Sequence[Tensor]] | None = None, match: str = "correlation",
+                     positions: str = "flatten", ridge: float = 0.0) -> ResNet:
+    """HF of two ResNets of one depth and width: Hungarian pairs of channels, a block as a level."""
+    grouping = hungarian_grouping(match)
+    _checked(parents, "hungarian_fusion", importance, None, positions, count=2)
+    return interpolate(parents, samples, grouping, positions=positions, ridge=ridge)
+
+
+def kf_linear(parents: Sequence[nn.Module], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
+              widths: Sequence[int] | None = None, seed: int = 0, positions: str = "flatten",
+              ridge: float = 0.0) -> ResNet:
+    """KF-linear of ResNets of one depth: k-means groups of every parent's channels, blocks fitted piece by piece."""
+    _checked(parents, "kf_linear", importance, widths, positions)
+    return interpolate(parents, samples, kmeans_grouping(seed), positions=positions, ridge=ridge)
+
+
+def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
+                widths: Sequence[int] | None = None, steps: int | None = None, lr: float | None = None,
+                seed: int = 0, positions: str = "flatten", ridge: float = 0.0) -> ResNet:
+    """KF-gradient of ResNets: ``kf_linear``'s fit, each block then trained end to end by Adam (``steps`` at ``lr``
+    per block; None: ``BLOCK_STEPS`` at ``BLOCK_LR``)."""
+    _checked(parents, "kf_gradient", importance, widths, positions)
+    return interpolate(parents, samples, kmeans_grouping(seed), BLOCK_STEPS if steps is None else steps,
+                       BLOCK_LR if lr is None else lr, positions, ridge)

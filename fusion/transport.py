@@ -1,52 +1,27 @@
-"""Vanilla averaging and OTFusion (Singh & Jaggi 2020): align neurons (channels) by exact optimal transport, then
-average."""
+"""Vanilla averaging and OTFusion (Singh & Jaggi 2020) of chains of levels (MLPs, VGGs, LeNet5s): align neurons
+(channels) by exact optimal transport, then average. ResNets: fusion/residual.py."""
 from __future__ import annotations
 
-import importlib.util
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fusion._common import (POSITIONS, Level, Levels, carry_transport, check_parents, columns, inputs_of, levels_of,
-                            mean_levels, pre_acts, to_network, transport_out)
+from fusion.levels import (Aligned, Level, Levels, carry_transport, check_parents, columns, inputs_of, levels_of,
+                           pre_acts, transport_out)
+from fusion.ot import check_otfusion_args, distances, emd_transport
 
-EMD_MAX_ITER = 10_000_000  # POT's default (1e5) can stop early on 400-neuron layers; the result is then not optimal
+
+def align_as_they_are(parents: Sequence[nn.Module]) -> Aligned:
+    """Parents with identical widths and layers, their neurons left where they are (vanilla averaging)."""
+    check_parents(parents, "vanilla_avg", same_widths=True, same_depth=True)
+    return Aligned(parents[0], [levels_of(p) for p in parents])
 
 
 def vanilla_avg(parents: Sequence[nn.Module]) -> nn.Module:
     """Parameter-wise mean of parents with identical widths and layers (no alignment of neurons)."""
-    from fusion import residual  # imported here: residual.py builds on this module
-    if residual.is_resnet(parents):
-        return residual.vanilla_avg(parents)
-    check_parents(parents, "vanilla_avg", same_widths=True, same_depth=True)
-    return to_network(parents[0], mean_levels([levels_of(p) for p in parents]))
-
-
-def _emd_transport(cost: Tensor) -> Tensor:
-    """Exact EMD plan between uniform marginals, each column scaled to sum to 1.
-
-    Column j then holds the convex combination of the parent's neurons that becomes anchor neuron j;
-    between layers of equal width the plan is a permutation (a vertex of the Birkhoff polytope).
-    """
-    import ot  # imported here: the rest of the project runs where POT is not installed (POT_MISSING says so)
-
-    plan = torch.from_numpy(ot.emd(ot.unif(cost.shape[0]), ot.unif(cost.shape[1]), cost.numpy(),
-                                   numItermax=EMD_MAX_ITER))
-    return plan / plan.sum(0)
-
-
-def _pot_installed() -> bool:
-    try:
-        return importlib.util.find_spec("ot") is not None
-    except ValueError:  # sys.modules["ot"] set to None: as good as missing
-        return False
-
-
-HAS_POT = _pot_installed()
-POT_MISSING = ("POT is not installed, and OTFusion and CLAFusion align neurons with its exact EMD: pip install POT "
-               "(pinned in requirements.txt)")
+    return align_as_they_are(parents).network()
 
 
 def _points(level: Level) -> Tensor:
@@ -70,40 +45,28 @@ def _ot_align(levels: Levels, anchor: Levels, acts: list[Tensor] | None = None,
             points, anchor_points = _points(level), _points(anchor_level)
         else:
             points, anchor_points = columns(acts[i], positions).T, columns(anchor_acts[i], positions).T
-        # exact distances: the matrix-product shortcut leaves ~1e-8 where identical neurons should give 0
-        cost = torch.cdist(points, anchor_points, compute_mode="donot_use_mm_for_euclid_dist")
-        transport = _emd_transport(cost)
+        transport = emd_transport(distances(points, anchor_points))
         aligned.append(transport_out(level, transport))
     return aligned
 
 
-def check_otfusion_args(parents: Sequence[nn.Module], samples: Tensor | None, cost: str, anchor: int,
-                        positions: str) -> None:
-    """The arguments every OTFusion (chains of levels or ResNets) accepts, checked before any work."""
-    if cost not in ("weight", "activation"):
-        raise ValueError(f"otfusion cost must be 'weight' or 'activation', got {cost!r}")
-    if positions not in POSITIONS:
-        raise ValueError(f"otfusion positions must be one of {POSITIONS}, got {positions!r}")
-    if cost == "activation" and samples is None:
-        raise ValueError("otfusion with cost='activation' needs samples")
-    if not 0 <= anchor < len(parents):
-        raise ValueError(f"anchor={anchor} is not a parent index (0..{len(parents) - 1})")
-
-
 def otfusion(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: str = "weight", anchor: int = 0,
              positions: str = "flatten") -> nn.Module:
-    """OTFusion: align every parent to ``parents[anchor]`` by exact OT, layer by layer, then average.
+    """OTFusion: align every parent to ``parents[anchor]`` by exact OT, layer by layer (``align_by_ot``), then
+    average."""
+    return align_by_ot(parents, samples, cost, anchor, positions).network()
+
+
+def align_by_ot(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: str = "weight", anchor: int = 0,
+                positions: str = "flatten") -> Aligned:
+    """Every parent aligned to ``parents[anchor]`` by exact OT, layer by layer (OTFusion before its average).
 
     ``cost="weight"`` compares neurons by their incoming weights (a convolution's kernel flattened, the
     bias as an extra column), after the previous layer's transport; ``cost="activation"`` by their
     pre-activations on ``samples``, each parent run through its own network (a channel's values at every
     position, ``positions="flatten"``, or averaged over positions, ``"pool"``). Widths may differ; the
-    fused network has the anchor's widths. ResNets go to ``fusion.residual.otfusion`` (a block's output shares
-    its skip's transport).
+    fused network has the anchor's widths.
     """
-    from fusion import residual  # imported here: residual.py builds on this module
-    if residual.is_resnet(parents):
-        return residual.otfusion(parents, samples, cost, anchor, positions)
     check_parents(parents, "otfusion", same_depth=True)
     check_otfusion_args(parents, samples, cost, anchor, positions)
     anchor_levels = levels_of(parents[anchor])
@@ -117,4 +80,4 @@ def otfusion(parents: Sequence[nn.Module], samples: Tensor | None = None, cost: 
         else:
             aligned.append(_ot_align(levels, anchor_levels, None if x is None else pre_acts(levels, x), anchor_acts,
                                      positions))
-    return to_network(parents[anchor], mean_levels(aligned))
+    return Aligned(parents[anchor], aligned)

@@ -12,9 +12,9 @@ from archs.lenet import LeNet5
 from archs.vgg import VGG, parse_layers
 from fusion import (clafusion, conductance_importance, hungarian_fusion, insert_identity_layers, kf_gradient, kf_linear,
                     layer_cost_matrix, otfusion, stages, vanilla_avg)
-from fusion._common import levels_of, pre_acts, weighted_modules
-from fusion.cross_layer import _identity_level
-from fusion.interpolation import _conductance
+from fusion.levels import levels_of, pre_acts, weighted_modules
+from fusion.cross_layer import identity_level
+from fusion.interpolation import sample_conductance
 
 IMG = 8
 CLASSES = 3
@@ -172,7 +172,7 @@ def test_identity_layers_keep_a_cnns_function(bias, mapping):
 def test_identity_layers_need_a_size_keeping_kernel():
     lenet = levels_of(make_lenet())  # 5x5 kernels without padding shrink the map
     with pytest.raises(ValueError, match="change the map's size"):
-        _identity_level(lenet[1], lenet[0], bias=True, flatten_positions=1)
+        identity_level(lenet[1], lenet[0], bias=True, flatten_positions=1)
 
 
 @pytest.mark.pot
@@ -204,7 +204,7 @@ def test_conductance_of_channels_adds_up_to_the_logit():
     levels = levels_of(net)
     logits = out(net, x)
     predicted = logits.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
-    for conductance in _conductance(levels, x, steps=4):
+    for conductance in sample_conductance(levels, x, steps=4):
         torch.testing.assert_close(conductance.sum(1), predicted, rtol=1e-9, atol=1e-9)
     scores = conductance_importance(net, x)
     assert [len(s) for s in scores] == [4, 6, 5, CLASSES] and all((s >= 0).all() for s in scores)
@@ -214,7 +214,7 @@ def test_conductance_of_channels_adds_up_to_the_logit():
 
 
 def test_ridge_fits_solve_the_penalised_problem_in_both_forms():
-    from fusion.interpolation import _least_squares
+    from fusion.fitting import least_squares
     generator = torch.Generator().manual_seed(0)
     for rows in (30, 5):  # more samples than inputs (primal form), fewer (dual form)
         h = torch.randn(rows, 10, generator=generator, dtype=torch.float64)
@@ -222,9 +222,9 @@ def test_ridge_fits_solve_the_penalised_problem_in_both_forms():
         a = torch.cat([h, torch.ones(rows, 1, dtype=torch.float64)], 1)
         penalty = 0.1 * a.pow(2).sum() / rows
         expected = torch.linalg.solve(a.T @ a + penalty * torch.eye(11, dtype=torch.float64), a.T @ target)
-        w, b = _least_squares(h, target, bias=True, ridge=0.1)
+        w, b = least_squares(h, target, bias=True, ridge=0.1)
         torch.testing.assert_close(torch.cat([w.T, b[None]]), expected, **TIGHT)
-        plain_w, _ = _least_squares(h, target, bias=True)
+        plain_w, _ = least_squares(h, target, bias=True)
         assert w.norm() < plain_w.norm()
     net, x = make_vgg(), images(30)
     shrunk = kf_linear([net, net], x, ridge=0.1)

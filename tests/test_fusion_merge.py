@@ -181,16 +181,22 @@ def test_every_fusion_rule_on_sharded_parents(env, tmp_path):
 
 @pytest.mark.pot
 def test_fusing_one_network_with_itself_gives_it_back(env, tmp_path):
-    rules = "[vanilla_avg,{name: otfusion, cost: weight},{name: otfusion, cost: activation},hf,kf_linear,ensemble]"
+    rules = ("[vanilla_avg,{name: otfusion, cost: weight},{name: otfusion, cost: activation},hf,kf_linear,ensemble,"
+             "{name: otfusion, cost: activation, repair: true}]")
     summary = merge.main(merge_cfg(env, tmp_path, "twice", rules, "fusion_samples=850"))
     rows = rows_by_label(summary)
     name = f"s_p0_{tsn.arch_tag('mlp', WIDE)}"
     parent = trained_acc(env, "s_p0", WIDE)
     assert rows[f"expert:{name}#0"]["acc"] == rows[f"expert:{name}#1"]["acc"] == pytest.approx(parent, abs=1e-6)
     for label in ("vanilla_avg", "otfusion(cost=weight)", "otfusion(cost=activation)", "hf(ridge=0.0)",
-                  "kf_linear(importance=uniform,ridge=0.0)", "ensemble"):
+                  "kf_linear(importance=uniform,ridge=0.0)", "ensemble", "otfusion(cost=activation,repair=True)"):
         assert rows[label]["acc"] == pytest.approx(parent, abs=1e-6), label
     assert rows["kf_linear(importance=uniform,ridge=0.0)"]["fusion_samples"] == 850
+    # REPAIR of a network with itself changes nothing, and its row says so layer by layer
+    repaired = rows["otfusion(cost=activation,repair=True)"]
+    assert repaired["fusion_samples"] == 850 and len(repaired["repair_std_ratio_before"]) == len(WIDE["widths"])
+    assert repaired["repair_std_ratio_before"] == pytest.approx([1.0] * len(WIDE["widths"]), abs=1e-5)
+    assert repaired["repair_std_ratio_after"] == pytest.approx([1.0] * len(WIDE["widths"]), abs=1e-5)
 
 
 @pytest.mark.pot
@@ -263,6 +269,15 @@ def test_a_fused_decision_routes_nothing():
     routed = merge.score(Decision(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 1, 1])), problem, labels, domain,
                          select)
     assert routed["routing_acc"] == 0.75 and routed["routing_counts"] == {"a": 1, "b": 3}
+
+
+def test_fusion_rows_are_keyed_by_every_module_of_fusion():
+    """A fusion row's key covers the whole package: a module moved or added under fusion/ must stay in the key."""
+    modules = {f"fusion/{path.name}" for path in (REPO_ROOT / "fusion").glob("*.py")}
+    for name, strategy in REGISTRY.items():
+        if strategy.fusion is not None:
+            assert modules <= set(strategy.code), (name, sorted(modules - set(strategy.code)))
+            assert all((REPO_ROOT / path).is_file() for path in strategy.code), name
 
 
 # ---------------------------------------------------------------- clear errors before any work

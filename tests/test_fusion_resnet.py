@@ -1,5 +1,5 @@
 """fusion/ on residual networks: self-fusion gives the function back, a channel-permuted ResNet (through blocks and
-skips) is found again by OTFusion, with and without batch norm; batch-norm statistics recomputed on samples."""
+skips) is found again by OTFusion, with and without batch norm; batch-norm running statistics reset to samples'."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, SHARD_TASKS_YAML, build_fake_root
 from fusion import clafusion, hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg
 from fusion.residual_depth import align_blocks, block_cost, deepen
 from strategies import check_fusion, parse_strategies
-from fusion.residual import plan_of, recompute_norm_statistics
+from fusion.residual import plan_of, reset_norm_statistics
 
 IMG = 8
 CLASSES = 3
@@ -123,16 +123,16 @@ def test_resnets_of_other_depths_or_kinds_are_refused():
         otfusion([make_resnet(), nn.Linear(2, 3)])
 
 
-def test_recomputed_statistics_are_the_samples_statistics():
+def test_reset_statistics_are_the_samples_statistics():
     net = make_resnet()
     x = images(30)
-    fresh = recompute_norm_statistics(copy.deepcopy(net), x)
+    fresh = reset_norm_statistics(copy.deepcopy(net), x)
     stem_out = fresh.body[0](x)
     torch.testing.assert_close(fresh.body[1].running_mean, stem_out.mean((0, 2, 3)), rtol=0, atol=1e-12)
     torch.testing.assert_close(fresh.body[1].running_var, stem_out.var((0, 2, 3)), rtol=0, atol=1e-10)
     assert not fresh.training
     with pytest.raises(ValueError, match="batch_norm: false"):
-        recompute_norm_statistics(make_resnet(batch_norm=False), x)
+        reset_norm_statistics(make_resnet(batch_norm=False), x)
 
 
 # ---------------------------------------------------------------- neuron interpolation, a block as a level
@@ -239,7 +239,7 @@ def test_norm_stats_need_batch_norm_parents():
     cfg = parse_args(MergeConfig, [str(REPO_ROOT / "experiments" / f)
                                    for f in ("fusion_parents.yaml", "fusion_resnet_full.yaml")])
     with pytest.raises(ConfigError, match="batch norm"):
-        check_fusion(parse_strategies([{"name": "otfusion", "norm_stats": "recomputed"}])[0], cfg.problem,
+        check_fusion(parse_strategies([{"name": "otfusion", "norm_stats": "reset"}])[0], cfg.problem,
                      cfg.problems[cfg.problem])
     with pytest.raises(ConfigError, match="uniform"):
         check_fusion(parse_strategies([{"name": "kf_linear", "importance": "conductance"}])[0], cfg.problem,
@@ -265,7 +265,7 @@ RESNET_PROBLEMS = """problems:
 @pytest.mark.pot
 def test_resnets_fuse_through_merge(tmp_path):
     """Tiny batch-norm ResNets on the two shards of a fake MNIST go through every fusion rule, with and without
-    recomputed statistics; a ResNet34 and a ResNet18 through CLAFusion and its fine-tuning control."""
+    reset statistics and with REPAIR; a ResNet34 and a ResNet18 through CLAFusion and its fine-tuning control."""
     fake = build_fake_root(tmp_path / "data", n_mnist_train=200, n_mnist_test=40, squares=True, n_cifar=0)
     (tmp_path / "tasks.yaml").write_text(SHARD_TASKS_YAML)
     (tmp_path / "p.yaml").write_text(RESNET_PROBLEMS)
@@ -283,13 +283,21 @@ def test_resnets_fuse_through_merge(tmp_path):
                                                       f"results_dir={tmp_path / 'results'}"]))
         return {r["strategy"]: r for r in read_rows(summary["outputs"]["jsonl"])}
 
-    same = rows("resnets", "[vanilla_avg,{name: vanilla_avg, norm_stats: recomputed},{name: otfusion, cost: activation},"
-                           "{name: otfusion, norm_stats: recomputed},hf,kf_linear,kf_gradient,ensemble]")
-    for label in ("vanilla_avg", "vanilla_avg(norm_stats=recomputed)", "otfusion(cost=activation)",
-                  "otfusion(cost=weight,norm_stats=recomputed)", "hf(ridge=0.0)",
+    same = rows("resnets", "[vanilla_avg,{name: vanilla_avg, norm_stats: reset},{name: otfusion, cost: activation},"
+                           "{name: otfusion, norm_stats: reset},{name: otfusion, repair: true},hf,kf_linear,"
+                           "kf_gradient,ensemble]")
+    for label in ("vanilla_avg", "vanilla_avg(norm_stats=reset)", "otfusion(cost=activation)",
+                  "otfusion(cost=weight,norm_stats=reset)", "otfusion(cost=weight,repair=True)", "hf(ridge=0.0)",
                   "kf_linear(importance=uniform,ridge=0.0)", "kf_gradient(importance=uniform,ridge=0.0)"):
         assert 0 <= same[label]["acc"] <= 1 and same[label]["fuse_time_s"] >= 0, label
-    assert same["vanilla_avg(norm_stats=recomputed)"]["fusion_samples"] == 20
-    depths = rows("resnet_depths", "[{name: clafusion, finetune_epochs: 1},{name: parent, index: 1, finetune_epochs: 1}]")
+    assert same["vanilla_avg(norm_stats=reset)"]["fusion_samples"] == 20
+    repaired = same["otfusion(cost=weight,repair=True)"]
+    assert repaired["fusion_samples"] == 20 and "repair_std_ratio_before" not in same["otfusion(cost=activation)"]
+    # one ratio per renormalised convolution of a ResNet18: the stem, two per block, three projections
+    assert len(repaired["repair_std_ratio_before"]) == len(repaired["repair_std_ratio_after"]) == 1 + 2 * 8 + 3
+    assert all(abs(r - 1) < 1e-4 for r in repaired["repair_std_ratio_after"])  # float32 parents
+    depths = rows("resnet_depths", "[{name: clafusion, finetune_epochs: 1},"
+                                   "{name: parent, index: 1, finetune_epochs: 1},{name: clafusion, repair: true}]")
     assert 0 <= depths["clafusion(finetune_epochs=1)"]["acc"] <= 1
+    assert len(depths["clafusion(finetune_epochs=0,repair=True)"]["repair_std_ratio_after"]) == 1 + 2 * 16 + 3
     assert depths["parent(index=1,finetune_epochs=1)"]["finetune_images"] == 200

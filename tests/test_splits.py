@@ -14,7 +14,6 @@ from config import ConfigError, TaskSpec, TrainConfig, parse_args
 from data import InputFormat, check_split, load_task, split_alpha, split_parts, task_identity
 from problems import Problem
 from artifacts import Layout
-from config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Shared plumbing of the fusion methods: a network as a list of levels, parent checks, building the fused network.
+"""A network as a list of levels: parent checks, pre-activations, moving channels, building the fused network.
 
 A network is handled as ``Levels``: one ``Level`` per layer with weights (hidden layers, then the output
 layer), in float64 on the CPU. A level is a Linear (weight ``[out, in]``) or a Conv2d (weight
@@ -203,6 +203,18 @@ def mean_levels(aligned: Sequence[Levels]) -> Levels:
 
     return [levels[0].with_weights(mean([lv.weight for lv in levels]), mean([lv.bias for lv in levels]))
             for levels in zip(*aligned)]
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """Parents re-expressed in the channels of one network, ``template``'s widths: fusing them is averaging them
+    (``network``), and REPAIR reads each one's channel statistics (fusion/repair.py)."""
+
+    template: nn.Module
+    parents: list[Levels]
+
+    def network(self) -> nn.Module:
+        return to_network(self.template, mean_levels(self.parents))
 
 
 def to_network(template: nn.Module, levels: Levels) -> nn.Module:
