@@ -14,7 +14,7 @@ import train_source_networks as tsn
 from common import read_rows
 from config import ConfigError, MergeConfig, TrainConfig, parse_args
 from conftest import REPO_ROOT, SHARD_TASKS_YAML, build_fake_root
-from fusion import clafusion, hungarian_fusion, kf_gradient, kf_linear, otfusion, vanilla_avg
+from fusion import clafusion, hungarian_fusion, kf_gradient, kf_linear, otfusion, residual_fit, vanilla_avg
 from fusion.residual_depth import align_blocks, block_cost, deepen
 from strategies import check_fusion, parse_strategies
 from fusion.residual import plan_of, reset_norm_statistics
@@ -148,10 +148,23 @@ def test_neuron_interpolation_of_a_resnet_with_itself_gives_its_function(batch_n
         torch.testing.assert_close(out(fused, x), out(net, x), rtol=0, atol=1e-7)
 
 
-def test_kf_gradient_trains_a_block_where_kf_linear_fits_its_pieces():
+def test_kf_gradient_trains_a_block_where_kf_linear_fits_its_pieces(monkeypatch):
     parents = [make_resnet(seed=s) for s in (0, 1, 2)]
     x = images(24)
+    losses = []  # per block: the loss of KF-linear's closed-form pieces (Adam's start) and of KF-gradient's result
+    adam = residual_fit.best_of_adam
+
+    def recorded(params, loss_of, steps, lr):
+        best = adam(params, loss_of, steps, lr)
+        losses.append((loss_of(*params).item(), loss_of(*best).item()))
+        return best
+    monkeypatch.setattr(residual_fit, "best_of_adam", recorded)
     linear, gradient = kf_linear(parents, x, seed=4), kf_gradient(parents, x, seed=4, steps=30)
+    assert len(losses) == 8 and all(trained <= start for start, trained in losses)
+    # the first block reads the same fused stem in both, so its start is KF-linear's own block loss: trained end to
+    # end through the inner ReLU, KF-gradient reaches a lower one
+    start, trained = losses[0]
+    assert trained < 0.99 * start
     assert not same_weights(linear, gradient)
     # the stem has a closed form, which both share; the first block is where they part
     torch.testing.assert_close(gradient.body[0].weight, linear.body[0].weight, rtol=0, atol=1e-12)
