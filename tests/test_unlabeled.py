@@ -10,6 +10,7 @@ import data
 import detector_stats
 import merge
 import problems
+import report
 import unlabeled
 from common import read_rows
 from config import ConfigError
@@ -236,3 +237,53 @@ def test_merge_rows_carry_routing_auroc_and_pseudo_label_quality_and_read_no_tra
     assert trained["self_train"]["pseudo_labels"]["n"] < trained["self_train"]["fit_inputs"]
     assert trained["cluster_assign"]["pseudo_labels"]["n"] == trained["cluster_assign"]["fit_inputs"]
     assert "pseudo_labels" not in trained["entropy_gate"]
+
+
+# ---------------------------------------------------------------- the report
+
+def fitted_row(rule, fit, select, report_acc, seed=1, **extra):
+    label = f"{rule}(inputs={fit})"
+    return {"problem": "p", "seed": seed, "kind": "strategy", "strategy": label, "rule": rule,
+            "params": {"inputs": fit}, "acc": (select + report_acc) / 2, "acc_select": select,
+            "acc_report": report_acc, "n_report": 10, "routing_acc": 0.5, "fit_inputs": 100, **extra}
+
+
+def test_unlabeled_rules_have_their_own_families_never_a_data_free_one():
+    assert report.family(fitted_row("self_train", "selection", 0.8, 0.8)) == "unlabeled inputs, transductive"
+    assert report.family(fitted_row("cluster_assign", "stream:500", 0.8, 0.8)) == "unlabeled inputs, stream 500"
+    assert report.family(fitted_row("entropy_gate", "stream:50", 0.8, 0.8)) == "unlabeled inputs, stream 50"
+    data_free = {f for name, group in report.ANSWER_GROUPS.items() if "data-free" in name or "training-free" in name
+                 for f in group}
+    assert not data_free & set(report.UNLABELED_FAMILIES)
+    assert set(report.UNLABELED_RULES) == {name for name in RULES}
+
+
+def test_the_answer_column_picks_the_best_unlabeled_rule_on_the_selection_half():
+    rows = [picked_naive(s) for s in (1, 2)]
+    rows += [fitted_row("self_train", "selection", 0.90, 0.80, seed=s) for s in (1, 2)]
+    rows += [fitted_row("cluster_assign", "stream:500", 0.85, 0.95, seed=s) for s in (1, 2)]
+    [answer] = report.answer_rows({"p": rows})
+    cell = answer["best rule on unlabeled inputs"]
+    assert cell["best"] == "self_train(inputs=selection)" and cell["mean"] == pytest.approx(0.80)
+    assert answer["best data-free rule"]["best"] == "naive"  # the unlabeled rules never count as data-free
+    assert "`self_train(inputs=selection)`" in report.answer_table([answer])
+
+
+def picked_naive(seed):
+    return {**fitted_row("naive", "", 0.7, 0.7, seed=seed), "strategy": "naive", "rule": "naive", "params": {}}
+
+
+def test_the_unlabeled_table_shows_auroc_and_pseudo_label_purity_per_expert():
+    detection = {"a": {"auroc": 0.9, "fpr95": 0.2}, "b": {"auroc": 0.7, "fpr95": 0.5}}
+    pseudo = {"n": 50, "routing_acc": 0.8, "purity": {"a": 0.95, "b": None}, "counts": {"a": 50, "b": 0}}
+    rows = [fitted_row("self_train", "selection", 0.9, 0.85, detection=detection, pseudo_labels=pseudo),
+            fitted_row("entropy_gate", "stream:100", 0.7, 0.75, detection=detection)]
+    text = report.unlabeled_table(rows)
+    assert "| unlabeled inputs, transductive | self_train(inputs=selection) | 85.00 ± 0.00 | 90.0 | 70.0 | 80.0 | " \
+           "95.0 | n/a |" in text
+    assert "| unlabeled inputs, stream 100 | entropy_gate(inputs=stream:100) | 75.00 ± 0.00 | 90.0 | 70.0 | n/a |" \
+        in text
+    points = report.unlabeled_curve(rows)
+    assert [p and p["best"] for p in points] == ["entropy_gate(inputs=stream:100)", None, None,
+                                                 "self_train(inputs=selection)"]
+    assert "not run" in report.unlabeled_curve_table(points)
