@@ -78,9 +78,11 @@ def activation_matrix(gate: str, logits: list[Tensor], features: list[Tensor] | 
 
 
 def standardise(x: Tensor, rows: Tensor) -> Tensor:
-    """``x`` z-scored per column with the mean and std of the fit rows only."""
+    """``x`` z-scored per column with the mean and std of the fit rows only. A column nearly constant on them (a
+    ReLU feature that fires only on other inputs) is scaled by a floor of 1% of the mean column std instead, so
+    that it cannot blow up to thousands on the inputs where it does fire."""
     mean, std = x[rows].mean(dim=0), x[rows].std(dim=0)
-    return (x - mean) / std.clamp(min=1e-6)
+    return (x - mean) / std.clamp(min=max(0.01 * float(std.mean()), 1e-12))
 
 
 def confident_rows(rows: Tensor, routes: Tensor, margin: Tensor, fraction: float, experts: int) -> Tensor:
@@ -142,7 +144,8 @@ def self_train(x: Tensor, start_scores: Tensor, rows: Tensor, confident: float, 
         probs = (x @ weights[0] + weights[1]).softmax(dim=1)
         routes, margin = probs.argmax(dim=1), top_two_margin(probs)
         chosen = confident_rows(rows, routes, margin, confident, experts)
-        weights = train_linear_gate(x[chosen], routes[chosen], experts, steps, weights)
+        # warm-started from the last gate, whose routes moved little: half the steps suffice
+        weights = train_linear_gate(x[chosen], routes[chosen], experts, steps // 2, weights)
     probs = (x @ weights[0] + weights[1]).softmax(dim=1)
     return Routing(probs.argmax(dim=1), probs, *pseudo)
 
