@@ -1,4 +1,4 @@
-"""Routing from the unlabeled inputs themselves (docs/design.md section 10): rules that fit a router on the
+"""Routing from the unlabeled inputs themselves (docs/design.md section 9): rules that fit a router on the
 very images the mixture is asked to classify, never on a label or a training image.
 
 What a rule fits on (its ``inputs`` parameter):
