@@ -628,6 +628,8 @@ def table_report(name: str, rows: list[dict]) -> str:
         return gates_table(rows, title)
     if name.startswith("synthesis_"):
         return synthesis_table(rows, title)
+    if name.startswith("unlabeled_"):
+        return merge_report(rows, title) + "\n" + unlabeled_table(rows)
     if name.startswith("universal_"):
         identity = gate_identity_table(rows)
         text = merge_report(rows, title)

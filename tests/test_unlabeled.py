@@ -287,3 +287,13 @@ def test_the_unlabeled_table_shows_auroc_and_pseudo_label_purity_per_expert():
     assert [p and p["best"] for p in points] == ["entropy_gate(inputs=stream:100)", None, None,
                                                  "self_train(inputs=selection)"]
     assert "not run" in report.unlabeled_curve_table(points)
+
+
+def test_an_unlabeled_table_reports_its_rules_and_where_they_fail():
+    rows = [{**fitted_row("cluster_assign", "selection", 0.9, 0.85, detection={"a": {"auroc": 0.9, "fpr95": 0.2}},
+                          pseudo_labels={"n": 5, "routing_acc": 0.6, "purity": {"a": 0.6}, "counts": {"a": 5}}),
+             "acc_per_domain": {"a": 0.8}, "time_s": 0.5}]
+    text = report.table_report("unlabeled_p", rows)
+    assert text.startswith("### unlabeled_p (p)") and "| cluster_assign(inputs=selection) | 87.50 ± 0.00 |" in text
+    assert "| unlabeled inputs, transductive | cluster_assign(inputs=selection) | 85.00 ± 0.00 | 90.0 | 60.0 | 60.0 |" \
+        in text
