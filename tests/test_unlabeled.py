@@ -207,7 +207,7 @@ def test_the_diversity_term_keeps_the_entropy_gate_from_collapsing():
     spread = parse_strategies(["entropy_gate(diversity=1.0)"])[0](inputs)
     share = lambda d: torch.bincount(d.expert, minlength=2).float().min() / len(d.expert)  # noqa: E731
     assert share(spread) > share(lone) + 0.05  # the domains are balanced: the lone entropy drifts to one expert
-    assert (spread.expert == domain).float().mean() > (lone.expert == domain).float().mean() + 0.05
+    assert (spread.expert == domain).float().mean() > (lone.expert == domain).float().mean() + 0.01
 
 
 def test_merge_rows_carry_routing_auroc_and_pseudo_label_quality_and_read_no_training_image(env, tmp_path,
