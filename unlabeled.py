@@ -115,11 +115,14 @@ class Routing:
 
 
 def train_linear_gate(x: Tensor, targets: Tensor, experts: int, steps: int,
-                      weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """A multinomial logistic regression ``x @ w + b`` over ``experts`` outputs, trained full-batch by Adam from
-    zero with class weights that balance the experts (a self-labelled set is rarely balanced)."""
-    w = torch.zeros(x.shape[1], experts, requires_grad=True) if weight is None else weight[0].clone().requires_grad_()
-    b = torch.zeros(experts, requires_grad=True) if weight is None else weight[1].clone().requires_grad_()
+    zero (or from ``start``, a previous ``(w, b)``) with class weights that balance the experts (a self-labelled
+    set is rarely balanced)."""
+    w = torch.zeros(x.shape[1], experts) if start is None else start[0].clone()
+    b = torch.zeros(experts) if start is None else start[1].clone()
+    w.requires_grad_()
+    b.requires_grad_()
     counts = torch.bincount(targets, minlength=experts).float()
     balance = len(targets) / (experts * counts.clamp(min=1))
     optimiser = torch.optim.Adam([w, b], lr=STEP_SIZE, weight_decay=WEIGHT_DECAY)
