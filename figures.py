@@ -137,11 +137,18 @@ def training_curves(panels: dict[str, dict[str, list[list[dict]]]], metrics: tup
 
 
 def real_data_figure(curves: dict[str, list[dict | None]], counts: tuple[str, ...], naive: float | None,
-                     oracle: float | None, title: str, path: str | Path) -> None:
+                     oracle: float | None, title: str, path: str | Path,
+                     unlabeled: list[dict | None] | None = None, unlabeled_counts: tuple[str, ...] = ()) -> None:
     """Accuracy (mean ± std over seeds, report half) against real images per expert (0 = data-free), one line per
-    curve, with naive and the oracle as horizontal lines."""
+    curve, with naive and the oracle as horizontal lines; beside it, where routers fitted on unlabeled inputs ran,
+    their best accuracy against the unlabeled inputs they fitted on (a stream's first N, or the selection half)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    beside = unlabeled is not None and any(p is not None for p in unlabeled)
+    fig, axes = plt.subplots(1, 2 if beside else 1, figsize=(11.0 if beside else 6.4, 3.6), squeeze=False,
+                             sharey=True)
+    ax = axes[0][0]
+    if beside:
+        _unlabeled_panel(axes[0][1], unlabeled, unlabeled_counts, naive, oracle)
     x = list(range(len(counts)))
     for curve, points in curves.items():
         shown = [(i, p) for i, p in zip(x, points) if p is not None]
@@ -158,3 +165,20 @@ def real_data_figure(curves: dict[str, list[dict | None]], counts: tuple[str, ..
     ax.legend(fontsize=7)
     _save(fig, path)
     plt.close(fig)
+
+
+def _unlabeled_panel(ax, points: list[dict | None], counts: tuple[str, ...], naive: float | None,
+                     oracle: float | None) -> None:
+    """The best router fitted on unlabeled inputs per amount of inputs seen: labelled-real data is per expert and
+    these inputs are of every domain together, so they get an axis of their own rather than a shared one."""
+    shown = [(i, p) for i, p in enumerate(points) if p is not None]
+    ax.errorbar([i for i, _ in shown], [100 * p["mean"] for _, p in shown], yerr=[100 * p["std"] for _, p in shown],
+                marker="s", capsize=3, color="tab:purple", label="best rule on unlabeled inputs")
+    for value, style in ((naive, ":"), (oracle, "--")):
+        if value is not None:
+            ax.axhline(100 * value, color="black", linestyle=style, linewidth=1)
+    names = [f"selection half\n({p['inputs']})" if c == "selection" and p and p.get("inputs") else
+             "selection half" if c == "selection" else c for c, p in zip(counts, points)]
+    ax.set_xticks(range(len(counts)), names)
+    ax.set_xlabel("unlabeled test inputs fitted on (all domains)")
+    ax.legend(fontsize=7)

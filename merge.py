@@ -282,6 +282,18 @@ def gate_identity(paths: list[Path], problem: Problem, expert_digests: list[str]
     return {"gate_experts": experts, "unseen": not any(e["seen"] for e in experts.values())}
 
 
+def pseudo_label_quality(rows: torch.Tensor, experts: torch.Tensor, domain: torch.Tensor, names: list[str]) -> dict:
+    """How right the routes a rule gave its own fit inputs were (the confident set of self-training, the clusters'
+    owners): their routing accuracy, and per expert the share of the inputs given to it that are its own (purity;
+    None where it was given none). Evaluation only: the rule never saw the domain."""
+    truth = domain.cpu()[rows.cpu()]
+    experts = experts.cpu()
+    purity = {name: ((truth[experts == k] == k).float().mean().item() if (experts == k).any() else None)
+              for k, name in enumerate(names)}
+    return {"n": len(rows), "routing_acc": (truth == experts).float().mean().item(), "purity": purity,
+            "counts": {name: int((experts == k).sum()) for k, name in enumerate(names)}}
+
+
 def build_fusion_inputs(cfg: config.MergeConfig, problem: Problem, models: list[nn.Module],
                         formats: list[InputFormat], class_counts: torch.Tensor, seed: int,
                         device: torch.device) -> FusionInputs:
@@ -409,7 +421,8 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
                          run_passes=functools.partial(runs.passes, seed),
                          run_gates=gate_runner(layout, problem, activations, seed, device, detector_gate_inputs),
                          run_synthetic=synthetic_runner(layout, problem, models, formats, seed, device),
-                         run_detector=scorer)
+                         run_detector=scorer, features=[fe for _, fe in activations], select=select,
+                         seed=derive_seed(seed, problem.name, "unlabeled"))
     rules = progress(calls, desc=f"{base['name']} seed {seed}", unit="rule", leave=False)
     for call in rules:
         rules.set_postfix_str(call.label)  # which rule is running (on a terminal) or just finished (in a log)
@@ -435,6 +448,10 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
             params = {k: v for k, v in call.params.items() if k not in ("stats", "standardise")}
             scores = inputs.detector(call.name, call.param("stats"), call.param("standardise") or "zscore", params)
             extra = {"detection": detection_metrics(scores.raw, domain, problem.names)}
+        if decision.scores is not None:  # a router fitted on the selection half: judged on the report half
+            extra["detection"] = detection_metrics(decision.scores[~select], domain[~select], problem.names)
+        if decision.pseudo is not None and len(decision.pseudo[0]):
+            extra["pseudo_labels"] = pseudo_label_quality(*decision.pseudo, domain, problem.names)
         finish(call.label, {"kind": "strategy", "rule": call.name, "params": call.params,
                             **score(decision, problem, labels, domain, select), **decision.row, **extra,
                             "time_s": rule_time, "expert_time_s": runs.times[""] + runs.times.get(setting, 0.0),

@@ -66,6 +66,8 @@ def check_rule(cfg: config.PredictConfig) -> StrategyCall:
     reason = ("reads the true domain of each sample" if call.name == "oracle" else
               "runs augmented passes" if call.param("setting") is not None else
               "reads synthetic image sets" if call.name == "calibrated" else
+              "fits its router on the selection half of a problem's combined test set (merge.py)"
+              if call.param("inputs") is not None else
               "fuses weights of fusion parents" if REGISTRY[call.name].fusion is not None else "")
     if reason:
         raise config.ConfigError(f"rule {call.label} {reason}; predict takes the logit rules and the gate rules")

@@ -138,6 +138,11 @@ FUSION_FAMILIES = {"parent": "parents", "vanilla_avg": "fusion: vanilla averagin
                    "kf_gradient": "fusion: neuron interpolation", "clafusion": "fusion: CLAFusion",
                    "ensemble": "ensembles", "ensemble_weighted": "ensembles"}
 FINETUNED = {"parents": "parents, fine-tuned (the control)", "fusion: CLAFusion": "fusion: CLAFusion, fine-tuned"}
+# routers fitted on the unlabeled test inputs (unlabeled.py): their own regime, never data-free (they read real
+# images, the very ones they classify) nor few-shot (they read no label); one family per amount of inputs fitted on
+UNLABELED_RULES = {"self_train", "cluster_assign", "entropy_gate"}
+STREAM_COUNTS = ("100", "500", "2000")
+UNLABELED_FAMILIES = ["unlabeled inputs, transductive", *(f"unlabeled inputs, stream {n}" for n in STREAM_COUNTS)]
 FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calibration", "multi-pass mean",
             "multi-pass voting",
             "gates, real data", "gates, data-free", "gates, noise negatives",
@@ -149,6 +154,7 @@ FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calib
             "detectors, data-free statistics",
             *(f"detectors, {n} real images per expert" for n in REAL_COUNTS),
             *(f"gates, {n} real images per expert" for n in REAL_COUNTS if n != "all"),
+            *UNLABELED_FAMILIES,
             "parents", "fusion: vanilla averaging", "fusion: OTFusion", "fusion: neuron interpolation",
             "fusion: CLAFusion", "ensembles", "parents, fine-tuned (the control)", "fusion: CLAFusion, fine-tuned",
             OWNER_ROUTING]
@@ -163,6 +169,7 @@ ANSWER_GROUPS = {"best training-free rule": TRAINING_FREE,
                  "best data-free rule": [*TRAINING_FREE, "data-free calibration", "detectors, data-free statistics",
                                          *DATA_FREE_GATES, "gates, noise negatives"],
                  "best detector, 200 real images per expert": ["detectors, 200 real images per expert"],
+                 "best rule on unlabeled inputs": UNLABELED_FAMILIES,
                  "gates on real data": ["gates, real data"],
                  "oracle": ["oracle (bound)"]}
 SELECTION_NOTE = ("Each family's best rule is picked by its mean accuracy on a seeded selection half of the "
@@ -195,6 +202,10 @@ def family(row: dict) -> str | None:
         return "data-free calibration"
     if rule in ("tta_mean", "tta_voting"):
         return "multi-pass " + rule.removeprefix("tta_")
+    if rule in UNLABELED_RULES:
+        fit = params.get("inputs", "selection")
+        return "unlabeled inputs, transductive" if fit == "selection" else \
+            f"unlabeled inputs, stream {fit.partition(':')[2]}"
     if rule in FUSION_FAMILIES:
         name = FUSION_FAMILIES[rule]
         return FINETUNED[name] if params.get("finetune_epochs") else name
@@ -299,7 +310,7 @@ def answer_rows(rows_by_problem: dict[str, list[dict]]) -> list[dict]:
 
 ANSWER_COLUMNS = ["naive", *ANSWER_GROUPS]
 LABELLED = ("best training-free rule", "best data-free gate", "best data-free rule",
-            "best detector, 200 real images per expert", "gates on real data")
+            "best detector, 200 real images per expert", "best rule on unlabeled inputs", "gates on real data")
 
 
 def answer_table(rows: list[dict]) -> str:
@@ -528,6 +539,64 @@ def real_data_table(curves: dict[str, list[dict | None]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def is_unlabeled(name: str | None) -> bool:
+    """Whether a family is one of routers fitted on unlabeled inputs (a stream of any length included)."""
+    return bool(name) and name.startswith("unlabeled inputs, ")
+
+
+def unlabeled_curve_table(points: list[dict | None]) -> str:
+    header = ["unlabeled inputs fitted on", *(f"stream {c}" if c != "selection" else "selection half"
+                                              for c in UNLABELED_X)]
+    cells = [f"{100 * p['mean']:.2f} ± {100 * p['std']:.2f} `{p['best']}`" if p else "not run" for p in points]
+    return "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n| best rule | " + " | ".join(cells) + " |\n"
+
+
+UNLABELED_X = (*STREAM_COUNTS, "selection")  # inputs seen before routing: a stream's first N, or the selection half
+
+
+def unlabeled_curve(rows: list[dict]) -> list[dict | None]:
+    """Per amount of unlabeled inputs fitted on (UNLABELED_X), the best rule fitted on them, picked on the selection
+    half and reported on the other (None where no rule ran); each point also says how many inputs that was."""
+    groups = strategy_rows(rows)
+    points = []
+    for count in UNLABELED_X:
+        name = "unlabeled inputs, transductive" if count == "selection" else f"unlabeled inputs, stream {count}"
+        best = pick({label: g for label, g in groups.items() if family(g[0]) == name})
+        points.append({**best, "inputs": groups[best["best"]][0].get("fit_inputs")} if best else None)
+    return points
+
+
+def unlabeled_table(rows: list[dict]) -> str:
+    """Where a router fitted on unlabeled inputs stands and which part of it fails: per family, its best rule
+    (picked on the selection half), its accuracy on the report half, each expert's routing AUROC on the report
+    half, and how right the routes it gave its own fit inputs were (pseudo-label routing accuracy; per expert,
+    the share of the inputs given to it that were its own: the confident set's, or the clusters' purity)."""
+    groups = strategy_rows(rows)
+    names = [*UNLABELED_FAMILIES, *sorted({family(g[0]) for g in groups.values() if is_unlabeled(family(g[0]))}
+                                          - set(UNLABELED_FAMILIES))]  # a stream of another length goes last
+    experts = list(dict.fromkeys(e for g in groups.values() if is_unlabeled(family(g[0])) for r in g
+                                 for e in r.get("detection", {})))
+    header = ["family", "best rule (picked on the selection half)", "accuracy, report half (%)",
+              *(f"{e} AUROC" for e in experts), "pseudo-label routing acc", *(f"{e} purity" for e in experts)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        best = pick({label: g for label, g in groups.items() if family(g[0]) == name})
+        if best is None:
+            continue
+        group = groups[best["best"]]
+        aurocs = [f"{100 * mean_std(r['detection'][e]['auroc'] for r in group)[0]:.1f}"
+                  if all(e in r.get("detection", {}) for r in group) else "" for e in experts]
+        pseudo = [r["pseudo_labels"] for r in group if r.get("pseudo_labels")]
+        routing = f"{100 * mean_std(p['routing_acc'] for p in pseudo)[0]:.1f}" if pseudo else "n/a"
+        purity = []
+        for e in experts:
+            values = [p["purity"][e] for p in pseudo if p["purity"].get(e) is not None]
+            purity.append(f"{100 * mean_std(values)[0]:.1f}" if values else "n/a")
+        lines.append(f"| {name} | {best['best']} | {100 * best['mean']:.2f} ± {100 * best['std']:.2f} | "
+                     + " | ".join([*aurocs, routing, *purity]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 SOURCE_DETECTORS = ("knn(k=10", "mahalanobis(shrinkage=0.1", "vim(")  # label prefixes the source table follows
 
 
@@ -575,6 +644,8 @@ def table_report(name: str, rows: list[dict]) -> str:
         return gates_table(rows, title)
     if name.startswith("synthesis_"):
         return synthesis_table(rows, title)
+    if name.startswith("unlabeled_"):
+        return merge_report(rows, title) + "\n" + unlabeled_table(rows)
     if name.startswith("universal_"):
         identity = gate_identity_table(rows)
         text = merge_report(rows, title)
@@ -647,6 +718,18 @@ def reproduction_report(header: str, tables: dict[str, list[dict]], series: dict
             parts += [f"### {problem}", "", real_data_table(real_data_curves(rows))]
             if f"real_data_{problem}" in figures:
                 parts += [f"![real data against accuracy, {problem}]({figures[f'real_data_{problem}']})", ""]
+    unlabeled = {p: rows for p, rows in rows_by_problem.items() if any(is_unlabeled(family(r)) for r in rows
+                                                                       if r.get("kind") == "strategy")}
+    if unlabeled:
+        parts += ["## Routing from the unlabeled inputs", "",
+                  "Routers fitted on the test inputs themselves, never on a label or a training image: on the whole "
+                  "selection half (transductive) or on the first N inputs of a shuffled stream of it; every rule "
+                  "picked on the selection half and reported on the other. AUROC per expert on the report half; the "
+                  "pseudo-labels are the routes a rule gave its own fit inputs, scored against the true domain.", ""]
+        for problem, rows in unlabeled.items():
+            parts += [f"### {problem}", "", unlabeled_curve_table(unlabeled_curve(rows)), unlabeled_table(rows)]
+            if f"real_data_{problem}" in figures and problem not in fewshot:  # else the figure is shown above
+                parts += [f"![unlabeled inputs against accuracy, {problem}]({figures[f'real_data_{problem}']})", ""]
     sources = {p: source_table(rows, (diagnostics or {}).get(p, [])) for p, rows in rows_by_problem.items()}
     if any(sources.values()):
         parts += ["## Detectors: the same detector with statistics from each source", "",

@@ -33,6 +33,8 @@ from fusion import (HAS_POT, POT_MISSING, align, class_share_weights, conductanc
 from gating import GATE_TYPES, check_regime, is_real
 from sources import Source, parse_source
 from synthesis import components
+from unlabeled import (SELECTION, activation_matrix, check_fit_inputs, cluster_assign, entropy_gate, fit_rows,
+                       self_train, standardise)
 
 NO_EXPERT = -1  # Decision.expert of a sample no single expert answered (a fused network or an ensemble did)
 
@@ -45,6 +47,10 @@ class Decision:
     expert: Tensor  # [N] index of the chosen expert, or NO_EXPERT
     fallback: Tensor | None = None  # [N] bool: the rule could not decide and fell back to naive
     row: dict[str, Any] = field(default_factory=dict)  # extra fields for the result row (fusion: data use, times)
+    # rules fitted on unlabeled inputs: each expert's routing score ([N, experts], higher = more its own), and the
+    # fit inputs they labelled themselves with the expert given to each; merge.py scores both against the domain
+    scores: Tensor | None = None
+    pseudo: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -73,6 +79,9 @@ class MergeInputs:
     # run_detector(name, source, standardisation, params): every expert's scores (detector_stats.DetectorScorer)
     run_detector: Callable[[str, Source | None, str, dict[str, Any]], Any] | None = None
     fusion: FusionInputs | None = None  # problems with shared labels, for the fusion rules
+    features: list[Tensor] | None = None  # expert k's feature vectors on the combined test set, [N, D_k]
+    select: Tensor | None = None  # [N] bool, the selection half: all a rule fitted on unlabeled inputs may fit on
+    seed: int = 0  # seeds a rule's own randomness (the order of an unlabeled stream, k-means seeding)
     _passes: dict[str, list[list[Tensor]]] = field(default_factory=dict, repr=False)
     _gates: dict[tuple[str, str, str, str], Tensor] = field(default_factory=dict, repr=False)
     _synthetic: dict[str, list[list[Tensor]]] = field(default_factory=dict, repr=False)
@@ -596,6 +605,81 @@ def gate_soft(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime
     weights = inputs.gates(gate, regime, gates_from, synthesizer)
     mixture = torch.cat([weights[:, k:k + 1] * o.softmax(dim=1) for k, o in enumerate(inputs.logits)], dim=1)
     return concat_argmax(mixture, inputs.label_maps)
+
+
+# ---------------------------------------------------------------- routing fitted on the unlabeled inputs
+
+UNLABELED_CODE = BASE_CODE + ("unlabeled.py", "gating.py")
+# the starting rules: training-free, data-free rules with a per-expert score (naive is the argmax of the max logits)
+StartRule = Literal["naive", "energy", "max_softmax", "neg_entropy"]
+# what the router reads of every expert (the paper's gate inputs); the detector gate's scores need statistics
+UnlabeledGate = Literal["feature", "logits", "agnostic_logits", "agnostic_feature"]
+FitInputs = str  # selection or stream:N (unlabeled.check_fit_inputs)
+
+
+def check_unlabeled_params(params: dict[str, Any]) -> None:
+    check_fit_inputs(params["inputs"], "a rule fitted on unlabeled inputs")
+    checks = {"confident": lambda v: 0 < v <= 1, "rounds": lambda v: v >= 0, "clusters": lambda v: v >= 2,
+              "diversity": lambda v: v >= 0}
+    ranges = {"confident": "a fraction in (0, 1], e.g. 0.5", "rounds": "0 or more", "clusters": "2 or more",
+              "diversity": "0 or more, e.g. 1.0"}
+    for key, ok in checks.items():
+        if key in params and not ok(params[key]):
+            raise ConfigError(f"a rule fitted on unlabeled inputs: {key}={params[key]!r} must be {ranges[key]}")
+
+
+def start_scores(inputs: MergeInputs, start: str) -> Tensor:
+    """``[N, experts]`` on the CPU: the starting rule's score of every expert (its route is the argmax)."""
+    score = SCORES["max_logit" if start == "naive" else start]
+    return torch.stack([score(o.float().cpu()) for o in inputs.logits], dim=1)
+
+
+def fit_view(inputs: MergeInputs, gate: str, fit: str) -> tuple[Tensor, Tensor]:
+    """The experts' activations of type ``gate`` standardised on the fit inputs, and those inputs' indices."""
+    if inputs.select is None:
+        raise RuntimeError("a rule fitted on unlabeled inputs needs the selection half (MergeInputs.select)")
+    rows = fit_rows(fit, inputs.select, inputs.seed)
+    return standardise(activation_matrix(gate, inputs.logits, inputs.features), rows), rows
+
+
+def routed(inputs: MergeInputs, routing: Any, fit: str, rows: Tensor) -> Decision:
+    decision = choose(inputs, routing.expert)
+    decision.scores, decision.pseudo = routing.scores, (routing.pseudo_rows, routing.pseudo_experts)
+    decision.row = {"fit_inputs": len(rows), "fit": "transductive" if fit == SELECTION else "stream"}
+    return decision
+
+
+@register("self_train", code=UNLABELED_CODE, validate=check_unlabeled_params)
+def self_train_rule(data: MergeInputs, *, inputs: FitInputs = SELECTION, gate: UnlabeledGate = "feature",
+                    start: StartRule = "naive", confident: float = 0.5, rounds: int = 3) -> Decision:
+    """Self-training: a linear gate over the experts' activations trained on the unlabeled fit inputs the starting
+    rule routes most confidently (the ``confident`` fraction of each expert's routes), re-labelled by itself
+    ``rounds`` times. Reads no label and no training image."""
+    x, rows = fit_view(data, gate, inputs)
+    return routed(data, self_train(x, start_scores(data, start), rows, confident, rounds), inputs, rows)
+
+
+@register("cluster_assign", code=UNLABELED_CODE, validate=check_unlabeled_params)
+def cluster_assign_rule(data: MergeInputs, *, inputs: FitInputs = SELECTION, gate: UnlabeledGate = "feature",
+                        score: StartRule = "naive", clusters: int = 20) -> Decision:
+    """Cluster-then-assign: k-means on the experts' activations over the unlabeled fit inputs, each cluster to the
+    expert with the highest mean score on it, each score z-scored over the fit inputs per expert (its ownership).
+    Reads no label and no training image."""
+    x, rows = fit_view(data, gate, inputs)
+    ownership = standardise(start_scores(data, score), rows)
+    return routed(data, cluster_assign(x, ownership, rows, clusters, data.seed), inputs, rows)
+
+
+@register("entropy_gate", code=UNLABELED_CODE, validate=check_unlabeled_params)
+def entropy_gate_rule(data: MergeInputs, *, inputs: FitInputs = SELECTION, gate: UnlabeledGate = "agnostic_logits",
+                      start: StartRule = "energy", diversity: float = 1.0) -> Decision:
+    """Test-time adaptation of a gate (TENT's entropy minimisation with SHOT's diversity term): from the starting
+    rule's z-scored scores, lower the entropy of the mixture's predictions on the unlabeled fit inputs while the
+    mean gate stays spread over the experts (weight ``diversity``). Reads no label and no training image."""
+    x, rows = fit_view(data, gate, inputs)
+    probs = [o.float().cpu().softmax(dim=1) for o in data.logits]
+    return routed(data, entropy_gate(x, standardise(start_scores(data, start), rows), probs, rows, diversity),
+                  inputs, rows)
 
 
 # ---------------------------------------------------------------- weight-space fusion (one network, no routing)

@@ -45,8 +45,9 @@ from artifacts import arch_tag, code_digest  # noqa: E402
 from common import (atomic_write_text, hidden_inner_progress, print_summary, progress, read_rows,  # noqa: E402
                     resolve_device, write_rows)
 from experiments.steps import STAGES, Step, parse_step, run_step, shared_args, timing_row  # noqa: E402
-from report import (REAL_COUNTS_X, answer_rows, answer_table, best_of_families, real_data_curves,  # noqa: E402
-                    reproduction_report, resolve, scaling_rows, target_rows, targets_table)
+from report import (REAL_COUNTS_X, UNLABELED_X, answer_rows, answer_table, best_of_families,  # noqa: E402
+                    real_data_curves, reproduction_report, resolve, scaling_rows, target_rows, targets_table,
+                    unlabeled_curve)
 from strategies import BASE_CODE, REGISTRY, parse_strategies  # noqa: E402
 from synthesis import components  # noqa: E402
 
@@ -357,13 +358,15 @@ def draw_figures(results: Path, best: dict[str, list[dict]], generator_rows: lis
         figures.msp_figure(rows, results / "figures" / f"msp_{problem}.png")
         drawn[f"msp_{problem}"] = f"figures/msp_{problem}.png"
     for problem, rows in (rows_by_problem or {}).items():
-        if not any((r.get("params") or {}).get("stats", "").startswith("real:") for r in rows):
+        unlabeled = unlabeled_curve(rows)
+        if not any((r.get("params") or {}).get("stats", "").startswith("real:") for r in rows) and \
+                not any(unlabeled):
             continue
         baselines = {label: resolve(rows, label) for label in ("naive", "oracle")}
         figures.real_data_figure(real_data_curves(rows), REAL_COUNTS_X,
                                  *(b["mean"] if b else None for b in baselines.values()),
                                  f"{problem}: how much real data does routing need",
-                                 results / "figures" / f"real_data_{problem}.png")
+                                 results / "figures" / f"real_data_{problem}.png", unlabeled, UNLABELED_X)
         drawn[f"real_data_{problem}"] = f"figures/real_data_{problem}.png"
     return drawn
 

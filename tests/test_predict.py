@@ -85,6 +85,7 @@ def test_predict_refuses_in_one_line_before_reading_images(env, mixed, tmp_path)
     yaml_file, _ = mixed
     cases = [("rule=oracle", ConfigError, "reads the true domain"),
              ("rule={name: tta_mean, setting: flips}", ConfigError, "runs augmented passes"),
+             ("rule=self_train(gate=logits)", ConfigError, "fits its router on the selection half"),
              ("rule={name: gate_hard, gate: feature, regime: real}", ConfigError, "no feature_layer"),
              ("rule={name: gate_hard, gate: logits, regime: real}", CheckpointError, "python train_pan.py"),
              (f"inputs={tmp_path / 'nowhere'}", UserError, "does not exist")]

@@ -61,12 +61,16 @@ def with_runners(logits, label_maps, domain, num_passes, g, device, fusion=None)
         return on_sets
 
     detector_scores = torch.randn(n, len(sizes), generator=g).to(device)
+    # what the rules fitted on unlabeled inputs read: feature vectors, and every other input as the selection half
+    features = [torch.randn(n, 5, generator=g).to(device) for _ in sizes]
+    select = torch.arange(n) % 2 == 0
 
     def run_detector(name, source, standardisation, params):  # the scorer's interface (detector_stats.py)
         return DetectorScores(detector_scores, detector_scores)
 
     return MergeInputs(logits, label_maps, domain, run_passes=run_passes, run_gates=run_gates,
-                       run_synthetic=run_synthetic, run_detector=run_detector, fusion=fusion)
+                       run_synthetic=run_synthetic, run_detector=run_detector, fusion=fusion, features=features,
+                       select=select, seed=7)
 
 
 def shared_inputs(parents: int, classes: int, n: int, seed: int, num_passes: int, device: str) -> MergeInputs:
