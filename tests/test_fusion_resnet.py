@@ -244,8 +244,10 @@ def test_resnet_fusion_experiments_parse_and_name_their_recipe(name):
     for expert in spec.experts:  # the training command names the arch_kwargs the problem reads
         assert f"arch_kwargs='{{depth: {expert.arch_kwargs['depth']}, width: 0.125, batch_norm: false, bias: false}}'" \
             in header
-    profile = (REPO_ROOT / "experiments" / "profiles" / "cpu.yaml").read_text()
-    assert f"{name[:-5]}: {{files: [experiments/fusion_resnet.yaml]}}" in profile
+    # the paper profile trains the parents by the recipe above; the cpu profile by its cpu-sized one (issue 27)
+    for profile, recipe in (("paper", "fusion_resnet.yaml"), ("cpu", "fusion_resnet_cpu.yaml")):
+        text = (REPO_ROOT / "experiments" / "profiles" / f"{profile}.yaml").read_text()
+        assert f"{name[:-5]}: {{files: [experiments/{recipe}]}}" in text, profile
 
 
 def test_norm_stats_need_batch_norm_parents():
@@ -298,12 +300,18 @@ def test_resnets_fuse_through_merge(tmp_path):
 
     same = rows("resnets", "[vanilla_avg,{name: vanilla_avg, norm_stats: reset},{name: otfusion, cost: activation},"
                            "{name: otfusion, norm_stats: reset},{name: otfusion, repair: true},hf,kf_linear,"
-                           "kf_gradient,ensemble]")
+                           "kf_gradient,ensemble,{name: parent, index: 0},{name: parent, index: 1}]")
     for label in ("vanilla_avg", "vanilla_avg(norm_stats=reset)", "otfusion(cost=activation)",
                   "otfusion(cost=weight,norm_stats=reset)", "otfusion(cost=weight,repair=True)", "hf(ridge=0.0)",
                   "kf_linear(importance=uniform,ridge=0.0)", "kf_gradient(importance=uniform,ridge=0.0)"):
         assert 0 <= same[label]["acc"] <= 1 and same[label]["fuse_time_s"] >= 0, label
     assert same["vanilla_avg(norm_stats=reset)"]["fusion_samples"] == 20
+    # each parent rule is that expert's network on the same test set: its row is the expert's own accuracy
+    experts = [r for label, r in same.items() if label.startswith("expert:")]
+    assert len(experts) == 2
+    for k, expert in enumerate(experts):
+        assert same[f"parent(index={k},finetune_epochs=0)"]["acc"] == pytest.approx(expert["acc"], abs=1e-6)
+    assert same["oracle"]["shared_labels"] is True  # named owner routing, not a bound (report.oracle_name)
     repaired = same["otfusion(cost=weight,repair=True)"]
     assert repaired["fusion_samples"] == 20 and "repair_std_ratio_before" not in same["otfusion(cost=activation)"]
     # one ratio per renormalised convolution of a ResNet18: the stem, two per block, three projections

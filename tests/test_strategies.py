@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 
 import pytest
 import torch
@@ -60,17 +62,28 @@ def with_runners(logits, label_maps, domain, num_passes, g, device, fusion=None)
     def run_synthetic(synthesizer):
         return on_sets
 
-    detector_scores = torch.randn(n, len(sizes), generator=g).to(device)
+    # every detector its own scores, and its parameters and source shift them: a rule that asked the scorer for
+    # another detector's scores, or dropped its parameters, would route differently (test_detector_rules_route_...)
+    detector_seed = int(torch.randint(0, 2**31, (1,), generator=g))
     # what the rules fitted on unlabeled inputs read: feature vectors, and every other input as the selection half
     features = [torch.randn(n, 5, generator=g).to(device) for _ in sizes]
     select = torch.arange(n) % 2 == 0
 
     def run_detector(name, source, standardisation, params):  # the scorer's interface (detector_stats.py)
-        return DetectorScores(detector_scores, detector_scores)
+        scores = fake_detector_scores(detector_seed, n, len(sizes), name, source, standardisation, params)
+        return DetectorScores(scores.to(device), scores.to(device))
 
     return MergeInputs(logits, label_maps, domain, run_passes=run_passes, run_gates=run_gates,
                        run_synthetic=run_synthetic, run_detector=run_detector, fusion=fusion, features=features,
                        select=select, seed=7)
+
+
+def fake_detector_scores(seed: int, n: int, experts: int, name: str, source, standardisation: str,
+                         params: dict) -> torch.Tensor:
+    """[n, experts] scores drawn from a generator seeded by everything a detector rule asks the scorer for."""
+    key = json.dumps([seed, name, str(source), standardisation, sorted(params.items())], default=str)
+    g = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
+    return torch.randn(n, experts, generator=g)
 
 
 def shared_inputs(parents: int, classes: int, n: int, seed: int, num_passes: int, device: str) -> MergeInputs:
@@ -666,3 +679,16 @@ def test_the_detector_gates_label_names_its_statistics_source():
                                         "synthetic:dafl")
     with pytest.raises(ConfigError, match="gate=detectors only"):
         parse_strategies(["gate_hard(gate=feature,stats=synthetic:dafl)"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n, strategy in REGISTRY.items() if strategy.detector))
+def test_detector_rules_route_by_their_own_detectors_scores(name):
+    """Each detector rule trusts, per sample, the expert its own detector (with its parameters and source) scores
+    highest; with statistics every detector is read through the scorer, never the raw logits."""
+    inputs = random_inputs((3, 4, 2), n=60, seed=11)
+    for params in ({"stats": "synthetic:dafl"}, {"stats": "real:200", "standardise": "rank"}):
+        call = parse_strategies([{"name": name, **params}])[0]
+        decision = call(inputs)
+        given = {k: v for k, v in call.params.items() if k not in ("stats", "standardise")}
+        expected = inputs.detector(name, call.param("stats"), call.param("standardise") or "zscore", given)
+        assert torch.equal(decision.expert, expected.comparable.argmax(dim=1)), call.label
