@@ -136,8 +136,12 @@ REGIME_NAMES = {"real": "real data", "synthetic": "data-free", "noise": "noise n
 FUSION_FAMILIES = {"parent": "parents", "vanilla_avg": "fusion: vanilla averaging", "otfusion": "fusion: OTFusion",
                    "hf": "fusion: neuron interpolation", "kf_linear": "fusion: neuron interpolation",
                    "kf_gradient": "fusion: neuron interpolation", "clafusion": "fusion: CLAFusion",
-                   "ensemble": "ensembles", "ensemble_weighted": "ensembles"}
+                   "rebasin": "fusion: Git Re-Basin", "ensemble": "ensembles", "ensemble_weighted": "ensembles"}
 FINETUNED = {"parents": "parents, fine-tuned (the control)", "fusion: CLAFusion": "fusion: CLAFusion, fine-tuned"}
+# distil's rows by where the student starts: the fused student and its two controls are picked apart (each its best
+# KD weight and temperature on the selection half)
+DISTILLED = {"fused": "teacher-student: fused student + KD", "student": "teacher-student: KD from the student (control)",
+             "scratch": "teacher-student: KD from scratch (control)"}
 FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calibration", "multi-pass mean",
             "multi-pass voting",
             "gates, real data", "gates, data-free", "gates, noise negatives",
@@ -149,8 +153,9 @@ FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calib
             "detectors, data-free statistics",
             *(f"detectors, {n} real images per expert" for n in REAL_COUNTS),
             *(f"gates, {n} real images per expert" for n in REAL_COUNTS if n != "all"),
-            "parents", "fusion: vanilla averaging", "fusion: OTFusion", "fusion: neuron interpolation",
-            "fusion: CLAFusion", "ensembles", "parents, fine-tuned (the control)", "fusion: CLAFusion, fine-tuned",
+            "parents", "fusion: vanilla averaging", "fusion: OTFusion", "fusion: Git Re-Basin",
+            "fusion: neuron interpolation", "fusion: CLAFusion", "ensembles", "parents, fine-tuned (the control)",
+            "fusion: CLAFusion, fine-tuned", *DISTILLED.values(),
             OWNER_ROUTING]
 TRAINING_FREE = ["logit statistics", "OOD scores", "multi-pass mean", "multi-pass voting"]
 DATA_FREE_GATES = ["gates, data-free", "universal gate, data-free", "universal gate, data-free, some experts unseen",
@@ -195,6 +200,8 @@ def family(row: dict) -> str | None:
         return "data-free calibration"
     if rule in ("tta_mean", "tta_voting"):
         return "multi-pass " + rule.removeprefix("tta_")
+    if rule == "distil":
+        return DISTILLED[params.get("init", "fused")]
     if rule in FUSION_FAMILIES:
         name = FUSION_FAMILIES[rule]
         return FINETUNED[name] if params.get("finetune_epochs") else name

@@ -28,8 +28,9 @@ from torch import Tensor
 from augments import TTA_SETTINGS
 from config import ConfigError, ProblemSpec, coerce
 from detectors import DETECTORS
-from fusion import (HAS_POT, POT_MISSING, align, class_share_weights, conductance_importance, ensemble_softmax,
-                    finetune, hungarian_fusion, kf_gradient, kf_linear, repaired, reset_norm_statistics)
+from fusion import (HAS_POT, POT_MISSING, align, class_share_weights, conductance_importance, distil,
+                    ensemble_softmax, finetune, hungarian_fusion, kf_gradient, kf_linear, reinitialised, repaired,
+                    reset_norm_statistics)
 from gating import GATE_TYPES, check_regime, is_real
 from sources import Source, parse_source
 from synthesis import components
@@ -135,8 +136,8 @@ GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py") + SYNTHESIS_CODE
 DEFAULT_SYNTHESIZER = "dafl"  # what a rule's ``synthesizer=""`` reads: the paper's generator
 FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
                                 ("__init__", "levels", "ot", "grouping", "fitting", "cka", "finetuning", "ensemble",
-                                 "depths", "transport", "interpolation", "cross_layer", "repair", "residual",
-                                 "residual_fit", "residual_depth", "residual_repair"))
+                                 "depths", "distil", "transport", "interpolation", "cross_layer", "repair",
+                                 "residual", "residual_fit", "residual_depth", "residual_repair"))
 
 
 @dataclass(frozen=True)
@@ -212,10 +213,11 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
                                             for e in spec.experts):
         raise ConfigError(f"strategy {call.label!r} resets batch-norm running statistics, but problem {problem!r} has "
                           f"experts without batch norm (only ResNets with batch_norm: true have it); drop norm_stats")
-    target = call.param("target")
-    if target is not None and not 0 <= target < len(archs):
-        raise ConfigError(f"strategy {call.label!r}: target={target} is not a parent of problem {problem!r}, whose "
-                          f"parents are 0..{len(archs) - 1}")
+    for key in ("target", "student"):  # parameters naming a parent
+        index = call.param(key)
+        if index is not None and not 0 <= index < len(archs):
+            raise ConfigError(f"strategy {call.label!r}: {key}={index} is not a parent of problem {problem!r}, whose "
+                              f"parents are 0..{len(archs) - 1}")
     if needs.parents is not None and len(archs) != needs.parents:
         raise ConfigError(f"strategy {call.name!r} fuses exactly {needs.parents} experts, but problem {problem!r} "
                           f"has {len(archs)}")
@@ -747,6 +749,70 @@ def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0, norm_stats:
     # the training data is loaded here, before make() runs, so loading it is not counted as fusing
     decision = network_decision(fusion, make, samples_used=len(fusion.samples), finetune_epochs=finetune_epochs,
                                 finetune_images=len(fusion.training_data()[0]) if finetune_epochs else 0)
+    decision.row.update(row)
+    return decision
+
+
+# where distil's student starts: the teacher fused into the student's shape, or the two controls, the student's own
+# weights and a fresh initialisation of its architecture
+KdInit = Literal["fused", "student", "scratch"]
+
+
+def check_distil_params(params: dict[str, Any]) -> None:
+    if params["kd_epochs"] < 0:
+        raise ConfigError(f"distil: kd_epochs must be 0 or more, got {params['kd_epochs']}")
+    if not 0 <= params["kd_alpha"] <= 1:
+        raise ConfigError(f"distil: kd_alpha weighs the teacher's soft targets against the labels and must lie in "
+                          f"[0, 1], got {params['kd_alpha']}")
+    if not params["kd_temperature"] > 0:
+        raise ConfigError(f"distil: kd_temperature must be above 0, got {params['kd_temperature']}")
+
+
+def student_start(fusion: FusionInputs, student: int, init: str, row: dict[str, Any]) -> nn.Module:
+    """The network distil trains: the teacher fused by CLAFusion into parent ``student``'s widths (``fused``), the
+    student itself (``student``) or a fresh initialisation of it (``scratch``)."""
+    own = fusion.parents[student]
+    if init == "student":
+        return own
+    if init == "scratch":
+        return reinitialised(own, fusion.seed)
+    fused = averaged(fusion, "clafusion", False, row, target=student)
+    shapes = [list(p.shape) for p in fused.parameters()]
+    if shapes != [list(p.shape) for p in own.parameters()]:  # CLAFusion keeps the deeper parent's depth
+        raise ValueError(f"distil: the teacher fused into parent {student}'s widths is not parent {student}'s shape "
+                         f"(CLAFusion keeps the deeper parent's depth): the student must be as deep as the teacher")
+    return fused
+
+
+@register("distil", fusion=FusionNeeds(parents=2, pot=True), validate=check_distil_params)
+def distil_rule(inputs: MergeInputs, *, student: int = 1, init: KdInit = "fused", kd_epochs: int = 1,
+                kd_alpha: float = 0.9, kd_temperature: float = 4.0) -> Decision:
+    """Teacher-student (CLAFusion's compression use): distil the other parent (the teacher) into parent ``student``.
+
+    ``init=fused`` starts from the teacher fused into the student's shape (CLAFusion with ``target=student``,
+    activation costs on the fusion samples); the controls ``init=student`` (the student's own weights) and
+    ``init=scratch`` (a fresh initialisation of its architecture) get the same distillation. Each trains for
+    ``kd_epochs`` epochs of SGD (fine-tuning's: lr 0.01, momentum 0.9, batch 64, one batch order for every start) on
+    the union of the parents' training sets with loss kd_alpha * T^2 * KL(softmax(teacher / T) || softmax(student /
+    T)) + (1 - kd_alpha) * cross-entropy, T = ``kd_temperature``. The row records the epochs and the training
+    images seen (``kd_epochs``, ``kd_images``), and the teacher's index."""
+    fusion = fusion_inputs(inputs, "distil")
+    if len(fusion.parents) != 2:
+        raise ValueError(f"distil fuses exactly 2 parents (a teacher and a student), got {len(fusion.parents)}")
+    if not 0 <= student < len(fusion.parents):
+        raise ValueError(f"distil: student={student} is not a parent (0..{len(fusion.parents) - 1})")
+    teacher = fusion.parents[1 - student]
+    images, labels = fusion.training_data()  # loaded here, before make() runs, so loading is not counted as fusing
+    row: dict[str, Any] = {}
+
+    def make() -> nn.Module:
+        start = student_start(fusion, student, init, row)
+        result = distil(start, teacher, images, labels, kd_epochs, kd_alpha, kd_temperature, seed=fusion.seed)
+        row["kd_images"] = result.images_seen
+        return result.network
+
+    decision = network_decision(fusion, make, samples_used=len(fusion.samples) if init == "fused" else 0,
+                                kd_epochs=kd_epochs, teacher=1 - student)
     decision.row.update(row)
     return decision
 

@@ -11,6 +11,8 @@ alike and sends them to the module that fuses that family.
 - Neuron interpolation (Luenam et al. 2025): ``hungarian_fusion`` (HF, two parents), ``kf_linear``
   and ``kf_gradient`` (KF, any number), with uniform or conductance importance.
 - Ensembles of the parents' outputs, the baseline fusion has to beat (``ensemble.py``).
+- Knowledge distillation of a teacher into a student (``distil.py``): CLAFusion's compression use starts the
+  student from the teacher fused into the student's shape.
 
 Averaging methods (vanilla averaging, OTFusion, CLAFusion) first align the parents (``align``), then average them;
 ``repaired`` averages them with REPAIR (Jordan et al. 2023): every fused channel renormalised to its aligned
@@ -22,7 +24,8 @@ Modules, lowest first (none imports one above it, none imports this package):
 - primitives: ``levels.py`` (a chain as a list of levels: a Linear or Conv2d, its ReLU, maybe a max-pool; how a
   level's alignment moves the next level's input channels, across the flatten too), ``ot.py`` (exact OT plans),
   ``grouping.py`` (Hungarian and k-means groups, group targets), ``fitting.py`` (least squares, Adam),
-  ``cka.py`` (linear CKA), ``depths.py`` (CLAFusion's deeper parent and target), ``finetuning.py``, ``ensemble.py``;
+  ``cka.py`` (linear CKA), ``depths.py`` (CLAFusion's deeper parent and target), ``finetuning.py``, ``distil.py``,
+  ``ensemble.py``;
 - REPAIR: ``repair.py`` (chains; its statistics also serve ``residual_repair.py``);
 - chains: ``transport.py`` (averaging, OTFusion), ``interpolation.py`` (HF, KF, importance), ``cross_layer.py``
   (CLAFusion);
@@ -46,6 +49,7 @@ from fusion import (cross_layer, interpolation, repair, residual, residual_depth
                     transport)
 from fusion.cka import linear_cka
 from fusion.cross_layer import align_layers, insert_identity_layers, layer_cost_matrix, stages
+from fusion.distil import Distilled, distil, kd_loss, reinitialised
 from fusion.ensemble import class_share_weights, ensemble_softmax
 from fusion.finetuning import finetune
 from fusion.interpolation import conductance_importance, uniform_importance
@@ -136,8 +140,8 @@ def repaired(alignment: Aligned | AlignedStates, samples: Tensor) -> tuple[nn.Mo
 
 
 __all__ = [
-    "FUSABLE", "HAS_POT", "POT_MISSING", "align", "align_layers", "class_share_weights", "clafusion",
-    "conductance_importance", "ensemble_softmax", "finetune", "hungarian_fusion", "insert_identity_layers",
-    "kf_gradient", "kf_linear", "layer_cost_matrix", "linear_cka", "otfusion", "repaired", "reset_norm_statistics",
-    "stages", "std_ratios", "uniform_importance", "vanilla_avg",
+    "FUSABLE", "HAS_POT", "POT_MISSING", "Distilled", "align", "align_layers", "class_share_weights", "clafusion",
+    "conductance_importance", "distil", "ensemble_softmax", "finetune", "hungarian_fusion", "insert_identity_layers",
+    "kd_loss", "kf_gradient", "kf_linear", "layer_cost_matrix", "linear_cka", "otfusion", "reinitialised", "repaired",
+    "reset_norm_statistics", "stages", "std_ratios", "uniform_importance", "vanilla_avg",
 ]
