@@ -123,6 +123,7 @@ class FusionNeeds:
     weights: bool = True  # it fuses weights, so the experts must be of one fusable arch (FUSABLE_ARCHS)
     parents: int | None = None  # it fuses exactly this many experts (None: any number)
     pot: bool = False  # it solves optimal transport with POT (an optional dependency here)
+    resnets: bool = True  # it fuses ResNets too (else chains of levels only: MLPs, VGGs, LeNet5s)
 
 
 # The source files every rule's row depends on (running the experts, scoring); a rule's own ``code`` adds the
@@ -136,8 +137,9 @@ GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py") + SYNTHESIS_CODE
 DEFAULT_SYNTHESIZER = "dafl"  # what a rule's ``synthesizer=""`` reads: the paper's generator
 FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
                                 ("__init__", "levels", "ot", "grouping", "fitting", "cka", "finetuning", "ensemble",
-                                 "depths", "distil", "transport", "interpolation", "cross_layer", "repair",
-                                 "residual", "residual_fit", "residual_depth", "residual_repair"))
+                                 "depths", "distil", "transport", "weight_matching", "interpolation",
+                                 "cross_layer", "repair", "residual", "residual_fit", "residual_depth",
+                                 "residual_repair"))
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,9 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
         raise ConfigError(f"strategy {call.name!r} fuses weights and needs experts of one of the archs "
                           f"{', '.join(FUSABLE_ARCHS)}, all the same, but problem {problem!r} has experts of arch "
                           f"{archs}; ensemble and ensemble_weighted take any arch")
+    if not needs.resnets and "resnet" in archs:
+        raise ConfigError(f"strategy {call.name!r} fuses chains of levels (archs mlp, vgg, lenet5), and problem "
+                          f"{problem!r} has ResNets")
     if call.param("importance") == "conductance" and "resnet" in archs:
         raise ConfigError(f"strategy {call.label!r}: ResNets are fused with uniform importance (fusion/residual_fit.py); "
                           f"use importance=uniform")
@@ -693,6 +698,28 @@ def otfusion_rule(inputs: MergeInputs, *, cost: Literal["weight", "activation"] 
     decision = network_decision(
         fusion, make,
         samples_used=len(fusion.samples) if cost == "activation" or norm_stats or repair else 0)
+    decision.row.update(row)
+    return decision
+
+
+def check_rebasin_params(params: dict[str, Any]) -> None:
+    if params["iterations"] < 1:
+        raise ConfigError(f"rebasin: iterations (sweeps of weight matching over the levels) must be 1 or more, got "
+                          f"{params['iterations']}")
+
+
+@register("rebasin", fusion=FusionNeeds(resnets=False), validate=check_rebasin_params)
+def rebasin_rule(inputs: MergeInputs, *, iterations: int = 100, repair: bool = False) -> Decision:
+    """Git Re-Basin weight matching: permute every parent's neurons onto the first's, then average (data-free).
+
+    Coordinate descent over the levels, each a linear assignment maximising the weight inner products
+    (fusion/weight_matching.py), for at most ``iterations`` sweeps (it stops when a sweep changes nothing); parents of
+    one architecture (MLPs, VGGs, LeNet5s). ``repair=true``: REPAIR (Jordan et al. 2023) on the fusion samples."""
+    fusion = fusion_inputs(inputs, "rebasin")
+    row: dict[str, Any] = {}
+    decision = network_decision(
+        fusion, lambda: averaged(fusion, "rebasin", repair, row, iterations=iterations, seed=fusion.seed),
+        samples_used=len(fusion.samples) if repair else 0)
     decision.row.update(row)
     return decision
 
