@@ -28,7 +28,7 @@ from torch import Tensor
 from augments import TTA_SETTINGS
 from config import ConfigError, ProblemSpec, coerce
 from detectors import DETECTORS
-from fusion import (HAS_POT, POT_MISSING, align, class_share_weights, conductance_importance, distil,
+from fusion import (HAS_POT, POT_MISSING, AuthorsGradient, align, class_share_weights, conductance_importance, distil,
                     ensemble_softmax, finetune, hungarian_fusion, kf_gradient, kf_linear, reinitialised, repaired,
                     reset_norm_statistics)
 from gating import GATE_TYPES, check_regime, is_real
@@ -137,7 +137,7 @@ GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py") + SYNTHESIS_CODE
 DEFAULT_SYNTHESIZER = "dafl"  # what a rule's ``synthesizer=""`` reads: the paper's generator
 FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
                                 ("__init__", "levels", "ot", "grouping", "fitting", "cka", "finetuning", "ensemble",
-                                 "depths", "distil", "transport", "weight_matching", "interpolation",
+                                 "depths", "distil", "gradient", "transport", "weight_matching", "interpolation",
                                  "cross_layer", "repair", "residual", "residual_fit", "residual_depth",
                                  "residual_repair"))
 
@@ -211,6 +211,9 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
     if not needs.resnets and "resnet" in archs:
         raise ConfigError(f"strategy {call.name!r} fuses chains of levels (archs mlp, vgg, lenet5), and problem "
                           f"{problem!r} has ResNets")
+    if call.param("variant") == "authors" and "resnet" in archs:
+        raise ConfigError(f"strategy {call.label!r}: the authors' KF-gradient fits chains of levels (archs mlp, vgg, "
+                          f"lenet5), and problem {problem!r} has ResNets; drop variant=authors")
     if call.param("importance") == "conductance" and "resnet" in archs:
         raise ConfigError(f"strategy {call.label!r}: ResNets are fused with uniform importance (fusion/residual_fit.py); "
                           f"use importance=uniform")
@@ -743,13 +746,35 @@ def kf_linear_rule(inputs: MergeInputs, *, importance: Importance = "uniform", r
         seed=fusion.seed, ridge=ridge), samples_used=len(fusion.samples))
 
 
-@register("kf_gradient", fusion=FusionNeeds())
-def kf_gradient_rule(inputs: MergeInputs, *, importance: Importance = "uniform", ridge: float = 0.0) -> Decision:
-    """Neuron-interpolation fusion KF-gradient: KF-linear's groups, each level then refined by Adam."""
+# "" (linear_init): KF-linear's fit refined by Adam keeping the best iterate, KF-linear's function on chains;
+# "authors": the neuron-interpolation authors' variant (fusion/gradient.py)
+GradientVariant = Literal["", "authors"]
+
+
+def check_kf_gradient_params(params: dict[str, Any]) -> None:
+    perturb = params.get("perturb")
+    if perturb is not None and params.get("variant") != "authors":
+        raise ConfigError("kf_gradient: perturb is a setting of variant=authors; add variant=authors or drop perturb")
+    if perturb is not None and not perturb >= 0:
+        raise ConfigError(f"kf_gradient: perturb (the noise's std over each start tensor's) must be 0 or more, got "
+                          f"{perturb}")
+
+
+@register("kf_gradient", fusion=FusionNeeds(), validate=check_kf_gradient_params)
+def kf_gradient_rule(inputs: MergeInputs, *, importance: Importance = "uniform", ridge: float = 0.0,
+                     variant: GradientVariant = "", perturb: float | None = None) -> Decision:
+    """Neuron-interpolation fusion KF-gradient: KF-linear's groups, each level then refined by Adam.
+
+    ``variant=""`` (linear_init): from the least-squares fit, keeping the best iterate (on chains KF-linear's
+    function). ``variant=authors``: as the neuron-interpolation authors describe it (fusion/gradient.py): each level
+    by its own Adam at its own learning rate from the fit, perturbed by Gaussian noise of ``perturb`` x each tensor's
+    std if set, to the last iterate, and the output level by distillation towards the parents' mean output (chains
+    only)."""
     fusion = fusion_inputs(inputs, "kf_gradient")
+    authors = AuthorsGradient(perturb=perturb or 0.0, seed=fusion.seed) if variant == "authors" else None
     return network_decision(fusion, lambda: kf_gradient(
         fusion.parents, fusion.samples, importance_scores(fusion.parents, fusion.samples, importance),
-        seed=fusion.seed, ridge=ridge), samples_used=len(fusion.samples))
+        seed=fusion.seed, ridge=ridge, authors=authors), samples_used=len(fusion.samples))
 
 
 @register("clafusion", fusion=FusionNeeds(parents=2, pot=True), validate=check_repair_params)

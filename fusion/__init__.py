@@ -9,7 +9,8 @@ alike and sends them to the module that fuses that family.
 - ``clafusion`` (Nguyen et al. 2022): parents of different depths; align their hidden layers by
   dynamic programming, insert identity layers into the shallower one, then ``otfusion``.
 - Neuron interpolation (Luenam et al. 2025): ``hungarian_fusion`` (HF, two parents), ``kf_linear``
-  and ``kf_gradient`` (KF, any number), with uniform or conductance importance.
+  and ``kf_gradient`` (KF, any number; its ``authors`` variant as Luenam et al. describe it), with uniform or
+  conductance importance.
 - ``rebasin`` (Ainsworth et al. 2023, Git Re-Basin's weight matching): permute every parent's neurons onto the
   first's by coordinate descent over linear assignments of weight inner products, then average (chains only).
 - Ensembles of the parents' outputs, the baseline fusion has to beat (``ensemble.py``).
@@ -26,8 +27,8 @@ Modules, lowest first (none imports one above it, none imports this package):
 - primitives: ``levels.py`` (a chain as a list of levels: a Linear or Conv2d, its ReLU, maybe a max-pool; how a
   level's alignment moves the next level's input channels, across the flatten too), ``ot.py`` (exact OT plans),
   ``grouping.py`` (Hungarian and k-means groups, group targets), ``fitting.py`` (least squares, Adam),
-  ``cka.py`` (linear CKA), ``depths.py`` (CLAFusion's deeper parent and target), ``finetuning.py``, ``distil.py``,
-  ``ensemble.py``;
+  ``cka.py`` (linear CKA), ``gradient.py`` (KF-gradient's refinements of a level), ``depths.py`` (CLAFusion's
+  deeper parent and target), ``finetuning.py``, ``distil.py``, ``ensemble.py``;
 - REPAIR: ``repair.py`` (chains; its statistics also serve ``residual_repair.py``);
 - chains: ``transport.py`` (averaging, OTFusion), ``weight_matching.py`` (Git Re-Basin), ``interpolation.py`` (HF, KF,
   importance), ``cross_layer.py`` (CLAFusion);
@@ -54,6 +55,7 @@ from fusion.cross_layer import align_layers, insert_identity_layers, layer_cost_
 from fusion.distil import Distilled, distil, kd_loss, reinitialised
 from fusion.ensemble import class_share_weights, ensemble_softmax
 from fusion.finetuning import finetune
+from fusion.gradient import AuthorsGradient, output_kl, parents_mean_log_probs
 from fusion.interpolation import conductance_importance, uniform_importance
 from fusion.levels import FUSABLE, Aligned
 from fusion.ot import HAS_POT, POT_MISSING
@@ -125,11 +127,16 @@ def kf_linear(parents: Sequence[nn.Module], samples: Tensor, importance: Importa
 
 def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Importance = None,
                 widths: Sequence[int] | None = None, steps: int | None = None, lr: float | None = None,
-                seed: int = 0, positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
+                seed: int = 0, positions: str = "flatten", ridge: float = 0.0,
+                authors: AuthorsGradient | None = None) -> nn.Module:
     """KF-gradient (``interpolation.kf_gradient``; ResNets: ``residual_fit.kf_gradient``, where it differs from
-    KF-linear)."""
-    module = residual_fit if is_resnet(parents) else interpolation
-    return module.kf_gradient(parents, samples, importance, widths, steps, lr, seed, positions, ridge)
+    KF-linear); ``authors``: the neuron-interpolation authors' variant (``gradient.AuthorsGradient``, chains only)."""
+    if not is_resnet(parents):
+        return interpolation.kf_gradient(parents, samples, importance, widths, steps, lr, seed, positions, ridge,
+                                         authors)
+    if authors is not None:
+        raise ValueError("kf_gradient: the authors' variant fits chains of levels (MLPs, VGGs, LeNet5s), not ResNets")
+    return residual_fit.kf_gradient(parents, samples, importance, widths, steps, lr, seed, positions, ridge)
 
 
 def align(method: str, parents: Sequence[nn.Module], samples: Tensor | None = None,
@@ -161,8 +168,9 @@ def repaired(alignment: Aligned | AlignedStates, samples: Tensor) -> tuple[nn.Mo
 
 
 __all__ = [
-    "FUSABLE", "HAS_POT", "POT_MISSING", "Distilled", "align", "align_layers", "class_share_weights", "clafusion",
-    "conductance_importance", "distil", "ensemble_softmax", "finetune", "hungarian_fusion", "insert_identity_layers",
-    "kd_loss", "kf_gradient", "kf_linear", "layer_cost_matrix", "linear_cka", "otfusion", "rebasin", "reinitialised",
-    "repaired", "reset_norm_statistics", "stages", "std_ratios", "uniform_importance", "vanilla_avg",
+    "FUSABLE", "HAS_POT", "POT_MISSING", "AuthorsGradient", "Distilled", "align", "align_layers",
+    "class_share_weights", "clafusion", "conductance_importance", "distil", "ensemble_softmax", "finetune",
+    "hungarian_fusion", "insert_identity_layers", "kd_loss", "kf_gradient", "kf_linear", "layer_cost_matrix",
+    "linear_cka", "otfusion", "output_kl", "parents_mean_log_probs", "rebasin", "reinitialised", "repaired",
+    "reset_norm_statistics", "stages", "std_ratios", "uniform_importance", "vanilla_avg",
 ]
