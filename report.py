@@ -140,7 +140,8 @@ FUSION_FAMILIES = {"parent": "parents", "vanilla_avg": "fusion: vanilla averagin
 FINETUNED = {"parents": "parents, fine-tuned (the control)", "fusion: CLAFusion": "fusion: CLAFusion, fine-tuned"}
 # distil's rows by where the student starts: the fused student and its two controls are picked apart (each its best
 # KD weight and temperature on the selection half)
-DISTILLED = {"fused": "teacher-student: fused student + KD", "student": "teacher-student: KD from the student (control)",
+DISTILLED = {"fused": "teacher-student: fused student + KD",
+             "student": "teacher-student: KD from the student (control)",
              "scratch": "teacher-student: KD from scratch (control)"}
 FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calibration", "multi-pass mean",
             "multi-pass voting",

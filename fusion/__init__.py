@@ -142,7 +142,8 @@ def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Impor
 def align(method: str, parents: Sequence[nn.Module], samples: Tensor | None = None,
           **options: Any) -> Aligned | AlignedStates:
     """The parents aligned by averaging method ``method`` (``vanilla_avg``, ``otfusion``, ``clafusion``,
-    ``rebasin``; ``options``: its other arguments), before the average: ``align(...).network()`` is the method's fused network."""
+    ``rebasin``; ``options``: its other arguments), before the average: ``align(...).network()`` is the method's
+    fused network."""
     if method not in ALIGNERS:
         raise ValueError(f"align: {method!r} is not an averaging method ({', '.join(ALIGNERS)})")
     chain, resnet = ALIGNERS[method]

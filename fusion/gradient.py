@@ -28,7 +28,9 @@ from fusion.fitting import adam, best_of_adam
 from fusion.levels import Level
 
 Refine = Callable[[list[Tensor], Callable[..., Tensor]], list[Tensor]]
-AUTHORS_STEPS = 200  # Adam steps per level (each a pass of one level over the fusion samples)
+AUTHORS_STEPS = 200  # Adam steps per level (each a pass of one level over the fusion samples), as CHAIN_STEPS
+# Not tuned here: a hidden level starts at the optimum of its own MSE (its least-squares fit), so small steps keep it
+# near; the output level's distillation starts away from its optimum (the fit is to mean logits) and needs larger ones
 AUTHORS_HIDDEN_LR = 1e-3
 AUTHORS_LAST_LR = 1e-2
 
@@ -44,8 +46,13 @@ class Refiner:
         return fitted
 
 
+NO_REFINEMENT = Refiner()
+
+
 @dataclass(frozen=True)
 class LinearInit(Refiner):
+    """This codebase's KF-gradient: ``steps`` of Adam at ``lr`` on every level's MSE, the best iterate kept."""
+
     steps: int
     lr: float
 
@@ -55,6 +62,9 @@ class LinearInit(Refiner):
 
 @dataclass(frozen=True)
 class AuthorsGradient(Refiner):
+    """The authors' KF-gradient: a fresh Adam per level at the level's rate, to the last iterate, from the perturbed
+    fit; the output level distilled towards the parents' mean output (``distil``)."""
+
     steps: int = AUTHORS_STEPS
     hidden_lr: float = AUTHORS_HIDDEN_LR
     last_lr: float = AUTHORS_LAST_LR

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusion.fitting import least_squares
-from fusion.gradient import AuthorsGradient, LinearInit, Refine, Refiner
+from fusion.gradient import NO_REFINEMENT, AuthorsGradient, LinearInit, Refine, Refiner
 from fusion.grouping import Grouping, group_means, hungarian_grouping, kmeans_grouping, normalised
 from fusion.levels import (POSITIONS, SAMPLE_CHUNK, Level, Levels, activate, apply_level, check_parents, columns,
                            hidden_widths, inputs_of, levels_of, pre_acts, to_network)
@@ -175,7 +175,7 @@ def _fit_conv(h: Tensor, target: Tensor, template: Level, width: int, group_weig
 
 def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
                           importance: Sequence[Sequence[Tensor]] | None, widths: Sequence[int],
-                          grouping: Grouping, refiner: Refiner = Refiner(),
+                          grouping: Grouping, refiner: Refiner = NO_REFINEMENT,
                           positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
     """Fit the fused network level by level to group targets; ``grouping(level_columns, weights, width)`` forms
     the groups from each parent's ``columns`` of the level (``positions``: how a channel's map becomes one);
