@@ -818,17 +818,20 @@ def check_distil_params(params: dict[str, Any]) -> None:
                           f"[0, 1], got {params['kd_alpha']}")
     if not params["kd_temperature"] > 0:
         raise ConfigError(f"distil: kd_temperature must be above 0, got {params['kd_temperature']}")
+    if params["repair"] and params["init"] != "fused":
+        raise ConfigError(f"distil: repair=true repairs the fused start, and init={params['init']} fuses nothing; "
+                          "drop repair or use init=fused")
 
 
-def student_start(fusion: FusionInputs, student: int, init: str, row: dict[str, Any]) -> nn.Module:
-    """The network distil trains: the teacher fused by CLAFusion into parent ``student``'s widths (``fused``), the
-    student itself (``student``) or a fresh initialisation of it (``scratch``)."""
+def student_start(fusion: FusionInputs, student: int, init: str, repair: bool, row: dict[str, Any]) -> nn.Module:
+    """The network distil trains: the teacher fused by CLAFusion into parent ``student``'s widths (``fused``; with
+    REPAIR if ``repair``), the student itself (``student``) or a fresh initialisation of it (``scratch``)."""
     own = fusion.parents[student]
     if init == "student":
         return own
     if init == "scratch":
         return reinitialised(own, fusion.seed)
-    fused = averaged(fusion, "clafusion", False, row, target=student)
+    fused = averaged(fusion, "clafusion", repair, row, target=student)
     shapes = [list(p.shape) for p in fused.parameters()]
     if shapes != [list(p.shape) for p in own.parameters()]:  # CLAFusion keeps the deeper parent's depth
         raise ValueError(f"distil: the teacher fused into parent {student}'s widths is not parent {student}'s shape "
@@ -838,7 +841,7 @@ def student_start(fusion: FusionInputs, student: int, init: str, row: dict[str, 
 
 @register("distil", fusion=FusionNeeds(parents=2, pot=True), validate=check_distil_params)
 def distil_rule(inputs: MergeInputs, *, student: int = 1, init: KdInit = "fused", kd_epochs: int = 1,
-                kd_alpha: float = 0.9, kd_temperature: float = 4.0) -> Decision:
+                kd_alpha: float = 0.9, kd_temperature: float = 4.0, repair: bool = False) -> Decision:
     """Teacher-student (CLAFusion's compression use): distil the other parent (the teacher) into parent ``student``.
 
     ``init=fused`` starts from the teacher fused into the student's shape (CLAFusion with ``target=student``,
@@ -846,8 +849,9 @@ def distil_rule(inputs: MergeInputs, *, student: int = 1, init: KdInit = "fused"
     ``init=scratch`` (a fresh initialisation of its architecture) get the same distillation. Each trains for
     ``kd_epochs`` epochs of SGD (fine-tuning's: lr 0.01, momentum 0.9, batch 64, one batch order for every start) on
     the union of the parents' training sets with loss kd_alpha * T^2 * KL(softmax(teacher / T) || softmax(student /
-    T)) + (1 - kd_alpha) * cross-entropy, T = ``kd_temperature``. The row records the epochs and the training
-    images seen (``kd_epochs``, ``kd_images``), and the teacher's index."""
+    T)) + (1 - kd_alpha) * cross-entropy, T = ``kd_temperature``. ``repair=true``: the fused start after REPAIR on
+    the fusion samples (Jordan et al. 2023). The row records the epochs and the training images seen (``kd_epochs``,
+    ``kd_images``), and the teacher's index."""
     fusion = fusion_inputs(inputs, "distil")
     if len(fusion.parents) != 2:
         raise ValueError(f"distil fuses exactly 2 parents (a teacher and a student), got {len(fusion.parents)}")
@@ -858,7 +862,7 @@ def distil_rule(inputs: MergeInputs, *, student: int = 1, init: KdInit = "fused"
     row: dict[str, Any] = {}
 
     def make() -> nn.Module:
-        start = student_start(fusion, student, init, row)
+        start = student_start(fusion, student, init, repair, row)
         result = distil(start, teacher, images, labels, kd_epochs, kd_alpha, kd_temperature, seed=fusion.seed)
         row["kd_images"] = result.images_seen
         return result.network

@@ -113,6 +113,16 @@ def test_the_teacher_fused_into_the_students_shape_starts_from_both():
     torch.testing.assert_close(seen[-1](test), fused(test))
 
 
+def test_the_fused_start_may_be_repaired():
+    parents = vgg_pair()
+    inputs, seen, test = inputs_of(parents)
+    row = run(inputs, student=1, init="fused", kd_epochs=0, repair=True).row
+    network, ratios = fusion.repaired(fusion.align("clafusion", parents, inputs.fusion.samples, target=1),
+                                      inputs.fusion.samples)
+    torch.testing.assert_close(seen[-1](test), network(test))
+    assert row["repair_std_ratio_after"] == pytest.approx(ratios["repair_std_ratio_after"])
+
+
 def test_a_student_shallower_than_the_teacher_is_refused():
     torch.manual_seed(0)
     parents = [MLP(2, CLASSES, [8, 6, 4], True, 8, 0).eval(), MLP(2, CLASSES, [5, 4], True, 8, 0).eval()]
@@ -126,6 +136,7 @@ def test_a_student_shallower_than_the_teacher_is_refused():
     ({"kd_temperature": 0}, ["kd_temperature", "above 0"]),
     ({"kd_epochs": -1}, ["kd_epochs", "0 or more"]),
     ({"init": "teacher"}, ["init", "fused", "student", "scratch"]),
+    ({"init": "scratch", "repair": True}, ["repair", "init=scratch"]),
 ])
 def test_bad_parameters_fail_at_config_load_in_one_line(params, words):
     with pytest.raises(ConfigError) as err:
@@ -161,8 +172,8 @@ def test_the_committed_sweep_fits_its_problem():
     kd = [c for c in calls if c.name == "distil"]
     assert {(c.params["kd_alpha"], c.params["kd_temperature"]) for c in kd} == {(0.5, 2.0), (0.5, 4.0), (0.9, 2.0),
                                                                                  (0.9, 4.0)}
-    for init in ("fused", "student", "scratch"):
-        assert len([c for c in kd if c.params["init"] == init]) == 4
+    for init, count in (("fused", 8), ("student", 4), ("scratch", 4)):  # the fused start with and without REPAIR
+        assert len([c for c in kd if c.params["init"] == init]) == count
     assert {c.params["kd_epochs"] for c in kd} == {3} and {c.params["student"] for c in kd} == {1}
     header = (REPO_ROOT / "experiments" / "fusion_kd.yaml").read_text().split("\nproblem:")[0]
     for expert in spec.experts:  # the training commands name the arch_kwargs the problem reads
