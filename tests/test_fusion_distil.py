@@ -163,6 +163,8 @@ def test_the_committed_sweep_fits_its_problem():
     spec = cfg.problems[cfg.problem]
     assert spec.shared_labels and cfg.seeds == [770597, 600522, 416719]
     assert [e.arch for e in spec.experts] == ["vgg", "vgg"]
+    # one task: the distillation set (the union of the parents' training sets) holds every image once
+    assert [e.task for e in spec.experts] == ["cifar10", "cifar10"]
     teacher, student = (e.arch_kwargs for e in spec.experts)
     # a double-width teacher and a half-width student of one depth
     assert [w for w in teacher["layers"] if w != "M"] == [4 * w for w in student["layers"] if w != "M"]
