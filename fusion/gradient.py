@@ -81,7 +81,7 @@ class AuthorsGradient(Refiner):
         """``params`` plus Gaussian noise of std ``perturb`` x each tensor's own std (a level's own stream)."""
         if not self.perturb:
             return params
-        generator = torch.Generator().manual_seed(self.seed * 1009 + level)
+        generator = torch.Generator().manual_seed(self.seed + level)  # a 63-bit seed plus a level stays in range
         return [p + self.perturb * p.std() * torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
 
     def refine(self, level: int, last: bool) -> Refine | None:
