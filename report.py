@@ -136,13 +136,18 @@ REGIME_NAMES = {"real": "real data", "synthetic": "data-free", "noise": "noise n
 FUSION_FAMILIES = {"parent": "parents", "vanilla_avg": "fusion: vanilla averaging", "otfusion": "fusion: OTFusion",
                    "hf": "fusion: neuron interpolation", "kf_linear": "fusion: neuron interpolation",
                    "kf_gradient": "fusion: neuron interpolation", "clafusion": "fusion: CLAFusion",
-                   "ensemble": "ensembles", "ensemble_weighted": "ensembles"}
+                   "rebasin": "fusion: Git Re-Basin", "ensemble": "ensembles", "ensemble_weighted": "ensembles"}
 FINETUNED = {"parents": "parents, fine-tuned (the control)", "fusion: CLAFusion": "fusion: CLAFusion, fine-tuned"}
 # routers fitted on the unlabeled test inputs (unlabeled.py): their own regime, never data-free (they read real
 # images, the very ones they classify) nor few-shot (they read no label); one family per amount of inputs fitted on
 UNLABELED_RULES = {"self_train", "cluster_assign", "entropy_gate"}
 STREAM_COUNTS = ("100", "500", "2000")
 UNLABELED_FAMILIES = ["unlabeled inputs, transductive", *(f"unlabeled inputs, stream {n}" for n in STREAM_COUNTS)]
+# distil's rows by where the student starts: the fused student and its two controls are picked apart (each its best
+# KD weight and temperature on the selection half)
+DISTILLED = {"fused": "teacher-student: fused student + KD",
+             "student": "teacher-student: KD from the student (control)",
+             "scratch": "teacher-student: KD from scratch (control)"}
 FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calibration", "multi-pass mean",
             "multi-pass voting",
             "gates, real data", "gates, data-free", "gates, noise negatives",
@@ -155,8 +160,9 @@ FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calib
             *(f"detectors, {n} real images per expert" for n in REAL_COUNTS),
             *(f"gates, {n} real images per expert" for n in REAL_COUNTS if n != "all"),
             *UNLABELED_FAMILIES,
-            "parents", "fusion: vanilla averaging", "fusion: OTFusion", "fusion: neuron interpolation",
-            "fusion: CLAFusion", "ensembles", "parents, fine-tuned (the control)", "fusion: CLAFusion, fine-tuned",
+            "parents", "fusion: vanilla averaging", "fusion: OTFusion", "fusion: Git Re-Basin",
+            "fusion: neuron interpolation", "fusion: CLAFusion", "ensembles", "parents, fine-tuned (the control)",
+            "fusion: CLAFusion, fine-tuned", *DISTILLED.values(),
             OWNER_ROUTING]
 TRAINING_FREE = ["logit statistics", "OOD scores", "multi-pass mean", "multi-pass voting"]
 DATA_FREE_GATES = ["gates, data-free", "universal gate, data-free", "universal gate, data-free, some experts unseen",
@@ -206,6 +212,8 @@ def family(row: dict) -> str | None:
         fit = params.get("inputs", "selection")
         return "unlabeled inputs, transductive" if fit == "selection" else \
             f"unlabeled inputs, stream {fit.partition(':')[2]}"
+    if rule == "distil":
+        return DISTILLED[params.get("init", "fused")]
     if rule in FUSION_FAMILIES:
         name = FUSION_FAMILIES[rule]
         return FINETUNED[name] if params.get("finetune_epochs") else name

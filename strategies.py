@@ -28,8 +28,9 @@ from torch import Tensor
 from augments import TTA_SETTINGS
 from config import ConfigError, ProblemSpec, coerce
 from detectors import DETECTORS
-from fusion import (HAS_POT, POT_MISSING, align, class_share_weights, conductance_importance, ensemble_softmax,
-                    finetune, hungarian_fusion, kf_gradient, kf_linear, repaired, reset_norm_statistics)
+from fusion import (HAS_POT, POT_MISSING, AuthorsGradient, align, class_share_weights, conductance_importance, distil,
+                    ensemble_softmax, finetune, hungarian_fusion, kf_gradient, kf_linear, reinitialised, repaired,
+                    reset_norm_statistics)
 from gating import GATE_TYPES, check_regime, is_real
 from sources import Source, parse_source
 from synthesis import components
@@ -131,6 +132,7 @@ class FusionNeeds:
     weights: bool = True  # it fuses weights, so the experts must be of one fusable arch (FUSABLE_ARCHS)
     parents: int | None = None  # it fuses exactly this many experts (None: any number)
     pot: bool = False  # it solves optimal transport with POT (an optional dependency here)
+    resnets: bool = True  # it fuses ResNets too (else chains of levels only: MLPs, VGGs, LeNet5s)
 
 
 # The source files every rule's row depends on (running the experts, scoring); a rule's own ``code`` adds the
@@ -144,8 +146,9 @@ GATE_CODE = BASE_CODE + ("gating.py", "archs/gates.py") + SYNTHESIS_CODE
 DEFAULT_SYNTHESIZER = "dafl"  # what a rule's ``synthesizer=""`` reads: the paper's generator
 FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
                                 ("__init__", "levels", "ot", "grouping", "fitting", "cka", "finetuning", "ensemble",
-                                 "depths", "transport", "interpolation", "cross_layer", "repair", "residual",
-                                 "residual_fit", "residual_depth", "residual_repair"))
+                                 "depths", "distil", "gradient", "transport", "weight_matching", "interpolation",
+                                 "cross_layer", "repair", "residual", "residual_fit", "residual_depth",
+                                 "residual_repair"))
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,12 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
         raise ConfigError(f"strategy {call.name!r} fuses weights and needs experts of one of the archs "
                           f"{', '.join(FUSABLE_ARCHS)}, all the same, but problem {problem!r} has experts of arch "
                           f"{archs}; ensemble and ensemble_weighted take any arch")
+    if not needs.resnets and "resnet" in archs:
+        raise ConfigError(f"strategy {call.name!r} fuses chains of levels (archs mlp, vgg, lenet5), and problem "
+                          f"{problem!r} has ResNets")
+    if call.param("variant") == "authors" and "resnet" in archs:
+        raise ConfigError(f"strategy {call.label!r}: the authors' KF-gradient fits chains of levels (archs mlp, vgg, "
+                          f"lenet5), and problem {problem!r} has ResNets; drop variant=authors")
     if call.param("importance") == "conductance" and "resnet" in archs:
         raise ConfigError(f"strategy {call.label!r}: ResNets are fused with uniform importance (fusion/residual_fit.py); "
                           f"use importance=uniform")
@@ -221,10 +230,11 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
                                             for e in spec.experts):
         raise ConfigError(f"strategy {call.label!r} resets batch-norm running statistics, but problem {problem!r} has "
                           f"experts without batch norm (only ResNets with batch_norm: true have it); drop norm_stats")
-    target = call.param("target")
-    if target is not None and not 0 <= target < len(archs):
-        raise ConfigError(f"strategy {call.label!r}: target={target} is not a parent of problem {problem!r}, whose "
-                          f"parents are 0..{len(archs) - 1}")
+    for key in ("target", "student"):  # parameters naming a parent
+        index = call.param(key)
+        if index is not None and not 0 <= index < len(archs):
+            raise ConfigError(f"strategy {call.label!r}: {key}={index} is not a parent of problem {problem!r}, whose "
+                              f"parents are 0..{len(archs) - 1}")
     if needs.parents is not None and len(archs) != needs.parents:
         raise ConfigError(f"strategy {call.name!r} fuses exactly {needs.parents} experts, but problem {problem!r} "
                           f"has {len(archs)}")
@@ -779,6 +789,28 @@ def otfusion_rule(inputs: MergeInputs, *, cost: Literal["weight", "activation"] 
     return decision
 
 
+def check_rebasin_params(params: dict[str, Any]) -> None:
+    if params["iterations"] < 1:
+        raise ConfigError(f"rebasin: iterations (sweeps of weight matching over the levels) must be 1 or more, got "
+                          f"{params['iterations']}")
+
+
+@register("rebasin", fusion=FusionNeeds(resnets=False), validate=check_rebasin_params)
+def rebasin_rule(inputs: MergeInputs, *, iterations: int = 100, repair: bool = False) -> Decision:
+    """Git Re-Basin weight matching: permute every parent's neurons onto the first's, then average (data-free).
+
+    Coordinate descent over the levels, each a linear assignment maximising the weight inner products
+    (fusion/weight_matching.py), for at most ``iterations`` sweeps (it stops when a sweep changes nothing); parents of
+    one architecture (MLPs, VGGs, LeNet5s). ``repair=true``: REPAIR (Jordan et al. 2023) on the fusion samples."""
+    fusion = fusion_inputs(inputs, "rebasin")
+    row: dict[str, Any] = {}
+    decision = network_decision(
+        fusion, lambda: averaged(fusion, "rebasin", repair, row, iterations=iterations, seed=fusion.seed),
+        samples_used=len(fusion.samples) if repair else 0)
+    decision.row.update(row)
+    return decision
+
+
 @register("hf", fusion=FusionNeeds(parents=2))
 def hf_rule(inputs: MergeInputs, *, ridge: float = 0.0) -> Decision:
     """Neuron-interpolation fusion HF: Hungarian matching of two parents' neurons, each level fitted to the pairs.
@@ -798,13 +830,35 @@ def kf_linear_rule(inputs: MergeInputs, *, importance: Importance = "uniform", r
         seed=fusion.seed, ridge=ridge), samples_used=len(fusion.samples))
 
 
-@register("kf_gradient", fusion=FusionNeeds())
-def kf_gradient_rule(inputs: MergeInputs, *, importance: Importance = "uniform", ridge: float = 0.0) -> Decision:
-    """Neuron-interpolation fusion KF-gradient: KF-linear's groups, each level then refined by Adam."""
+# "" (linear_init): KF-linear's fit refined by Adam keeping the best iterate, KF-linear's function on chains;
+# "authors": the neuron-interpolation authors' variant (fusion/gradient.py)
+GradientVariant = Literal["", "authors"]
+
+
+def check_kf_gradient_params(params: dict[str, Any]) -> None:
+    perturb = params.get("perturb")
+    if perturb is not None and params.get("variant") != "authors":
+        raise ConfigError("kf_gradient: perturb is a setting of variant=authors; add variant=authors or drop perturb")
+    if perturb is not None and not perturb >= 0:
+        raise ConfigError(f"kf_gradient: perturb (the noise's std over each start tensor's) must be 0 or more, got "
+                          f"{perturb}")
+
+
+@register("kf_gradient", fusion=FusionNeeds(), validate=check_kf_gradient_params)
+def kf_gradient_rule(inputs: MergeInputs, *, importance: Importance = "uniform", ridge: float = 0.0,
+                     variant: GradientVariant = "", perturb: float | None = None) -> Decision:
+    """Neuron-interpolation fusion KF-gradient: KF-linear's groups, each level then refined by Adam.
+
+    ``variant=""`` (linear_init): from the least-squares fit, keeping the best iterate (on chains KF-linear's
+    function). ``variant=authors``: as the neuron-interpolation authors describe it (fusion/gradient.py): each level
+    by its own Adam at its own learning rate from the fit, perturbed by Gaussian noise of ``perturb`` x each tensor's
+    std if set, to the last iterate, and the output level by distillation towards the parents' mean output (chains
+    only)."""
     fusion = fusion_inputs(inputs, "kf_gradient")
+    authors = AuthorsGradient(perturb=perturb or 0.0, seed=fusion.seed) if variant == "authors" else None
     return network_decision(fusion, lambda: kf_gradient(
         fusion.parents, fusion.samples, importance_scores(fusion.parents, fusion.samples, importance),
-        seed=fusion.seed, ridge=ridge), samples_used=len(fusion.samples))
+        seed=fusion.seed, ridge=ridge, authors=authors), samples_used=len(fusion.samples))
 
 
 @register("clafusion", fusion=FusionNeeds(parents=2, pot=True), validate=check_repair_params)
@@ -831,6 +885,74 @@ def clafusion_rule(inputs: MergeInputs, *, finetune_epochs: int = 0, norm_stats:
     # the training data is loaded here, before make() runs, so loading it is not counted as fusing
     decision = network_decision(fusion, make, samples_used=len(fusion.samples), finetune_epochs=finetune_epochs,
                                 finetune_images=len(fusion.training_data()[0]) if finetune_epochs else 0)
+    decision.row.update(row)
+    return decision
+
+
+# where distil's student starts: the teacher fused into the student's shape, or the two controls, the student's own
+# weights and a fresh initialisation of its architecture
+KdInit = Literal["fused", "student", "scratch"]
+
+
+def check_distil_params(params: dict[str, Any]) -> None:
+    if params["kd_epochs"] < 0:
+        raise ConfigError(f"distil: kd_epochs must be 0 or more, got {params['kd_epochs']}")
+    if not 0 <= params["kd_alpha"] <= 1:
+        raise ConfigError(f"distil: kd_alpha weighs the teacher's soft targets against the labels and must lie in "
+                          f"[0, 1], got {params['kd_alpha']}")
+    if not params["kd_temperature"] > 0:
+        raise ConfigError(f"distil: kd_temperature must be above 0, got {params['kd_temperature']}")
+    if params["repair"] and params["init"] != "fused":
+        raise ConfigError(f"distil: repair=true repairs the fused start, and init={params['init']} fuses nothing; "
+                          "drop repair or use init=fused")
+
+
+def student_start(fusion: FusionInputs, student: int, init: str, repair: bool, row: dict[str, Any]) -> nn.Module:
+    """The network distil trains: the teacher fused by CLAFusion into parent ``student``'s widths (``fused``; with
+    REPAIR if ``repair``), the student itself (``student``) or a fresh initialisation of it (``scratch``)."""
+    own = fusion.parents[student]
+    if init == "student":
+        return own
+    if init == "scratch":
+        return reinitialised(own, fusion.seed)
+    fused = averaged(fusion, "clafusion", repair, row, target=student)
+    shapes = [list(p.shape) for p in fused.parameters()]
+    if shapes != [list(p.shape) for p in own.parameters()]:  # CLAFusion keeps the deeper parent's depth
+        raise ValueError(f"distil: the teacher fused into parent {student}'s widths is not parent {student}'s shape "
+                         f"(CLAFusion keeps the deeper parent's depth): the student must be as deep as the teacher")
+    return fused
+
+
+@register("distil", fusion=FusionNeeds(parents=2, pot=True), validate=check_distil_params)
+def distil_rule(inputs: MergeInputs, *, student: int = 1, init: KdInit = "fused", kd_epochs: int = 1,
+                kd_alpha: float = 0.9, kd_temperature: float = 4.0, repair: bool = False) -> Decision:
+    """Teacher-student (CLAFusion's compression use): distil the other parent (the teacher) into parent ``student``.
+
+    ``init=fused`` starts from the teacher fused into the student's shape (CLAFusion with ``target=student``,
+    activation costs on the fusion samples); the controls ``init=student`` (the student's own weights) and
+    ``init=scratch`` (a fresh initialisation of its architecture) get the same distillation. Each trains for
+    ``kd_epochs`` epochs of SGD (fine-tuning's: lr 0.01, momentum 0.9, batch 64, one batch order for every start) on
+    the union of the parents' training sets with loss kd_alpha * T^2 * KL(softmax(teacher / T) || softmax(student /
+    T)) + (1 - kd_alpha) * cross-entropy, T = ``kd_temperature``. ``repair=true``: the fused start after REPAIR on
+    the fusion samples (Jordan et al. 2023). The row records the epochs and the training images seen (``kd_epochs``,
+    ``kd_images``), and the teacher's index."""
+    fusion = fusion_inputs(inputs, "distil")
+    if len(fusion.parents) != 2:
+        raise ValueError(f"distil fuses exactly 2 parents (a teacher and a student), got {len(fusion.parents)}")
+    if not 0 <= student < len(fusion.parents):
+        raise ValueError(f"distil: student={student} is not a parent (0..{len(fusion.parents) - 1})")
+    teacher = fusion.parents[1 - student]
+    images, labels = fusion.training_data()  # loaded here, before make() runs, so loading is not counted as fusing
+    row: dict[str, Any] = {}
+
+    def make() -> nn.Module:
+        start = student_start(fusion, student, init, repair, row)
+        result = distil(start, teacher, images, labels, kd_epochs, kd_alpha, kd_temperature, seed=fusion.seed)
+        row["kd_images"] = result.images_seen
+        return result.network
+
+    decision = network_decision(fusion, make, samples_used=len(fusion.samples) if init == "fused" else 0,
+                                kd_epochs=kd_epochs, teacher=1 - student)
     decision.row.update(row)
     return decision
 

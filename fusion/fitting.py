@@ -1,5 +1,5 @@
 """Fitting a fused level's weights to its targets: least squares (or ridge) in closed form, and Adam from there
-keeping the best iterate (KF-gradient)."""
+keeping the best iterate (KF-gradient) or the last (the authors' KF-gradient)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -33,6 +33,26 @@ def least_squares(h: Tensor, target: Tensor, bias: bool, ridge: float = 0.0) -> 
     return (sol[:-1].T.contiguous(), sol[-1].clone()) if bias else (sol.T.contiguous(), None)
 
 
+def adam(params: list[Tensor], loss_of: Callable[..., Tensor], steps: int, lr: float,
+         keep_best: bool = False) -> list[Tensor]:
+    """``steps`` steps of Adam on ``loss_of(*params)`` from ``params``; returns the last iterate's values, or with
+    ``keep_best`` the best iterate's (the start included)."""
+    params = [p.clone().requires_grad_() for p in params]
+    optimiser = torch.optim.Adam(params, lr=lr)
+    best_loss, best = float("inf"), params
+    with torch.enable_grad():
+        for step in range(steps + 1):
+            loss = loss_of(*params)
+            if keep_best and loss.item() < best_loss:
+                best_loss, best = loss.item(), [p.detach().clone() for p in params]
+            if step == steps:
+                break
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return best if keep_best else [p.detach().clone() for p in params]
+
+
 def best_of_adam(params: list[Tensor], loss_of: Callable[..., Tensor], steps: int, lr: float) -> list[Tensor]:
     """Adam on ``loss_of(*params)`` from ``params``; returns the best iterate's values.
 
@@ -40,17 +60,4 @@ def best_of_adam(params: list[Tensor], loss_of: Callable[..., Tensor], steps: in
     these samples (the loss separates over neurons), and Adam's normalised steps would otherwise
     jitter around it at the scale of ``lr``.
     """
-    params = [p.clone().requires_grad_() for p in params]
-    optimiser = torch.optim.Adam(params, lr=lr)
-    best_loss, best = float("inf"), params
-    with torch.enable_grad():
-        for step in range(steps + 1):
-            loss = loss_of(*params)
-            if loss.item() < best_loss:
-                best_loss, best = loss.item(), [p.detach().clone() for p in params]
-            if step == steps:
-                break
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    return best
+    return adam(params, loss_of, steps, lr, keep_best=True)

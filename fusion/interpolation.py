@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusion.fitting import best_of_adam, least_squares
+from fusion.fitting import least_squares
+from fusion.gradient import NO_REFINEMENT, AuthorsGradient, LinearInit, Refine, Refiner
 from fusion.grouping import Grouping, group_means, hungarian_grouping, kmeans_grouping, normalised
 from fusion.levels import (POSITIONS, SAMPLE_CHUNK, Level, Levels, activate, apply_level, check_parents, columns,
                            hidden_widths, inputs_of, levels_of, pre_acts, to_network)
@@ -110,13 +111,13 @@ def _importance(parents: Sequence[nn.Module], importance: Sequence[Sequence[Tens
 
 # ---------------------------------------------------------------- fitting a level
 
-def _fit_linear(h: Tensor, target: Tensor, template: Level, group_weights: Tensor, steps: int, lr: float,
+def _fit_linear(h: Tensor, target: Tensor, template: Level, group_weights: Tensor, refine: Refine | None,
                 ridge: float) -> Level:
-    """A Linear level fitted to ``target`` ``[N, width]`` from inputs ``h`` (least squares, then Adam if ``steps``,
+    """A Linear level fitted to ``target`` ``[N, width]`` from inputs ``h`` (least squares, then ``refine`` if given,
     on the same objective: the weighted MSE plus the ridge penalty)."""
     h = h.flatten(1)
     w, b = least_squares(h, target, template.bias is not None, ridge)
-    if steps:
+    if refine is not None:
         weights = normalised(group_weights)
         per_row = ridge * (h.pow(2).sum() + (len(h) if b is not None else 0)) / len(h) / len(h)
 
@@ -124,7 +125,7 @@ def _fit_linear(h: Tensor, target: Tensor, template: Level, group_weights: Tenso
             norm = w.pow(2).sum(1) + (0 if b is None else b.pow(2))
             return ((F.linear(h, w, b) - target).pow(2).mean(0) + per_row * norm) @ weights
 
-        w, *rest = best_of_adam([w] if b is None else [w, b], loss_of, steps, lr)
+        w, *rest = refine([w] if b is None else [w, b], loss_of)
         b = rest[0] if rest else None
     return template.with_weights(w, b)
 
@@ -142,13 +143,13 @@ def _patches(h: Tensor, template: Level, bias: bool) -> Tensor:
     return torch.cat([patches, torch.ones(len(patches), 1, dtype=h.dtype)], 1) if bias else patches
 
 
-def _fit_conv(h: Tensor, target: Tensor, template: Level, width: int, group_weights: Tensor, steps: int,
-              lr: float, ridge: float) -> Level:
+def _fit_conv(h: Tensor, target: Tensor, template: Level, width: int, group_weights: Tensor,
+              refine: Refine | None, ridge: float) -> Level:
     """A convolution like ``template`` with ``width`` channels fitted to ``target`` ``[N * positions, width]``.
 
     The least-squares problem over every patch is solved through its normal equations, accumulated over
     chunks of samples: ``gram = A^T A`` is only ``in * kh * kw + 1`` square. The minimum-norm solution of
-    the normal equations is the minimum-norm least-squares solution. The gradient variant runs Adam on
+    the normal equations is the minimum-norm least-squares solution. The gradient variants (``refine``) run Adam on
     the same weighted MSE written through ``gram``, so a step costs no pass over the patches.
     """
     bias = template.bias is not None
@@ -163,10 +164,10 @@ def _fit_conv(h: Tensor, target: Tensor, template: Level, width: int, group_weig
     penalty = ridge * gram.diagonal().sum() / count  # ridge x the mean squared norm of a patch, as for a Linear
     gram = gram + penalty * torch.eye(len(gram), dtype=gram.dtype)
     sol = torch.linalg.lstsq(gram, cross, driver="gelsd").solution  # [in * kh * kw (+ 1), width]
-    if steps:  # the weighted MSE plus the ridge penalty, through the (penalised) Gram matrix
+    if refine is not None:  # the weighted MSE plus the ridge penalty, through the (penalised) Gram matrix
         weights, square = normalised(group_weights), target.pow(2).sum(0)
-        sol, = best_of_adam([sol], lambda s: (((s * (gram @ s)).sum(0) - 2 * (s * cross).sum(0) + square) / count)
-                             @ weights, steps, lr)
+        sol, = refine([sol], lambda s: (((s * (gram @ s)).sum(0) - 2 * (s * cross).sum(0) + square) / count)
+                      @ weights)
     kernel = sol[:-1] if bias else sol
     weight = kernel.T.reshape(width, h.shape[1], *template.weight.shape[2:]).contiguous()
     return template.with_weights(weight, sol[-1].clone() if bias else None)
@@ -174,10 +175,11 @@ def _fit_conv(h: Tensor, target: Tensor, template: Level, width: int, group_weig
 
 def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
                           importance: Sequence[Sequence[Tensor]] | None, widths: Sequence[int],
-                          grouping: Grouping, steps: int = 0, lr: float = 0.0,
+                          grouping: Grouping, refiner: Refiner = NO_REFINEMENT,
                           positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
     """Fit the fused network level by level to group targets; ``grouping(level_columns, weights, width)`` forms
-    the groups from each parent's ``columns`` of the level (``positions``: how a channel's map becomes one).
+    the groups from each parent's ``columns`` of the level (``positions``: how a channel's map becomes one);
+    ``refiner`` refines each least-squares fit by gradient steps (fusion/gradient.py; by default it does not).
 
     Targets come from each parent's own network; the inputs of level l are the fused network's own
     activations at level l - 1 on the same samples, so each level corrects for the ones before it.
@@ -205,10 +207,14 @@ def _neuron_interpolation(parents: Sequence[nn.Module], samples: Tensor,
             groups = torch.arange(width).repeat(len(parents))
         target = group_means(torch.cat(flat, 1), weights, groups, width)
         group_weights = weights @ F.one_hot(groups, width).double()
+        last = level == len(templates) - 1
+        refine = refiner.refine(level, last)
         if template.conv:
-            fused.append(_fit_conv(h, target, template, width, group_weights, steps, lr, ridge))
+            fused.append(_fit_conv(h, target, template, width, group_weights, refine, ridge))
         else:
-            fused.append(_fit_linear(h, target, template, group_weights, steps, lr, ridge))
+            fused.append(_fit_linear(h, target, template, group_weights, refine, ridge))
+        if last:
+            fused[-1] = refiner.output(level, h, fused[-1], [a[level] for a in acts])
         h = activate(fused[-1], apply_level(fused[-1], h))
     return to_network(parents[0], fused)
 
@@ -261,7 +267,8 @@ def kf_linear(parents: Sequence[nn.Module], samples: Tensor, importance: Sequenc
 
 def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Sequence[Sequence[Tensor]] | None = None,
                 widths: Sequence[int] | None = None, steps: int | None = None, lr: float | None = None,
-                seed: int = 0, positions: str = "flatten", ridge: float = 0.0) -> nn.Module:
+                seed: int = 0, positions: str = "flatten", ridge: float = 0.0,
+                authors: AuthorsGradient | None = None) -> nn.Module:
     """KF-gradient: ``kf_linear``'s groups and targets, each level then trained by Adam from the least-squares fit.
 
     ``steps`` and ``lr`` (None: ``CHAIN_STEPS`` at ``CHAIN_LR``) are Adam's per level (for a ResNet's blocks,
@@ -273,8 +280,16 @@ def kf_gradient(parents: Sequence[nn.Module], samples: Tensor, importance: Seque
     Adam can only gain by rounding: on the fusion samples kf_gradient matches kf_linear. On ResNets a residual
     block is a level with no closed-form fit, and Adam trains it end to end from the piecewise least-squares
     start (fusion/residual_fit.py): there the two differ.
+
+    ``authors``: the variant as the neuron-interpolation authors describe it instead (``gradient.AuthorsGradient``:
+    its own steps and learning rates, the last iterate, optional perturbation, the output level distilled towards
+    the parents' mean output); ``steps`` and ``lr`` must then be None.
     """
     check_parents(parents, "kf_gradient", same_depth=True)
+    if authors is not None and (steps is not None or lr is not None):
+        raise ValueError("kf_gradient: the authors' variant has its own steps and learning rates (AuthorsGradient); "
+                         "leave steps and lr unset")
+    refiner = authors if authors is not None else LinearInit(CHAIN_STEPS if steps is None else steps,
+                                                             CHAIN_LR if lr is None else lr)
     return _neuron_interpolation(parents, samples, importance, _fused_widths(parents, widths), kmeans_grouping(seed),
-                                 steps=CHAIN_STEPS if steps is None else steps, lr=CHAIN_LR if lr is None else lr,
-                                 positions=positions, ridge=ridge)
+                                 refiner, positions=positions, ridge=ridge)

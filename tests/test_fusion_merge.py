@@ -180,16 +180,33 @@ def test_every_fusion_rule_on_sharded_parents(env, tmp_path):
 
 
 @pytest.mark.pot
+def test_the_issue_30_rules_write_their_rows_through_merge(env, tmp_path):
+    """distil (its three starts), rebasin and the authors' KF-gradient run through merge.py like every fusion rule,
+    and their rows say what they read: training images seen and epochs, fusion samples."""
+    rules = ("[{name: distil, init: [fused, student, scratch], kd_epochs: 1},rebasin,"
+             "{name: kf_gradient, variant: authors}]")
+    rows = rows_by_label(merge.main(merge_cfg(env, tmp_path, "shard", rules, "fusion_samples=50")))
+    for init, samples in (("fused", 50), ("student", 0), ("scratch", 0)):
+        row = rows[f"distil(student=1,init={init},kd_epochs=1,kd_alpha=0.9,kd_temperature=4.0)"]
+        assert 0 <= row["acc"] <= 1 and row["routing_acc"] is None
+        assert row["kd_epochs"] == 1 and row["kd_images"] == 1800 and row["teacher"] == 0  # the whole training set
+        assert row["fusion_samples"] == samples
+    assert rows["rebasin(iterations=100)"]["fusion_samples"] == 0  # weight matching reads no image
+    assert rows["kf_gradient(importance=uniform,ridge=0.0,variant=authors)"]["fusion_samples"] == 50
+
+
+@pytest.mark.pot
 def test_fusing_one_network_with_itself_gives_it_back(env, tmp_path):
     rules = ("[vanilla_avg,{name: otfusion, cost: weight},{name: otfusion, cost: activation},hf,kf_linear,ensemble,"
-             "{name: otfusion, cost: activation, repair: true}]")
+             "{name: otfusion, cost: activation, repair: true},rebasin]")
     summary = merge.main(merge_cfg(env, tmp_path, "twice", rules, "fusion_samples=850"))
     rows = rows_by_label(summary)
     name = f"s_p0_{tsn.arch_tag('mlp', WIDE)}"
     parent = trained_acc(env, "s_p0", WIDE)
     assert rows[f"expert:{name}#0"]["acc"] == rows[f"expert:{name}#1"]["acc"] == pytest.approx(parent, abs=1e-6)
     for label in ("vanilla_avg", "otfusion(cost=weight)", "otfusion(cost=activation)", "hf(ridge=0.0)",
-                  "kf_linear(importance=uniform,ridge=0.0)", "ensemble", "otfusion(cost=activation,repair=True)"):
+                  "kf_linear(importance=uniform,ridge=0.0)", "ensemble", "otfusion(cost=activation,repair=True)",
+                  "rebasin(iterations=100)"):
         assert rows[label]["acc"] == pytest.approx(parent, abs=1e-6), label
     assert rows["kf_linear(importance=uniform,ridge=0.0)"]["fusion_samples"] == 850
     # REPAIR of a network with itself changes nothing, and its row says so layer by layer
