@@ -56,13 +56,22 @@ def resolve_device(name: str) -> torch.device:
 
 # ---------------------------------------------------------------- atomic files
 
+# oneDNN's AVX2 kernel for a 1x1 convolution's weight gradient hangs or aborts in channels-last when it has few
+# channels (a ResNet's 4 -> 8 projection shortcut at width 1/16; 8 -> 16 at width 1/8 passed every run): issue 27
+NARROWEST_CHANNELS_LAST = 8
+
+
 def fast_memory_format(model: torch.nn.Module) -> torch.memory_format:
-    """The memory format a model runs in: channels-last only for architectures that declare it
-    (``channels_last = True``: LeNet5, where it was measured about a quarter faster on CPU), the default format
-    everywhere else. Why not everywhere: on x86 CPUs without AVX-512, oneDNN's AVX2 kernel for the weight
-    gradient of a 1x1 convolution with few channels hangs or aborts in channels-last (a ResNet's projection
-    shortcut at width 1/16, issue 27), and no other architecture was measured faster in it."""
-    return torch.channels_last if getattr(model, "channels_last", False) else torch.contiguous_format
+    """The memory format a model runs in: channels-last for the architectures that declare it (``channels_last =
+    True``: LeNet5, VGG and ResNet, each measured faster so on CPU, bench/bench_memory_format.py), unless a 1x1
+    convolution has fewer than NARROWEST_CHANNELS_LAST input or output channels, where oneDNN's AVX2 path (CPUs
+    without AVX-512) hangs; the default format everywhere else."""
+    if not getattr(model, "channels_last", False):
+        return torch.contiguous_format
+    pointwise = [min(c.in_channels, c.out_channels) for c in model.modules()
+                 if isinstance(c, torch.nn.Conv2d) and c.kernel_size == (1, 1)]
+    return torch.channels_last if min(pointwise, default=NARROWEST_CHANNELS_LAST) >= NARROWEST_CHANNELS_LAST \
+        else torch.contiguous_format
 
 
 @cache

@@ -62,6 +62,8 @@ def stage_widths(width: float) -> list[int]:
 class ResNet(nn.Module):
     """CIFAR ResNet of ``depth`` 18 or 34 at ``width``; the feature vector is the pooled output of the last stage."""
 
+    channels_last = True  # trains about 1.5x faster so on CPU, but for the narrowest widths (common.fast_memory_format)
+
     def __init__(self, in_channels: int = 3, num_classes: int = 10, depth: int = 18, width: float = 1.0,
                  batch_norm: bool = True, bias: bool = False) -> None:
         super().__init__()

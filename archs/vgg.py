@@ -44,6 +44,8 @@ class VGG(nn.Module):
     hidden activation (the flattened convolution output when ``hidden`` is empty).
     """
 
+    channels_last = True  # trains about a fifth faster so on CPU (common.fast_memory_format)
+
     def __init__(self, in_channels: int = 3, num_classes: int = 10,
                  layers: Sequence[int | str] = (16, "M", 32, "M", 64, "M"), hidden: Sequence[int] = (128,),
                  bias: bool = True, img_size: int = 32) -> None:
