@@ -58,12 +58,12 @@ from detector_stats import (GATE_DETECTORS, LOGIT_DETECTORS, DetectorScorer, det
 from detectors import last_batch_norm  # noqa: E402
 from expert_files import FEATURE_TYPES, require  # noqa: E402
 from gating import SHARED_GATES, gate_paths, gate_runner, wanted_gates  # noqa: E402
-from problems import (Problem, build_problem, expert_activations, expert_logits, run_experts, run_stacked,  # noqa: E402
-                      test_batches, test_batches_with_units)
+from problems import (Problem, build_problem, expert_activations, expert_class_counts, expert_logits,  # noqa: E402
+                      run_experts, run_stacked, test_batches, test_batches_with_units)
 from stacked import resolve_stacking, stack, stackable  # noqa: E402
 from report import merge_report  # noqa: E402
 from strategies import (BASE_CODE, DEFAULT_SYNTHESIZER, NO_EXPERT, REGISTRY, Decision, FusionInputs,  # noqa: E402
-                        MergeInputs, StrategyCall, check_fusion, parse_strategies,
+                        MergeInputs, StrategyCall, check_class_counts, check_fusion, parse_strategies,
                         with_gate_statistics)
 from sources import Source, parse_source  # noqa: E402
 from synthesis import components, load_set  # noqa: E402
@@ -531,8 +531,10 @@ def main(cfg: config.MergeConfig) -> dict:
     calls = with_gate_statistics(parse_strategies(cfg.strategies), cfg.gate.detector_stats)
     if "oracle" not in [c.label for c in calls]:  # the bound goes beside every table
         calls.append(parse_strategies(["oracle"])[0])
+    counts = expert_class_counts(cfg.problem, cfg.problems[cfg.problem], cfg.tasks)
     for call in calls:
         check_fusion(call, cfg.problem, cfg.problems[cfg.problem])
+        check_class_counts(call, cfg.problem, counts)
     check_gates_from(calls, cfg.problems)
     check_detectors(calls, cfg.problem, cfg.problems[cfg.problem], cfg.tasks)
     for call in calls:
