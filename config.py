@@ -506,6 +506,7 @@ class PredictConfig:
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)  # more under `problems:` in YAML
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)  # add more under `tasks:` in a YAML file
     ckpt_dir: str = "checkpoints"  # where checkpoints, synthetic sets and resume points live
+    data_dir: str = field(default_factory=default_data_dir)  # the data root: stats=real:N not stored yet reads it
     device: str = device_field()
     yaml_files: list[str] = yaml_files_field()
 

@@ -127,8 +127,8 @@ class FusionNeeds:
 
 # The source files every rule's row depends on (running the experts, scoring); a rule's own ``code`` adds the
 # modules of its family. A cached row is recomputed when any of them changes (merge.row_key).
-BASE_CODE = ("strategies.py", "chance.py", "merge.py", "problems.py", "data.py", "archs/__init__.py", "archs/lenet.py",
-             "archs/resnet.py", "archs/mlp.py", "archs/vgg.py")
+BASE_CODE = ("strategies.py", "chance.py", "merge.py", "runners.py", "problems.py", "data.py", "archs/__init__.py",
+             "archs/lenet.py", "archs/resnet.py", "archs/mlp.py", "archs/vgg.py")
 TTA_CODE = BASE_CODE + ("augments.py",)
 # the synthesis code: the sets a calibration or a data-free gate reads are keyed by it too (artifacts.SYNTHESIS_CODE)
 SYNTHESIS_CODE = ("synthesis.py", "dafl.py", "inversion.py", "archs/generator.py")
