@@ -14,9 +14,11 @@ from torchvision.io import encode_png, write_file
 import merge
 import predict
 import problems
+from artifacts import Layout
 from config import ConfigError, PredictConfig, parse_args
 from detectors import DETECTORS
 from gating import GATE_TYPES
+from sources import parse_source
 from strategies import REGISTRY, parse_strategies, with_gate_statistics
 from test_pan import SECTIONS, SEEDS, TEST_LIMIT, merge_cfg, pan_run, env  # noqa: F401 (fixtures)
 
@@ -101,3 +103,15 @@ def test_rules_predict_cannot_run_are_refused_in_one_line_before_any_image(env, 
     with pytest.raises(ConfigError, match=why) as caught:
         predict.main(predict_cfg(env, f"rule={label}", f"inputs={tmp_path}"))
     assert "\n" not in str(caught.value)
+
+
+def test_statistics_not_stored_yet_are_fitted_and_stored_as_merge_does(env, merged, tmp_path):
+    """real:30 is a source no merge run has read: predict fits each expert's statistics on the first 30 training
+    images under data_dir and stores them where merge.py would read them."""
+    cfg = predict_cfg(env, "rule=react(stats=real:30)")
+    layout = Layout(cfg)
+    _, problem = merged
+    paths = [layout.stats_path(parse_source("real:30"), expert, SEED) for expert in problem.experts]
+    assert not any(p.exists() for p in paths)
+    predictions = predict.predict(cfg, torch.cat([d.images[:2] for d in problem.domains]))
+    assert len(predictions) == 4 and all(p.exists() for p in paths)
