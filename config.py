@@ -154,6 +154,8 @@ def default_tasks() -> dict[str, TaskSpec]:
         "cifar10": TaskSpec("cifar10"),
         # MNIST as five 2-class tasks, for the five-expert scaling problem
         **{f"mnist_{a}{a + 1}": TaskSpec("mnist", [a, a + 1]) for a in range(0, 10, 2)},
+        # airplane vs automobile: a 2-class expert beside 5-class ones (mnist5_cifar2)
+        "cifar2": TaskSpec("cifar10", [0, 1]),
     }
 
 
@@ -229,6 +231,9 @@ def default_problems() -> dict[str, ProblemSpec]:
         # LeNet5s with batch norm: experts that ship running statistics of their activations (the detectors'
         # `shipped` source and DeepInversion read them)
         "mnist_cifar10_bn": ProblemSpec([ExpertSpec("mnist", "lenet5_bn"), ExpertSpec("cifar10", "lenet5_bn")]),
+        # experts of unequal class counts (5 and 2): softmax-based scores compare only from each expert's chance
+        # level (chance.py), and rules that assume one class count are refused
+        "mnist5_cifar2": ProblemSpec([ExpertSpec("first5_mnist"), ExpertSpec("cifar2")]),
     }
 
 
@@ -501,6 +506,7 @@ class PredictConfig:
     problems: dict[str, ProblemSpec] = field(default_factory=default_problems)  # more under `problems:` in YAML
     tasks: dict[str, TaskSpec] = field(default_factory=default_tasks)  # add more under `tasks:` in a YAML file
     ckpt_dir: str = "checkpoints"  # where checkpoints, synthetic sets and resume points live
+    data_dir: str = field(default_factory=default_data_dir)  # the data root: stats=real:N not stored yet reads it
     device: str = device_field()
     yaml_files: list[str] = yaml_files_field()
 

@@ -50,23 +50,21 @@ from augments import TTA_SETTINGS, apply_augment  # noqa: E402
 from common import (append_row, atomic_write_text, derive_seed, make_generator,  # noqa: E402
                     mean_std, print_summary, progress, read_checkpoint, read_rows, resolve_device, source_commit,
                     write_rows)
-from archs import build_model  # noqa: E402
 from errors import UserError  # noqa: E402
-from data import InputFormat, get_source, load_task, prepare_input, task_classes, to_unit  # noqa: E402
-from detector_stats import (GATE_DETECTORS, LOGIT_DETECTORS, DetectorScorer, detection_metrics,  # noqa: E402
-                            expert_views, stored_statistics)
-from detectors import last_batch_norm  # noqa: E402
+from data import InputFormat, load_task, prepare_input, to_unit  # noqa: E402
+from detector_stats import LOGIT_DETECTORS, detection_metrics, expert_views  # noqa: E402
 from expert_files import FEATURE_TYPES, require  # noqa: E402
 from gating import SHARED_GATES, gate_paths, gate_runner, wanted_gates  # noqa: E402
-from problems import (Problem, build_problem, expert_activations, expert_logits, run_experts, run_stacked,  # noqa: E402
-                      test_batches, test_batches_with_units)
+from problems import (Problem, build_problem, expert_activations, expert_class_counts, expert_logits,  # noqa: E402
+                      run_stacked, test_batches, test_batches_with_units)
 from stacked import resolve_stacking, stack, stackable  # noqa: E402
 from report import merge_report  # noqa: E402
-from strategies import (BASE_CODE, DEFAULT_SYNTHESIZER, NO_EXPERT, REGISTRY, Decision, FusionInputs,  # noqa: E402
-                        MergeInputs, StrategyCall, check_fusion, parse_strategies,
+from runners import (check_detectors, detector_gate_inputs, detector_runner, sets_read, synthesizer_of,  # noqa: E402
+                     synthetic_runner)
+from strategies import (BASE_CODE, NO_EXPERT, REGISTRY, Decision, FusionInputs,  # noqa: E402
+                        MergeInputs, StrategyCall, check_class_counts, check_fusion, parse_strategies,
                         with_gate_statistics)
-from sources import Source, parse_source  # noqa: E402
-from synthesis import components, load_set  # noqa: E402
+from synthesis import components  # noqa: E402
 
 
 SELECTION_SEED = "selection half"  # names the seeded split of every combined test set into two halves
@@ -221,55 +219,6 @@ def set_files(layout: Layout, problem: Problem, call: StrategyCall, seed: int) -
     return [layout.synthetic_path(part, e, seed) for part in components(synthesizer) for e in problem.experts]
 
 
-def sets_read(call: StrategyCall, gate: config.GateTraining) -> str | None:
-    """The synthesizer (or mixture) whose stored sets ``call`` reads, or None."""
-    if call.name == "calibrated":
-        return synthesizer_of(call)
-    source = call.param("stats") if REGISTRY[call.name].detector else ""
-    if call.param("gate") == "detectors":
-        source = gate.detector_stats
-    return parse_source(source).synthesizer or None if source else None
-
-
-def synthesizer_of(call: StrategyCall) -> str:
-    return call.param("synthesizer") or DEFAULT_SYNTHESIZER
-
-
-def detector_runner(cfg: config.MergeConfig, layout: Layout, problem: Problem, models: list[nn.Module],
-                    formats: list[InputFormat], logits: list[torch.Tensor], seed: int, device: torch.device,
-                    views=None):
-    """``run_detector(name, source, standardisation, params)`` for MergeInputs: every expert's view of the
-    combined test set is taken on first use (ODIN's, which keeps the inputs, on first ODIN use), and each
-    expert's statistics of a source are read or fitted once (detector_stats.stored_statistics)."""
-    batches = functools.partial(test_batches, problem, device, cfg.batch_size)
-    odin_views = functools.cache(lambda: expert_views(models, formats, batches, keep_inputs=True))
-
-    @functools.cache
-    def statistics(source: Source, k: int):
-        expert = problem.experts[k]
-        return stored_statistics(layout, source, expert, problem.specs[expert.task], seed, models[k], formats[k],
-                                 cfg.data_dir, device, cfg.force)
-
-    views = views or functools.cache(lambda: expert_views(models, formats, batches))
-    scorer = DetectorScorer(models, logits, views, statistics, lambda k: odin_views()[k], formats, device)
-    return scorer
-
-
-def synthetic_runner(layout: Layout, problem: Problem, models, formats, seed: int, device: torch.device):
-    """``run_synthetic(synthesizer)``: ``[k][j]`` expert k's logits on expert j's synthetic images."""
-    def run_synthetic(synthesizer: str) -> list[list[torch.Tensor]]:
-        sets = [torch.cat([load_set(layout.synthetic_path(part, e, seed),
-                                    hint=layout.gan_command(problem.name, [seed], [part]))[0]
-                           for part in components(synthesizer)]) for e in problem.experts]
-        on_sets = [[] for _ in models]
-        for images in sets:
-            batches = (to_unit(images[i:i + 1024], device) for i in range(0, len(images), 1024))
-            for k, (logits, _) in enumerate(run_experts(models, formats, batches)):
-                on_sets[k].append(logits)
-        return on_sets
-    return run_synthetic
-
-
 def gate_identity(paths: list[Path], problem: Problem, expert_digests: list[str], probs: torch.Tensor,
                   domain: torch.Tensor) -> dict:
     """Per evaluated expert: was its gate trained on this very expert checkpoint (``seen``), and how well does
@@ -407,19 +356,13 @@ def compute_rows(cfg: config.MergeConfig, problem: Problem, calls: list[Strategy
         local_correct = problem.label_maps[k][logits[k][own.to(device)].argmax(1).cpu()] == labels[own]
         finish(f"expert:{name}", {"kind": "expert", "acc": local_correct.float().mean().item()})
 
-    scorer = detector_runner(cfg, layout, problem, models, formats, logits, seed, device,
-                             functools.partial(runs.views, seed))
-
-    @functools.cache
-    def detector_gate_inputs() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per expert, what the detector gate reads: (logits, comparable scores of the gate's detectors)."""
-        source = parse_source(cfg.gate.detector_stats, "gate.detector_stats")
-        scores = torch.stack([scorer(name, source, "zscore", {}).comparable for name in GATE_DETECTORS], dim=2)
-        return [(lo, scores[:, k]) for k, lo in enumerate(logits)]
-
+    scorer = detector_runner(layout, problem, models, formats, logits, seed, device,
+                             functools.partial(test_batches, problem, device, cfg.batch_size), cfg.data_dir,
+                             cfg.force, functools.partial(runs.views, seed))
     inputs = MergeInputs(logits, problem.label_maps, domain.to(device),
                          run_passes=functools.partial(runs.passes, seed),
-                         run_gates=gate_runner(layout, problem, activations, seed, device, detector_gate_inputs),
+                         run_gates=gate_runner(layout, problem, activations, seed, device,
+                                               detector_gate_inputs(scorer, logits, cfg.gate.detector_stats)),
                          run_synthetic=synthetic_runner(layout, problem, models, formats, seed, device),
                          run_detector=scorer, features=[fe for _, fe in activations], select=select,
                          seed=derive_seed(seed, problem.name, "unlabeled"))
@@ -474,30 +417,6 @@ def check_gates_from(calls: list[StrategyCall], problems: dict[str, config.Probl
                                      f"{call.param('gate')} gate belongs to one expert of its own problem)")
 
 
-def check_detectors(calls: list[StrategyCall], name: str, spec: config.ProblemSpec,
-                    tasks: dict[str, config.TaskSpec]) -> None:
-    """What a detector rule reads, every expert of the problem must show, before any work: the input of its final
-    layer (all but the logit detectors without statistics) and, for bn_gaussian, a batch-norm layer."""
-    for call in calls:
-        if not REGISTRY[call.name].detector:
-            continue
-        if call.param("stats") or call.name not in LOGIT_DETECTORS:
-            require(name, spec, penultimate=f"strategy {call.label}")
-        if call.name == "bn_gaussian":
-            require(name, spec, batchnorm=f"strategy {call.label}")
-            plain = [e.arch for e in spec.experts if e.file is None and last_batch_norm(build_model(
-                e.arch, **model_arguments(tasks[e.task]), **e.arch_kwargs)) is None]
-            if plain:
-                raise config.ConfigError(f"strategy {call.label} reads a batch-norm layer, and problem {name!r} has "
-                                         f"experts without one ({', '.join(dict.fromkeys(plain))}); use lenet5_bn "
-                                         f"or resnet18 experts (e.g. problem mnist_cifar10_bn)")
-
-
-def model_arguments(task: config.TaskSpec) -> dict:
-    """An expert's input channels and class count, from its task."""
-    return {"in_channels": get_source(task.source).channels, "num_classes": len(task_classes(task))}
-
-
 TABLE_KEYS = ("strategies", "keep_rows", "make_missing")  # settings of the table, not of its rows: rows omit them
 REPO = Path(__file__).resolve().parent
 
@@ -548,8 +467,10 @@ def main(cfg: config.MergeConfig) -> dict:
     calls = with_gate_statistics(parse_strategies(cfg.strategies), cfg.gate.detector_stats)
     if "oracle" not in [c.label for c in calls]:  # the bound goes beside every table
         calls.append(parse_strategies(["oracle"])[0])
+    counts = expert_class_counts(cfg.problem, cfg.problems[cfg.problem], cfg.tasks)
     for call in calls:
         check_fusion(call, cfg.problem, cfg.problems[cfg.problem])
+        check_class_counts(call, cfg.problem, counts)
     check_gates_from(calls, cfg.problems)
     check_detectors(calls, cfg.problem, cfg.problems[cfg.problem], cfg.tasks)
     for call in calls:

@@ -15,8 +15,13 @@ Fashion-MNIST) is padded to 32x32 as that dataset's images are (data.to_problem_
 as is, any other size is resized (antialiased) as the first expert's dataset takes it; then each expert gets
 it in its own input format (a file expert crops and resizes), so a crop: 2 expert sees a 28x28 digit's pixels.
 The experts of ``seed`` (checkpoints of this project or files: README, "Experts from files") run in batches
-on ``device``, and ``rule`` (a logit rule such as naive or energy, or a gate rule with its gates) picks per
-image. One line per image: the file, the global class name, the chosen expert and its confidence (the
+on ``device``, and ``rule`` picks per image: any rule a merge table may pick, reading what it reads in merge.py
+(runners.py): a logit rule such as naive or energy, a detector with its statistics (``stats=synthetic:NAME``,
+``shipped`` or ``real:N``: stored ones, else fitted and stored as merge.py does), ``calibrated`` on the stored
+synthetic sets, or a gate rule with its gates (``gate=detectors`` too). Refused in one line before any work: the
+oracle (it reads each image's true domain), the multi-pass rules (their noises are sized in the units of each
+image's own dataset, which a user's image does not name) and the fusion rules (they build one network from fusion
+parents). One line per image: the file, the global class name, the chosen expert and its confidence (the
 chosen expert's softmax probability of its top class), tab-separated; ``output=FILE.csv`` also writes them.
 ``predict`` does the same for a tensor of images in Python.
 """
@@ -40,8 +45,12 @@ from common import UserError, atomic_write_text, print_summary, progress, resolv
 from data import get_source, to_problem_size  # noqa: E402
 from expert_files import FEATURE_TYPES, require  # noqa: E402
 from gating import gate_runner, wanted_gates  # noqa: E402
-from problems import Problem, describe_problem, run_experts  # noqa: E402
-from strategies import NO_EXPERT, REGISTRY, MergeInputs, StrategyCall, parse_strategies  # noqa: E402
+from problems import Problem, describe_problem, expert_class_counts, run_experts  # noqa: E402
+from runners import (check_detectors, detector_gate_inputs, detector_runner, sets_read, synthesizer_of,  # noqa: E402
+                     synthetic_runner)
+from strategies import (NO_EXPERT, REGISTRY, MergeInputs, StrategyCall, check_class_counts,  # noqa: E402
+                        parse_strategies, with_gate_statistics)
+from synthesis import components  # noqa: E402
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -57,22 +66,27 @@ class Prediction:
 
 
 def check_rule(cfg: config.PredictConfig) -> StrategyCall:
-    """The rule, if predict can run it: it may read the experts' logits and gates, not the true domain, augmented
-    passes, synthetic sets or a fused network."""
-    calls = parse_strategies([cfg.rule])
+    """The rule, if predict can run it on a user's images, with the detector gate's statistics source filled in
+    (strategies.with_gate_statistics); else a one-line ConfigError saying why."""
+    calls = with_gate_statistics(parse_strategies([cfg.rule]), cfg.gate.detector_stats)
     if len(calls) != 1:
         raise config.ConfigError(f"rule={cfg.rule!r} names {len(calls)} strategies; predict takes one")
     call = calls[0]
-    reason = ("reads the true domain of each sample" if call.name == "oracle" else
-              "runs augmented passes" if call.param("setting") is not None else
-              "reads synthetic image sets" if call.name == "calibrated" else
-              "fits its router on the selection half of a problem's combined test set (merge.py)"
-              if call.param("inputs") is not None else
-              "fuses weights of fusion parents" if REGISTRY[call.name].fusion is not None else "")
+    reason = ("reads the true domain of each sample, which a user's image does not have" if call.name == "oracle"
+              else "runs augmented passes whose noises are sized in the units of each image's own dataset, which a "
+                   "user's image does not name" if call.param("setting") is not None
+              else "fits its router on the selection half of a problem's combined test set (merge.py)"
+              if call.param("inputs") is not None
+              else "builds one network from fusion parents (problems with shared_labels)"
+              if REGISTRY[call.name].fusion is not None else "")
     if reason:
-        raise config.ConfigError(f"rule {call.label} {reason}; predict takes the logit rules and the gate rules")
+        raise config.ConfigError(f"rule {call.label} {reason}; predict takes every other rule (logit rules, "
+                                 f"detectors, calibrated, gate rules)")
+    spec = cfg.problems[cfg.problem]
+    check_class_counts(call, cfg.problem, expert_class_counts(cfg.problem, spec, cfg.tasks))
+    check_detectors([call], cfg.problem, spec, cfg.tasks)
     if call.param("gate") in FEATURE_TYPES:
-        require(cfg.problem, cfg.problems[cfg.problem], features=f"rule {call.label}")
+        require(cfg.problem, spec, features=f"rule {call.label}")
     return call
 
 
@@ -85,12 +99,14 @@ def load_mixture(cfg: config.PredictConfig) -> tuple[Problem, StrategyCall]:
     layout = Layout(cfg)
     wanted = problem.wanted_experts(layout, [cfg.seed])
     if call.param("regime") is not None:
-        synthesizer = call.param("synthesizer") or "dafl"
         gates_from = call.param("gates_from") or ""
         if gates_from and gates_from not in cfg.problems:
             raise config.ConfigError(f"rule {call.label}: gates_from={gates_from!r} is not a problem")
         wanted += wanted_gates(layout, problem, call.param("gate"), call.param("regime"), gates_from, cfg.seed,
-                               synthesizer)
+                               synthesizer_of(call))
+    if (sets := sets_read(call, cfg.gate)) is not None:  # a calibration's, a synthetic statistics source's
+        wanted += [layout.wanted_set(cfg.problem, part, e, cfg.seed) for part in components(sets)
+                   for e in problem.experts]
     if (error := layout.missing_error(wanted)) is not None:
         raise error
     return problem, call
@@ -111,8 +127,14 @@ def predict(cfg: config.PredictConfig, images: torch.Tensor | list[torch.Tensor]
                                                 for i in progress(starts, desc="predict", total=len(starts))),
                               features=True)
     logits = [lo for lo, _ in activations]
-    inputs = MergeInputs(logits, problem.label_maps, run_gates=gate_runner(layout, problem, activations, cfg.seed,
-                                                                           device))
+    # what a detector, a calibration or the detector gate reads, made as merge.py makes it, on these images
+    scorer = detector_runner(layout, problem, models, formats, logits, cfg.seed, device,
+                             lambda: (x[i:i + cfg.batch_size].to(device) for i in starts), cfg.data_dir)
+    inputs = MergeInputs(logits, problem.label_maps,
+                         run_gates=gate_runner(layout, problem, activations, cfg.seed, device,
+                                               detector_gate_inputs(scorer, logits, cfg.gate.detector_stats)),
+                         run_synthetic=synthetic_runner(layout, problem, models, formats, cfg.seed, device),
+                         run_detector=scorer)
     decision = call(inputs)
     top = torch.stack([lo.softmax(dim=1).max(dim=1).values for lo in logits], dim=1)
     chosen = decision.expert.to(top.device)
@@ -190,7 +212,7 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 def main(cfg: config.PredictConfig) -> dict:
-    load_mixture(cfg)  # refuse a bad problem, rule or missing checkpoint before reading any image
+    _, call = load_mixture(cfg)  # refuse a bad problem, rule or missing checkpoint before reading any image
     config.print_config(cfg)
     names, images = read_inputs(cfg.inputs)
     predictions = predict(cfg, images, names)
@@ -207,7 +229,7 @@ def main(cfg: config.PredictConfig) -> dict:
     counts: dict[str, int] = {}
     for p in predictions:
         counts[p.expert] = counts.get(p.expert, 0) + 1
-    summary = {"problem": cfg.problem, "seed": cfg.seed, "rule": parse_strategies([cfg.rule])[0].label,
+    summary = {"problem": cfg.problem, "seed": cfg.seed, "rule": call.label,
                "images": len(predictions), "routing_counts": counts, "outputs": outputs}
     print_summary(summary)
     return summary

@@ -186,6 +186,15 @@ def build_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec], data
     return problem
 
 
+def expert_class_counts(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec]) -> list[int]:
+    """Every expert's class count, from its task alone (no file or data is read): what a rule that assumes one
+    class count checks at config load (strategies.check_class_counts)."""
+    unknown = [e.task for e in spec.experts if e.task not in tasks]
+    if unknown:
+        raise ConfigError(f"problem {name!r} names unknown task(s) {unknown}; choices: {', '.join(tasks)}")
+    return [len(task_classes(tasks[e.task])) for e in spec.experts]
+
+
 def describe_problem(name: str, spec: ProblemSpec, tasks: dict[str, TaskSpec]) -> Problem:
     """Problem ``name``'s experts and global labels, checked, without reading any test set (no domains):
     tasks must exist and not share classes (or, with ``spec.shared_labels``, all learn the same classes of one

@@ -26,6 +26,7 @@ import yaml
 from torch import Tensor
 
 from augments import TTA_SETTINGS
+from chance import differ, relative_to_chance
 from config import ConfigError, ProblemSpec, coerce
 from detectors import DETECTORS
 from fusion import (HAS_POT, POT_MISSING, AuthorsGradient, align, class_share_weights, conductance_importance, distil,
@@ -137,8 +138,8 @@ class FusionNeeds:
 
 # The source files every rule's row depends on (running the experts, scoring); a rule's own ``code`` adds the
 # modules of its family. A cached row is recomputed when any of them changes (merge.row_key).
-BASE_CODE = ("strategies.py", "merge.py", "problems.py", "data.py", "archs/__init__.py", "archs/lenet.py",
-             "archs/resnet.py", "archs/mlp.py", "archs/vgg.py")
+BASE_CODE = ("strategies.py", "chance.py", "merge.py", "runners.py", "problems.py", "data.py", "archs/__init__.py",
+             "archs/lenet.py", "archs/resnet.py", "archs/mlp.py", "archs/vgg.py")
 TTA_CODE = BASE_CODE + ("augments.py",)
 # the synthesis code: the sets a calibration or a data-free gate reads are keyed by it too (artifacts.SYNTHESIS_CODE)
 SYNTHESIS_CODE = ("synthesis.py", "dafl.py", "inversion.py", "archs/generator.py")
@@ -161,6 +162,7 @@ class Strategy:
     code: tuple[str, ...] = BASE_CODE  # the source files its rows depend on
     detector: str | None = None  # the detector (detectors.DETECTORS) a detector rule routes by
     validate: Callable[[dict[str, Any]], None] | None = None  # checks its parameters together, at config load
+    equal_classes: str = ""  # why it needs experts of one class count (refused on other problems); "" if it does not
 
 
 @dataclass(frozen=True)
@@ -190,16 +192,25 @@ REGISTRY: dict[str, Strategy] = {}
 
 
 def register(name: str, fusion: FusionNeeds | None = None, code: tuple[str, ...] = BASE_CODE,
-             validate: Callable[[dict[str, Any]], None] | None = None
+             validate: Callable[[dict[str, Any]], None] | None = None, equal_classes: str = ""
              ) -> Callable[[Callable[..., Decision]], Callable[..., Decision]]:
     def wrap(fn: Callable[..., Decision]) -> Callable[..., Decision]:
         hints = typing.get_type_hints(fn)
         params = {p.name: (hints[p.name], p.default) for p in inspect.signature(fn).parameters.values()
                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
         REGISTRY[name] = Strategy(name, fn, params, (fn.__doc__ or "").strip().splitlines()[0],
-                                  fusion, FUSION_CODE if fusion else code, validate=validate)
+                                  fusion, FUSION_CODE if fusion else code, validate=validate,
+                                  equal_classes=equal_classes)
         return fn
     return wrap
+
+
+def check_class_counts(call: StrategyCall, problem: str, counts: list[int]) -> None:
+    """Raise ConfigError when ``call`` needs experts of one class count and problem ``problem``'s have ``counts``."""
+    why = REGISTRY[call.name].equal_classes
+    if why and differ(counts):
+        raise ConfigError(f"strategy {call.label!r} assumes experts of one class count, and problem {problem!r} has "
+                          f"{counts}: {why}")
 
 
 def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
@@ -371,9 +382,26 @@ def choose(inputs: MergeInputs, expert: Tensor) -> Decision:
     return Decision(preds.gather(0, expert.unsqueeze(0)).squeeze(0), expert)
 
 
-def choose_by_score(inputs: MergeInputs, score: Callable[[Tensor], Tensor], higher: bool = True) -> Decision:
-    """Trust, per sample, the expert whose ``score(logits)`` is highest (or lowest)."""
+def class_counts(inputs: MergeInputs) -> list[int]:
+    return [o.shape[1] for o in inputs.logits]
+
+
+def choose_by_score(inputs: MergeInputs, score: Callable[[Tensor], Tensor], higher: bool = True,
+                    name: str = "") -> Decision:
+    """Trust, per sample, the expert whose ``score(logits)`` is highest (or lowest). ``name`` names the score in
+    chance.CORRECTIONS: where the experts' class counts differ, each expert's score is measured from its own
+    chance level (chance.py), so that experts compare; with one class count the scores stay raw."""
     scores = torch.stack([score(o) for o in inputs.logits], dim=1)
+    return choose_by_columns(inputs, scores, name, {}, higher)
+
+
+def choose_by_columns(inputs: MergeInputs, scores: Tensor, name: str, params: dict[str, Any],
+                      higher: bool = True) -> Decision:
+    """Trust, per sample, the expert whose column of ``scores`` ``[N, experts]`` is highest (or lowest), each
+    column measured from its expert's chance level where the class counts differ (chance.relative_to_chance)."""
+    counts = class_counts(inputs)
+    if differ(counts):
+        scores = torch.stack([relative_to_chance(name, scores[:, k], c, params) for k, c in enumerate(counts)], dim=1)
     return choose(inputs, scores.argmax(dim=1) if higher else scores.argmin(dim=1))
 
 
@@ -388,30 +416,43 @@ def naive(inputs: MergeInputs) -> Decision:
 @register("std_lower")
 def std_lower(inputs: MergeInputs) -> Decision:
     """Trust the expert whose logits have the lower standard deviation (the original's rule)."""
-    return choose_by_score(inputs, lambda o: o.std(dim=1), higher=False)
+    return choose_by_score(inputs, lambda o: o.std(dim=1), higher=False, name="std")
 
 
 @register("std_higher")
 def std_higher(inputs: MergeInputs) -> Decision:
     """Trust the expert whose logits have the higher standard deviation."""
-    return choose_by_score(inputs, lambda o: o.std(dim=1), higher=True)
+    return choose_by_score(inputs, lambda o: o.std(dim=1), higher=True, name="std")
 
 
 @register("ratio")
 def ratio(inputs: MergeInputs) -> Decision:
-    """Each expert's logits divided by their own sum, then naive (unstable: sums near 0 or negative)."""
-    return concat_argmax(torch.cat([o / o.sum(dim=1, keepdim=True) for o in inputs.logits], dim=1),
-                         inputs.label_maps)
+    """Each expert's logits divided by their own sum, then naive (unstable: sums near 0 or negative).
+
+    Where an expert's logits sum to a negative number, as they mostly do in trained experts, its largest share is
+    its *least* likely class, so the rule routes to an expert and then names a wrong class: accuracy near 0
+    (docs/results.md). A share's chance level is 1/K, so where the class counts differ each share is measured
+    from it (chance.share_of_certainty)."""
+    counts = class_counts(inputs)
+    shares = [o / o.sum(dim=1, keepdim=True) for o in inputs.logits]
+    if differ(counts):
+        shares = [relative_to_chance("ratio", s, c) for s, c in zip(shares, counts)]
+    return concat_argmax(torch.cat(shares, dim=1), inputs.label_maps)
 
 
 @register("overall_ratio")
 def overall_ratio(inputs: MergeInputs) -> Decision:
-    """The concatenated logits divided by their sum, then argmax (unstable: a negative sum flips it)."""
+    """The concatenated logits divided by their sum, then argmax (unstable: a negative sum flips it).
+
+    It is naive where the sum of all logits is positive and picks the smallest logit of all (a wrong class) where
+    it is negative; like naive it compares raw logits, so the class counts need no correction."""
     concat = torch.cat(inputs.logits, dim=1)
     return concat_argmax(concat / concat.sum(dim=1, keepdim=True), inputs.label_maps)
 
 
-@register("thirdQ")
+@register("thirdQ", equal_classes="the third quartile of fewer than 5 logits lies between the top logit and the "
+                                   "next, so a 2-class expert's gap is a quarter of a 5-class one's; use "
+                                   "thirdQ_original (max - min) or max_softmax")
 def third_quartile(inputs: MergeInputs) -> Decision:
     """Trust the expert with the larger gap between its top logit and its logits' third quartile."""
     return choose_by_score(inputs, lambda o: o.max(dim=1).values - torch.quantile(o, 0.75, dim=1))
@@ -437,7 +478,7 @@ Score = Literal[tuple(SCORES)]  # type: ignore[valid-type]
 @register("neg_entropy")
 def neg_entropy(inputs: MergeInputs) -> Decision:
     """Trust the expert whose softmax has the lowest entropy."""
-    return choose_by_score(inputs, SCORES["neg_entropy"])
+    return choose_by_score(inputs, SCORES["neg_entropy"], name="neg_entropy")
 
 
 # ---------------------------------------------------------------- detectors (routing as OOD detection per expert)
@@ -465,8 +506,11 @@ def register_detector(name: str) -> None:
     def route(inputs: MergeInputs, **given: Any) -> Decision:
         stats, method = given.pop("stats", ""), given.pop("standardise", "") or "zscore"
         if not stats and not spec.statistics and name in SCORES:  # the raw OOD score, from the logits alone
-            return choose_by_score(inputs, SCORES[name])
-        return choose(inputs, inputs.detector(name, stats, method, given).comparable.argmax(dim=1))
+            return choose_by_score(inputs, SCORES[name], name=name)
+        scores = inputs.detector(name, stats, method, given).comparable
+        if stats:  # standardised on each expert's own source: comparable whatever the class counts
+            return choose(inputs, scores.argmax(dim=1))
+        return choose_by_columns(inputs, scores, name, given)
 
     def validate(given: dict[str, Any]) -> None:
         stats = given.get("stats", "")

@@ -12,6 +12,7 @@ import data
 import detector_stats
 import merge
 import problems
+import runners
 import train_pan
 from artifacts import ExpertId, Layout
 from common import read_rows
@@ -163,8 +164,8 @@ def test_a_detector_fed_each_experts_own_training_images_routes_them_to_it(env, 
     own = torch.cat([torch.full((len(t.images),), k) for k, t in enumerate(train)])
     batches = lambda: (data.to_unit(images[i:i + 64]) for i in range(0, len(images), 64))  # noqa: E731
     logits = [v.logits for v in detector_stats.expert_views(models, formats, batches)]
-    scorer = merge.detector_runner(cfg, layout, problem, models, formats, logits, SEEDS[0], torch.device("cpu"))
-    scorer.views = lambda: detector_stats.expert_views(models, formats, batches)
+    scorer = runners.detector_runner(layout, problem, models, formats, logits, SEEDS[0], torch.device("cpu"), batches,
+                                     cfg.data_dir)
     scores = scorer("knn", parse_source("real:all"), "zscore", {"k": 3})
     assert (scores.comparable.argmax(dim=1) == own).float().mean() > 0.9
 

@@ -476,3 +476,40 @@ def test_ad_hoc_runs_write_under_an_ignored_folder():
             config.PanConfig().results_dir} == {"runs"}
     ignored = (Path(__file__).resolve().parent.parent / ".gitignore").read_text().splitlines()
     assert "/runs/" in ignored
+
+
+# ---------------------------------------------------------------- experts of unequal class counts
+
+UNEQUAL = ["naive", "max_softmax", "energy", "neg_entropy", "gen", "odin", "ash", "scale", "std_higher", "ratio",
+           "max_logit", "thirdQ_original"]
+
+
+def test_a_5_and_a_2_class_expert_through_merge(tmp_path, monkeypatch):
+    """mnist5_cifar2 (first5_mnist beside airplane vs automobile) on a fake root: every rule whose scores chance.py
+    measures from each expert's chance level runs and routes every image; thirdQ, which assumes one class count,
+    is refused in one line before any data is read."""
+    data._load_cached.cache_clear()
+    root, ckpt = tmp_path / "data", tmp_path / "ckpt"
+    make_data_root(root, n_train=200, n_test=40, n_cifar=20)
+    for task in ("first5_mnist", "cifar2"):
+        train_source_networks.main(parse_args(TrainConfig, [
+            f"dataset={task}", "seeds=[1]", *EXPERT, "device=cpu", f"data_dir={root}", f"ckpt_dir={ckpt}",
+            f"results_dir={tmp_path / 'train'}"]))
+    common = ["problem=mnist5_cifar2", "seeds=[1]", f"data_dir={root}", f"ckpt_dir={ckpt}", "device=cpu", *EXPERT]
+    summary = merge.main(parse_args(MergeConfig, [*common, f"results_dir={tmp_path / 'results'}",
+                                                  f"strategies=[{','.join(UNEQUAL)}]"]))
+    rows = {r.get("rule", r["strategy"]): r for r in read_rows(summary["outputs"]["jsonl"])}
+    n = rows["oracle"]["n"]
+    assert n == 20 + 4  # 20 test digits 0-4 and 4 CIFAR-10 test images of classes 0 and 1
+    assert rows["oracle"]["routing_counts"] == {"first5_mnist": 20, "cifar2": 4}
+    for label in UNEQUAL:
+        assert sum(rows[label]["routing_counts"].values()) == n and 0 <= rows[label]["acc"] <= 1
+    # max_logit compares raw logits (flat logits score alike for any class count): still naive's routes
+    assert rows["max_logit"]["routing_counts"] == rows["naive"]["routing_counts"]
+    data._load_cached.cache_clear()
+
+    monkeypatch.setattr(merge, "build_problem", lambda *a, **k: (_ for _ in ()).throw(Forbidden("no data")))
+    with pytest.raises(ConfigError, match=r"strategy 'thirdQ' assumes experts of one class count.*\[5, 2\].*"
+                                          r"thirdQ_original") as caught:
+        merge.main(parse_args(MergeConfig, [*common, f"results_dir={tmp_path / 'again'}", "strategies=[thirdQ]"]))
+    assert "\n" not in str(caught.value) and not (tmp_path / "again").exists()

@@ -317,7 +317,9 @@ def direct_argmax(rows_per_expert, label_maps):
 def test_ratio_against_a_direct_formula(sizes):
     logits = integer_logits(sizes, 300, seed=len(sizes))
     inputs = MergeInputs(logits, consecutive_maps(sizes))
-    expected = direct_argmax([o / o.sum(1, keepdim=True) for o in logits], inputs.label_maps)
+    # the experts' class counts differ, so each share is measured from its chance level 1/K (chance.py)
+    shares = [(o / o.sum(1, keepdim=True) - 1 / o.shape[1]) / (1 - 1 / o.shape[1]) for o in logits]
+    expected = direct_argmax(shares, inputs.label_maps)
     decision = run("ratio", inputs)
     assert (decision.pred.tolist(), decision.expert.tolist()) == expected
 
