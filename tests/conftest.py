@@ -40,6 +40,23 @@ DATA_DIR_ENV = "MOE_DATA_DIR"
 class Forbidden(AssertionError):
     """Raised by a patched function that the code under test must not call."""
 
+
+def guard_training_splits(monkeypatch, targets, what: str, splits: list | None = None) -> None:
+    """Patch every ``(module, loader name)`` of ``targets`` so that loading any split but the test split raises
+    Forbidden naming ``what``; ``splits``, if given, records every split asked for."""
+    def guarded(real):
+        def load(*args, **kwargs):
+            split = kwargs["split"] if "split" in kwargs else args[1]
+            if splits is not None:
+                splits.append(split)
+            if split != "test":
+                raise Forbidden(f"{what} loaded the {split!r} split")
+            return real(*args, **kwargs)
+        return load
+
+    for module, name in targets:
+        monkeypatch.setattr(module, name, guarded(getattr(module, name)))
+
 # Two sharded MLP parents (digits 0-4 and 5-9, both with ten-way heads): disjoint_mnist in weight-space
 # form, shared by the fusion tests; a test appends more problems under the `problems:` key.
 SHARD_TASKS_YAML = """

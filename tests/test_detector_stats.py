@@ -17,7 +17,7 @@ import train_pan
 from artifacts import ExpertId, Layout
 from common import read_rows
 from config import ConfigError, MergeConfig, parse_args
-from conftest import Forbidden
+from conftest import Forbidden, guard_training_splits
 from detector_stats import average_ranks, detection_metrics
 from sources import parse_source
 from strategies import parse_strategies
@@ -108,19 +108,9 @@ def test_average_ranks_share_ties():
 
 def test_data_free_detector_rows_read_no_real_training_image(env, tmp_path, monkeypatch):
     splits = []
-
-    def guarded(real):
-        def load(*args, **kwargs):
-            split = kwargs["split"] if "split" in kwargs else args[1]
-            splits.append(split)
-            if split != "test":
-                raise Forbidden(f"a data-free detector loaded the {split!r} split")
-            return real(*args, **kwargs)
-        return load
-
-    for module, name in ((data, "load_source"), (data, "load_task"), (data, "_load_cached"),
-                         (problems, "load_task"), (detector_stats, "load_task"), (merge, "load_task")):
-        monkeypatch.setattr(module, name, guarded(getattr(module, name)))
+    guard_training_splits(monkeypatch, ((data, "load_source"), (data, "load_task"), (data, "_load_cached"),
+                                        (problems, "load_task"), (detector_stats, "load_task"), (merge, "load_task")),
+                          "a data-free detector", splits)
     summary = run(cfg_of(env, tmp_path, DATA_FREE))
     assert set(splits) == {"test"}
     rows = [r for r in read_rows(summary["outputs"]["jsonl"]) if r.get("kind") == "strategy" and r["rule"] != "oracle"]

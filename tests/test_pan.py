@@ -27,6 +27,7 @@ from config import ConfigError, MergeConfig, PanConfig, parse_args
 from detector_stats import GATE_DETECTORS
 from gating import GATE_TYPES, REGIMES, SHARED_GATES, gate_inputs
 from strategies import parse_strategies, with_gate_statistics
+from conftest import guard_training_splits
 from test_gan import ARCH, DAFL, EXPERT, SEEDS, TASKS, Forbidden, copy_experts, gan_cfg, mtimes, train_experts
 
 SYNTHETIC = 80  # dafl.images (test_gan's DAFL): images in each expert's stored set
@@ -227,19 +228,8 @@ def test_data_free_regimes_read_no_training_data(env, tmp_path, monkeypatch):
     copy_experts(env["ckpt"], ckpt, [(t, s) for t in TASKS for s in SEEDS])
     shutil.copytree(env["ckpt"] / "synthetic", ckpt / "synthetic")
     splits = []
-
-    def guarded(real):
-        def load(*args, **kwargs):
-            split = kwargs["split"] if "split" in kwargs else args[1]
-            splits.append(split)
-            if split != "test":
-                raise Forbidden(f"a data-free regime loaded the {split!r} split")
-            return real(*args, **kwargs)
-        return load
-
-    for module, name in ((data, "load_source"), (data, "load_task"), (data, "_load_cached"),
-                         (train_pan, "load_task"), (problems, "load_task")):
-        monkeypatch.setattr(module, name, guarded(getattr(module, name)))
+    guard_training_splits(monkeypatch, ((data, "load_source"), (data, "load_task"), (data, "_load_cached"),
+                                        (train_pan, "load_task"), (problems, "load_task")), "a data-free regime", splits)
     summary = train_pan.main(pan_cfg(env, ckpt, tmp_path / "results", regimes=["synthetic", "noise"]))
     assert summary["made"] == len(SEEDS) * 2 * ((len(GATE_TYPES) - len(SHARED_GATES)) * E + len(SHARED_GATES))
     assert "test" in splits and set(splits) == {"test"}  # the test split, for evaluation only
@@ -538,18 +528,8 @@ def test_no_data_free_rule_reads_a_training_image_or_a_test_label(env, pan_run, 
     """Every data-free rule of the registry through merge.py: any read of a training split fails, and so does any
     read of the test labels or the true domain while a rule runs (merge.py reads them after, to score it)."""
     running = []
-
-    def guarded(real):
-        def load(*args, **kwargs):
-            split = kwargs["split"] if "split" in kwargs else args[1]
-            if split != "test":
-                raise Forbidden(f"a data-free rule loaded the {split!r} split")
-            return real(*args, **kwargs)
-        return load
-
-    for module, name in ((data, "load_source"), (data, "load_task"), (data, "_load_cached"),
-                         (problems, "load_task"), (merge, "load_task")):
-        monkeypatch.setattr(module, name, guarded(getattr(module, name)))
+    guard_training_splits(monkeypatch, ((data, "load_source"), (data, "load_task"), (data, "_load_cached"),
+                                        (problems, "load_task"), (merge, "load_task")), "a data-free rule")
     for attribute in ("labels", "domain"):
         real = getattr(problems.Problem, attribute)
 
