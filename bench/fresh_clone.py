@@ -7,7 +7,8 @@ times and counts come from a file).
     python bench/fresh_clone.py reproduce
 
 The clone goes to ``../fresh-TARGET`` (beside this checkout, so ``../shared`` resolves as it does for CI) and is
-removed afterwards unless ``--keep``. Writes results/bench/fresh_clone_TARGET_cpu.{json,md}.
+removed afterwards unless ``--keep``; the make output goes to logs/fresh-TARGET.log here. Writes
+results/bench/fresh_clone_TARGET_cpu.{json,md}.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("target", choices=["test", "reproduce"])
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the make run (repeatable)")
-    parser.add_argument("--keep", action="store_true", help="keep the clone (its log is fresh-TARGET.log in it)")
+    parser.add_argument("--keep", action="store_true", help="keep the clone (the log is logs/fresh-TARGET.log here)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     clone = ROOT.parent / f"fresh-{args.target}"
@@ -47,8 +48,13 @@ def main() -> dict:
     start = time.perf_counter()
     done = subprocess.run(["make", args.target], cwd=clone, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    (clone / f"fresh-{args.target}.log").write_text(done.stdout + done.stderr)
-    tail = (done.stdout + done.stderr)[-3000:]
+    # the log outlives the clone, in this checkout's ignored logs/ folder; pip's lines about local indexes are noise
+    output = "".join(line for line in (done.stdout + done.stderr).splitlines(keepends=True)
+                     if not line.startswith("WARNING: Location"))
+    log = ROOT / "logs" / f"fresh-{args.target}.log"
+    log.parent.mkdir(exist_ok=True)
+    log.write_text(output)
+    tail = output[-3000:]
     found = PYTEST_SUMMARY.search(tail)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
     summary = {"target": args.target, "commit": commit, "rc": done.returncode, "wall_s": round(wall, 1),
