@@ -76,11 +76,14 @@ def test_argument_errors_come_before_torch_loads_and_before_the_config_dump(args
 def test_ctrl_c_ends_in_one_line_and_the_rerun_says_it_resumed(make_fake_root, tmp_path):
     fake = make_fake_root(squares=True, n_cifar=0)
     args = ["train_source_networks.py", f"data_dir={fake.root}", f"ckpt_dir={tmp_path / 'ckpt'}",
-            f"results_dir={tmp_path / 'runs'}", "seeds=[1]", "expert.epochs=20", "expert.batch_size=2",
-            "device=cpu"]  # 100 steps an epoch: the interrupt lands seconds before the last epoch on a fast CPU too
+            f"results_dir={tmp_path / 'runs'}", "seeds=[1]", "expert.epochs=60", "expert.batch_size=50",
+            "device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a shell's background job (CI's runner may be one) starts with SIGINT ignored, which the child would inherit
+    # and Python would then leave ignored: the child gets the default disposition back, as a terminal's command has
     process = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
+                               stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((tmp_path / "ckpt").rglob("*.resume.pt")):  # the first epoch's resume point
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
