@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from summary import finish, markdown  # noqa: E402
 
-PYTEST_SUMMARY = re.compile(r"=+ (.*\d+ passed.*) in ([\d.]+)s")
+PYTEST_SUMMARY = re.compile(r"(\d+ passed[^\n]*?) in ([\d.]+)s")
 
 
 def main() -> dict:
@@ -55,7 +55,7 @@ def main() -> dict:
     log.parent.mkdir(exist_ok=True)
     log.write_text(output)
     tail = output[-3000:]
-    found = PYTEST_SUMMARY.search(tail)
+    found = ([None] + list(PYTEST_SUMMARY.finditer(tail)))[-1]  # pytest's summary is the last such line
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
     summary = {"target": args.target, "commit": commit, "rc": done.returncode, "wall_s": round(wall, 1),
                "tests": found.group(1) if found else None, "testing_s": float(found.group(2)) if found else None,
