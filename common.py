@@ -76,14 +76,17 @@ def fast_memory_format(model: torch.nn.Module) -> torch.memory_format:
 
 @cache
 def source_commit() -> str:
-    """The git commit of the code that runs (12 hex digits), with ``+edited`` when tracked files differ from it,
-    or ``unknown`` outside a git checkout: every merge row records it, and a report names the commits its rows
-    were made at (issue 27: every committed number from one command at one commit)."""
+    """The git commit of the code that runs (12 hex digits), with ``+edited`` when tracked files other than the
+    results and the pages differ from it, or ``unknown`` outside a git checkout: every merge row records it, and a
+    report names the commits its rows were made at (issue 27: every committed number from one command at one
+    commit)."""
     repo = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True,
                               timeout=10)
-        edited = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+        # the code and the experiment files only: a run rewrites the committed results (and pages quote them)
+        edited = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)results", ":(exclude)docs", ":(exclude)README.md"], cwd=repo,
                                 capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
