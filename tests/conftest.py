@@ -41,6 +41,23 @@ class Forbidden(AssertionError):
     """Raised by a patched function that the code under test must not call."""
 
 
+def tiny_resnet(seed: int, classes: int, depth: int = 18, batch_norm: bool = True, bias: bool = False):
+    """A ResNet at width 1/16 (4-8-16-32 channels) on 2-channel inputs, in float64, with random batch-norm parameters
+    and statistics, so that folding into them is exercised and no two channels tie."""
+    from archs.resnet import ResNet
+
+    torch.manual_seed(seed)
+    net = ResNet(2, classes, depth=depth, width=0.0625, batch_norm=batch_norm, bias=bias).double()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
 def guard_training_splits(monkeypatch, targets, what: str, splits: list | None = None) -> None:
     """Patch every ``(module, loader name)`` of ``targets`` so that loading any split but the test split raises
     Forbidden naming ``what``; ``splits``, if given, records every split asked for."""

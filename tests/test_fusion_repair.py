@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 import fusion
 from archs.lenet import LeNet5
@@ -14,6 +13,7 @@ from archs.mlp import MLP
 from archs.resnet import ResNet
 from archs.vgg import VGG
 from config import ConfigError
+from conftest import tiny_resnet
 from fusion.levels import levels_of, pre_acts
 from fusion.repair import channel_stats
 from fusion.residual import plan_of, space_activations, with_state
@@ -40,16 +40,7 @@ def lenet(seed: int) -> LeNet5:
 
 
 def resnet(seed: int, depth: int = 18, batch_norm: bool = True, bias: bool = False) -> ResNet:
-    torch.manual_seed(seed)
-    net = ResNet(2, 3, depth=depth, width=0.0625, batch_norm=batch_norm, bias=bias).double()
-    with torch.no_grad():  # batch-norm statistics that are not the identity, so folding into them is exercised
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return net.eval()
+    return tiny_resnet(seed, 3, depth, batch_norm, bias)
 
 
 def images(n: int, channels: int, side: int = 8) -> torch.Tensor:

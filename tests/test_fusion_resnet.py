@@ -13,7 +13,7 @@ import merge
 import train_source_networks as tsn
 from common import read_rows
 from config import ConfigError, MergeConfig, TrainConfig, parse_args
-from conftest import REPO_ROOT, SHARD_TASKS_YAML, build_fake_root
+from conftest import REPO_ROOT, SHARD_TASKS_YAML, build_fake_root, tiny_resnet
 from fusion import clafusion, hungarian_fusion, kf_gradient, kf_linear, otfusion, residual_fit, vanilla_avg
 from fusion.residual_depth import align_blocks, block_cost, deepen
 from strategies import check_fusion, parse_strategies
@@ -27,18 +27,7 @@ FLAG_IDS = ["bn", "plain", "bias"]
 
 
 def make_resnet(depth: int = 18, batch_norm: bool = True, bias: bool = False, seed: int = 0) -> ResNet:
-    """A tiny ResNet (width 1/16: 4-8-16-32 channels) with random batch-norm parameters and statistics, so that
-    no two channels tie."""
-    torch.manual_seed(seed)
-    net = ResNet(2, CLASSES, depth=depth, width=0.0625, batch_norm=batch_norm, bias=bias).double()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return net.eval()
+    return tiny_resnet(seed, CLASSES, depth, batch_norm, bias)
 
 
 def images(n: int, seed: int = 1) -> torch.Tensor:
