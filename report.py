@@ -132,7 +132,8 @@ PER_SAMPLE_DETECTORS = {name for name in DETECTOR_RULES if not DETECTORS[name].s
 REAL_COUNTS = ("10", "50", "200", "1000", "all")  # the few-shot sources of the tables, in the figure's order
 CALIBRATION = {"calibrated"}
 REGIME_NAMES = {"real": "real data", "synthetic": "data-free", "noise": "noise negatives"}
-# weight-space fusion (docs/design.md section 8): every method its own family; fine-tuned rows apart from the others
+# weight-space fusion (docs/design.md section 8): every method its own family; fine-tuned rows apart from the others,
+# and rows after REPAIR (repair=true) apart from the method without it, so that a target can compare the two
 FUSION_FAMILIES = {"parent": "parents", "vanilla_avg": "fusion: vanilla averaging", "otfusion": "fusion: OTFusion",
                    "hf": "fusion: neuron interpolation", "kf_linear": "fusion: neuron interpolation",
                    "kf_gradient": "fusion: neuron interpolation", "clafusion": "fusion: CLAFusion",
@@ -160,8 +161,10 @@ FAMILIES = ["oracle (bound)", "logit statistics", "OOD scores", "data-free calib
             *(f"detectors, {n} real images per expert" for n in REAL_COUNTS),
             *(f"gates, {n} real images per expert" for n in REAL_COUNTS if n != "all"),
             *UNLABELED_FAMILIES,
-            "parents", "fusion: vanilla averaging", "fusion: OTFusion", "fusion: Git Re-Basin",
-            "fusion: neuron interpolation", "fusion: CLAFusion", "ensembles", "parents, fine-tuned (the control)",
+            "parents", *(f"fusion: {method}{repair}" for method in ("vanilla averaging", "OTFusion", "Git Re-Basin")
+                         for repair in ("", " + REPAIR")),
+            "fusion: neuron interpolation", "fusion: CLAFusion", "fusion: CLAFusion + REPAIR", "ensembles",
+            "parents, fine-tuned (the control)",
             "fusion: CLAFusion, fine-tuned", *DISTILLED.values(),
             OWNER_ROUTING]
 TRAINING_FREE = ["logit statistics", "OOD scores", "multi-pass mean", "multi-pass voting"]
@@ -216,7 +219,9 @@ def family(row: dict) -> str | None:
         return DISTILLED[params.get("init", "fused")]
     if rule in FUSION_FAMILIES:
         name = FUSION_FAMILIES[rule]
-        return FINETUNED[name] if params.get("finetune_epochs") else name
+        if params.get("finetune_epochs"):
+            return FINETUNED[name]
+        return f"{name} + REPAIR" if params.get("repair") else name
     if rule.startswith("gate_"):
         if params["regime"].startswith("real:"):
             return f"gates, {params['regime'].partition(':')[2]} real images per expert"

@@ -209,6 +209,12 @@ def test_families_classify_every_kind_of_rule():
     assert fam("gate_hard", seen=(True, True), gate="universal", regime="real", gates_from="q") == (
         "universal gate, real data")
     assert fam("something_new") is None
+    # REPAIR rows apart from the method without it (a target compares the two); fine-tuned rows stay fine-tuned
+    assert fam("otfusion", cost="weight") == "fusion: OTFusion"
+    assert fam("otfusion", cost="weight", repair=True) == "fusion: OTFusion + REPAIR"
+    assert fam("clafusion", finetune_epochs=0, repair=True) == "fusion: CLAFusion + REPAIR"
+    assert fam("clafusion", finetune_epochs=1, repair=True) == "fusion: CLAFusion, fine-tuned"
+    assert all(fam(rule, repair=True) in report.FAMILIES for rule in ("vanilla_avg", "otfusion", "rebasin", "clafusion"))
 
 
 def test_best_of_a_family_is_the_highest_mean_and_counts_a_rule_once():
