@@ -56,16 +56,18 @@ def resolve_device(name: str) -> torch.device:
 
 # ---------------------------------------------------------------- atomic files
 
-# oneDNN's AVX2 kernel for a 1x1 convolution's weight gradient hangs or aborts in channels-last when it has few
-# channels (a ResNet's 4 -> 8 projection shortcut at width 1/16; 8 -> 16 at width 1/8 passed every run): issue 27
-NARROWEST_CHANNELS_LAST = 8
+# oneDNN's kernels for a 1x1 convolution's weight gradient fail in channels-last when it has few channels (issue 27):
+# on AVX2 a ResNet's 4 -> 8 projection shortcut at width 1/16 hangs or aborts; on AVX-512 the stride-2 8 -> 16 one at
+# width 1/8 (and 12 -> 24) corrupts the heap whenever the batch is odd (3, 9, 63 images: the last batch of a split
+# whose size is not a multiple of the batch size; the cpu profile's run died so), while 16 -> 32 and wider passed
+NARROWEST_CHANNELS_LAST = 16
 
 
 def fast_memory_format(model: torch.nn.Module) -> torch.memory_format:
     """The memory format a model runs in: channels-last for the architectures that declare it (``channels_last =
     True``: LeNet5, VGG and ResNet, each measured faster so on CPU, bench/bench_memory_format.py), unless a 1x1
-    convolution has fewer than NARROWEST_CHANNELS_LAST input or output channels, where oneDNN's AVX2 path (CPUs
-    without AVX-512) hangs; the default format everywhere else."""
+    convolution has fewer than NARROWEST_CHANNELS_LAST input or output channels, where oneDNN's weight gradient
+    hangs (AVX2) or corrupts memory on odd batches (AVX-512); the default format everywhere else."""
     if not getattr(model, "channels_last", False):
         return torch.contiguous_format
     pointwise = [min(c.in_channels, c.out_channels) for c in model.modules()
