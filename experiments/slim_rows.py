@@ -5,7 +5,7 @@ row keeps ``config_digest``; the CSV is rewritten from the JSON lines. Tables al
 (``config_digest`` in their rows) are left as they are, so a second run changes nothing. Rows that repeat task
 entries their run did not read (every split of experiments/fusion_parents.yaml) keep only the ones they read.
 
-    python experiments/slim_rows.py results/cpu results/fusion ...
+    python experiments/slim_rows.py results/cpu results/quick ...
 """
 from __future__ import annotations
 

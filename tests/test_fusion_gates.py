@@ -145,25 +145,17 @@ def test_merge_runs_the_data_free_gate_rules_on_the_parents(env, tmp_path):
 
 # ---------------------------------------------------------------- the experiment files
 
-def test_run_fusion_trains_generators_and_gates_from_the_shard2_table():
-    script = (REPO_ROOT / "experiments" / "run_fusion.sh").read_text()
-    before_merge = script.split("for table in")[0]
+def test_the_cpu_profile_trains_the_gates_the_shard2_table_reads():
+    from experiments import reproduce
+
+    cfg = reproduce.load_config(["profile=cpu"])
+    (step,) = [s for s in reproduce.plan(cfg) if s.stage == "gates" and s.label == "mnist_shard2_mlp"]
     files = ["experiments/fusion_parents.yaml", "experiments/fusion_shard2.yaml"]
-    gan_line = re.search(r'"\$PY" train_gan\.py (.*?)\n(?!  )', before_merge, re.S).group(1)
-    pan_line = re.search(r'"\$PY" train_pan\.py (.*?)\n(?!  )', before_merge, re.S).group(1)
-    assert all(f in gan_line and f in pan_line for f in files)
-    assert "experiments/gan_cpu.yaml" in gan_line and "experiments/gan_cpu.yaml" in pan_line  # same generators
-    seeds = "seeds=[770597,600522,416719]"
-    gan = parse_args(GanConfig, [str(REPO_ROOT / f) for f in files] + [
-        str(REPO_ROOT / "experiments" / "gan_cpu.yaml"), "problem=mnist_shard2_mlp", seeds])
-    pan = parse_args(PanConfig, [str(REPO_ROOT / f) for f in files] + [
-        str(REPO_ROOT / "experiments" / "gan_cpu.yaml"), "problem=mnist_shard2_mlp",
-        "gate_types=[feature,universal]", "regimes=[real,synthetic]", seeds])
-    assert "gate_types='[feature,universal]'" in pan_line and "regimes='[real,synthetic]'" in pan_line
-    assert gan.dafl.epochs == 8 and gan.dafl.width == 32 and pan.dafl == gan.dafl  # the CPU profile
-    for cfg in (gan, pan):
-        spec = cfg.problems[cfg.problem]
-        assert spec.shared_labels and [e.arch_kwargs for e in spec.experts] == [{"widths": [256], "bias": True}] * 2
+    assert all(f in step.args for f in files)
+    pan = reproduce.parse_step(step, cfg.seeds)
+    assert pan.gate_types == ["feature", "universal"] and pan.regimes == ["real", "synthetic"]
+    spec = pan.problems[pan.problem]
+    assert spec.shared_labels and [e.arch_kwargs for e in spec.experts] == [{"widths": [256], "bias": True}] * 2
     merge_cfg = parse_args(MergeConfig, [str(REPO_ROOT / f) for f in files])
     wanted = {f"{rule}(gate={gate},regime={regime})" for rule in ("gate_hard", "gate_soft")
               for gate in ("feature", "universal") for regime in ("synthetic", "real")}
