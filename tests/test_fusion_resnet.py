@@ -233,10 +233,12 @@ def test_resnet_fusion_experiments_parse_and_name_their_recipe(name):
     for expert in spec.experts:  # the training command names the arch_kwargs the problem reads
         assert f"arch_kwargs='{{depth: {expert.arch_kwargs['depth']}, width: 0.125, batch_norm: false, bias: false}}'" \
             in header
-    # the paper profile trains the parents by the recipe above; the cpu profile by its cpu-sized one (issue 27)
+    # the paper profile trains the parents by the recipe above; the cpu profile, where it keeps the table (its
+    # header names those it leaves to the paper profile), by its cpu-sized one (issue 27)
     for profile, recipe in (("paper", "fusion_resnet.yaml"), ("cpu", "fusion_resnet_cpu.yaml")):
         text = (REPO_ROOT / "experiments" / "profiles" / f"{profile}.yaml").read_text()
-        assert f"{name[:-5]}: {{files: [experiments/{recipe}]}}" in text, profile
+        kept = f"{name[:-5]}: {{files: [experiments/{recipe}]}}" in text
+        assert kept or (profile == "cpu" and name[:-5] in text.split("\nprofile:")[0]), profile
 
 
 def test_norm_stats_need_batch_norm_parents():
