@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import torch
-from summary import finish, markdown  # bench/ is on sys.path when a benchmark runs as a script
+from summary import best_time, finish, markdown  # bench/ is on sys.path when a benchmark runs as a script
 
 from archs import build_model
 from common import resolve_device
@@ -30,15 +29,6 @@ TARGET_S = 5.0
 SHAPES = {"2 experts x 10 classes": (2, 10), "5 experts x 2 classes": (5, 2)}
 RULES = ["naive", "self_train", "self_train(gate=logits,start=energy,confident=0.3)", "cluster_assign",
          "cluster_assign(clusters=30)", "entropy_gate", "entropy_gate(gate=feature)", "self_train(inputs=stream:500)"]
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 @torch.no_grad()

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import torch
-from summary import finish, markdown  # bench/ is on sys.path when a benchmark runs as a script
+from summary import best_time, finish, markdown  # bench/ is on sys.path when a benchmark runs as a script
 
 import fusion
 from archs import build_model
@@ -45,15 +44,6 @@ def widths(model: torch.nn.Module) -> set[int]:
     """The output widths of a network's weight tensors (CLAFusion keeps the deeper parent's depth, in the target's
     widths)."""
     return {w.shape[0] for w in model.parameters() if w.dim() > 1}
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,6 +4,7 @@ docs quote verbatim (tests/test_readme.py)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench"
@@ -18,6 +19,16 @@ def finish(summary: dict, name: str, table: str, out: str | None = None) -> dict
     path.write_text(json.dumps(summary, indent=1) + "\n")
     path.with_suffix(".md").write_text(table)
     return summary
+
+
+def best_time(fn, repeats: int) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn`` (seconds): the least disturbed by other work."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def markdown(header: list[str], rows: list[list[str]], note: str = "") -> str:
