@@ -87,8 +87,15 @@ def plan(cfg: config.ReproduceConfig) -> list[Step]:
             raise config.ConfigError(f"table {table} needs problem(s) {sorted(needs - set(problems))}; add them "
                                      f"under `problems`")
     steps = sorted(unique(steps + fusion_steps(cfg)), key=lambda s: list(STAGES).index(s.stage))  # stable
+    generated = {s.label for s in steps if s.stage == "generators"}
     for step in steps:
         stage_cfg = parse_step(step, cfg.seeds)
+        # a gate of the synthetic regime trains on the problem's generators: without their step the run would stop
+        # at the gates, an hour in
+        if step.stage == "gates" and "synthetic" in stage_cfg.regimes and step.label not in generated:
+            raise config.ConfigError(f"gates step {step.label!r} trains synthetic-regime gates, but no generators "
+                                     f"step makes their images; add `gan: []` to its fusion entry (or drop "
+                                     f"`synthetic` from its regimes)")
         if step.fusion:
             continue
         changed = [name for name, section in config.SECTIONS.items()

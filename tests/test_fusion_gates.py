@@ -149,7 +149,11 @@ def test_the_cpu_profile_trains_the_gates_the_shard2_table_reads():
     from experiments import reproduce
 
     cfg = reproduce.load_config(["profile=cpu"])
-    (step,) = [s for s in reproduce.plan(cfg) if s.stage == "gates" and s.label == "mnist_shard2_mlp"]
+    steps = reproduce.plan(cfg)
+    (step,) = [s for s in steps if s.stage == "gates" and s.label == "mnist_shard2_mlp"]
+    # its synthetic-regime gates read DAFL generators of these parents, made by a step before it
+    assert [s.label for s in steps].index("mnist_shard2_mlp") < steps.index(step)
+    assert [s.stage for s in steps if s.label == "mnist_shard2_mlp"] == ["generators", "gates"]
     files = ["experiments/fusion_parents.yaml", "experiments/fusion_shard2.yaml"]
     assert all(f in step.args for f in files)
     pan = reproduce.parse_step(step, cfg.seeds)
@@ -165,6 +169,15 @@ def test_the_cpu_profile_trains_the_gates_the_shard2_table_reads():
     for call in merge.parse_strategies(merge_cfg.strategies):
         if call.param("regime") is not None:
             assert call.param("gate") in pan.gate_types and call.param("regime") in pan.regimes
+
+
+def test_synthetic_gates_without_their_generators_stop_the_plan():
+    from experiments import reproduce
+
+    cfg = reproduce.load_config(["profile=cpu"])
+    cfg.fusion["fusion_shard2"] = {k: v for k, v in cfg.fusion["fusion_shard2"].items() if k != "gan"}
+    with pytest.raises(config.ConfigError, match="gan: \\[\\]"):
+        reproduce.plan(cfg)
 
 
 def test_merge_only_keys_stay_errors_on_the_command_line():
