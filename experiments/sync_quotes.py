@@ -51,7 +51,7 @@ def sync(page: Path) -> int:
         marker, path, block = match.groups()
         ordinal = seen[(path, block.splitlines()[0])] = seen.get((path, block.splitlines()[0]), -1) + 1
         source = (REPO / path).read_text()
-        if block in source:
+        if block in source and len(block.splitlines()) > 2:  # a header alone is in its file too, but quotes no row
             return match.group(0)
         changed += 1
         return marker + closest(block, source, ordinal)
