@@ -152,7 +152,6 @@ def test_the_cpu_profile_trains_the_gates_the_shard2_table_reads():
     steps = reproduce.plan(cfg)
     (step,) = [s for s in steps if s.stage == "gates" and s.label == "mnist_shard2_mlp"]
     # its synthetic-regime gates read DAFL generators of these parents, made by a step before it
-    assert [s.label for s in steps].index("mnist_shard2_mlp") < steps.index(step)
     assert [s.stage for s in steps if s.label == "mnist_shard2_mlp"] == ["generators", "gates"]
     files = ["experiments/fusion_parents.yaml", "experiments/fusion_shard2.yaml"]
     assert all(f in step.args for f in files)
