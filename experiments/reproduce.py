@@ -76,6 +76,8 @@ def plan(cfg: config.ReproduceConfig) -> list[Step]:
     made = list(dict.fromkeys(part for name in cfg.synthesizers for part in components(name)))
     synthesizers = {"gan": f"synthesizers=[{','.join(made)}]", "pan": f"synthesizers=[{','.join(cfg.synthesizers)}]"}
     for key, stage in PROBLEM_STAGE_KEYS.items():
+        if stage == "generators" and not made:  # a profile of real-data gates only has nothing to synthesise
+            continue
         steps += [Step(stage, p, [*cfg.problems[p].get(key, []), f"problem={p}", synthesizers[key]]) for p in problems]
     for table, extra in cfg.tables.items():
         args = [f"experiments/{table}.yaml", *extra]

@@ -50,6 +50,18 @@ def test_profiles_differ_in_seeds_budgets_and_results():
     assert quick.expert.epochs == 2 and cpu.expert == config.ExpertTraining()
 
 
+def test_cpu3_profile_is_the_cpu_profile_at_a_third_seed_without_generators():
+    """cpu3's rows must be comparable with cpu's: the same budgets and recipe files, cpu's seeds first, and no
+    generators step (it trains real-data gates only, and a generators step with nothing to make would stop it)."""
+    cpu, cpu3 = (reproduce.load_config([f"profile={p}"]) for p in ("cpu", "cpu3"))
+    assert cpu3.seeds[:2] == cpu.seeds and len(cpu3.seeds) == 3
+    assert (cpu3.expert, cpu3.dafl, cpu3.inversion, cpu3.gate) == (cpu.expert, cpu.dafl, cpu.inversion, cpu.gate)
+    assert all(cpu3.fusion[t] == cpu.fusion[t] for t in cpu3.fusion) and set(cpu3.tables) <= set(cpu.tables)
+    steps = reproduce.plan(cpu3)
+    assert not [s for s in steps if s.stage == "generators"]
+    assert {s.label for s in steps if s.stage == "gates"} == set(cpu3.problems)
+
+
 def test_cpu_profile_generators_are_the_cpu_budget_file():
     cpu = reproduce.load_config(["profile=cpu"])
     assert cpu.dafl == config.parse_args(config.GanConfig, [str(REPO_ROOT / "experiments" / "gan_cpu.yaml")]).dafl
