@@ -141,7 +141,7 @@ FUSION_FAMILIES = {"parent": "parents", "vanilla_avg": "fusion: vanilla averagin
 FINETUNED = {"parents": "parents, fine-tuned (the control)", "fusion: CLAFusion": "fusion: CLAFusion, fine-tuned"}
 # routers fitted on the unlabeled test inputs (unlabeled.py): their own regime, never data-free (they read real
 # images, the very ones they classify) nor few-shot (they read no label); one family per amount of inputs fitted on
-UNLABELED_RULES = {"self_train", "cluster_assign", "entropy_gate"}
+UNLABELED_RULES = {"self_train", "cluster_assign", "entropy_gate", "pseudo_mahalanobis"}
 STREAM_COUNTS = ("100", "500", "2000")
 UNLABELED_FAMILIES = ["unlabeled inputs, transductive", *(f"unlabeled inputs, stream {n}" for n in STREAM_COUNTS)]
 # distil's rows by where the student starts: the fused student and its two controls are picked apart (each its best

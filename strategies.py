@@ -36,6 +36,7 @@ from gating import GATE_TYPES, check_regime, is_real
 from sources import Source, parse_source
 from synthesis import components
 from unlabeled import (SELECTION, activation_matrix, check_fit_inputs, cluster_assign, entropy_gate, fit_rows,
+                       pseudo_mahalanobis,
                        self_train, standardise)
 
 NO_EXPERT = -1  # Decision.expert of a sample no single expert answered (a fused network or an ensemble did)
@@ -663,7 +664,7 @@ def gate_soft(inputs: MergeInputs, *, gate: GateType = "feature", regime: Regime
 
 # ---------------------------------------------------------------- routing fitted on the unlabeled inputs
 
-UNLABELED_CODE = BASE_CODE + ("unlabeled.py", "gating.py")
+UNLABELED_CODE = BASE_CODE + ("detectors.py", "unlabeled.py", "gating.py")
 # the starting rules: training-free, data-free rules with a per-expert score (naive is the argmax of the max logits)
 StartRule = Literal["naive", "energy", "max_softmax", "neg_entropy"]
 # what the router reads of every expert (the paper's gate inputs); the detector gate's scores need statistics
@@ -674,9 +675,9 @@ FitInputs = str  # selection or stream:N (unlabeled.check_fit_inputs)
 def check_unlabeled_params(params: dict[str, Any]) -> None:
     check_fit_inputs(params["inputs"], "a rule fitted on unlabeled inputs")
     checks = {"confident": lambda v: 0 < v <= 1, "rounds": lambda v: v >= 0, "clusters": lambda v: v >= 2,
-              "diversity": lambda v: v >= 0}
+              "diversity": lambda v: v >= 0, "shrinkage": lambda v: v > 0}
     ranges = {"confident": "a fraction in (0, 1], e.g. 0.5", "rounds": "0 or more", "clusters": "2 or more",
-              "diversity": "0 or more, e.g. 1.0"}
+              "diversity": "0 or more, e.g. 1.0", "shrinkage": "greater than 0, e.g. 1.0"}
     for key, ok in checks.items():
         if key in params and not ok(params[key]):
             raise ConfigError(f"a rule fitted on unlabeled inputs: {key}={params[key]!r} must be {ranges[key]}")
@@ -688,11 +689,16 @@ def start_scores(inputs: MergeInputs, start: str) -> Tensor:
     return torch.stack([score(o.float().cpu()) for o in inputs.logits], dim=1)
 
 
-def fit_view(inputs: MergeInputs, gate: str, fit: str) -> tuple[Tensor, Tensor]:
-    """The experts' activations of type ``gate`` standardised on the fit inputs, and those inputs' indices."""
+def fit_indices(inputs: MergeInputs, fit: str) -> Tensor:
+    """The indices of the inputs a rule fitted on unlabeled inputs may fit on (``fit``: selection or stream:N)."""
     if inputs.select is None:
         raise RuntimeError("a rule fitted on unlabeled inputs needs the selection half (MergeInputs.select)")
-    rows = fit_rows(fit, inputs.select, inputs.seed)
+    return fit_rows(fit, inputs.select, inputs.seed)
+
+
+def fit_view(inputs: MergeInputs, gate: str, fit: str) -> tuple[Tensor, Tensor]:
+    """The experts' activations of type ``gate`` standardised on the fit inputs, and those inputs' indices."""
+    rows = fit_indices(inputs, fit)
     return standardise(activation_matrix(gate, inputs.logits, inputs.features), rows), rows
 
 
@@ -733,6 +739,24 @@ def entropy_gate_rule(data: MergeInputs, *, inputs: FitInputs = SELECTION, gate:
     x, rows = fit_view(data, gate, inputs)
     probs = [o.float().cpu().softmax(dim=1) for o in data.logits]
     return routed(data, entropy_gate(x, standardise(start_scores(data, start), rows), probs, rows, diversity),
+                  inputs, rows)
+
+
+@register("pseudo_mahalanobis", code=UNLABELED_CODE, validate=check_unlabeled_params)
+def pseudo_mahalanobis_rule(data: MergeInputs, *, inputs: FitInputs = SELECTION, start: StartRule = "naive",
+                            confident: float = 1.0, rounds: int = 1, shrinkage: float = 1.0) -> Decision:
+    """A Mahalanobis detector whose statistics are the unlabeled inputs': each expert's class Gaussians (over its
+    penultimate features, classes by its own predictions, one covariance with ``shrinkage`` x its mean variance on
+    the diagonal) fitted on the ``confident`` fraction of the fit inputs the starting rule routes to it, each input
+    routed by its relative Mahalanobis score against all the fit inputs' Gaussian, z-scored per expert; ``rounds``
+    refits on the rule's own routes. Reads no label and no training image."""
+    if data.features is None:
+        raise RuntimeError("pseudo_mahalanobis reads the experts' feature vectors, and this evaluation has none")
+    rows = fit_indices(data, inputs)
+    features = [f.float().cpu() for f in data.features]
+    predictions = [o.argmax(dim=1).cpu() for o in data.logits]
+    start_z = standardise(start_scores(data, start), rows)
+    return routed(data, pseudo_mahalanobis(features, predictions, start_z, rows, confident, rounds, shrinkage),
                   inputs, rows)
 
 

@@ -28,7 +28,8 @@ from strategies import MergeInputs, parse_strategies
 TARGET_S = 5.0
 SHAPES = {"2 experts x 10 classes": (2, 10), "5 experts x 2 classes": (5, 2)}
 RULES = ["naive", "self_train", "self_train(gate=logits,start=energy,confident=0.3)", "cluster_assign",
-         "cluster_assign(clusters=30)", "entropy_gate", "entropy_gate(gate=feature)", "self_train(inputs=stream:500)"]
+         "cluster_assign(clusters=30)", "entropy_gate", "entropy_gate(gate=feature)", "self_train(inputs=stream:500)",
+         "pseudo_mahalanobis", "pseudo_mahalanobis(rounds=2,shrinkage=9.0)"]
 
 
 @torch.no_grad()

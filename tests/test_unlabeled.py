@@ -18,7 +18,7 @@ from conftest import Forbidden
 from strategies import REGISTRY, MergeInputs, parse_strategies
 from test_merge import env, merge_cfg  # noqa: F401 (env is a fixture: tiny trained experts on a fake data root)
 
-RULES = ("self_train", "cluster_assign", "entropy_gate")
+RULES = ("self_train", "cluster_assign", "entropy_gate", "pseudo_mahalanobis")
 SIZES = (3, 4)
 
 
@@ -49,6 +49,8 @@ LABELS += [f"cluster_assign(gate={g},score={s},clusters={c})" for g, s, c in
            [("logits", "energy", 5), ("feature", "max_softmax", 50), ("agnostic_feature", "neg_entropy", 2)]]
 LABELS += [f"entropy_gate(gate={g},start={s},diversity={d})" for g, s, d in
            [("feature", "naive", 0.0), ("logits", "max_softmax", 2.0), ("agnostic_feature", "neg_entropy", 1.0)]]
+LABELS += [f"pseudo_mahalanobis(start={s},confident={c},rounds={r},shrinkage={h})" for s, c, r, h in
+           [("energy", 0.3, 0, 0.1), ("max_softmax", 1.0, 2, 9.0), ("neg_entropy", 0.5, 1, 1.0)]]
 
 
 @pytest.mark.parametrize("label", LABELS)
@@ -71,7 +73,7 @@ def test_every_rule_and_parameter_gives_a_valid_routing(label):
 def test_each_method_routes_separable_experts_better_than_naive(rule):
     inputs, domain = toy_inputs()
     naive = parse_strategies(["naive"])[0](inputs)
-    routed = parse_strategies([f"{rule}(gate=feature)"])[0](inputs)
+    routed = parse_strategies([rule if rule == "pseudo_mahalanobis" else f"{rule}(gate=feature)"])[0](inputs)
     report = ~inputs.select
     naive_acc = (naive.expert == domain)[report].float().mean()
     acc = (routed.expert == domain)[report].float().mean()
@@ -167,6 +169,7 @@ def test_a_stream_rule_sees_the_same_prefix_whatever_n_and_more_inputs_change_th
     ("self_train(confident=1.5)", "in \\(0, 1\\]"), ("self_train(rounds=-1)", "0 or more"),
     ("cluster_assign(clusters=1)", "2 or more"), ("entropy_gate(diversity=-0.5)", "0 or more"),
     ("self_train(gate=universal)", "feature"), ("cluster_assign(score=gen)", "naive"),
+    ("pseudo_mahalanobis(shrinkage=0)", "greater than 0"), ("pseudo_mahalanobis(gate=feature)", "gate"),
 ])
 def test_bad_parameters_fail_at_config_load_in_one_line(entry, fix):
     with pytest.raises(ConfigError, match=fix) as error:
@@ -199,6 +202,28 @@ def test_cluster_owner_is_the_expert_with_the_highest_standardised_score():
     routing = unlabeled.cluster_assign(x, ownership, torch.arange(4), clusters=2, seed=0)
     assert routing.expert.tolist() == [0, 0, 1, 1]
     assert routing.pseudo_experts.tolist() == [0, 0, 1, 1]
+
+
+def test_relative_mahalanobis_scores_rank_an_experts_own_cluster_above_the_rest():
+    g = torch.Generator().manual_seed(0)
+    own = torch.randn(300, 6, generator=g) * 0.3 + torch.tensor([3.0, 0, 0, 0, 0, 0])
+    other = torch.randn(700, 6, generator=g) * 2.0
+    features = torch.cat([own, other])
+    predictions = (features[:, 1] > 0).long()
+    rows = torch.arange(1000)
+    scores = unlabeled.relative_mahalanobis_scores(features, predictions, torch.arange(300), rows, shrinkage=1.0)
+    assert scores[:300].min() > scores[300:].median()
+
+
+def test_pseudo_mahalanobis_keeps_an_expert_nothing_was_routed_to_off_every_route():
+    inputs, domain = toy_inputs(n=1000)
+    start = torch.zeros(1000, 2)
+    start[:, 1] = 1.0  # the starting rule sends every input to expert 1
+    features = [f.float() for f in inputs.features]
+    predictions = [o.argmax(dim=1) for o in inputs.logits]
+    routing = unlabeled.pseudo_mahalanobis(features, predictions, start, torch.arange(0, 1000, 2), 1.0, 2, 1.0)
+    assert routing.expert.unique().tolist() == [1]
+    assert torch.isfinite(routing.scores).all() and (routing.scores[:, 0] < routing.scores[:, 1]).all()
 
 
 def test_the_diversity_term_keeps_the_entropy_gate_from_collapsing():
