@@ -134,7 +134,6 @@ class FusionNeeds:
     weights: bool = True  # it fuses weights, so the experts must be of one fusable arch (FUSABLE_ARCHS)
     parents: int | None = None  # it fuses exactly this many experts (None: any number)
     pot: bool = False  # it solves optimal transport with POT (an optional dependency here)
-    resnets: bool = True  # it fuses ResNets too (else chains of levels only: MLPs, VGGs, LeNet5s)
 
 
 # The source files every rule's row depends on (running the experts, scoring); a rule's own ``code`` adds the
@@ -150,7 +149,7 @@ FUSION_CODE = BASE_CODE + tuple(f"fusion/{name}.py" for name in
                                 ("__init__", "levels", "ot", "grouping", "fitting", "cka", "finetuning", "ensemble",
                                  "depths", "distil", "gradient", "transport", "weight_matching", "interpolation",
                                  "cross_layer", "repair", "residual", "residual_fit", "residual_depth",
-                                 "residual_repair"))
+                                 "residual_weight_matching", "residual_repair"))
 
 
 @dataclass(frozen=True)
@@ -229,9 +228,6 @@ def check_fusion(call: StrategyCall, problem: str, spec: ProblemSpec) -> None:
         raise ConfigError(f"strategy {call.name!r} fuses weights and needs experts of one of the archs "
                           f"{', '.join(FUSABLE_ARCHS)}, all the same, but problem {problem!r} has experts of arch "
                           f"{archs}; ensemble and ensemble_weighted take any arch")
-    if not needs.resnets and "resnet" in archs:
-        raise ConfigError(f"strategy {call.name!r} fuses chains of levels (archs mlp, vgg, lenet5), and problem "
-                          f"{problem!r} has ResNets")
     if call.param("variant") == "authors" and "resnet" in archs:
         raise ConfigError(f"strategy {call.label!r}: the authors' KF-gradient fits chains of levels (archs mlp, vgg, "
                           f"lenet5), and problem {problem!r} has ResNets; drop variant=authors")
@@ -863,13 +859,15 @@ def check_rebasin_params(params: dict[str, Any]) -> None:
                           f"{params['iterations']}")
 
 
-@register("rebasin", fusion=FusionNeeds(resnets=False), validate=check_rebasin_params)
+@register("rebasin", fusion=FusionNeeds(), validate=check_rebasin_params)
 def rebasin_rule(inputs: MergeInputs, *, iterations: int = 100, repair: bool = False) -> Decision:
     """Git Re-Basin weight matching: permute every parent's neurons onto the first's, then average (data-free).
 
-    Coordinate descent over the levels, each a linear assignment maximising the weight inner products
-    (fusion/weight_matching.py), for at most ``iterations`` sweeps (it stops when a sweep changes nothing); parents of
-    one architecture (MLPs, VGGs, LeNet5s). ``repair=true``: REPAIR (Jordan et al. 2023) on the fusion samples."""
+    Coordinate descent over the levels (ResNets: the channel spaces, a block's output with its skip), each a linear
+    assignment maximising the weight inner products (fusion/weight_matching.py, fusion/residual_weight_matching.py),
+    for at most ``iterations`` sweeps (it stops when a sweep changes nothing); parents of one architecture (MLPs,
+    VGGs, LeNet5s, ResNets of one depth and widths). ``repair=true``: REPAIR (Jordan et al. 2023) on the fusion
+    samples."""
     fusion = fusion_inputs(inputs, "rebasin")
     row: dict[str, Any] = {}
     decision = network_decision(

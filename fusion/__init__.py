@@ -12,7 +12,7 @@ alike and sends them to the module that fuses that family.
   and ``kf_gradient`` (KF, any number; its ``authors`` variant as Luenam et al. describe it), with uniform or
   conductance importance.
 - ``rebasin`` (Ainsworth et al. 2023, Git Re-Basin's weight matching): permute every parent's neurons onto the
-  first's by coordinate descent over linear assignments of weight inner products, then average (chains only).
+  first's by coordinate descent over linear assignments of weight inner products, then average.
 - Ensembles of the parents' outputs, the baseline fusion has to beat (``ensemble.py``).
 - Knowledge distillation of a teacher into a student (``distil.py``): CLAFusion's compression use starts the
   student from the teacher fused into the student's shape.
@@ -34,7 +34,7 @@ Modules, lowest first (none imports one above it, none imports this package):
   importance), ``cross_layer.py`` (CLAFusion);
 - ResNets (docs/fusion_resnet.md): ``residual.py`` (channel spaces, averaging, OTFusion, batch-norm statistics),
   ``residual_fit.py`` (HF and KF, a block as a level), ``residual_depth.py`` (CLAFusion with identity blocks),
-  ``residual_repair.py`` (REPAIR).
+  ``residual_weight_matching.py`` (Git Re-Basin, a permutation per channel space), ``residual_repair.py`` (REPAIR).
 
 A chain's channel is a neuron, and neurons are compared through their incoming weights (a kernel flattened) or
 their pre-activations (before the ReLU) on a few hundred samples (a channel's at every position, or averaged over
@@ -49,7 +49,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from fusion import (cross_layer, interpolation, repair, residual, residual_depth, residual_fit, residual_repair,
-                    transport, weight_matching)
+                    residual_weight_matching, transport, weight_matching)
 from fusion.cka import linear_cka
 from fusion.cross_layer import align_layers, insert_identity_layers, layer_cost_matrix, stages
 from fusion.distil import Distilled, distil, kd_loss, reinitialised
@@ -64,13 +64,6 @@ from fusion.residual import AlignedStates, is_resnet, reset_norm_statistics
 Importance = Sequence[Sequence[Tensor]] | None
 
 
-def chains_only(method: str) -> Callable[..., AlignedStates]:
-    """The ResNet entry of a method that only fuses chains of levels: it refuses, naming the method."""
-    def refuse(parents: Sequence[nn.Module], samples: Tensor | None, **options: Any) -> AlignedStates:
-        raise ValueError(f"{method} fuses chains of levels (MLPs, VGGs, LeNet5s), not ResNets")
-    return refuse
-
-
 # the averaging methods' alignments, for chains and for ResNets; each takes (parents, samples, **options), but
 # vanilla averaging reads no samples
 ALIGNERS: dict[str, tuple[Callable[..., Aligned], Callable[..., AlignedStates]]] = {
@@ -79,7 +72,8 @@ ALIGNERS: dict[str, tuple[Callable[..., Aligned], Callable[..., AlignedStates]]]
     "otfusion": (transport.align_by_ot, residual.align_by_ot),
     "clafusion": (cross_layer.align_across_layers, residual_depth.align_across_blocks),
     "rebasin": (lambda parents, samples, **options: weight_matching.align_by_weight_matching(parents, **options),
-                chains_only("rebasin")),
+                lambda parents, samples, **options:
+                residual_weight_matching.align_by_weight_matching(parents, **options)),
 }
 
 
@@ -103,11 +97,10 @@ def clafusion(parents: Sequence[nn.Module], samples: Tensor | None, cost: str = 
 
 
 def rebasin(parents: Sequence[nn.Module], iterations: int = weight_matching.ITERATIONS, seed: int = 0) -> nn.Module:
-    """Git Re-Basin weight matching of two or more chains of one architecture onto ``parents[0]``, then the average
-    (``weight_matching.rebasin``; ``seed``: the order levels are visited in)."""
-    if is_resnet(parents):
-        return chains_only("rebasin")(parents, None)
-    return weight_matching.rebasin(parents, iterations, seed)
+    """Git Re-Basin weight matching of two or more parents of one architecture onto ``parents[0]``, then the average
+    (``weight_matching.rebasin``; ResNets: ``residual_weight_matching.rebasin``, one permutation per channel space;
+    ``seed``: the order levels or spaces are visited in)."""
+    return (residual_weight_matching if is_resnet(parents) else weight_matching).rebasin(parents, iterations, seed)
 
 
 def hungarian_fusion(parents: Sequence[nn.Module], samples: Tensor, importance: Importance = None,

@@ -111,7 +111,7 @@ def test_repair_of_a_network_fused_with_itself_is_a_no_op(make):
 
 
 @pytest.mark.parametrize("batch_norm,bias", [(True, False), (False, False), (False, True)], ids=["bn", "plain", "bias"])
-@pytest.mark.parametrize("method", ["vanilla_avg", "otfusion", "clafusion"])
+@pytest.mark.parametrize("method", ["vanilla_avg", "otfusion", "clafusion", "rebasin"])
 def test_repaired_resnet_convolutions_have_their_parents_statistics(method, batch_norm, bias):
     x = images(20, 2)
     deep = 34 if method == "clafusion" else 18

@@ -270,8 +270,9 @@ RESNET_PROBLEMS = """problems:
 
 @pytest.mark.pot
 def test_resnets_fuse_through_merge(tmp_path):
-    """Tiny batch-norm ResNets on the two shards of a fake MNIST go through every fusion rule, with and without
-    reset statistics and with REPAIR; a ResNet34 and a ResNet18 through CLAFusion and its fine-tuning control."""
+    """Tiny batch-norm ResNets on the two shards of a fake MNIST go through every fusion rule (Git Re-Basin included),
+    with and without reset statistics and with REPAIR; a ResNet34 and a ResNet18 through CLAFusion and its fine-tuning
+    control."""
     fake = build_fake_root(tmp_path / "data", n_mnist_train=200, n_mnist_test=40, squares=True, n_cifar=0)
     (tmp_path / "tasks.yaml").write_text(SHARD_TASKS_YAML)
     (tmp_path / "p.yaml").write_text(RESNET_PROBLEMS)
@@ -291,23 +292,28 @@ def test_resnets_fuse_through_merge(tmp_path):
 
     same = rows("resnets", "[vanilla_avg,{name: vanilla_avg, norm_stats: reset},{name: otfusion, cost: activation},"
                            "{name: otfusion, norm_stats: reset},{name: otfusion, repair: true},hf,kf_linear,"
-                           "kf_gradient,ensemble,{name: parent, index: 0},{name: parent, index: 1}]")
+                           "kf_gradient,rebasin,{name: rebasin, repair: true},ensemble,{name: parent, index: 0},"
+                           "{name: parent, index: 1}]")
     for label in ("vanilla_avg", "vanilla_avg(norm_stats=reset)", "otfusion(cost=activation)",
                   "otfusion(cost=weight,norm_stats=reset)", "otfusion(cost=weight,repair=True)", "hf(ridge=0.0)",
-                  "kf_linear(importance=uniform,ridge=0.0)", "kf_gradient(importance=uniform,ridge=0.0)"):
+                  "kf_linear(importance=uniform,ridge=0.0)", "kf_gradient(importance=uniform,ridge=0.0)",
+                  "rebasin(iterations=100)", "rebasin(iterations=100,repair=True)"):
         assert 0 <= same[label]["acc"] <= 1 and same[label]["fuse_time_s"] >= 0, label
     assert same["vanilla_avg(norm_stats=reset)"]["fusion_samples"] == 20
+    assert same["rebasin(iterations=100)"]["fusion_samples"] == 0  # weight matching reads no image
     # each parent rule is that expert's network on the same test set: its row is the expert's own accuracy
     experts = [r for label, r in same.items() if label.startswith("expert:")]
     assert len(experts) == 2
     for k, expert in enumerate(experts):
         assert same[f"parent(index={k},finetune_epochs=0)"]["acc"] == pytest.approx(expert["acc"], abs=1e-6)
     assert same["oracle"]["shared_labels"] is True  # named owner routing, not a bound (report.oracle_name)
-    repaired = same["otfusion(cost=weight,repair=True)"]
-    assert repaired["fusion_samples"] == 20 and "repair_std_ratio_before" not in same["otfusion(cost=activation)"]
-    # one ratio per renormalised convolution of a ResNet18: the stem, two per block, three projections
-    assert len(repaired["repair_std_ratio_before"]) == len(repaired["repair_std_ratio_after"]) == 1 + 2 * 8 + 3
-    assert all(abs(r - 1) < 1e-4 for r in repaired["repair_std_ratio_after"])  # float32 parents
+    assert "repair_std_ratio_before" not in same["otfusion(cost=activation)"]
+    for label in ("otfusion(cost=weight,repair=True)", "rebasin(iterations=100,repair=True)"):
+        repaired = same[label]
+        assert repaired["fusion_samples"] == 20, label
+        # one ratio per renormalised convolution of a ResNet18: the stem, two per block, three projections
+        assert len(repaired["repair_std_ratio_before"]) == len(repaired["repair_std_ratio_after"]) == 1 + 2 * 8 + 3
+        assert all(abs(r - 1) < 1e-4 for r in repaired["repair_std_ratio_after"]), label  # float32 parents
     depths = rows("resnet_depths", "[{name: clafusion, finetune_epochs: 1},"
                                    "{name: parent, index: 1, finetune_epochs: 1},{name: clafusion, repair: true}]")
     assert 0 <= depths["clafusion(finetune_epochs=1)"]["acc"] <= 1
