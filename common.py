@@ -235,12 +235,35 @@ def _stored_row(row: dict) -> dict:
     return {k: v if k in UNROUNDED_KEYS else _float32_digits(v) for k, v in row.items()}
 
 
+def configs_path(jsonl: str | os.PathLike) -> Path:
+    """Where a table's row configs are kept once each: ``STEM.configs.json`` (digest -> config) beside ``STEM.jsonl``."""
+    jsonl = Path(jsonl)
+    return jsonl.with_name(jsonl.name.removesuffix(".jsonl") + ".configs.json")
+
+
 def write_rows(stem: str | os.PathLike, rows: list[dict]) -> dict[str, str]:
-    """Write ``rows`` as ``stem.jsonl`` (full, nested) and ``stem.csv`` (flattened); atomic, returns paths."""
+    """Write ``rows`` as ``stem.jsonl`` (full, nested) and ``stem.csv`` (flattened); atomic, returns paths.
+
+    A row's ``config`` (what its run set differently from the defaults) is the same for every row of a run, so a
+    row that has a ``config_digest`` keeps only that in the JSON lines, and each digest's config is written once
+    to ``configs_path`` (``read_rows`` puts it back); the CSV keeps it in every row."""
     stem = Path(stem)
     rows = [_stored_row(r) for r in rows]
     jsonl = stem.with_name(stem.name + ".jsonl")  # not with_suffix: names may hold dots
-    atomic_write_text(jsonl, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    configs: dict[str, Any] = {}
+    stored = []
+    for row in rows:
+        digest, config = row.get("config_digest"), row.get("config")
+        if isinstance(config, dict) and isinstance(digest, str) and configs.setdefault(digest, config) == config:
+            stored.append({k: v for k, v in row.items() if k != "config"})
+        else:  # no digest, or one digest named two configs: the row keeps its own
+            stored.append(row)
+    sidecar = configs_path(jsonl)
+    if configs:
+        atomic_write_text(sidecar, json.dumps(configs, indent=1, default=str) + "\n")
+    atomic_write_text(jsonl, "".join(json.dumps(r, default=str) + "\n" for r in stored))
+    if not configs and sidecar.is_file() and not any("config_digest" in r and "config" not in r for r in stored):
+        sidecar.unlink()  # left by an earlier write of this table: no row reads it now
     # the config stays one JSON column in the CSV rather than dozens of flattened ones
     flat = [_flatten({k: json.dumps(v) if k == "config" else v for k, v in r.items()}) for r in rows]
     columns = list(dict.fromkeys(k for r in flat for k in r))
@@ -267,6 +290,11 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             if i < len(lines) - 1:
                 raise UserError(f"{path}: line {i + 1} is not JSON; delete the file to recompute its rows") from None
+    sidecar = configs_path(path)
+    if path.name.endswith(".jsonl") and sidecar.is_file():  # the configs write_rows kept once per table
+        configs = json.loads(sidecar.read_text())
+        rows = [{**r, "config": configs[r["config_digest"]]} if "config" not in r and r.get("config_digest") in configs
+                else r for r in rows]
     return rows
 
 

@@ -5,6 +5,9 @@ row keeps ``config_digest``; the CSV is rewritten from the JSON lines. Tables al
 (``config_digest`` in their rows) are left as they are, so a second run changes nothing. Rows that repeat task
 entries their run did not read (every split of experiments/fusion_parents.yaml) keep only the ones they read.
 
+Tables written before common.write_rows kept each config once (rows with a digest and a config of their own) get
+the same treatment.
+
     python experiments/slim_rows.py results/cpu results/quick ...
 """
 from __future__ import annotations
@@ -64,11 +67,23 @@ def drop_unread_tasks(jsonl: Path) -> bool:
     return True
 
 
+def move_inline_configs(jsonl: Path) -> bool:
+    """Rewrite a table written before common.write_rows kept each config once beside it (rows with a
+    ``config_digest`` and their own ``config``); False when it needs nothing."""
+    stored = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    if not any("config_digest" in r and isinstance(r.get("config"), dict) for r in stored):
+        return False
+    write_rows(jsonl.with_name(jsonl.name[: -len(".jsonl")]), read_rows(jsonl))
+    return True
+
+
 def main(folders: list[str]) -> None:
     for folder in folders:
         for jsonl in sorted(Path(folder).rglob("*.jsonl")):
             if slim(jsonl):
                 print(f"slimmed {jsonl}")
+            if move_inline_configs(jsonl):
+                print(f"moved the configs of {jsonl} beside it")
             if drop_unread_tasks(jsonl):
                 print(f"dropped unread task entries from {jsonl}")
 
