@@ -9,17 +9,18 @@ accuracy shows whether the change moved it). Writes results/bench/compare_A_B_cp
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from summary import finish, markdown  # noqa: E402
+
+from common import read_rows  # noqa: E402
 
 
 def rows_by_seed_and_label(path: Path) -> dict[tuple[int, str], dict]:
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {(r["seed"], r["strategy"]): r for r in rows}
+    return {(r["seed"], r["strategy"]): r for r in read_rows(path)}
 
 
 def accuracy(row: dict) -> float:
