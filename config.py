@@ -540,8 +540,9 @@ class ReproduceConfig:
     problems: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # name -> {gan: [...], pan: [...]}
     tables: dict[str, list[str]] = field(default_factory=dict)  # experiments/NAME.yaml -> extra merge arguments
     # weight-space fusion tables: experiments/NAME.yaml -> {files: [recipe YAML files every step of the table
-    # reads], gan: [...], pan: [...]}: the parents (its problem's experts) are trained, then the generators and
-    # gates where `gan` / `pan` are given (their extra arguments), then the table
+    # reads], gan: [...], pan: [...], merge: [...]}: the parents (its problem's experts) are trained, then the
+    # generators and gates where `gan` / `pan` are given (their extra arguments), then the table (with `merge`'s
+    # extra arguments, after the table's file)
     fusion: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     # what the report checks, met or missed, into answer.md and targets.csv (report.target_rows says the forms),
     # e.g. {problem: disjoint_mnist, best: best data-free rule, than: naive, by: 2}

@@ -54,7 +54,7 @@ from synthesis import components  # noqa: E402
 NO_FIGURES = "matplotlib is not installed"
 PROBLEM_STAGE_KEYS = {"gan": "generators", "pan": "gates"}
 FUSION_PARENTS = "experiments/fusion_parents.yaml"  # the tasks (splits of MNIST and CIFAR-10) fusion parents learn
-FUSION_KEYS = ("files", *PROBLEM_STAGE_KEYS)
+FUSION_KEYS = ("files", "merge", *PROBLEM_STAGE_KEYS)
 
 
 
@@ -118,7 +118,9 @@ def fusion_steps(cfg: config.ReproduceConfig) -> list[Step]:
         if bad:
             raise config.ConfigError(f"fusion.{table}: unknown key(s) {bad}; choices: {', '.join(FUSION_KEYS)}")
         files = [FUSION_PARENTS, *entry.get("files", [])]
-        merge_args = [*files, f"experiments/{table}.yaml", f"name={table}"]
+        # `merge`: arguments of the table step alone, after the table's file, so a profile can widen one table's
+        # sweep without changing the rows that other profiles read from the same file
+        merge_args = [*files, f"experiments/{table}.yaml", f"name={table}", *entry.get("merge", [])]
         table_cfg = parse_step(Step("merge", table, merge_args), cfg.seeds)
         if cfg.only_problems and table_cfg.problem not in cfg.only_problems:
             continue

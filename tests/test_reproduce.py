@@ -56,7 +56,9 @@ def test_cpu3_profile_is_the_cpu_profile_at_a_third_seed_without_generators():
     cpu, cpu3 = (reproduce.load_config([f"profile={p}"]) for p in ("cpu", "cpu3"))
     assert cpu3.seeds[:2] == cpu.seeds and len(cpu3.seeds) == 3
     assert (cpu3.expert, cpu3.dafl, cpu3.inversion, cpu3.gate) == (cpu.expert, cpu.dafl, cpu.inversion, cpu.gate)
-    assert all(cpu3.fusion[t] == cpu.fusion[t] for t in cpu3.fusion) and set(cpu3.tables) <= set(cpu.tables)
+    # the same parents' recipes; only a table's own arguments (fusion_kd's wider T sweep) may differ
+    assert all(cpu3.fusion[t]["files"] == cpu.fusion[t]["files"] for t in cpu3.fusion)
+    assert set(cpu3.tables) <= set(cpu.tables)
     steps = reproduce.plan(cpu3)
     assert not [s for s in steps if s.stage == "generators"]
     assert {s.label for s in steps if s.stage == "gates"} == set(cpu3.problems)
@@ -105,6 +107,7 @@ def test_key_value_arguments_override_the_profile():
     (["seeds=[]"], "seeds is empty"),
     (["device=gpu"], "is not a device"),
     (["problems={disjoint_mnist: {gann: []}}"], "unknown key(s) ['gann']"),
+    (["fusion={fusion_quick: {merges: []}}"], "unknown key(s) ['merges']; choices: files, merge, gan, pan"),
 ])
 def test_bad_arguments_stop_before_any_work(argv, message):
     with pytest.raises(config.ConfigError, match=None) as err:
@@ -124,6 +127,21 @@ def test_a_table_whose_problem_is_not_run_is_an_error():
     cfg.problems.pop("mnist_cifar10")
     with pytest.raises(config.ConfigError, match="needs problem"):
         reproduce.plan(cfg)
+
+
+def test_a_fusion_entry_passes_its_merge_arguments_to_the_table_step_alone():
+    """cpu3 widens fusion_kd's sweep to three temperatures (issue 30) through `merge`; the parents' steps must not
+    see it, and the table's file must not win over it."""
+    steps = reproduce.plan(reproduce.load_config(["profile=cpu3"]))
+    table = [s for s in steps if s.stage == "merge" and s.label == "fusion_kd"]
+    assert len(table) == 1
+    assert table[0].args.index("experiments/fusion_kd.yaml") < [
+        i for i, a in enumerate(table[0].args) if a.startswith("strategies=")][0]
+    labels = [c.label for c in reproduce.parse_strategies(reproduce.parse_step(table[0], [1]).strategies)]
+    assert {f"kd_temperature={t}" for t in ("2.0", "4.0", "8.0")} <= {
+        part.strip(")") for label in labels for part in label.split(",")}
+    parents = [s for s in steps if s.stage == "experts" and "vgg" in s.label and "fusion_cnn_full" in " ".join(s.args)]
+    assert parents and not any(a.startswith("strategies=") for s in parents for a in s.args)
 
 
 def test_the_quick_profile_has_a_small_residual_fusion_table():
